@@ -1,0 +1,65 @@
+// allocator.cpp: process-wide dispatch over the per-device allocators.
+#include "allocator.h"
+
+#include "errors.h"
+
+namespace mtia {
+
+Allocator::Allocator(int device_count, size_t memory_per_device, const std::string& conf,
+                     std::shared_ptr<RawAllocator> raw)
+    : emulator_(device_count, memory_per_device) {
+  config_.parse(conf);
+  if (!raw) raw = std::make_shared<DeviceRawAllocator>(&emulator_);
+  for (int d = 0; d < device_count; ++d)
+    devices_.push_back(std::make_unique<DeviceAllocator>(d, &emulator_, raw, &config_));
+}
+
+Allocator::~Allocator() {
+  emulator_.shutdown();
+  devices_.clear();
+}
+
+void Allocator::check_device(DeviceIndex d) const {
+  if (d < 0 || d >= device_count())
+    throw InvalidArgument("Invalid device argument " + std::to_string(d) + ": the device index must be in [0, " +
+                          std::to_string(device_count() - 1) + "]");
+}
+
+void Allocator::throw_exabyte() {
+  OutOfMemory oom("MTIA out of memory. Tried to allocate more than 1EB memory.");
+  throw oom;
+}
+
+DeviceIndex Allocator::device_of(uintptr_t ptr) {
+  for (int d = 0; d < device_count(); ++d)
+    if (emulator_.device(d).memory().contains(reinterpret_cast<void*>(ptr)) && devices_[size_t(d)]->owns(ptr))
+      return d;
+  for (int d = 0; d < device_count(); ++d)  // memory from a pluggable allocator lies anywhere
+    if (devices_[size_t(d)]->owns(ptr)) return d;
+  return -1;
+}
+
+void Allocator::free(uintptr_t ptr, FramesPtr frames) {
+  if (ptr == 0) return;
+  // Fast path: the device whose address range holds ptr.
+  for (int d = 0; d < device_count(); ++d) {
+    if (emulator_.device(d).memory().contains(reinterpret_cast<void*>(ptr))) {
+      if (devices_[size_t(d)]->free(ptr, frames)) return;
+      break;
+    }
+  }
+  for (int d = 0; d < device_count(); ++d)
+    if (!emulator_.device(d).memory().contains(reinterpret_cast<void*>(ptr)) && devices_[size_t(d)]->free(ptr, frames))
+      return;
+  char buf[64];
+  snprintf(buf, sizeof buf, "%p", reinterpret_cast<void*>(ptr));
+  throw InvalidArgument(std::string("invalid device pointer: ") + buf);
+}
+
+void Allocator::empty_cache(MempoolId pool) {
+  for (auto& d : devices_) d->empty_cache(pool);
+}
+
+void Allocator::set_config(const std::string& conf) { config_.parse(conf); }
+
+}  // namespace mtia

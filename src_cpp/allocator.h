@@ -1,0 +1,69 @@
+// allocator.h: the process-wide allocator: the emulated devices, one DeviceAllocator
+// per device, the shared config, pool-id counters and pointer -> device dispatch.
+// This is the whole C++ API the binding (and the native replayer) use.
+#pragma once
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "config.h"
+#include "device_allocator.h"
+#include "emulated_device.h"
+
+namespace mtia {
+
+// The emulated device's memory as a RawAllocator (what the default pools use).
+class DeviceRawAllocator : public RawAllocator {
+ public:
+  explicit DeviceRawAllocator(Emulator* emu) : emu_(emu) {}
+  void* alloc(size_t size, DeviceIndex device, StreamId) override { return emu_->device(device).memory().malloc(size); }
+  void free(void* ptr, size_t size, DeviceIndex device, StreamId) override {
+    emu_->device(device).memory().free(ptr, size);
+  }
+
+ private:
+  Emulator* emu_;
+};
+
+class Allocator {
+ public:
+  // `raw` replaces the device memory under the default pools (change_current_allocator).
+  Allocator(int device_count, size_t memory_per_device, const std::string& conf,
+            std::shared_ptr<RawAllocator> raw = nullptr);
+  ~Allocator();
+
+  int device_count() const { return emulator_.device_count(); }
+  Emulator& emulator() { return emulator_; }
+  DeviceAllocator& device(DeviceIndex d) { return *devices_[size_t(d)]; }
+  void check_device(DeviceIndex d) const;  // throws InvalidArgument naming the valid range
+
+  // size 0 returns 0; size >= 1 EB throws OutOfMemory at once.
+  uintptr_t malloc(DeviceIndex device, size_t size, StreamId stream, FramesPtr frames = nullptr) {
+    if (size == 0) return 0;
+    if (size >= kOneExaByte) throw_exabyte();
+    return devices_[size_t(device)]->malloc(size, stream, std::move(frames));
+  }
+  // Throws InvalidArgument("invalid device pointer: ...") for unknown pointers; 0 is a no-op.
+  void free(uintptr_t ptr, FramesPtr frames = nullptr);
+  // The device whose allocator owns allocated block `ptr`, or -1.
+  DeviceIndex device_of(uintptr_t ptr);
+
+  void empty_cache(MempoolId pool = MempoolId{});
+  void set_config(const std::string& conf);  // throws; keeps the old config on error
+  const AllocatorConfig& config() const { return config_; }
+
+  MempoolId new_user_pool_id() { return MempoolId{0, next_user_pool_.fetch_add(1)}; }
+  MempoolId new_graph_pool_id() { return MempoolId{next_graph_pool_.fetch_add(1), 0}; }
+
+  void shutdown() { emulator_.shutdown(); }
+
+ private:
+  [[noreturn]] static void throw_exabyte();
+  AllocatorConfig config_;  // written only by set_config, which the binding serialises
+  Emulator emulator_;
+  std::vector<std::unique_ptr<DeviceAllocator>> devices_;
+  std::atomic<uint64_t> next_user_pool_{1}, next_graph_pool_{1};
+};
+
+}  // namespace mtia

@@ -1,0 +1,143 @@
+// block.h: Block (a range inside a segment), Segment (one device allocation),
+// BlockPool (the free blocks of one pool kind of one pool) and PrivatePool.
+//
+// Invariants (checked by DeviceAllocator::check_invariants):
+//  - the blocks of a segment, linked by prev/next, tile [seg.base, seg.base + seg.size)
+//  - a block is in exactly one of: its pool's FreeIndex (inactive), the allocated map
+//    (allocated), pending (freed, event_count > 0 or stream uses or deferred)
+//  - two neighbouring inactive blocks never both sit in the index (they merge)
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "types.h"
+
+namespace mtia {
+
+// A captured stack: what the snapshot calls `frames`.
+struct Frame {
+  std::string filename;
+  int line = 0;
+  std::string name;
+};
+using Frames = std::vector<Frame>;
+using FramesPtr = std::shared_ptr<const Frames>;
+
+// Raw device memory under the cache: the emulated device, or a user's allocator.
+// alloc returns nullptr for "out of memory" (and must not throw).
+class RawAllocator {
+ public:
+  virtual ~RawAllocator() = default;
+  virtual void* alloc(size_t size, DeviceIndex device, StreamId stream) = 0;
+  virtual void free(void* ptr, size_t size, DeviceIndex device, StreamId stream) = 0;
+};
+
+struct BlockPool;
+struct PrivatePool;
+struct Block;
+
+// Best-fit order inside one stream's free index: (size, segment order, address).
+struct BlockLess {
+  bool operator()(const Block* a, const Block* b) const;
+};
+
+// Recycles fixed-size nodes (the free-index set nodes), so the fast path never calls
+// malloc. Not thread-safe: each DeviceAllocator owns one and uses it under its lock.
+class NodeArena {
+ public:
+  void* get(size_t size) {
+    if (head_) {
+      void* p = head_;
+      head_ = *static_cast<void**>(p);
+      return p;
+    }
+    if (size > node_size_) node_size_ = size;
+    chunks_.emplace_back(new char[node_size_ * kChunk]);
+    char* c = chunks_.back().get();
+    for (size_t i = 1; i < kChunk; ++i) put(c + i * node_size_);
+    return c;
+  }
+  void put(void* p) {
+    *static_cast<void**>(p) = head_;
+    head_ = p;
+  }
+
+ private:
+  static constexpr size_t kChunk = 256;
+  void* head_ = nullptr;
+  size_t node_size_ = 64;
+  std::vector<std::unique_ptr<char[]>> chunks_;
+};
+
+template <class T>
+struct ArenaAllocator {
+  using value_type = T;
+  NodeArena* arena;
+  explicit ArenaAllocator(NodeArena* a) : arena(a) {}
+  template <class U>
+  ArenaAllocator(const ArenaAllocator<U>& o) : arena(o.arena) {}
+  T* allocate(size_t n) {
+    if (n != 1 || sizeof(T) > 64) return static_cast<T*>(::operator new(n * sizeof(T)));
+    return static_cast<T*>(arena->get(sizeof(T)));
+  }
+  void deallocate(T* p, size_t n) {
+    if (n != 1 || sizeof(T) > 64) return ::operator delete(p);
+    arena->put(p);
+  }
+  template <class U>
+  bool operator==(const ArenaAllocator<U>& o) const { return arena == o.arena; }
+  template <class U>
+  bool operator!=(const ArenaAllocator<U>& o) const { return arena != o.arena; }
+};
+
+using BinSet = std::set<Block*, BlockLess, ArenaAllocator<Block*>>;
+
+struct Segment {
+  uintptr_t base = 0;
+  size_t size = 0;
+  StreamId stream = 0;
+  BlockPool* pool = nullptr;
+  uint64_t order = 0;                 // allocation-order counter (best-fit tie break)
+  Block* first = nullptr;             // the block at `base`
+  RawAllocator* raw = nullptr;        // who gave the memory, and takes it back
+  FramesPtr frames;                   // stack at the device allocation
+  size_t list_index = 0;              // position in DeviceAllocator::segments_
+};
+
+struct StreamUse {
+  StreamId stream;
+  bool during_capture;  // recorded while a capture was underway (dropped when deferred)
+};
+
+struct Block {
+  uintptr_t ptr = 0;
+  size_t size = 0;
+  size_t requested_size = 0;
+  StreamId stream = 0;
+  uint64_t order = 0;                 // == seg->order, kept here for the index comparator
+  BlockPool* pool = nullptr;
+  Segment* seg = nullptr;
+  Block* prev = nullptr;              // neighbours in the segment, address order
+  Block* next = nullptr;
+  bool allocated = false;
+  bool deferred = false;              // freed during a capture with stream uses
+  bool in_index = false;
+  int event_count = 0;
+  uint64_t gc_count_base = 0;
+  std::vector<StreamUse> stream_uses;
+  FramesPtr frames;                   // stack at the last hand-out
+  BinSet::iterator index_pos;         // valid while in_index
+
+  bool is_split() const { return prev != nullptr || next != nullptr; }
+};
+
+inline bool BlockLess::operator()(const Block* a, const Block* b) const {
+  if (a->size != b->size) return a->size < b->size;
+  if (a->order != b->order) return a->order < b->order;
+  return a->ptr < b->ptr;
+}
+
+}  // namespace mtia

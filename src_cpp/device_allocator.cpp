@@ -1,0 +1,887 @@
+// device_allocator.cpp: the malloc ladder, split/merge, events, pools, empty_cache,
+// stats, snapshot and invariants of one device. Section numbers refer to
+// ../shared/spec/allocator_core.md (PyTorch's CUDACachingAllocator restated).
+#include "device_allocator.h"
+
+#include <algorithm>
+#include <sstream>
+
+#include "errors.h"
+#include "size_policy.h"
+
+namespace mtia {
+
+namespace {
+void stat_update(StatArray& s, bool small, int64_t delta) {
+  if (delta > 0) stat_add(s, small, delta);
+  else if (delta < 0) stat_sub(s, small, -delta);
+}
+}  // namespace
+
+DeviceAllocator::DeviceAllocator(DeviceIndex device, Emulator* emulator, std::shared_ptr<RawAllocator> raw,
+                                 const AllocatorConfig* config)
+    : device_(device), emulator_(emulator), config_(config), raw_(std::move(raw)),
+      small_blocks_(true, nullptr, &arena_), large_blocks_(false, nullptr, &arena_) {
+  stats_.max_split_size =
+      config->max_split_size == AllocatorConfig::kUnlimited ? -1 : int64_t(config->max_split_size);
+  if (config->per_process_memory_fraction < 1.0) set_memory_fraction(config->per_process_memory_fraction);
+}
+
+DeviceAllocator::~DeviceAllocator() {
+  // Memory still held goes back with the emulator's mapping; only metadata is freed here.
+  for (Segment* seg : segments_) {
+    for (Block* b = seg->first; b;) {
+      Block* next = b->next;
+      delete b;
+      b = next;
+    }
+    delete seg;
+  }
+  for (Block* b : block_free_list_) delete b;
+  // Free indexes hold arena nodes: drop the pools before the arena.
+  small_blocks_.by_stream.clear();
+  large_blocks_.by_stream.clear();
+  pools_.clear();
+}
+
+Block* DeviceAllocator::new_block() {
+  if (block_free_list_.empty()) return new Block();
+  Block* b = block_free_list_.back();
+  block_free_list_.pop_back();
+  return b;
+}
+
+void DeviceAllocator::delete_block(Block* b) {
+  b->stream_uses.clear();
+  b->frames.reset();
+  b->prev = b->next = nullptr;
+  b->allocated = b->deferred = b->in_index = false;
+  b->event_count = 0;
+  block_free_list_.push_back(b);
+}
+
+bool DeviceAllocator::should_split(const Block* b, size_t size) const {
+  if (b->pool->owner && b->pool->owner->no_split) return false;
+  size_t remaining = b->size - size;
+  if (b->pool->is_small) return remaining >= kMinBlockSize;
+  return size < max_split() && remaining > kSmallSize;
+}
+
+// ---------------------------------------------------------------- malloc (§4.1)
+
+uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, FramesPtr frames) {
+  lock_blocking(mu_);
+  Lock lock(mu_, std::adopt_lock);
+  if (history_on_ && record_context_ < RecordContext::kState) frames.reset();
+  // 1. Reclaim blocks whose cross-stream events completed (never during a capture).
+  if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty())) process_events();
+  // 2. Round, choose the pool, size a possible new segment.
+  Request r;
+  r.orig_size = orig_size;
+  r.size = round_size(orig_size, *config_);
+  r.stream = stream;
+  r.pool = captures_underway_.empty() ? (r.size <= kSmallSize ? &small_blocks_ : &large_blocks_)
+                                      : choose_pool(r.size, stream);
+  r.alloc_size = segment_size_for(r.size);
+  r.frames = std::move(frames);
+  // 3. Best fit among cached blocks of this pool and stream.
+  Block* block = get_free_block(r, r.pool);
+  if (!block) {
+    // 4a. Garbage-collect old cached blocks when a fraction and a threshold are set.
+    if (allowed_memory_maximum_ && config_->garbage_collection_threshold > 0) garbage_collect_cached_blocks();
+    // 4b. A new segment from the device.
+    block = alloc_block(r, false);
+    // 4c. Default-pool requests may take a cached block of a use_on_oom pool.
+    if (!block && !r.pool->owner) block = try_use_on_oom_pools(r);
+    // 4d. Release oversize cached blocks (only with max_split_size) and retry.
+    if (!block && release_available_cached_blocks(r)) block = alloc_block(r, false);
+    // 4e. Empty the whole cache (not during a capture) and retry once more.
+    if (!block && captures_underway_.empty()) {
+      release_cached_blocks(lock, MempoolId{});
+      block = get_free_block(r, r.pool);  // events completed while we waited may have freed one
+      if (!block) block = alloc_block(r, true);
+    }
+  }
+  // 5. Out of memory.
+  if (!block) raise_oom(lock, r);
+  // 6. Hand out (splitting if the rules say so).
+  return alloc_found_block(r, block);
+}
+
+BlockPool* DeviceAllocator::choose_pool(size_t size, StreamId stream) {
+  for (auto it = captures_underway_.rbegin(); it != captures_underway_.rend(); ++it) {
+    if (!filter_matches(it->second, stream)) continue;
+    PrivatePool* p = find_pool(it->first);
+    return size <= kSmallSize ? &p->small_blocks : &p->large_blocks;
+  }
+  return size <= kSmallSize ? &small_blocks_ : &large_blocks_;
+}
+
+bool DeviceAllocator::filter_matches(const AllocationFilter& f, StreamId stream) {
+  switch (f.kind) {
+    case AllocationFilter::kAll: return true;
+    case AllocationFilter::kThread: return f.thread == std::this_thread::get_id();
+    case AllocationFilter::kCapture:
+      for (auto& [s, id] : stream_capture_)
+        if (s == stream) return id == f.capture_id;
+      return false;
+  }
+  return false;
+}
+
+// §3.2: exact best fit on the request's stream, then the oversize rules.
+Block* DeviceAllocator::get_free_block(const Request& r, BlockPool* pool) {
+  if (allowed_memory_maximum_ && config_->garbage_collection_threshold > 0) ++pool->get_free_blocks_call_count;
+  FreeIndex* idx = pool->index(r.stream);
+  if (!idx) return nullptr;
+  Block* b = idx->lower_bound(r.size);
+  if (!b) return nullptr;
+  const size_t M = max_split(), R = config_->max_non_split_rounding_size;
+  if (r.size < M && b->size >= M) return nullptr;      // normal requests never take oversize blocks
+  if (r.size >= M && b->size >= r.size + R) return nullptr;  // oversize: at most R - 1 bytes of slack
+  idx->erase(b);
+  return b;
+}
+
+// §4.2: a new segment. Fails (nullptr) on the fraction limit or a device OOM.
+Block* DeviceAllocator::alloc_block(const Request& r, bool is_retry) {
+  if (is_retry) stats_.num_alloc_retries += 1;
+  if (allowed_memory_maximum_ && total_allocated_memory_ + r.alloc_size > allowed_memory_maximum_) return nullptr;
+  PrivatePool* owner = r.pool->owner;
+  RawAllocator* raw = owner && owner->allocator ? owner->allocator.get() : raw_.get();
+  void* p = raw->alloc(r.alloc_size, device_, r.stream);
+  if (!p) return nullptr;
+  total_allocated_memory_ += r.alloc_size;
+  auto* seg = new Segment();
+  seg->base = reinterpret_cast<uintptr_t>(p);
+  seg->size = r.alloc_size;
+  seg->stream = r.stream;
+  seg->pool = r.pool;
+  seg->order = ++segment_order_;
+  seg->raw = raw;
+  seg->frames = r.frames;
+  seg->list_index = segments_.size();
+  segments_.push_back(seg);
+  Block* b = new_block();
+  b->ptr = seg->base;
+  b->size = r.alloc_size;
+  b->requested_size = 0;
+  b->stream = r.stream;
+  b->order = seg->order;
+  b->pool = r.pool;
+  b->seg = seg;
+  seg->first = b;
+  if (owner) owner->segment_count += 1;
+  stat_add(stats_.segment, r.pool->is_small, 1);
+  stat_add(stats_.reserved_bytes, r.pool->is_small, int64_t(r.alloc_size));
+  if (r.alloc_size >= max_split()) stats_.oversize_segments.increase(1);
+  stats_.num_device_alloc += 1;
+  if (history_on_)
+    record_trace(TraceAction::kSegmentAlloc, seg->base, seg->size, r.stream,
+                 owner ? owner->id : MempoolId{}, r.frames);
+  return b;
+}
+
+// pools_graphs_streams_api.md §1.5: cached blocks of use_on_oom pools, never new segments.
+Block* DeviceAllocator::try_use_on_oom_pools(const Request& r) {
+  for (MempoolId id : use_on_oom_pools_) {
+    PrivatePool* p = find_pool(id);
+    if (!p || p->use_count <= 0) continue;
+    BlockPool* pool = r.size <= kSmallSize ? &p->small_blocks : &p->large_blocks;
+    if (Block* b = get_free_block(r, pool)) return b;
+  }
+  return nullptr;
+}
+
+// §4.5: with max_split_size set, give back oversize cached blocks of the request's pool.
+bool DeviceAllocator::release_available_cached_blocks(const Request& r) {
+  const size_t M = max_split();
+  if (M == AllocatorConfig::kUnlimited) return false;
+  FreeIndex* idx = r.pool->index(r.stream);
+  if (!idx || idx->empty()) return false;
+  size_t key = std::max(r.size, M);
+  if (Block* b = idx->lower_bound(key)) {
+    release_block(b);
+    return true;
+  }
+  std::vector<Block*> oversize;  // largest first
+  idx->for_each([&](Block* b) {
+    if (b->size >= M) oversize.push_back(b);
+  });
+  std::sort(oversize.begin(), oversize.end(), [](Block* a, Block* b) { return BlockLess{}(b, a); });
+  size_t total = 0;
+  for (Block* b : oversize) {
+    if (total >= key) break;
+    total += b->size;
+    release_block(b);
+  }
+  return total >= key;
+}
+
+// §4.4: release unsplit default large-pool blocks older than the mean until the
+// reserved memory is back under threshold * allowed.
+void DeviceAllocator::garbage_collect_cached_blocks() {
+  size_t threshold = size_t(config_->garbage_collection_threshold * double(allowed_memory_maximum_));
+  if (total_allocated_memory_ <= threshold) return;
+  size_t target = total_allocated_memory_ - threshold, reclaimed = 0;
+  const uint64_t now = large_blocks_.get_free_blocks_call_count;
+  while (reclaimed < target) {
+    std::vector<Block*> candidates;
+    uint64_t age_sum = 0;
+    for (auto& [s, idx] : large_blocks_.by_stream)
+      idx->for_each([&](Block* b) {
+        if (!b->is_split()) {
+          candidates.push_back(b);
+          age_sum += now - b->gc_count_base;
+        }
+      });
+    if (candidates.empty()) break;
+    double mean_age = double(age_sum) / double(candidates.size());
+    size_t freed_now = 0;
+    for (Block* b : candidates) {
+      if (reclaimed >= target) break;
+      if (double(now - b->gc_count_base) >= mean_age) {
+        size_t sz = b->size;
+        release_block(b);
+        reclaimed += sz;
+        freed_now += sz;
+      }
+    }
+    if (!freed_now) break;
+  }
+}
+
+// §3.4: take `block` (not in any index), split off the request if the rules say so.
+uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
+  BlockPool* pool = block->pool;
+  const bool small = pool->is_small;
+  const bool already_split = block->is_split();
+  Block* result = block;
+  if (should_split(block, r.size)) {
+    size_t remaining = block->size - r.size;
+    result = new_block();
+    result->ptr = block->ptr;
+    result->size = r.size;
+    result->stream = block->stream;
+    result->order = block->order;
+    result->pool = pool;
+    result->seg = block->seg;
+    result->prev = block->prev;
+    if (result->prev) result->prev->next = result;
+    else block->seg->first = result;
+    result->next = block;
+    block->prev = result;
+    block->ptr += r.size;
+    block->size = remaining;
+    block->requested_size = 0;
+    block->gc_count_base = pool->get_free_blocks_call_count;
+    pool->index_or_create(block->stream)->insert(block);
+    if (already_split) {
+      stat_sub(stats_.inactive_split_bytes, small, int64_t(r.size));
+    } else {
+      stat_add(stats_.inactive_split, small, 1);
+      stat_add(stats_.inactive_split_bytes, small, int64_t(remaining));
+    }
+  } else if (already_split) {
+    stat_sub(stats_.inactive_split, small, 1);
+    stat_sub(stats_.inactive_split_bytes, small, int64_t(block->size));
+  }
+  result->allocated = true;
+  result->requested_size = r.orig_size;
+  result->frames = r.frames;
+  allocated_.insert(result->ptr, result);
+  stat_add(stats_.allocation, small, 1);
+  stat_add(stats_.allocated_bytes, small, int64_t(result->size));
+  stat_add(stats_.active, small, 1);
+  stat_add(stats_.active_bytes, small, int64_t(result->size));
+  stat_add(stats_.requested_bytes, small, int64_t(r.orig_size));
+  if (result->size >= max_split()) stats_.oversize_allocations.increase(1);
+  if (history_on_)
+    record_trace(TraceAction::kAlloc, result->ptr, r.orig_size, r.stream,
+                 pool->owner ? pool->owner->id : MempoolId{}, r.frames);
+  return result->ptr;
+}
+
+// ---------------------------------------------------------------- free (§5)
+
+bool DeviceAllocator::owns(uintptr_t ptr) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  return allocated_.find(ptr) != nullptr;
+}
+
+bool DeviceAllocator::free(uintptr_t ptr, FramesPtr frames) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  Block* b = allocated_.erase(ptr);
+  if (!b) return false;
+  const bool small = b->pool->is_small;
+  b->allocated = false;
+  stat_sub(stats_.allocation, small, 1);
+  stat_sub(stats_.allocated_bytes, small, int64_t(b->size));
+  if (b->size >= max_split()) stats_.oversize_allocations.decrease(1);
+  if (history_on_) {
+    if (record_context_ < RecordContext::kAll || !frames) frames = b->frames;
+    record_trace(TraceAction::kFreeRequested, b->ptr, b->requested_size, b->stream,
+                 b->pool->owner ? b->pool->owner->id : MempoolId{}, frames);
+  }
+  if (!b->stream_uses.empty()) {
+    if (!captures_underway_.empty()) {
+      b->deferred = true;  // no event may be recorded or queried during a capture
+      deferred_.push_back(b);
+    } else {
+      insert_events(b);
+    }
+  } else {
+    free_block(b);
+  }
+  return true;
+}
+
+void DeviceAllocator::insert_events(Block* b) {
+  for (const StreamUse& use : b->stream_uses) {
+    Stream* s = emulator_->stream(device_, use.stream);
+    auto it = std::find_if(stream_events_.begin(), stream_events_.end(),
+                           [&](auto& e) { return e.first == s; });
+    if (it == stream_events_.end()) {
+      stream_events_.emplace_back(s, std::deque<std::pair<EventMark, Block*>>());
+      it = std::prev(stream_events_.end());
+    }
+    EventMark mark{s, s->enqueued()};
+    it->second.emplace_back(mark, b);
+    b->event_count += 1;
+    pending_event_count_ += 1;
+  }
+  b->stream_uses.clear();
+}
+
+// §5.3: free the blocks whose events completed, in per-stream FIFO order.
+void DeviceAllocator::process_events() {
+  if (!deferred_.empty() && captures_underway_.empty()) {
+    std::vector<Block*> deferred;
+    deferred.swap(deferred_);
+    for (Block* b : deferred) {
+      b->deferred = false;
+      b->stream_uses.erase(std::remove_if(b->stream_uses.begin(), b->stream_uses.end(),
+                                          [](const StreamUse& u) { return u.during_capture; }),
+                           b->stream_uses.end());
+      if (b->stream_uses.empty()) free_block(b);
+      else insert_events(b);
+    }
+  }
+  for (auto it = stream_events_.begin(); it != stream_events_.end();) {
+    auto& fifo = it->second;
+    while (!fifo.empty() && fifo.front().first.query()) {
+      Block* b = fifo.front().second;
+      fifo.pop_front();
+      pending_event_count_ -= 1;
+      if (--b->event_count == 0) free_block(b);
+    }
+    it = fifo.empty() ? stream_events_.erase(it) : std::next(it);
+  }
+}
+
+// Waits (with mu_ released, so kernels that allocate can finish) for every outstanding
+// event, then frees the blocks. `only` limits it to one private pool's blocks.
+void DeviceAllocator::synchronize_and_free_events(Lock& lock, PrivatePool* only) {
+  if (!only) stats_.num_sync_all_streams += 1;
+  process_events();  // also turns deferred blocks into events
+  std::vector<EventMark> marks;
+  for (auto& [s, fifo] : stream_events_)
+    for (auto& [mark, b] : fifo)
+      if (!only || b->pool->owner == only) marks.push_back(mark);
+  if (marks.empty()) return;
+  lock.unlock();
+  {
+    BlockingScope blocking;
+    for (const EventMark& m : marks) m.synchronize();
+  }
+  lock_blocking(mu_);
+  lock = Lock(mu_, std::adopt_lock);
+  process_events();
+}
+
+// §3.5: return a freed block to its pool, merging with free neighbours.
+void DeviceAllocator::free_block(Block* b) {
+  BlockPool* pool = b->pool;
+  const bool small = pool->is_small;
+  if (history_on_)
+    record_trace(TraceAction::kFreeCompleted, b->ptr, b->requested_size, b->stream,
+                 pool->owner ? pool->owner->id : MempoolId{}, b->frames);
+  b->frames.reset();
+  const size_t original_size = b->size;
+  int64_t net_split_blocks = 0, net_split_bytes = 0;
+  for (Block* neighbour : {b->prev, b->next}) {
+    size_t subsumed = try_merge(b, neighbour);
+    if (subsumed) {
+      net_split_blocks -= 1;
+      net_split_bytes -= int64_t(subsumed);
+    }
+  }
+  stat_sub(stats_.active, small, 1);
+  stat_sub(stats_.active_bytes, small, int64_t(original_size));
+  stat_sub(stats_.requested_bytes, small, int64_t(b->requested_size));
+  if (b->is_split()) {
+    net_split_blocks += 1;
+    net_split_bytes += int64_t(b->size);
+  }
+  stat_update(stats_.inactive_split, small, net_split_blocks);
+  stat_update(stats_.inactive_split_bytes, small, net_split_bytes);
+  b->gc_count_base = pool->get_free_blocks_call_count;
+  pool->index_or_create(b->stream)->insert(b);
+}
+
+// Merges free neighbour `src` into `dst`; returns the bytes taken over (0 if not mergeable).
+size_t DeviceAllocator::try_merge(Block* dst, Block* src) {
+  if (!src || src->allocated || src->event_count > 0 || !src->stream_uses.empty() || src->deferred ||
+      !src->in_index)
+    return 0;
+  src->pool->index(src->stream)->erase(src);
+  if (dst->prev == src) {
+    dst->ptr = src->ptr;
+    dst->prev = src->prev;
+    if (dst->prev) dst->prev->next = dst;
+    else dst->seg->first = dst;
+  } else {
+    dst->next = src->next;
+    if (dst->next) dst->next->prev = dst;
+  }
+  size_t subsumed = src->size;
+  dst->size += subsumed;
+  delete_block(src);
+  return subsumed;
+}
+
+void DeviceAllocator::record_stream(uintptr_t ptr, StreamId stream) {
+  emulator_->stream(device_, stream);  // validates the stream id
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  Block* b = allocated_.find(ptr);
+  if (!b) throw InvalidArgument("invalid device pointer: " + std::to_string(ptr));
+  if (stream == b->stream) return;  // its own stream: nothing to wait for
+  for (const StreamUse& u : b->stream_uses)
+    if (u.stream == stream) return;
+  b->stream_uses.push_back(StreamUse{stream, !captures_underway_.empty()});
+}
+
+size_t DeviceAllocator::block_size(uintptr_t ptr) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  Block* b = allocated_.find(ptr);
+  return b ? b->size : 0;
+}
+
+// ---------------------------------------------------------------- empty_cache (§6)
+
+void DeviceAllocator::empty_cache(MempoolId pool) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  release_cached_blocks(lock, pool);
+}
+
+void DeviceAllocator::release_cached_blocks(Lock& lock, MempoolId id) {
+  if (id.is_default()) {
+    if (captures_underway_.empty()) {
+      synchronize_and_free_events(lock, nullptr);
+      release_pool_blocks(large_blocks_);
+      release_pool_blocks(small_blocks_);
+    }
+  } else if (PrivatePool* p = find_pool(id); p && p->use_count == 0 && captures_underway_.empty()) {
+    synchronize_and_free_events(lock, p);
+  }
+  // Freeable private pools (use count 0) give back their fully free segments.
+  std::vector<MempoolId> gone;
+  for (auto& [pid, p] : pools_) {
+    if (p->use_count > 0 || (!id.is_default() && pid != id)) continue;
+    release_pool_blocks(p->large_blocks);
+    release_pool_blocks(p->small_blocks);
+    if (p->segment_count == 0) gone.push_back(pid);
+  }
+  for (MempoolId pid : gone) pools_.erase(pid);
+}
+
+void DeviceAllocator::release_pool_blocks(BlockPool& pool) {
+  std::vector<Block*> whole;
+  for (auto& [s, idx] : pool.by_stream)
+    idx->for_each([&](Block* b) {
+      if (!b->is_split()) whole.push_back(b);
+    });
+  for (Block* b : whole) release_block(b);
+}
+
+// Gives a whole free segment back to the device.
+void DeviceAllocator::release_block(Block* b) {
+  Segment* seg = b->seg;
+  BlockPool* pool = b->pool;
+  pool->index(b->stream)->erase(b);
+  seg->raw->free(reinterpret_cast<void*>(seg->base), seg->size, device_, seg->stream);
+  total_allocated_memory_ -= seg->size;
+  stat_sub(stats_.segment, pool->is_small, 1);
+  stat_sub(stats_.reserved_bytes, pool->is_small, int64_t(seg->size));
+  if (seg->size >= max_split()) stats_.oversize_segments.decrease(1);
+  stats_.num_device_free += 1;
+  if (history_on_)
+    record_trace(TraceAction::kSegmentFree, seg->base, seg->size, seg->stream,
+                 pool->owner ? pool->owner->id : MempoolId{}, seg->frames);
+  if (pool->owner) pool->owner->segment_count -= 1;
+  Segment* last = segments_.back();
+  last->list_index = seg->list_index;
+  segments_[seg->list_index] = last;
+  segments_.pop_back();
+  delete seg;
+  delete_block(b);
+}
+
+// ---------------------------------------------------------------- OOM (§4.6)
+
+void DeviceAllocator::raise_oom(Lock& lock, const Request& r) {
+  DeviceMemory& mem = emulator_->device(device_).memory();
+  const size_t total = mem.capacity(), device_free = total - mem.used();
+  stats_.num_ooms += 1;
+  if (history_on_) {
+    record_trace(TraceAction::kOom, device_free, r.size, r.stream,
+                 r.pool->owner ? r.pool->owner->id : MempoolId{}, r.frames);
+  }
+  const int64_t A = stats_.allocated_bytes[kAggregate].current;
+  const int64_t R = stats_.reserved_bytes[kAggregate].current;
+  int64_t P = 0;
+  size_t largest = 0;
+  for (auto& [id, p] : pools_)
+    for (BlockPool* bp : {&p->small_blocks, &p->large_blocks})
+      for (auto& [s, idx] : bp->by_stream) idx->for_each([&](Block* b) { P += int64_t(b->size); });
+  for (BlockPool* bp : {&small_blocks_, &large_blocks_})
+    for (auto& [s, idx] : bp->by_stream) idx->for_each([&](Block* b) { largest = std::max(largest, b->size); });
+  std::ostringstream msg;
+  msg << "MTIA out of memory. Tried to allocate " << format_size(r.alloc_size) << ". Device " << device_
+      << " has a total capacity of " << format_size(total) << " of which " << format_size(device_free)
+      << " is free. ";
+  if (allowed_memory_maximum_) msg << format_size(allowed_memory_maximum_) << " allowed; ";
+  msg << "Of the allocated memory " << format_size(uint64_t(A + P)) << " is allocated by PyTorch, ";
+  if (P > 0) msg << "with " << format_size(uint64_t(P)) << " allocated in private pools (e.g., CUDA Graphs), ";
+  msg << "and " << format_size(uint64_t(std::max<int64_t>(0, R - A - P)))
+      << " is reserved by PyTorch but unallocated. The largest free cached block is " << format_size(largest)
+      << ". If reserved but unallocated memory is large try setting "
+         "MTIA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for Memory "
+         "Management  (https://docs.pytorch.org/docs/stable/notes/cuda.html#optimizing-memory-usage-with-"
+         "pytorch-cuda-alloc-conf)";
+  OutOfMemory oom(msg.str());
+  oom.device = device_;
+  oom.alloc_size = r.alloc_size;
+  oom.total_or_allowed = allowed_memory_maximum_ ? allowed_memory_maximum_ : total;
+  oom.device_free = device_free;
+  oom.notify_observers = true;
+  lock.unlock();
+  throw oom;
+}
+
+// ---------------------------------------------------------------- limits, stats
+
+void DeviceAllocator::set_memory_fraction(double fraction) {
+  if (!(fraction >= 0.0 && fraction <= 1.0))
+    throw InvalidArgument("invalid fraction:" + std::to_string(fraction) + ". Please set within [0, 1].");
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  fraction_ = fraction;
+  size_t total = emulator_->device(device_).memory().capacity();
+  allowed_memory_maximum_ = fraction < 1.0 ? size_t(fraction * double(total)) : 0;
+  if (fraction < 1.0 && allowed_memory_maximum_ == 0) allowed_memory_maximum_ = 1;  // 0.0: nothing allowed
+}
+
+double DeviceAllocator::memory_fraction() {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  return fraction_;
+}
+
+DeviceStats DeviceAllocator::stats() {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  return stats_;
+}
+
+void DeviceAllocator::reset_peak_stats() {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  stats_.reset_peak();
+}
+
+void DeviceAllocator::reset_accumulated_stats() {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  stats_.reset_accumulated();
+}
+
+std::pair<size_t, size_t> DeviceAllocator::largest_free_blocks() {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  size_t small = 0, large = 0;
+  auto scan = [&](BlockPool& bp) {
+    for (auto& [s, idx] : bp.by_stream)
+      idx->for_each([&](Block* b) {
+        size_t& m = bp.is_small ? small : large;
+        m = std::max(m, b->size);
+      });
+  };
+  scan(small_blocks_);
+  scan(large_blocks_);
+  for (auto& [id, p] : pools_) {
+    scan(p->small_blocks);
+    scan(p->large_blocks);
+  }
+  return {small, large};
+}
+
+// ---------------------------------------------------------------- pools and routing
+
+PrivatePool* DeviceAllocator::find_pool(MempoolId id) {
+  auto it = pools_.find(id);
+  return it == pools_.end() ? nullptr : it->second.get();
+}
+
+void DeviceAllocator::create_or_incref_pool(MempoolId id, std::shared_ptr<RawAllocator> allocator) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  if (id.is_default()) throw InvalidArgument("the default pool (0, 0) is not a private pool");
+  PrivatePool* p = find_pool(id);
+  if (!p) {
+    pools_.emplace(id, std::make_unique<PrivatePool>(id, std::move(allocator), &arena_));
+    return;
+  }
+  if (p->use_count <= 0)
+    throw InvalidState("mempool (" + std::to_string(id.first) + ", " + std::to_string(id.second) +
+                       ") was released and cannot be used again");
+  if (allocator) throw InvalidArgument("an allocator can only be given when a pool is created");
+  p->use_count += 1;
+}
+
+void DeviceAllocator::release_pool(MempoolId id) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  PrivatePool* p = find_pool(id);
+  if (!p || p->use_count <= 0)
+    throw InvalidState("releasePool: mempool (" + std::to_string(id.first) + ", " + std::to_string(id.second) +
+                       ") is not in use");
+  p->use_count -= 1;
+  if (p->use_count == 0) {
+    use_on_oom_pools_.erase(std::remove(use_on_oom_pools_.begin(), use_on_oom_pools_.end(), id),
+                            use_on_oom_pools_.end());
+  }
+}
+
+int DeviceAllocator::pool_use_count(MempoolId id) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  PrivatePool* p = find_pool(id);
+  return p ? p->use_count : 0;
+}
+
+void DeviceAllocator::begin_allocate_to_pool(MempoolId id, AllocationFilter filter) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  if (!find_pool(id)) throw InvalidState("beginAllocateToPool: unknown mempool_id");
+  for (auto& [cid, f] : captures_underway_)
+    if (cid == id) throw InvalidState("beginAllocateToPool: already recording to mempool_id");
+  captures_underway_.emplace_back(id, filter);
+}
+
+void DeviceAllocator::end_allocate_to_pool(MempoolId id) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  for (auto it = captures_underway_.begin(); it != captures_underway_.end(); ++it) {
+    if (it->first == id) {
+      captures_underway_.erase(it);
+      return;
+    }
+  }
+  throw InvalidState("endAllocatePool: not currently recording to mempool_id");
+}
+
+void DeviceAllocator::set_use_on_oom(MempoolId id, bool on) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  auto it = std::find(use_on_oom_pools_.begin(), use_on_oom_pools_.end(), id);
+  if (on && it == use_on_oom_pools_.end()) use_on_oom_pools_.push_back(id);
+  if (!on && it != use_on_oom_pools_.end()) use_on_oom_pools_.erase(it);
+}
+
+void DeviceAllocator::set_no_split(MempoolId id) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  if (PrivatePool* p = find_pool(id)) p->no_split = true;
+}
+
+void DeviceAllocator::set_stream_capture(StreamId stream, uint64_t capture_id) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  stream_capture_.erase(std::remove_if(stream_capture_.begin(), stream_capture_.end(),
+                                       [&](auto& e) { return e.first == stream; }),
+                        stream_capture_.end());
+  if (capture_id) stream_capture_.emplace_back(stream, capture_id);
+}
+
+bool DeviceAllocator::any_capture_underway() {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  return !captures_underway_.empty();
+}
+
+// ---------------------------------------------------------------- observability
+
+void DeviceAllocator::record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
+                                   const FramesPtr& frames) {
+  TraceEntry e{a, addr, size, stream, epoch_us(), pool,
+               record_context_ >= RecordContext::kAlloc ? frames : FramesPtr(), std::string()};
+  trace_.push(std::move(e));
+}
+
+void DeviceAllocator::set_history(bool enabled, RecordContext context, size_t max_entries, bool clear) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  if (!enabled) {
+    history_on_ = false;
+    record_context_ = RecordContext::kNever;
+    trace_.clear();
+    return;
+  }
+  if (!history_on_ || clear) trace_.set_capacity(max_entries);
+  history_on_ = true;
+  record_context_ = context;
+}
+
+std::vector<TraceEntry> DeviceAllocator::trace() {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  return trace_.ordered();
+}
+
+std::vector<SegmentInfo> DeviceAllocator::snapshot(MempoolId pool, bool all_pools) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  std::vector<SegmentInfo> out;
+  size_t total_active = 0;
+  for (Segment* seg : segments_) {
+    PrivatePool* owner = seg->pool->owner;
+    MempoolId pid = owner ? owner->id : MempoolId{};
+    if (!all_pools && pid != pool) continue;
+    SegmentInfo s;
+    s.device = device_;
+    s.address = seg->base;
+    s.total_size = seg->size;
+    s.stream = seg->stream;
+    s.is_small = seg->pool->is_small;
+    s.pool = pid;
+    s.frames = seg->frames;
+    for (Block* b = seg->first; b; b = b->next) {
+      const char* state = b->allocated ? "active_allocated"
+                          : (b->event_count > 0 || !b->stream_uses.empty() || b->deferred) ? "active_pending_free"
+                                                                                            : "inactive";
+      if (b->allocated) s.allocated_size += b->size;
+      if (state[0] == 'a') {
+        s.active_size += b->size;
+        s.requested_size += b->requested_size;
+      }
+      s.blocks.push_back(BlockInfo{b->ptr, b->size, b->requested_size, state,
+                                   state[0] == 'a' ? b->frames : FramesPtr()});
+    }
+    total_active += s.active_size;
+    out.push_back(std::move(s));
+  }
+  std::sort(out.begin(), out.end(), [](const SegmentInfo& a, const SegmentInfo& b) { return a.address < b.address; });
+  if (history_on_) record_trace(TraceAction::kSnapshot, 0, total_active, 0, MempoolId{}, FramesPtr());
+  return out;
+}
+
+std::string DeviceAllocator::check_invariants() {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  std::ostringstream err;
+  auto fail = [&](const std::string& what) {
+    if (err.tellp() == 0) err << "device " << device_ << ": ";
+    else err << "; ";
+    err << what;
+  };
+  // Recount everything from the segments.
+  int64_t seg_count[3] = {}, reserved[3] = {}, alloc_count[3] = {}, alloc_bytes[3] = {};
+  int64_t active_count[3] = {}, active_bytes[3] = {}, split_count[3] = {}, split_bytes[3] = {}, requested[3] = {};
+  size_t indexed = 0, allocated_blocks = 0;
+  for (size_t i = 0; i < segments_.size(); ++i) {
+    Segment* seg = segments_[i];
+    int k = seg->pool->is_small ? kSmallPool : kLargePool;
+    if (seg->list_index != i) fail("segment list index mismatch");
+    seg_count[k] += 1;
+    reserved[k] += int64_t(seg->size);
+    uintptr_t expect = seg->base;
+    Block* prev = nullptr;
+    if (!seg->first || seg->first->prev) fail("segment head is not the first block");
+    for (Block* b = seg->first; b; prev = b, b = b->next) {
+      if (b->ptr != expect) fail("blocks do not tile segment at " + std::to_string(seg->base));
+      if (b->prev != prev) fail("broken prev link");
+      if (b->seg != seg || b->pool != seg->pool || b->stream != seg->stream) fail("block/segment mismatch");
+      if (b->size == 0 || b->size % kMinBlockSize) fail("block size not a positive multiple of 512");
+      expect += b->size;
+      bool pending = !b->allocated && (b->event_count > 0 || !b->stream_uses.empty() || b->deferred);
+      if (b->allocated) {
+        alloc_count[k] += 1;
+        alloc_bytes[k] += int64_t(b->size);
+        allocated_blocks += 1;
+        if (allocated_.find(b->ptr) != b) fail("allocated block missing from the pointer map");
+        if (b->in_index) fail("allocated block is in a free index");
+      }
+      if (b->allocated || pending) {
+        active_count[k] += 1;
+        active_bytes[k] += int64_t(b->size);
+        requested[k] += int64_t(b->requested_size);
+        if (b->in_index) fail("active block is in a free index");
+      } else {
+        if (!b->in_index) fail("inactive block is not in its free index");
+        indexed += 1;
+        if (b->is_split()) {
+          split_count[k] += 1;
+          split_bytes[k] += int64_t(b->size);
+        }
+        if (prev && !prev->allocated && prev->in_index) fail("two adjacent inactive blocks were not merged");
+      }
+    }
+    if (expect != seg->base + seg->size) fail("blocks do not cover segment at " + std::to_string(seg->base));
+  }
+  if (allocated_blocks != allocated_.size()) fail("pointer map holds blocks that are not allocated");
+  size_t in_indexes = 0;
+  auto count_pool = [&](BlockPool& bp) {
+    for (auto& [s, idx] : bp.by_stream) in_indexes += idx->size();
+  };
+  count_pool(small_blocks_);
+  count_pool(large_blocks_);
+  for (auto& [id, p] : pools_) {
+    count_pool(p->small_blocks);
+    count_pool(p->large_blocks);
+  }
+  if (in_indexes != indexed) fail("free indexes hold " + std::to_string(in_indexes) + " blocks, expected " +
+                                  std::to_string(indexed));
+  auto check = [&](const char* name, StatArray& s, int64_t* expect) {
+    for (int k : {kSmallPool, kLargePool})
+      if (s[k].current != expect[k])
+        fail(std::string(name) + (k == kSmallPool ? ".small_pool" : ".large_pool") + ".current is " +
+             std::to_string(s[k].current) + ", recount gives " + std::to_string(expect[k]));
+    for (int f = 0; f < 4; ++f) {
+      auto field = [&](const Stat& st) {
+        return f == 0 ? st.current : f == 1 ? st.peak : f == 2 ? st.allocated : st.freed;
+      };
+      if (f != 1 && field(s[kAggregate]) != field(s[kSmallPool]) + field(s[kLargePool]))
+        fail(std::string(name) + ": all != small_pool + large_pool");
+    }
+  };
+  check("segment", stats_.segment, seg_count);
+  check("reserved_bytes", stats_.reserved_bytes, reserved);
+  check("allocation", stats_.allocation, alloc_count);
+  check("allocated_bytes", stats_.allocated_bytes, alloc_bytes);
+  check("active", stats_.active, active_count);
+  check("active_bytes", stats_.active_bytes, active_bytes);
+  check("inactive_split", stats_.inactive_split, split_count);
+  check("inactive_split_bytes", stats_.inactive_split_bytes, split_bytes);
+  check("requested_bytes", stats_.requested_bytes, requested);
+  if (int64_t(total_allocated_memory_) != stats_.reserved_bytes[kAggregate].current)
+    fail("total_allocated_memory != reserved_bytes");
+  return err.str();
+}
+
+}  // namespace mtia

@@ -1,0 +1,204 @@
+// device_allocator.h: one device's caching allocator (allocator_core.md §2-§7, and the
+// private pools of pools_graphs_streams_api.md §1-§2).
+//
+// Locking: every field below is guarded by mu_ unless marked otherwise. Public methods
+// take mu_ (through lock_blocking, so a contended lock releases the GIL while waiting).
+// No Python is ever called with mu_ held except a Python RawAllocator of a private
+// pool, which takes the GIL itself; waits for events drop mu_ first.
+//
+// Invariants (check_invariants() verifies them all):
+//   reserved_bytes[ALL] == sum of segment sizes; segment[ALL] == number of segments
+//   allocated_bytes[ALL] == sum of allocated block sizes; allocation == their count
+//   active_bytes == allocated + pending-free block sizes
+//   inactive_split(_bytes) == inactive blocks (and bytes) of split segments
+//   stat[ALL] == stat[SMALL] + stat[LARGE] for every stat and field
+//   every segment's blocks tile it; no two adjacent inactive blocks
+#pragma once
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "block.h"
+#include "blocking.h"
+#include "config.h"
+#include "emulated_device.h"
+#include "free_index.h"
+#include "history.h"
+#include "ptr_map.h"
+#include "stats.h"
+
+namespace mtia {
+
+// The free blocks of one pool kind (small or large) of one pool, per stream.
+struct BlockPool {
+  BlockPool(bool small, PrivatePool* owner, NodeArena* arena) : is_small(small), owner(owner), arena(arena) {}
+  const bool is_small;
+  PrivatePool* const owner;  // null for the default pools
+  NodeArena* arena;
+  uint64_t get_free_blocks_call_count = 0;  // the GC clock
+  std::vector<std::pair<StreamId, std::unique_ptr<FreeIndex>>> by_stream;
+
+  FreeIndex* index(StreamId s) {
+    for (auto& [id, idx] : by_stream)
+      if (id == s) return idx.get();
+    return nullptr;
+  }
+  FreeIndex* index_or_create(StreamId s) {
+    if (FreeIndex* idx = index(s)) return idx;
+    by_stream.emplace_back(s, std::make_unique<FreeIndex>(is_small, arena));
+    return by_stream.back().second.get();
+  }
+};
+
+struct PrivatePool {
+  PrivatePool(MempoolId id, std::shared_ptr<RawAllocator> alloc, NodeArena* arena)
+      : id(id), allocator(std::move(alloc)), small_blocks(true, this, arena), large_blocks(false, this, arena) {}
+  MempoolId id;
+  std::shared_ptr<RawAllocator> allocator;  // null: the device's
+  int use_count = 1;
+  int64_t segment_count = 0;  // device allocations made for this pool and not yet freed
+  bool no_split = false;
+  BlockPool small_blocks, large_blocks;
+};
+
+// Who a routing context (use_mem_pool, graph capture) applies to.
+struct AllocationFilter {
+  enum Kind { kAll, kThread, kCapture } kind = kAll;
+  std::thread::id thread;
+  uint64_t capture_id = 0;
+};
+
+struct BlockInfo {
+  uintptr_t address;
+  size_t size, requested_size;
+  const char* state;  // "active_allocated" | "active_pending_free" | "inactive"
+  FramesPtr frames;
+};
+
+struct SegmentInfo {
+  DeviceIndex device = 0;
+  uintptr_t address = 0;
+  size_t total_size = 0, allocated_size = 0, active_size = 0, requested_size = 0;
+  StreamId stream = 0;
+  bool is_small = false;
+  MempoolId pool;
+  FramesPtr frames;
+  std::vector<BlockInfo> blocks;
+};
+
+class DeviceAllocator {
+ public:
+  DeviceAllocator(DeviceIndex device, Emulator* emulator, std::shared_ptr<RawAllocator> raw,
+                  const AllocatorConfig* config);
+  ~DeviceAllocator();
+
+  // --- the fast path ---
+  // Returns the block's address; throws OutOfMemory. size > 0. `frames` may be null.
+  uintptr_t malloc(size_t size, StreamId stream, FramesPtr frames);
+  // Frees an allocated block of this device; false if ptr is not one.
+  bool free(uintptr_t ptr, FramesPtr frames);
+  bool owns(uintptr_t ptr);  // is ptr an allocated block of this device?
+
+  void record_stream(uintptr_t ptr, StreamId stream);  // throws InvalidArgument for unknown ptr
+  size_t block_size(uintptr_t ptr);                      // 0 if ptr is not allocated here
+  void empty_cache(MempoolId pool = MempoolId{});
+  void process_events();
+
+  // --- limits and stats ---
+  void set_memory_fraction(double fraction);
+  double memory_fraction();
+  DeviceStats stats();
+  void reset_peak_stats();
+  void reset_accumulated_stats();
+  // Largest free cached block of each pool kind (small, large) over all pools.
+  std::pair<size_t, size_t> largest_free_blocks();
+
+  // --- pools and routing ---
+  void create_or_incref_pool(MempoolId id, std::shared_ptr<RawAllocator> allocator);
+  void release_pool(MempoolId id);
+  int pool_use_count(MempoolId id);  // 0 if no such pool
+  void begin_allocate_to_pool(MempoolId id, AllocationFilter filter);
+  void end_allocate_to_pool(MempoolId id);
+  void set_use_on_oom(MempoolId id, bool on);
+  void set_no_split(MempoolId id);
+  void set_stream_capture(StreamId stream, uint64_t capture_id);  // 0 = not capturing
+  bool any_capture_underway();
+
+  // --- observability ---
+  std::vector<SegmentInfo> snapshot(MempoolId pool, bool all_pools);
+  std::vector<TraceEntry> trace();
+  void set_history(bool enabled, RecordContext context, size_t max_entries, bool clear);
+  RecordContext record_context() const { return record_context_; }  // read without the lock
+  std::string check_invariants();  // "" when all hold
+
+ private:
+  using Lock = std::unique_lock<std::mutex>;
+  struct Request {
+    size_t orig_size, size, alloc_size;
+    StreamId stream;
+    BlockPool* pool;
+    FramesPtr frames;
+  };
+
+  void lock() { lock_blocking(mu_); }
+  BlockPool* choose_pool(size_t size, StreamId stream);
+  bool filter_matches(const AllocationFilter& f, StreamId stream);
+  Block* get_free_block(const Request& r, BlockPool* pool);
+  Block* alloc_block(const Request& r, bool is_retry);
+  Block* try_use_on_oom_pools(const Request& r);
+  bool release_available_cached_blocks(const Request& r);
+  void release_cached_blocks(Lock& lock, MempoolId pool);
+  void release_pool_blocks(BlockPool& pool);
+  void release_block(Block* b);
+  void garbage_collect_cached_blocks();
+  uintptr_t alloc_found_block(const Request& r, Block* block);
+  void free_block(Block* b);
+  size_t try_merge(Block* dst, Block* src);
+  void insert_events(Block* b);
+  void synchronize_and_free_events(Lock& lock, PrivatePool* only);
+  [[noreturn]] void raise_oom(Lock& lock, const Request& r);
+  void record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
+                    const FramesPtr& frames);
+  Block* new_block();
+  void delete_block(Block* b);
+  PrivatePool* find_pool(MempoolId id);
+  bool should_split(const Block* b, size_t size) const;
+  size_t max_split() const { return config_->max_split_size; }
+
+  const DeviceIndex device_;
+  Emulator* const emulator_;
+  const AllocatorConfig* const config_;  // shared; read under mu_
+  std::shared_ptr<RawAllocator> raw_;    // the default pools' memory
+  std::mutex mu_;
+
+  NodeArena arena_;
+  BlockPool small_blocks_, large_blocks_;
+  PtrMap allocated_;
+  std::vector<Segment*> segments_;
+  std::vector<Block*> block_free_list_;
+  uint64_t segment_order_ = 0;
+  DeviceStats stats_;
+  size_t total_allocated_memory_ = 0;  // bytes held from the device (all pools)
+  size_t allowed_memory_maximum_ = 0;  // 0 = no fraction set
+  double fraction_ = 1.0;
+
+  // Cross-stream frees waiting for events: per recorded stream, FIFO of (event, block).
+  std::vector<std::pair<Stream*, std::deque<std::pair<EventMark, Block*>>>> stream_events_;
+  size_t pending_event_count_ = 0;
+  std::vector<Block*> deferred_;  // freed during capture with stream uses
+
+  std::unordered_map<MempoolId, std::unique_ptr<PrivatePool>, MempoolIdHash> pools_;
+  std::vector<std::pair<MempoolId, AllocationFilter>> captures_underway_;
+  std::vector<MempoolId> use_on_oom_pools_;
+  std::vector<std::pair<StreamId, uint64_t>> stream_capture_;
+
+  bool history_on_ = false;
+  RecordContext record_context_ = RecordContext::kNever;
+  TraceRing trace_;
+};
+
+}  // namespace mtia

@@ -1,0 +1,28 @@
+// errors.h: the only exceptions the core throws. The binding translates each to
+// one Python type: OutOfMemory -> OutOfMemoryError, InvalidArgument -> ValueError,
+// InvalidState -> RuntimeError.
+#pragma once
+#include <stdexcept>
+#include <string>
+
+namespace mtia {
+
+struct InvalidArgument : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+struct InvalidState : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Out of device memory. Carries what an OOM observer is told.
+struct OutOfMemory : std::runtime_error {
+  int device = -1;
+  size_t alloc_size = 0;        // the segment size that was tried
+  size_t total_or_allowed = 0;  // allowed maximum if a fraction is set, else device total
+  size_t device_free = 0;
+  bool notify_observers = false;  // false for the 1 EB guard (no allocator involved)
+  OutOfMemory(const std::string& msg) : std::runtime_error(msg) {}
+};
+
+}  // namespace mtia

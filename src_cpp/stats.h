@@ -1,0 +1,66 @@
+// stats.h: PyTorch's allocator statistics (allocator_core.md §7).
+// Invariants (checked by DeviceAllocator::check_invariants):
+//   for every StatArray s and field f: s[ALL].f == s[SMALL].f + s[LARGE].f
+//   current == allocated - freed, until reset_accumulated()
+#pragma once
+#include <algorithm>
+#include <array>
+#include <cstdint>
+
+namespace mtia {
+
+struct Stat {
+  int64_t current = 0, peak = 0, allocated = 0, freed = 0;
+  void increase(int64_t n) {
+    current += n;
+    allocated += n;
+    if (current > peak) peak = current;
+  }
+  void decrease(int64_t n) {
+    current -= n;
+    freed += n;
+  }
+  void reset_peak() { peak = current; }
+  void reset_accumulated() { allocated = freed = 0; }
+};
+
+enum StatType { kAggregate = 0, kSmallPool = 1, kLargePool = 2, kNumStatTypes = 3 };
+using StatArray = std::array<Stat, kNumStatTypes>;
+
+// Adds n to the aggregate and to one pool kind's stat.
+inline void stat_add(StatArray& s, bool small, int64_t n) {
+  s[kAggregate].increase(n);
+  s[small ? kSmallPool : kLargePool].increase(n);
+}
+inline void stat_sub(StatArray& s, bool small, int64_t n) {
+  s[kAggregate].decrease(n);
+  s[small ? kSmallPool : kLargePool].decrease(n);
+}
+
+struct DeviceStats {
+  StatArray allocation, segment, active, inactive_split;
+  StatArray allocated_bytes, reserved_bytes, active_bytes, inactive_split_bytes, requested_bytes;
+  int64_t num_alloc_retries = 0, num_ooms = 0, num_sync_all_streams = 0;
+  int64_t num_device_alloc = 0, num_device_free = 0;
+  Stat oversize_allocations, oversize_segments;
+  int64_t max_split_size = -1;
+
+  template <class F>
+  void for_each_array(F f) {
+    f(allocation); f(segment); f(active); f(inactive_split); f(allocated_bytes);
+    f(reserved_bytes); f(active_bytes); f(inactive_split_bytes); f(requested_bytes);
+  }
+  void reset_peak() {
+    for_each_array([](StatArray& a) { for (auto& s : a) s.reset_peak(); });
+    oversize_allocations.reset_peak();
+    oversize_segments.reset_peak();
+  }
+  void reset_accumulated() {
+    for_each_array([](StatArray& a) { for (auto& s : a) s.reset_accumulated(); });
+    oversize_allocations.reset_accumulated();
+    oversize_segments.reset_accumulated();
+    num_alloc_retries = num_ooms = num_sync_all_streams = num_device_alloc = num_device_free = 0;
+  }
+};
+
+}  // namespace mtia

@@ -1,0 +1,132 @@
+// stream.cpp: worker threads, waiting and timing for emulated streams and events.
+#include "stream.h"
+
+#include <chrono>
+
+#include "blocking.h"
+
+namespace mtia {
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+uint64_t Stream::enqueue(Task task) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (stopping_) {
+    lock.unlock();
+    if (task.release) task.release(task.arg);
+    return completed();
+  }
+  uint64_t seq = enqueued_.load(std::memory_order_relaxed) + 1;
+  queue_.emplace_back(seq, task);
+  enqueued_.store(seq, std::memory_order_release);
+  if (!worker_.joinable()) worker_ = std::thread([this] { worker_loop(); });
+  lock.unlock();
+  work_cv_.notify_one();
+  return seq;
+}
+
+void Stream::worker_loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (true) {
+    work_cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+    if (stopping_) return;
+    auto [seq, task] = queue_.front();
+    queue_.pop_front();
+    lock.unlock();
+    if (task.run) task.run(task.arg);
+    if (task.release) task.release(task.arg);
+    lock.lock();
+    completed_.store(seq, std::memory_order_release);
+    if (waiters_.load(std::memory_order_acquire) > 0) done_cv_.notify_all();
+  }
+}
+
+void Stream::wait_until(uint64_t seq) {
+  for (int spin = 0; spin < 4000; ++spin) {
+    if (reached(seq)) return;
+    if (spin > 100) std::this_thread::yield();
+  }
+  BlockingScope blocking;
+  std::unique_lock<std::mutex> lock(mu_);
+  waiters_.fetch_add(1, std::memory_order_acq_rel);
+  done_cv_.wait(lock, [&] { return reached(seq) || stopping_; });
+  waiters_.fetch_sub(1, std::memory_order_acq_rel);
+}
+
+void Stream::shutdown() {
+  std::deque<std::pair<uint64_t, Task>> dropped;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  work_cv_.notify_all();
+  if (worker_.joinable()) {
+    BlockingScope blocking;
+    worker_.join();
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    dropped.swap(queue_);
+    // Work that will never run counts as done, so no waiter hangs.
+    completed_.store(enqueued_.load(std::memory_order_relaxed), std::memory_order_release);
+  }
+  done_cv_.notify_all();
+  for (auto& [seq, task] : dropped)
+    if (task.release) task.release(task.arg);
+}
+
+namespace {
+void stamp_time(void* arg) {
+  static_cast<std::shared_ptr<std::atomic<int64_t>>*>(arg)->get()->store(now_ns());
+}
+void release_stamp(void* arg) { delete static_cast<std::shared_ptr<std::atomic<int64_t>>*>(arg); }
+
+struct WaitArg {
+  EventMark mark;
+};
+void run_wait(void* arg) { static_cast<WaitArg*>(arg)->mark.synchronize(); }
+void release_wait(void* arg) { delete static_cast<WaitArg*>(arg); }
+}  // namespace
+
+void Event::record(Stream* s) {
+  recorded_ = true;
+  if (!timing_) {
+    mark_ = mark_now(s);
+    return;
+  }
+  time_ns_ = std::make_shared<std::atomic<int64_t>>(0);
+  if (s->query()) {  // idle stream: the event completes now
+    time_ns_->store(now_ns());
+    mark_ = EventMark{};
+    return;
+  }
+  auto* arg = new std::shared_ptr<std::atomic<int64_t>>(time_ns_);
+  uint64_t seq = s->enqueue(Task{stamp_time, arg, release_stamp});
+  mark_ = EventMark{s, seq};
+}
+
+double Event::elapsed_ms(const Event& end) const {
+  synchronize();
+  end.synchronize();
+  int64_t t0 = time_ns_ ? time_ns_->load() : 0, t1 = end.time_ns_ ? end.time_ns_->load() : 0;
+  return double(t1 - t0) / 1e6;
+}
+
+void stream_wait_mark(Stream* s, const EventMark& mark) {
+  if (mark.query() || mark.stream == s) return;  // done, or ordered by the stream itself
+  s->enqueue(Task{run_wait, new WaitArg{mark}, release_wait});
+}
+
+}  // namespace mtia
+
+namespace mtia {
+BlockingHooks& blocking_hooks() {
+  static BlockingHooks hooks;
+  return hooks;
+}
+}  // namespace mtia
