@@ -53,7 +53,7 @@ void Allocator::free(uintptr_t ptr, FramesPtr frames) {
       return;
   char buf[64];
   snprintf(buf, sizeof buf, "%p", reinterpret_cast<void*>(ptr));
-  throw InvalidArgument(std::string("invalid device pointer: ") + buf);
+  throw InvalidState(std::string("invalid device pointer: ") + buf);
 }
 
 void Allocator::empty_cache(MempoolId pool) {

@@ -457,7 +457,7 @@ void DeviceAllocator::record_stream(uintptr_t ptr, StreamId stream) {
   lock();
   Lock lock(mu_, std::adopt_lock);
   Block* b = allocated_.find(ptr);
-  if (!b) throw InvalidArgument("invalid device pointer: " + std::to_string(ptr));
+  if (!b) throw InvalidState("invalid device pointer: " + std::to_string(ptr));
   if (stream == b->stream) return;  // its own stream: nothing to wait for
   for (const StreamUse& u : b->stream_uses)
     if (u.stream == stream) return;

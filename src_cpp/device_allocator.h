@@ -136,7 +136,7 @@ class DeviceAllocator {
   std::string check_invariants();  // "" when all hold
 
  private:
-  using Lock = std::unique_lock<std::mutex>;
+  using Lock = std::unique_lock<SpinMutex>;
   struct Request {
     size_t orig_size, size, alloc_size;
     StreamId stream;
@@ -173,7 +173,7 @@ class DeviceAllocator {
   Emulator* const emulator_;
   const AllocatorConfig* const config_;  // shared; read under mu_
   std::shared_ptr<RawAllocator> raw_;    // the default pools' memory
-  std::mutex mu_;
+  SpinMutex mu_;
 
   NodeArena arena_;
   BlockPool small_blocks_, large_blocks_;

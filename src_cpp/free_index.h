@@ -27,11 +27,19 @@ class FreeIndex {
 
   void insert(Block* b) {
     size_t bin = bin_of(b->size);
-    BinSet*& set = bins_[bin];
-    if (!set) set = new BinSet(BlockLess{}, ArenaAllocator<Block*>(arena_));
-    // Hint: a block that sorts first (the common "just freed the oldest" case) is O(1).
-    b->index_pos = (!set->empty() && BlockLess{}(b, *set->begin())) ? set->emplace_hint(set->begin(), b)
-                                                                      : set->insert(b).first;
+    Bin& slot = bins_[bin];
+    if (slot.empty()) {
+      slot.solo = b;  // most bins hold one block: no tree node at all
+    } else {
+      if (!slot.set) slot.set = new BinSet(BlockLess{}, ArenaAllocator<Block*>(arena_));
+      if (slot.solo) {
+        slot.solo->index_pos = slot.set->insert(slot.solo).first;
+        slot.solo = nullptr;
+      }
+      // Hint: a block that sorts first (the common "just freed the oldest" case) is O(1).
+      BinSet& set = *slot.set;
+      b->index_pos = BlockLess{}(b, *set.begin()) ? set.emplace_hint(set.begin(), b) : set.insert(b).first;
+    }
     b->in_index = true;
     words_[bin >> 6] |= uint64_t(1) << (bin & 63);
     summary_ |= uint64_t(1) << (bin >> 6);
@@ -40,10 +48,11 @@ class FreeIndex {
 
   void erase(Block* b) {
     size_t bin = bin_of(b->size);
-    BinSet* set = bins_[bin];
-    set->erase(b->index_pos);
+    Bin& slot = bins_[bin];
+    if (slot.solo == b) slot.solo = nullptr;
+    else slot.set->erase(b->index_pos);
     b->in_index = false;
-    if (set->empty()) {
+    if (slot.empty()) {
       words_[bin >> 6] &= ~(uint64_t(1) << (bin & 63));
       if (!words_[bin >> 6]) summary_ &= ~(uint64_t(1) << (bin >> 6));
     }
@@ -55,29 +64,45 @@ class FreeIndex {
     if (!count_) return nullptr;
     size_t bin = bin_of(size);
     if (bin >= bins_.size()) return nullptr;
-    if (BinSet* set = bins_[bin]; set && !set->empty()) {
-      Block* first = *set->begin();
+    const Bin& slot = bins_[bin];
+    if (!slot.empty()) {
+      Block* first = slot.first();
       if (first->size >= size) return first;  // exact bins always take this path
-      Block key;
-      key.size = size;
-      key.order = 0;
-      key.ptr = 0;
-      auto it = set->lower_bound(&key);
-      if (it != set->end()) return *it;
+      if (slot.set) {
+        Block key;
+        key.size = size;
+        key.order = 0;
+        key.ptr = 0;
+        auto it = slot.set->lower_bound(&key);
+        if (it != slot.set->end()) return *it;
+      }
     }
     size_t next = next_nonempty(bin + 1);
-    return next < bins_.size() ? *bins_[next]->begin() : nullptr;
+    return next < bins_.size() ? bins_[next].first() : nullptr;
+  }
+
+  // Largest free block, or nullptr.
+  Block* largest() const {
+    if (!count_) return nullptr;
+    int w = 63 - __builtin_clzll(summary_);
+    size_t bin = (size_t(w) << 6) + size_t(63 - __builtin_clzll(words_[size_t(w)]));
+    const Bin& slot = bins_[bin];
+    return slot.solo ? slot.solo : *slot.set->rbegin();
   }
 
   // Calls f(block) for every free block (f must not modify the index).
   template <class F>
   void for_each(F f) const {
-    for (size_t bin = next_nonempty(0); bin < bins_.size(); bin = next_nonempty(bin + 1))
-      for (Block* b : *bins_[bin]) f(b);
+    for (size_t bin = next_nonempty(0); bin < bins_.size(); bin = next_nonempty(bin + 1)) {
+      const Bin& slot = bins_[bin];
+      if (slot.solo) f(slot.solo);
+      else
+        for (Block* b : *slot.set) f(b);
+    }
   }
 
   ~FreeIndex() {
-    for (BinSet* s : bins_) delete s;
+    for (Bin& b : bins_) delete b.set;
   }
   FreeIndex(const FreeIndex&) = delete;
   FreeIndex& operator=(const FreeIndex&) = delete;
@@ -109,9 +134,17 @@ class FreeIndex {
     return (w << 6) + __builtin_ctzll(words_[w]);
   }
 
+  // A bin holds one block inline (`solo`) or, from two blocks on, an ordered set.
+  struct Bin {
+    Block* solo = nullptr;
+    BinSet* set = nullptr;
+    bool empty() const { return !solo && (!set || set->empty()); }
+    Block* first() const { return solo ? solo : *set->begin(); }
+  };
+
   bool small_;
   NodeArena* arena_;
-  std::vector<BinSet*> bins_;
+  std::vector<Bin> bins_;
   std::vector<uint64_t> words_;
   uint64_t summary_ = 0;
   size_t count_ = 0;

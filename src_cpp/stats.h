@@ -28,11 +28,11 @@ enum StatType { kAggregate = 0, kSmallPool = 1, kLargePool = 2, kNumStatTypes = 
 using StatArray = std::array<Stat, kNumStatTypes>;
 
 // Adds n to the aggregate and to one pool kind's stat.
-inline void stat_add(StatArray& s, bool small, int64_t n) {
+__attribute__((always_inline)) inline void stat_add(StatArray& s, bool small, int64_t n) {
   s[kAggregate].increase(n);
   s[small ? kSmallPool : kLargePool].increase(n);
 }
-inline void stat_sub(StatArray& s, bool small, int64_t n) {
+__attribute__((always_inline)) inline void stat_sub(StatArray& s, bool small, int64_t n) {
   s[kAggregate].decrease(n);
   s[small ? kSmallPool : kLargePool].decrease(n);
 }

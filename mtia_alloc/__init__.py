@@ -1,0 +1,44 @@
+"""mtia_alloc: a fast caching device-memory allocator with PyTorch's semantics, on an
+emulated MTIA accelerator, behind a torch.mtia-shaped API.
+
+    import mtia_alloc as mtia
+    p = mtia.caching_allocator_alloc(4096)
+    mtia.caching_allocator_delete(p)
+    mtia.memory_stats()["allocated_bytes.all.peak"]
+"""
+import atexit
+
+from . import _C
+from ._state import DeferredMtiaCallError, OutOfMemoryError, is_initialized
+from .array import DeviceArray, empty
+from .graphs import MTIAGraph, graph, graph_pool_handle, is_current_stream_capturing
+from .memory import (MemPool, attach_out_of_memory_observer, caching_allocator_alloc, caching_allocator_delete,
+                     empty_cache, get_per_process_memory_fraction, max_memory_allocated, max_memory_reserved,
+                     mem_get_info, memory_allocated, memory_reserved, memory_snapshot, memory_stats,
+                     memory_stats_as_nested_dict, memory_summary, record_memory_history, record_stream,
+                     reset_accumulated_memory_stats, reset_peak_memory_stats, set_per_process_memory_fraction,
+                     snapshot, use_mem_pool)
+from .rng import get_rng_state, initial_seed, manual_seed, manual_seed_all, seed, seed_all, set_rng_state
+from .streams import (Event, Stream, StreamContext, current_device, current_stream, default_stream, device,
+                      device_count, get_device_capability, get_device_properties, init, is_available,
+                      is_bf16_supported, set_device, set_stream, stream, synchronize)
+from . import emulator, memory  # noqa: E402  (submodules as attributes)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeferredMtiaCallError", "DeviceArray", "Event", "MTIAGraph", "MemPool", "OutOfMemoryError", "Stream",
+    "StreamContext", "attach_out_of_memory_observer", "caching_allocator_alloc", "caching_allocator_delete",
+    "current_device", "current_stream", "default_stream", "device", "device_count", "empty", "empty_cache",
+    "emulator", "get_device_capability", "get_device_properties", "get_per_process_memory_fraction",
+    "get_rng_state", "graph", "graph_pool_handle", "init", "initial_seed", "is_available",
+    "is_bf16_supported", "is_current_stream_capturing", "is_initialized", "manual_seed", "manual_seed_all",
+    "max_memory_allocated", "max_memory_reserved", "mem_get_info", "memory", "memory_allocated",
+    "memory_reserved", "memory_snapshot", "memory_stats", "memory_stats_as_nested_dict", "memory_summary",
+    "record_memory_history", "record_stream", "reset_accumulated_memory_stats", "reset_peak_memory_stats",
+    "seed", "seed_all", "set_device", "set_per_process_memory_fraction", "set_rng_state", "set_stream",
+    "snapshot", "stream", "synchronize", "use_mem_pool",
+]
+
+# Stream workers must stop before the interpreter finalises (queued Python kernels are dropped).
+atexit.register(_C.shutdown)

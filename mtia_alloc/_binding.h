@@ -1,0 +1,278 @@
+// _binding.h: the C++ half of the Python binding (everything that needs Python.h, so
+// the core in src_cpp/ never does): exception translation, the GIL hooks, thread-local
+// current device/stream, Python kernels as stream tasks, and Python/C raw allocators.
+#pragma once
+#include <Python.h>
+
+#include <memory>
+#include <vector>
+
+#include "allocator.h"
+#include "blocking.h"
+#include "errors.h"
+
+namespace mtia_binding {
+
+// Set by the module at import: mtia_alloc's OutOfMemoryError class.
+inline PyObject*& oom_error_type() {
+  static PyObject* type = nullptr;
+  return type;
+}
+
+// An exception raised by a Python raw allocator, kept to chain it to the OOM it caused.
+inline thread_local PyObject* raw_allocator_error = nullptr;
+
+// Translates the exception being handled into a Python exception (Cython `except +`).
+inline void raise_py_error() {
+  try {
+    throw;
+  } catch (const mtia::OutOfMemory& e) {
+    PyObject* args = Py_BuildValue("(s)", e.what());
+    PyObject* exc = args ? PyObject_Call(oom_error_type(), args, nullptr) : nullptr;
+    Py_XDECREF(args);
+    if (!exc) return;
+    PyObject* info = Py_BuildValue("(iKKKO)", e.device, (unsigned long long)e.alloc_size,
+                                   (unsigned long long)e.total_or_allowed, (unsigned long long)e.device_free,
+                                   e.notify_observers ? Py_True : Py_False);
+    if (info) PyObject_SetAttrString(exc, "_oom_info", info);
+    Py_XDECREF(info);
+    if (raw_allocator_error) {
+      PyException_SetCause(exc, raw_allocator_error);  // steals the reference
+      raw_allocator_error = nullptr;
+    }
+    PyErr_SetObject(oom_error_type(), exc);
+    Py_DECREF(exc);
+  } catch (const mtia::InvalidArgument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::bad_alloc&) {
+    PyErr_SetString(PyExc_MemoryError, "host memory exhausted");
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  } catch (...) {
+    PyErr_SetString(PyExc_RuntimeError, "unknown C++ exception in mtia_alloc");
+  }
+}
+
+// GIL hooks for mtia::BlockingScope: release the GIL only if this thread holds it.
+inline void* release_gil() {
+  if (!Py_IsInitialized() || !PyGILState_Check()) return nullptr;
+  return PyEval_SaveThread();
+}
+inline void restore_gil(void* token) {
+  if (token) PyEval_RestoreThread(static_cast<PyThreadState*>(token));
+}
+inline void install_gil_hooks() {
+  mtia::blocking_hooks().enter = release_gil;
+  mtia::blocking_hooks().leave = restore_gil;
+}
+
+// Thread-local current device and per-device current stream (torch.mtia semantics).
+struct ThreadState {
+  int device = 0;
+  std::vector<int64_t> streams;  // per device; 0 = default stream
+};
+inline thread_local ThreadState tls;
+inline int current_device() { return tls.device; }
+inline void set_current_device(int d) { tls.device = d; }
+inline int64_t current_stream(int device) {
+  return size_t(device) < tls.streams.size() ? tls.streams[size_t(device)] : 0;
+}
+inline void set_current_stream(int device, int64_t stream) {
+  if (tls.streams.size() <= size_t(device)) tls.streams.resize(size_t(device) + 1, 0);
+  tls.streams[size_t(device)] = stream;
+}
+
+// A Python callable as a stream task. The callable handles its own exceptions (the
+// façade wraps kernels so errors surface at synchronize()).
+inline bool interpreter_alive() { return Py_IsInitialized() && !_Py_IsFinalizing(); }
+inline void run_py_task(void* arg) {
+  if (!interpreter_alive()) return;
+  PyGILState_STATE st = PyGILState_Ensure();
+  PyObject* r = PyObject_CallNoArgs(static_cast<PyObject*>(arg));
+  if (!r) PyErr_WriteUnraisable(static_cast<PyObject*>(arg));
+  Py_XDECREF(r);
+  PyGILState_Release(st);
+}
+inline void release_py_task(void* arg) {
+  if (!interpreter_alive()) return;  // at exit the object is leaked on purpose
+  PyGILState_STATE st = PyGILState_Ensure();
+  Py_DECREF(static_cast<PyObject*>(arg));
+  PyGILState_Release(st);
+}
+inline mtia::Task make_py_task(PyObject* fn) {
+  Py_INCREF(fn);
+  return mtia::Task{run_py_task, fn, release_py_task};
+}
+
+// Native kernels.
+struct CopyArg {
+  void* dst;
+  const void* src;
+  size_t n;
+};
+inline void run_copy(void* a) {
+  auto* c = static_cast<CopyArg*>(a);
+  memmove(c->dst, c->src, c->n);
+}
+inline void release_copy(void* a) { delete static_cast<CopyArg*>(a); }
+inline mtia::Task make_copy_task(uintptr_t dst, uintptr_t src, size_t n) {
+  return mtia::Task{run_copy, new CopyArg{reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n},
+                    release_copy};
+}
+struct FillArg {
+  char* dst;
+  size_t n;
+  std::vector<char> pattern;  // one element's bytes
+};
+inline void run_fill(void* a) {
+  auto* f = static_cast<FillArg*>(a);
+  size_t k = f->pattern.size();
+  if (k == 1) {
+    memset(f->dst, f->pattern[0], f->n);
+    return;
+  }
+  for (size_t off = 0; off + k <= f->n; off += k) memcpy(f->dst + off, f->pattern.data(), k);
+}
+inline void release_fill(void* a) { delete static_cast<FillArg*>(a); }
+inline mtia::Task make_fill_task(uintptr_t dst, size_t n, const char* pattern, size_t k) {
+  return mtia::Task{run_fill, new FillArg{reinterpret_cast<char*>(dst), n, std::vector<char>(pattern, pattern + k)},
+                    release_fill};
+}
+inline void run_sleep(void* a) {
+  int64_t until = mtia::now_ns() + *static_cast<int64_t*>(a);
+  while (mtia::now_ns() < until) {
+    int64_t left = until - mtia::now_ns();
+    if (left > 200000) std::this_thread::sleep_for(std::chrono::nanoseconds(left - 100000));
+  }
+}
+inline void release_sleep(void* a) { delete static_cast<int64_t*>(a); }
+inline mtia::Task make_sleep_task(int64_t ns) { return mtia::Task{run_sleep, new int64_t(ns), release_sleep}; }
+
+// A raw allocator made of two Python callables (PythonAllocator): alloc_fn(size, device,
+// stream) -> int, free_fn(ptr, size, device, stream). Raising or returning 0 means OOM.
+class PyRawAllocator : public mtia::RawAllocator {
+ public:
+  PyRawAllocator(PyObject* alloc_fn, PyObject* free_fn) : alloc_(alloc_fn), free_(free_fn) {
+    Py_INCREF(alloc_);
+    Py_INCREF(free_);
+  }
+  ~PyRawAllocator() override {
+    if (!interpreter_alive()) return;
+    PyGILState_STATE st = PyGILState_Ensure();
+    Py_DECREF(alloc_);
+    Py_DECREF(free_);
+    PyGILState_Release(st);
+  }
+  void* alloc(size_t size, mtia::DeviceIndex device, mtia::StreamId stream) override {
+    if (!interpreter_alive()) return nullptr;
+    PyGILState_STATE st = PyGILState_Ensure();
+    void* out = nullptr;
+    PyObject* r = PyObject_CallFunction(alloc_, "nil", (Py_ssize_t)size, (int)device, (long)stream);
+    if (r) {
+      unsigned long long v = PyLong_AsUnsignedLongLong(r);
+      if (!PyErr_Occurred()) out = reinterpret_cast<void*>(uintptr_t(v));
+      Py_DECREF(r);
+    }
+    if (PyErr_Occurred()) {
+      PyObject *type, *value, *tb;
+      PyErr_Fetch(&type, &value, &tb);
+      PyErr_NormalizeException(&type, &value, &tb);
+      if (tb) PyException_SetTraceback(value, tb);
+      Py_XDECREF(raw_allocator_error);
+      raw_allocator_error = value;  // chained to the OOM it causes
+      Py_XDECREF(type);
+      Py_XDECREF(tb);
+      out = nullptr;
+    }
+    PyGILState_Release(st);
+    return out;
+  }
+  void free(void* ptr, size_t size, mtia::DeviceIndex device, mtia::StreamId stream) override {
+    if (!interpreter_alive()) return;
+    PyGILState_STATE st = PyGILState_Ensure();
+    PyObject* r = PyObject_CallFunction(free_, "Knil", (unsigned long long)reinterpret_cast<uintptr_t>(ptr),
+                                        (Py_ssize_t)size, (int)device, (long)stream);
+    if (!r) PyErr_WriteUnraisable(free_);  // the memory is gone from the cache either way
+    Py_XDECREF(r);
+    PyGILState_Release(st);
+  }
+
+ private:
+  PyObject* alloc_;
+  PyObject* free_;
+};
+
+// A raw allocator of two C functions with CUDAPluggableAllocator's signatures.
+class CFuncRawAllocator : public mtia::RawAllocator {
+ public:
+  using AllocFn = void* (*)(ssize_t, int, void*);
+  using FreeFn = void (*)(void*, ssize_t, int, void*);
+  CFuncRawAllocator(uintptr_t alloc_fn, uintptr_t free_fn)
+      : alloc_(reinterpret_cast<AllocFn>(alloc_fn)), free_(reinterpret_cast<FreeFn>(free_fn)) {}
+  void* alloc(size_t size, mtia::DeviceIndex device, mtia::StreamId stream) override {
+    return alloc_(ssize_t(size), device, reinterpret_cast<void*>(stream));
+  }
+  void free(void* ptr, size_t size, mtia::DeviceIndex device, mtia::StreamId stream) override {
+    free_(ptr, ssize_t(size), device, reinterpret_cast<void*>(stream));
+  }
+
+ private:
+  AllocFn alloc_;
+  FreeFn free_;
+};
+
+inline std::shared_ptr<mtia::RawAllocator> make_py_raw_allocator(PyObject* a, PyObject* f) {
+  return std::make_shared<PyRawAllocator>(a, f);
+}
+inline std::shared_ptr<mtia::RawAllocator> make_c_raw_allocator(uintptr_t a, uintptr_t f) {
+  return std::make_shared<CFuncRawAllocator>(a, f);
+}
+
+}  // namespace mtia_binding
+
+namespace mtia_binding {
+inline void set_oom_error_type(PyObject* t) {
+  Py_XINCREF(t);
+  oom_error_type() = t;
+}
+inline std::shared_ptr<const mtia::Frames> make_frames(std::vector<mtia::Frame>&& v) {
+  return std::make_shared<const mtia::Frames>(std::move(v));
+}
+inline uintptr_t frames_key(const std::shared_ptr<const mtia::Frames>& f) { return reinterpret_cast<uintptr_t>(f.get()); }
+inline mtia::AllocationFilter make_filter(int kind, uint64_t capture_id) {
+  mtia::AllocationFilter f;
+  f.kind = static_cast<mtia::AllocationFilter::Kind>(kind);
+  f.thread = std::this_thread::get_id();
+  f.capture_id = capture_id;
+  return f;
+}
+inline mtia::MempoolId make_pool_id(uint64_t a, uint64_t b) { return mtia::MempoolId{a, b}; }
+}  // namespace mtia_binding
+
+namespace mtia_binding {
+// A native kernel that keeps Python objects (the arrays it touches) alive until it has run.
+struct KeepAliveTask {
+  mtia::Task inner;
+  PyObject* keep;
+};
+inline void run_keepalive(void* a) {
+  auto* k = static_cast<KeepAliveTask*>(a);
+  if (k->inner.run) k->inner.run(k->inner.arg);
+}
+inline void release_keepalive(void* a) {
+  auto* k = static_cast<KeepAliveTask*>(a);
+  if (k->inner.release) k->inner.release(k->inner.arg);
+  if (interpreter_alive()) {
+    PyGILState_STATE st = PyGILState_Ensure();
+    Py_DECREF(k->keep);
+    PyGILState_Release(st);
+  }
+  delete k;
+}
+inline mtia::Task keep_alive(mtia::Task inner, PyObject* keep) {
+  Py_INCREF(keep);
+  return mtia::Task{run_keepalive, new KeepAliveTask{inner, keep}, release_keepalive};
+}
+}  // namespace mtia_binding

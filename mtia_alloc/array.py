@@ -1,0 +1,131 @@
+"""DeviceArray: an array-like object on emulated device memory. Its block returns to the
+cache when the last reference dies; kernels that use it hold a reference until they run."""
+import sys
+
+import numpy as np
+
+from . import _C
+from .streams import Stream, _Device
+
+__all__ = ["DeviceArray", "empty"]
+
+
+class _HostView:
+    """Exposes device memory to numpy (__array_interface__) and keeps the array alive."""
+
+    __slots__ = ("__array_interface__", "owner")
+
+    def __init__(self, owner):
+        self.owner = owner
+        self.__array_interface__ = {"data": (owner._ptr, False), "shape": owner.shape,
+                                    "typestr": owner.dtype.str, "version": 3}
+
+
+class DeviceArray:
+    __slots__ = ("_ptr", "shape", "dtype", "nbytes", "_device", "_stream_id", "__weakref__")
+
+    def data_ptr(self):
+        return self._ptr
+
+    @property
+    def device(self):
+        return _Device(self._device)
+
+    @property
+    def stream(self):
+        return Stream._handle(self._device, self._stream_id)
+
+    @property
+    def size(self):
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def numpy(self):
+        """A zero-copy numpy view (the emulated device memory is host memory)."""
+        if self._ptr == 0:
+            return np.empty(self.shape, dtype=self.dtype)
+        return np.asarray(_HostView(self))
+
+    def record_stream(self, stream):
+        from .memory import record_stream
+        if self._ptr:
+            record_stream(self._ptr, stream)
+
+    def __dlpack__(self, stream=None, **kwargs):
+        return self.numpy().__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return (1, 0)  # kDLCPU: the emulated device's memory is host-addressable
+
+    def __len__(self):
+        if not self.shape:
+            raise TypeError("len() of a 0-d DeviceArray")
+        return self.shape[0]
+
+    def __repr__(self):
+        return (f"DeviceArray(shape={self.shape}, dtype={self.dtype}, device='mtia:{self._device}', "
+                f"stream={self._stream_id}, nbytes={self.nbytes}, ptr={self._ptr:#x})")
+
+    def __del__(self):
+        ptr = self._ptr
+        if ptr and not sys.is_finalizing():
+            self._ptr = 0
+            _C.caching_allocator_delete(ptr)
+
+
+def _shape_arg(shape):
+    if isinstance(shape, bool):
+        raise TypeError("shape must be an int or a tuple of ints, got bool")
+    if isinstance(shape, int):
+        shape = (shape,)
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be an int or a tuple of ints, got {type(shape).__name__}") from None
+    for s in shape:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+            raise TypeError(f"shape entries must be ints, got {s!r}")
+        if s < 0:
+            raise ValueError(f"shape entries must be non-negative, got {shape}")
+    return tuple(int(s) for s in shape)
+
+
+_dtype_cache = {}
+
+
+def empty(shape, dtype="float32", device=None, stream=None):
+    """An uninitialised DeviceArray allocated through the caching allocator on `stream`."""
+    dt = _dtype_cache.get(dtype) if isinstance(dtype, str) else None
+    if dt is None:
+        try:
+            dt = np.dtype(dtype)
+        except TypeError as e:
+            raise TypeError(f"invalid dtype {dtype!r}: {e}") from None
+        if dt.hasobject or dt.itemsize == 0:
+            raise TypeError(f"invalid dtype {dtype!r}: device arrays hold plain numeric data")
+        if isinstance(dtype, str):
+            _dtype_cache[dtype] = dt
+    shape = _shape_arg(shape)
+    n = dt.itemsize
+    for s in shape:
+        n *= s
+    a = DeviceArray.__new__(DeviceArray)
+    a._ptr = 0
+    ptr = _C.caching_allocator_alloc(n, device, stream)
+    a._ptr = ptr
+    a.shape = shape
+    a.dtype = dt
+    a.nbytes = n
+    if stream is not None:
+        a._device, a._stream_id = stream.device_index, stream.stream_id
+    else:
+        a._device = _C.current_device() if device is None else _C.device_of(ptr) if ptr else _device_of(device)
+        a._stream_id = _C.current_stream_id(a._device)
+    return a
+
+
+def _device_of(device):
+    from ._state import device_index
+    return device_index(device)

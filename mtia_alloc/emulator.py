@@ -1,0 +1,125 @@
+"""The emulated backend: device configuration, kernels on streams, fault injection.
+
+Kernels run asynchronously on their stream's worker, in launch order. During a graph
+capture, kernels launched on a capturing stream are recorded by the graph instead."""
+import numpy as np
+
+from . import _C
+from ._state import _settings, device_index, is_initialized, parse_memory
+from .streams import Stream, _record_kernel_error, current_stream
+
+__all__ = ["configure", "launch", "sleep", "copy_", "fill_", "fail_device_allocations"]
+
+
+def configure(device_count=None, memory_per_device=None):
+    """Sets the emulated devices before initialisation: device_count (1..64) and
+    memory_per_device (bytes, or a string such as '512MiB'). Overrides the environment
+    variables MTIA_EMULATOR_DEVICES and MTIA_EMULATOR_MEMORY."""
+    if is_initialized() or _C.is_initialized():
+        raise RuntimeError("emulator.configure() must be called before mtia_alloc is initialized")
+    if device_count is not None:
+        if not isinstance(device_count, int) or isinstance(device_count, bool):
+            raise TypeError(f"device_count must be an int, got {type(device_count).__name__}")
+        if not 1 <= device_count <= 64:
+            raise ValueError(f"device_count must be between 1 and 64, got {device_count}")
+        _settings["device_count"] = device_count
+    if memory_per_device is not None:
+        _settings["memory_per_device"] = parse_memory(memory_per_device)
+
+
+def _stream_arg(stream):
+    if stream is None:
+        return current_stream()
+    if not isinstance(stream, Stream):
+        raise TypeError(f"stream must be an mtia_alloc.Stream or None, got {type(stream).__name__}")
+    return stream
+
+
+def _enqueue_python(stream, fn, args):
+    d, sid = stream.device_index, stream.stream_id
+
+    def kernel():
+        try:
+            fn(*args)
+        except BaseException as e:  # surfaces at the next synchronize()
+            _record_kernel_error(d, sid, e)
+
+    _C.launch_python(d, sid, kernel)
+
+
+def _run_kernel(stream, kernel):
+    """Queues a recorded kernel description on `stream` (used by launch and graph replay)."""
+    kind = kernel[0]
+    if kind == "python":
+        _enqueue_python(stream, kernel[1], kernel[2])
+    elif kind == "sleep":
+        _C.launch_sleep(stream.device_index, stream.stream_id, kernel[1])
+    elif kind == "copy":
+        dst, src = kernel[1], kernel[2]
+        _C.launch_copy(stream.device_index, stream.stream_id, dst.data_ptr(), src.data_ptr(), dst.nbytes, (dst, src))
+    elif kind == "fill":
+        dst, pattern = kernel[1], kernel[2]
+        _C.launch_fill(stream.device_index, stream.stream_id, dst.data_ptr(), dst.nbytes, pattern, dst)
+    else:
+        raise ValueError(f"unknown kernel kind {kind!r}")
+
+
+def _submit(stream, kernel):
+    from .graphs import _capture_of_stream
+    graph = _capture_of_stream(stream.device_index, stream.stream_id)
+    if graph is not None:
+        graph._record_kernel(kernel)
+    else:
+        _run_kernel(stream, kernel)
+
+
+def launch(fn, *args, stream=None):
+    """Queues fn(*args) as a kernel on `stream` (the current stream if None); returns at once."""
+    if not callable(fn):
+        raise TypeError(f"launch expects a callable, got {type(fn).__name__}")
+    _submit(_stream_arg(stream), ("python", fn, args))
+
+
+def sleep(ms, stream=None):
+    """Queues a kernel that keeps the stream busy for `ms` milliseconds."""
+    if isinstance(ms, bool) or not isinstance(ms, (int, float)):
+        raise TypeError(f"ms must be a number, got {type(ms).__name__}")
+    if not 0 <= ms <= 3_600_000:
+        raise ValueError(f"ms must be between 0 and 3600000, got {ms}")
+    _submit(_stream_arg(stream), ("sleep", float(ms)))
+
+
+def copy_(dst, src, stream=None):
+    """Queues a native copy of src's bytes into dst (same number of bytes)."""
+    from .array import DeviceArray
+    if not isinstance(dst, DeviceArray) or not isinstance(src, DeviceArray):
+        raise TypeError("copy_ expects two DeviceArrays")
+    if dst.nbytes != src.nbytes:
+        raise ValueError(f"copy_ needs arrays of equal size, got {dst.nbytes} and {src.nbytes} bytes")
+    _submit(_stream_arg(stream), ("copy", dst, src))
+
+
+def fill_(dst, value, stream=None):
+    """Queues a native fill of every element of dst with `value` (cast to dst.dtype)."""
+    from .array import DeviceArray
+    if not isinstance(dst, DeviceArray):
+        raise TypeError("fill_ expects a DeviceArray")
+    try:
+        pattern = np.array(value, dtype=dst.dtype).tobytes()
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TypeError(f"cannot fill a {dst.dtype} array with {value!r}: {e}") from None
+    _submit(_stream_arg(stream), ("fill", dst, pattern))
+
+
+def fail_device_allocations(after_n=None, every=0, device=None):
+    """Fault injection: after `after_n` more successful device allocations the next one
+    fails as out of memory; then every `every`-th one fails (0 = only once).
+    after_n=None turns injection off."""
+    d = device_index(device)
+    if after_n is None:
+        _C.fail_device_allocations(d, -1, 0)
+        return
+    for name, v in (("after_n", after_n), ("every", every)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    _C.fail_device_allocations(d, after_n, every)

@@ -1,0 +1,414 @@
+"""Memory API (torch.cuda.memory / torch.mtia.memory shaped): allocation, statistics,
+limits, empty_cache, memory pools, raw allocators, snapshots and memory history."""
+import contextlib
+import ctypes
+import pickle
+import sys
+import threading
+
+from . import _C
+from ._state import OutOfMemoryError, _settings, device_index, is_initialized, lazy_call, lazy_init
+
+caching_allocator_alloc = _C.caching_allocator_alloc
+caching_allocator_delete = _C.caching_allocator_delete
+attach_out_of_memory_observer = _C.attach_out_of_memory_observer
+
+__all__ = [
+    "caching_allocator_alloc", "caching_allocator_delete", "record_stream", "memory_stats",
+    "memory_stats_as_nested_dict", "memory_allocated", "max_memory_allocated", "memory_reserved",
+    "max_memory_reserved", "reset_peak_memory_stats", "reset_accumulated_memory_stats", "empty_cache",
+    "set_per_process_memory_fraction", "get_per_process_memory_fraction", "memory_summary", "mem_get_info",
+    "snapshot", "memory_snapshot", "record_memory_history", "attach_out_of_memory_observer",
+    "OutOfMemoryError", "MemPool", "use_mem_pool", "PythonAllocator", "PluggableAllocator",
+    "change_current_allocator", "check_invariants", "format_size",
+]
+
+
+def record_stream(ptr, stream):
+    """Marks block `ptr` as used on `stream`: freeing it waits for the stream's work."""
+    from .streams import Stream
+    if not isinstance(stream, Stream):
+        raise TypeError(f"record_stream expects an mtia_alloc.Stream, got {type(stream).__name__}")
+    if not isinstance(ptr, int) or isinstance(ptr, bool):
+        raise TypeError(f"ptr must be an int, got {type(ptr).__name__}")
+    if ptr == 0:
+        return
+    d = _C.device_of(ptr) if 0 < ptr < (1 << 64) else -1
+    if d < 0:
+        raise RuntimeError(f"invalid device pointer: {ptr:#x}")
+    if stream.device_index != d:
+        raise ValueError(f"stream {stream!r} is on device {stream.device_index}, but block {ptr:#x} "
+                         f"is on device {d}")
+    _C.record_stream(ptr, d, stream.stream_id)
+
+
+# ------------------------------------------------------------------ statistics
+
+def memory_stats_as_nested_dict(device=None):
+    if not is_initialized():
+        return {}
+    return _C.memory_stats_nested(device_index(device))
+
+
+def memory_stats(device=None):
+    """Flattened, key-sorted statistics as torch.cuda.memory_stats(), plus "dram" (the
+    torch.mtia format) and largest_free_block_bytes.{all,small_pool,large_pool}."""
+    if not is_initialized():
+        return {}
+    d = device_index(device)
+    nested = _C.memory_stats_nested(d)
+    small, large = _C.largest_free_blocks(d)
+    nested["largest_free_block_bytes"] = {"all": max(small, large), "small_pool": small, "large_pool": large}
+    flat = {}
+
+    def flatten(prefix, obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                flatten(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = obj
+
+    flatten("", nested)
+    out = dict(sorted(flat.items()))
+    out["dram"] = {
+        "allocated_bytes": flat["allocated_bytes.all.current"],
+        "peak_bytes": flat["allocated_bytes.all.peak"],
+        "reserved_bytes": flat["reserved_bytes.all.current"],
+        "peak_reserved_bytes": flat["reserved_bytes.all.peak"],
+    }
+    return out
+
+
+def memory_allocated(device=None):
+    return memory_stats(device).get("allocated_bytes.all.current", 0)
+
+
+def max_memory_allocated(device=None):
+    return memory_stats(device).get("allocated_bytes.all.peak", 0)
+
+
+def memory_reserved(device=None):
+    return memory_stats(device).get("reserved_bytes.all.current", 0)
+
+
+def max_memory_reserved(device=None):
+    return memory_stats(device).get("reserved_bytes.all.peak", 0)
+
+
+def reset_peak_memory_stats(device=None):
+    if is_initialized():
+        _C.reset_peak_memory_stats(device_index(device))
+
+
+def reset_accumulated_memory_stats(device=None):
+    if is_initialized():
+        _C.reset_accumulated_memory_stats(device_index(device))
+
+
+def empty_cache():
+    """Returns every fully free cached segment to the device (all devices)."""
+    _C.empty_cache()
+
+
+def mem_get_info(device=None):
+    """(free, total) bytes of the emulated device."""
+    return _C.mem_get_info(device_index(device))
+
+
+def set_per_process_memory_fraction(fraction, device=None):
+    """Caps the bytes this process may reserve on the device at fraction * capacity."""
+    if not isinstance(fraction, float):
+        raise TypeError("Invalid type for fraction argument, must be `float`")
+    if fraction < 0 or fraction > 1:
+        raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
+    _C.set_memory_fraction(fraction, device_index(device))
+
+
+def get_per_process_memory_fraction(device=None):
+    return _C.get_memory_fraction(device_index(device))
+
+
+def format_size(size):
+    """PyTorch's format_size: '1024 bytes', '1.00 KiB', '2.00 MiB', '3.00 GiB'."""
+    if not isinstance(size, int) or size < 0:
+        raise ValueError(f"size must be a non-negative int, got {size!r}")
+    return _C.format_size_(size)
+
+
+def _round_size(size):
+    """The block size a request of `size` bytes gets under the current settings."""
+    lazy_init()
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    return _C.round_size_(size)
+
+
+_config_lock = threading.Lock()
+
+
+def _set_allocator_settings(conf):
+    """Parses an MTIA_ALLOC_CONF string at run time (PyTorch's _set_allocator_settings)."""
+    if not isinstance(conf, str):
+        raise TypeError(f"settings must be a str, got {type(conf).__name__}")
+    lazy_init()
+    with _config_lock:
+        _C.set_config(conf)
+
+
+def check_invariants(device=None):
+    """Recounts every block and segment and compares with the stats; raises RuntimeError
+    naming each broken invariant."""
+    if not is_initialized():
+        return
+    devices = range(_C.device_count()) if device is None else [device_index(device)]
+    problems = [p for p in (_C.check_invariants(d) for d in devices) if p]
+    if problems:
+        raise RuntimeError("allocator invariants broken: " + " | ".join(problems))
+
+
+def memory_summary(device=None, abbreviated=False):
+    """The torch.cuda.memory_summary table, with MTIA wording."""
+    d = device_index(device)
+    stats = memory_stats(d)
+    return _summary_table(stats, d, abbreviated)
+
+
+def _summary_table(stats, device, abbreviated=False):
+    def fmt_size(sz, pref_sz):
+        prefixes = ["B  ", "KiB", "MiB", "GiB", "TiB", "PiB"]
+        prefix = prefixes[0]
+        for new_prefix in prefixes[1:]:
+            if pref_sz < 768 * 1024:
+                break
+            prefix = new_prefix
+            sz //= 1024
+            pref_sz /= 1024
+        return f"{sz:6d} {prefix}"
+
+    def fmt_count(cnt, pref_cnt):
+        prefixes = [" ", "K", "M"]
+        prefix = prefixes[0]
+        for new_prefix in prefixes[1:]:
+            if pref_cnt < 750 * 1000:
+                break
+            prefix = new_prefix
+            cnt //= 1000
+            pref_cnt /= 1000
+        return f"{cnt:7d} {prefix} "
+
+    metrics = [
+        ("allocated_bytes", "Allocated memory", fmt_size),
+        ("active_bytes", "Active memory", fmt_size),
+        ("requested_bytes", "Requested memory", fmt_size),
+        ("reserved_bytes", "Device reserved memory", fmt_size),
+        ("inactive_split_bytes", "Non-releasable memory", fmt_size),
+        ("allocation", "Allocations", fmt_count),
+        ("active", "Active allocs", fmt_count),
+        ("segment", "Device reserved segments", fmt_count),
+        ("inactive_split", "Non-releasable allocs", fmt_count),
+    ]
+    lines = ["=" * 75, f" {'':16} MTIA memory summary, device ID {device:<25d} ", "-" * 75,
+             f"  {'':9} MTIA OOMs: {stats.get('num_ooms', 0):<12d} | {'':6} "
+             f"device alloc retries: {stats.get('num_alloc_retries', 0):<6d}  ",
+             "=" * 75, "        Metric         | Cur Usage  | Peak Usage | Tot Alloc  | Tot Freed  "]
+    for key, name, fmt in metrics:
+        lines.append("-" * 75)
+        subs = [("all", name)]
+        if not abbreviated:
+            subs += [("large_pool", "      from large pool"), ("small_pool", "      from small pool")]
+        ref = None
+        for sub, sub_name in subs:
+            vals = [stats.get(f"{key}.{sub}.{f}", 0) for f in ("current", "peak", "allocated", "freed")]
+            ref = ref or vals
+            cells = " | ".join(fmt(v, r) for v, r in zip(vals, ref))
+            lines.append(f" {sub_name:<21} | {cells} ")
+    for key, name in (("oversize_allocations", "Oversize allocations"), ("oversize_segments", "Oversize device segments")):
+        lines.append("-" * 75)
+        vals = [stats.get(f"{key}.{f}", 0) for f in ("current", "peak", "allocated", "freed")]
+        lines.append(f" {name:<21.21} | " + " | ".join(fmt_count(v, v) for v in vals) + " ")
+    lines.append("=" * 75)
+    return "|" + "|\n|".join(lines) + "|\n"
+
+
+# ------------------------------------------------------------------ raw allocators and pools
+
+_loaded_libraries = []  # shared objects stay loaded: pools may use them until exit
+
+
+class PythonAllocator:
+    """Raw device memory from two Python callables: alloc_fn(size, device, stream) -> int
+    address (0 or an exception = out of memory) and free_fn(ptr, size, device, stream)."""
+
+    def __init__(self, alloc_fn, free_fn):
+        if not callable(alloc_fn) or not callable(free_fn):
+            raise TypeError("PythonAllocator needs two callables: alloc_fn(size, device, stream) and "
+                            "free_fn(ptr, size, device, stream)")
+        self.alloc_fn, self.free_fn = alloc_fn, free_fn
+
+    def _raw_spec(self):
+        return ("python", self.alloc_fn, self.free_fn)
+
+
+class PluggableAllocator:
+    """Raw device memory from a shared library's C functions with CUDAPluggableAllocator's
+    signatures: void* alloc(ssize_t size, int device, void* stream) and
+    void free(void* ptr, ssize_t size, int device, void* stream)."""
+
+    def __init__(self, path_to_so, alloc_fn_name, free_fn_name):
+        try:
+            lib = ctypes.CDLL(str(path_to_so))
+        except OSError as e:
+            raise RuntimeError(f"cannot load allocator library {path_to_so!r}: {e}") from None
+        try:
+            alloc = getattr(lib, alloc_fn_name)
+            free = getattr(lib, free_fn_name)
+        except AttributeError as e:
+            raise RuntimeError(f"allocator library {path_to_so!r} lacks a symbol: {e}") from None
+        _loaded_libraries.append(lib)
+        self._lib = lib
+        self._alloc_addr = ctypes.cast(alloc, ctypes.c_void_p).value
+        self._free_addr = ctypes.cast(free, ctypes.c_void_p).value
+
+    def _raw_spec(self):
+        return ("c", self._alloc_addr, self._free_addr)
+
+
+def change_current_allocator(allocator):
+    """Puts a raw allocator under the default pools. Only before initialisation."""
+    if not isinstance(allocator, (PythonAllocator, PluggableAllocator)):
+        raise TypeError("allocator must be a PythonAllocator or a PluggableAllocator")
+    if is_initialized():
+        raise RuntimeError("change_current_allocator must be called before mtia_alloc is initialized "
+                           "(before the first allocation)")
+    _settings["raw_allocator"] = allocator._raw_spec()
+
+
+def _pool_id_of(pool):
+    if isinstance(pool, MemPool):
+        return pool.id
+    if (isinstance(pool, tuple) and len(pool) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                           and 0 <= x < (1 << 64) for x in pool)):
+        return pool
+    raise TypeError(f"expected a MemPool or a (int, int) pool id, got {pool!r}")
+
+
+class MemPool:
+    """A private memory pool: MemPool(allocator=None, use_on_oom=False, no_split=False)."""
+
+    def __init__(self, allocator=None, use_on_oom=False, no_split=False):
+        if allocator is not None and not isinstance(allocator, (PythonAllocator, PluggableAllocator)):
+            raise TypeError("allocator must be None, a PythonAllocator or a PluggableAllocator")
+        lazy_init()
+        self._device = _C.current_device()
+        self._id = _C.new_user_pool_id()
+        self._allocator = allocator
+        _C.create_or_incref_pool(self._device, self._id, allocator._raw_spec() if allocator else None)
+        self._alive = True
+        if use_on_oom:
+            _C.set_use_on_oom(self._device, self._id, True)
+        if no_split:
+            _C.set_no_split(self._device, self._id)
+
+    @property
+    def id(self):
+        return self._id
+
+    @property
+    def allocator(self):
+        return self._allocator
+
+    def use_count(self):
+        return _C.pool_use_count(self._device, self._id)
+
+    def snapshot(self):
+        return memory_snapshot(self._id)
+
+    def __del__(self):
+        if not getattr(self, "_alive", False) or sys.is_finalizing():
+            return
+        self._alive = False
+        try:
+            _C.set_use_on_oom(self._device, self._id, False)
+            _C.release_pool(self._device, self._id)
+            _C.empty_cache_device(self._device, self._id)
+        except Exception:  # never raise from a destructor
+            pass
+
+    def __repr__(self):
+        return f"MemPool(id={self._id}, device={self._device}, use_count={self.use_count()})"
+
+
+@contextlib.contextmanager
+def use_mem_pool(pool, device=None):
+    """Routes this thread's allocations on `device` to `pool` inside the block."""
+    if not isinstance(pool, MemPool):
+        raise TypeError(f"use_mem_pool expects a MemPool, got {type(pool).__name__}")
+    d = device_index(device)
+    _C.create_or_incref_pool(d, pool.id, None)
+    try:
+        _C.begin_allocate_to_pool(d, pool.id, _C.KIND_THREAD)
+    except BaseException:
+        _C.release_pool(d, pool.id)
+        raise
+    from .graphs import _retain_pool_in_capture
+    _retain_pool_in_capture(d, pool.id)
+    try:
+        yield
+    finally:
+        _C.end_allocate_to_pool(d, pool.id)
+        _C.release_pool(d, pool.id)
+
+
+# ------------------------------------------------------------------ snapshots and history
+
+def memory_snapshot(mempool_id=None):
+    """The segment list of snapshot() (one pool's segments when mempool_id is given)."""
+    if mempool_id is not None:
+        mempool_id = _pool_id_of(mempool_id)
+        if mempool_id == (0, 0):
+            mempool_id = None
+    return _C.snapshot_segments(mempool_id) if is_initialized() else []
+
+
+def snapshot():
+    """PyTorch's snapshot dict: segments, device_traces, allocator_settings, external_annotations."""
+    if not is_initialized():
+        return {"segments": [], "device_traces": [], "allocator_settings": {}, "external_annotations": []}
+    segments = _C.snapshot_segments(None)
+    return {
+        "segments": segments,
+        "device_traces": [_C.device_trace(d) for d in range(_C.device_count())],
+        "allocator_settings": _C.allocator_settings(),
+        "external_annotations": [],
+    }
+
+
+_CONTEXTS = {None: 0, "state": 1, "alloc": 2, "all": 3}
+
+
+def record_memory_history(enabled="all", context="all", stacks="python", max_entries=sys.maxsize):
+    """torch.cuda.memory._record_memory_history: enabled None/'state'/'all', context
+    None/'state'/'alloc'/'all', stacks 'python'/'all', max_entries = ring buffer size."""
+    if enabled not in (None, "state", "all"):
+        raise ValueError("expected state to be 'state', 'all', or None")
+    if context not in _CONTEXTS:
+        raise ValueError("expected context to be 'state', 'alloc', 'all', or None")
+    if stacks not in ("python", "all", "cpp"):
+        raise ValueError("expected stacks to be 'python', or 'all'")
+    if not isinstance(max_entries, int) or isinstance(max_entries, bool):
+        raise TypeError(f"max_entries must be an int, got {type(max_entries).__name__}")
+    entries = 1 if enabled == "state" else max(1, min(max_entries, 1 << 62))
+    level = _CONTEXTS[context] if enabled is not None else 0
+    lazy_call(lambda: _C.set_history(enabled is not None, level, entries, False))
+
+
+_record_memory_history = record_memory_history
+
+
+def _dump_snapshot(filename="dump_snapshot.pickle"):
+    """Writes snapshot() as a pickle (protocol 4: the memory_viz web page refuses 5)."""
+    with open(filename, "wb") as f:
+        pickle.dump(snapshot(), f, protocol=4)
+
+
+_snapshot = snapshot

@@ -1,0 +1,337 @@
+"""Devices, streams and events with torch.mtia's API over the emulated devices.
+
+Streams run work asynchronously (one worker thread per stream, in order). A Python
+kernel that raises does not kill its stream: the error is kept and raised, with its
+traceback, by the next synchronize() of that stream or of its device."""
+import threading
+import traceback
+
+from . import _C
+from ._state import device_index, lazy_init
+
+DEVICE_TYPE_MTIA = 19  # PyTorch's DeviceType value for MTIA
+
+_kernel_errors = {}  # (device, stream_id) -> [(exception, formatted traceback)]
+_kernel_errors_lock = threading.Lock()
+
+
+class KernelError(RuntimeError):
+    """An exception raised inside a kernel, surfaced at synchronize()."""
+
+
+def _record_kernel_error(device, stream_id, exc):
+    with _kernel_errors_lock:
+        _kernel_errors.setdefault((device, stream_id), []).append(
+            (exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+
+
+def _raise_kernel_errors(keys):
+    with _kernel_errors_lock:
+        errors = []
+        for key in keys:
+            errors.extend(_kernel_errors.pop(key, []))
+    if errors:
+        exc, tb = errors[0]
+        more = f" (and {len(errors) - 1} more kernel errors)" if len(errors) > 1 else ""
+        raise KernelError(f"a kernel raised {type(exc).__name__}: {exc}{more}\n\nKernel traceback:\n{tb}") from exc
+
+
+def is_available():
+    return device_count() > 0
+
+
+def init():
+    lazy_init()
+
+
+def device_count():
+    lazy_init()
+    return _C.device_count()
+
+
+def current_device():
+    lazy_init()
+    return _C.current_device()
+
+
+def set_device(device):
+    """Makes `device` current for this thread; negative indices are ignored."""
+    if isinstance(device, int) and not isinstance(device, bool) and device < 0:
+        return
+    _C.set_current_device(device_index(device, optional=False))
+
+
+class device:
+    """Context manager that makes a device current and restores the previous one."""
+
+    def __init__(self, device):
+        if isinstance(device, int) and not isinstance(device, bool) and device < 0:
+            self.idx = -1
+        else:
+            self.idx = device_index(device, optional=True)
+        self.prev_idx = -1
+
+    def __enter__(self):
+        if self.idx >= 0:
+            self.prev_idx = _C.current_device()
+            _C.set_current_device(self.idx)
+        return self
+
+    def __exit__(self, *exc):
+        if self.idx >= 0:
+            _C.set_current_device(self.prev_idx)
+        return False
+
+
+def synchronize(device=None):
+    """Waits for all work on every stream of the device; raises kernel errors."""
+    d = device_index(device)
+    _C.device_synchronize(d)
+    _raise_kernel_errors([k for k in list(_kernel_errors) if k[0] == d])
+
+
+class Stream:
+    """An emulated stream (torch.Stream semantics). Stream(device=None, *, priority=0)
+    makes a new one; Stream(stream_id=..., device_index=..., device_type=...) is a handle
+    to an existing one."""
+
+    __slots__ = ("stream_id", "device_index", "device_type", "priority")
+
+    def __init__(self, device=None, *, priority=0, stream_id=None, device_index=None, device_type=None):
+        lazy_init()
+        if stream_id is not None:
+            d = _device_index_of(device_index if device_index is not None else device)
+            if device_type is not None and device_type != DEVICE_TYPE_MTIA:
+                raise ValueError(f"device_type must be {DEVICE_TYPE_MTIA} (MTIA), got {device_type!r}")
+            if not isinstance(stream_id, int) or isinstance(stream_id, bool):
+                raise TypeError(f"stream_id must be an int, got {type(stream_id).__name__}")
+            _C.stream_query(d, stream_id)  # raises ValueError for an unknown stream
+            self.stream_id = stream_id
+            self.device_index = d
+        else:
+            if not isinstance(priority, int) or isinstance(priority, bool):
+                raise TypeError(f"priority must be an int, got {type(priority).__name__}")
+            self.device_index = _device_index_of(device)
+            self.stream_id = _C.new_stream(self.device_index, priority)
+        self.device_type = DEVICE_TYPE_MTIA
+        self.priority = priority
+
+    @classmethod
+    def _handle(cls, device, stream_id):
+        s = cls.__new__(cls)
+        s.stream_id, s.device_index, s.device_type, s.priority = stream_id, device, DEVICE_TYPE_MTIA, 0
+        return s
+
+    @property
+    def device(self):
+        return _Device(self.device_index)
+
+    def query(self):
+        return _C.stream_query(self.device_index, self.stream_id)
+
+    def synchronize(self):
+        _C.stream_synchronize(self.device_index, self.stream_id)
+        _raise_kernel_errors([(self.device_index, self.stream_id)])
+
+    def wait_event(self, event):
+        if not isinstance(event, Event):
+            raise TypeError(f"wait_event expects an Event, got {type(event).__name__}")
+        event.wait(self)
+
+    def wait_stream(self, stream):
+        if not isinstance(stream, Stream):
+            raise TypeError(f"wait_stream expects a Stream, got {type(stream).__name__}")
+        self.wait_event(stream.record_event())
+
+    def record_event(self, event=None):
+        if event is None:
+            event = Event(self.device_index)
+        event.record(self)
+        return event
+
+    def is_capturing(self):
+        from .graphs import _capture_of_stream
+        return _capture_of_stream(self.device_index, self.stream_id) is not None
+
+    def __eq__(self, other):
+        if not isinstance(other, Stream):
+            return False
+        return (self.stream_id, self.device_index, self.device_type) == (
+            other.stream_id, other.device_index, other.device_type)
+
+    def __hash__(self):
+        return hash((self.stream_id, self.device_index, self.device_type))
+
+    def __repr__(self):
+        return f"torch.Stream device_type=mtia, device_index={self.device_index}, stream_id={self.stream_id}"
+
+    def __enter__(self):
+        ctx = StreamContext(self)
+        stack = getattr(_ctx_tls, "stack", None)
+        if stack is None:
+            stack = _ctx_tls.stack = []
+        stack.append(ctx)
+        ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        _ctx_tls.stack.pop().__exit__(*exc)
+        return False
+
+
+_ctx_tls = threading.local()
+
+
+class _Device:
+    """A minimal torch.device look-alike: .type and .index."""
+
+    __slots__ = ("type", "index")
+
+    def __init__(self, index):
+        self.type, self.index = "mtia", index
+
+    def __eq__(self, other):
+        return getattr(other, "type", None) == self.type and getattr(other, "index", None) == self.index
+
+    def __hash__(self):
+        return hash((self.type, self.index))
+
+    def __repr__(self):
+        return f"device(type='mtia', index={self.index})"
+
+    def __str__(self):
+        return f"mtia:{self.index}"
+
+
+def _device_index_of(device):
+    return device_index(device, optional=True)
+
+
+class Event:
+    """An emulated event: Event(device=None, *, enable_timing=False, blocking=False, interprocess=False)."""
+
+    _next_id = 1
+    _id_lock = threading.Lock()
+
+    def __init__(self, device=None, *, enable_timing=False, blocking=False, interprocess=False):
+        lazy_init()
+        self._device = _device_index_of(device)
+        self._handle = _C.EventHandle(bool(enable_timing), self._device)
+        self.enable_timing = bool(enable_timing)
+        self.event_id = 0
+
+    @property
+    def device(self):
+        return _Device(self._device)
+
+    def record(self, stream=None):
+        if stream is None:
+            stream = current_stream(self._device if self.event_id else None)
+        if not isinstance(stream, Stream):
+            raise TypeError(f"record expects a Stream, got {type(stream).__name__}")
+        if self.event_id and stream.device_index != self._device:
+            raise ValueError(f"Event device index {self._device} does not match recording stream's device "
+                             f"index {stream.device_index}")
+        self._device = stream.device_index
+        from .graphs import _note_event_record
+        _note_event_record(self, stream)
+        self._handle.record(stream.device_index, stream.stream_id)
+        if not self.event_id:
+            with Event._id_lock:
+                self.event_id = Event._next_id
+                Event._next_id += 1
+
+    def wait(self, stream=None):
+        if stream is None:
+            stream = current_stream()
+        from .graphs import _note_event_wait
+        _note_event_wait(self, stream)
+        self._handle.wait(stream.device_index, stream.stream_id)
+
+    def query(self):
+        return self._handle.query()
+
+    def synchronize(self):
+        self._handle.synchronize()
+
+    def elapsed_time(self, end_event):
+        if not (self.enable_timing and end_event.enable_timing):
+            raise ValueError("Both events must be created with argument 'enable_timing=True'")
+        if not (self._handle.recorded and end_event._handle.recorded):
+            raise ValueError("Both events must be recorded before calculating elapsed time")
+        return self._handle.elapsed_ms(end_event._handle)
+
+    def __repr__(self):
+        return (f"torch.Event device_type=mtia, device_index={self._device}, "
+                f"event_flag={int(self.enable_timing)}, event_id={self.event_id}")
+
+
+def current_stream(device=None):
+    d = _device_index_of(device)
+    return Stream._handle(d, _C.current_stream_id(d))
+
+
+def default_stream(device=None):
+    return Stream._handle(_device_index_of(device), 0)
+
+
+def set_stream(stream):
+    """Makes `stream` current on its device and makes its device current (None: no-op)."""
+    if stream is None:
+        return
+    if not isinstance(stream, Stream):
+        raise TypeError(f"set_stream expects a Stream, got {type(stream).__name__}")
+    _C.set_current_device(stream.device_index)
+    _C.set_current_stream_id(stream.device_index, stream.stream_id)
+
+
+class StreamContext:
+    """Makes a stream current; on exit restores both devices' streams and the device."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        lazy_init()
+        self.idx = _C.current_device()
+        self.src_prev_stream = None
+        self.dst_prev_stream = None
+
+    def __enter__(self):
+        cur = self.stream
+        if cur is None or self.idx == -1:
+            return
+        self.src_prev_stream = current_stream(None)
+        if self.src_prev_stream.device_index != cur.device_index:
+            self.dst_prev_stream = current_stream(cur.device_index)
+        set_stream(cur)
+
+    def __exit__(self, *exc):
+        cur = self.stream
+        if cur is None or self.idx == -1:
+            return
+        if self.dst_prev_stream is not None:
+            set_stream(self.dst_prev_stream)
+        set_stream(self.src_prev_stream)
+
+
+def stream(stream):
+    return StreamContext(stream)
+
+
+def _set_stream_by_id(stream_id, device_index, device_type):
+    set_stream(Stream(stream_id=stream_id, device_index=device_index, device_type=device_type))
+
+
+def get_device_capability(device=None):
+    device_index(device)
+    return (1, 0)
+
+
+def get_device_properties(device=None):
+    d = device_index(device)
+    free, total = _C.mem_get_info(d)
+    return {"name": "MTIA emulator", "total_memory": total, "index": d, "major": 1, "minor": 0,
+            "multi_processor_count": 1}
+
+
+def is_bf16_supported(including_emulation=True):
+    return True

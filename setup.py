@@ -1,0 +1,29 @@
+"""Builds mtia_alloc's one extension, mtia_alloc._C: the Cython binding compiled
+together with the C++17 core in src_cpp/. MTIA_ALLOC_SANITIZE=1 builds it with
+AddressSanitizer and UndefinedBehaviorSanitizer (used by .ci/run)."""
+import glob
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+sanitize = os.environ.get("MTIA_ALLOC_SANITIZE") == "1"
+compile_args = ["-std=c++17", "-O2" if sanitize else "-O3", "-fno-plt", "-Wall", "-Wno-unused-function"]
+link_args = ["-lpthread"]
+if sanitize:
+    flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+    compile_args += flags
+    link_args += flags
+
+core_sources = sorted(glob.glob("src_cpp/*.cpp"))
+
+ext = Extension(
+    "mtia_alloc._C",
+    sources=["mtia_alloc/_C.pyx"] + core_sources,
+    include_dirs=["src_cpp", "mtia_alloc"],
+    language="c++",
+    extra_compile_args=compile_args,
+    extra_link_args=link_args,
+)
+
+setup(ext_modules=cythonize([ext], language_level=3, compiler_directives={"embedsignature": True}))

@@ -1,0 +1,96 @@
+// replay.cpp: timed trace replay and the native alloc/free loops for benchmarks.
+#include "replay.h"
+
+#include <time.h>
+
+#include <chrono>
+#include <cstdlib>
+
+#include "errors.h"
+
+namespace mtia {
+
+uint64_t thread_cpu_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return uint64_t(ts.tv_sec) * 1000000000ull + uint64_t(ts.tv_nsec);
+}
+
+namespace {
+uint64_t wall_ns() {
+  return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                      std::chrono::steady_clock::now().time_since_epoch())
+                      .count());
+}
+}  // namespace
+
+ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEvent>& events, uint32_t slots,
+                          const std::vector<StreamId>& streams, bool latency) {
+  ReplayResult res;
+  DeviceAllocator& dev = a.device(device);
+  dev.reset_peak_stats();
+  dev.reset_accumulated_stats();
+  std::vector<uintptr_t> ptrs(slots, 0);
+  if (latency) {
+    res.alloc_latency_ns.reserve(events.size());
+    res.free_latency_ns.reserve(events.size());
+  }
+  const uint64_t t0 = wall_ns(), c0 = thread_cpu_ns();
+  for (size_t i = 0; i < events.size(); ++i) {
+    const ReplayEvent& e = events[i];
+    uint64_t l0 = latency ? wall_ns() : 0;
+    if (e.size) {
+      try {
+        ptrs[e.slot] = a.malloc(device, e.size, streams[e.stream]);
+      } catch (const OutOfMemory&) {
+        ptrs[e.slot] = 0;
+        if (res.first_failure < 0) res.first_failure = int64_t(i);
+      }
+      if (latency) res.alloc_latency_ns.push_back(uint32_t(wall_ns() - l0));
+    } else {
+      uintptr_t p = ptrs[e.slot];
+      if (!p) {
+        ++res.skipped;
+        continue;
+      }
+      a.free(p);
+      ptrs[e.slot] = 0;
+      if (latency) res.free_latency_ns.push_back(uint32_t(wall_ns() - l0));
+    }
+  }
+  res.cpu_ns = thread_cpu_ns() - c0;
+  res.total_ns = wall_ns() - t0;
+  res.events = events.size();
+  for (uintptr_t p : ptrs)
+    if (p) {
+      a.free(p);
+      ++res.leftover_freed;
+    }
+  DeviceStats st = dev.stats();
+  res.peak_requested = st.requested_bytes[kAggregate].peak;
+  res.peak_allocated = st.allocated_bytes[kAggregate].peak;
+  res.peak_reserved = st.reserved_bytes[kAggregate].peak;
+  res.num_device_alloc = st.num_device_alloc;
+  res.num_device_free = st.num_device_free;
+  res.num_alloc_retries = st.num_alloc_retries;
+  res.num_ooms = st.num_ooms;
+  return res;
+}
+
+std::pair<uint64_t, uint64_t> native_pair_loop(Allocator& a, int device, size_t size, uint64_t n) {
+  a.free(a.malloc(device, size, 0));  // warm: the block is cached from here on
+  const uint64_t t0 = wall_ns(), c0 = thread_cpu_ns();
+  for (uint64_t i = 0; i < n; ++i) a.free(a.malloc(device, size, 0));
+  return {wall_ns() - t0, thread_cpu_ns() - c0};
+}
+
+std::pair<uint64_t, uint64_t> glibc_pair_loop(size_t size, uint64_t n) {
+  const uint64_t t0 = wall_ns(), c0 = thread_cpu_ns();
+  for (uint64_t i = 0; i < n; ++i) {
+    void* volatile p = std::malloc(size);
+    std::free(p);
+  }
+  return {wall_ns() - t0, thread_cpu_ns() - c0};
+}
+
+}  // namespace mtia

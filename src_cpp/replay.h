@@ -1,0 +1,42 @@
+// replay.h: native replay of an allocation trace (no Python per event), the engine
+// behind `python -m mtia_alloc replay` and the trace benchmarks. Mirrors the peer
+// harness: the trace is mapped to dense slots before the clock starts, and the timed
+// loop does only malloc/free.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "allocator.h"
+
+namespace mtia {
+
+struct ReplayEvent {
+  uint64_t size;    // bytes; 0 marks a free
+  uint32_t slot;    // dense id of the allocation
+  uint32_t stream;  // index into the stream list given to replay()
+};
+
+struct ReplayResult {
+  uint64_t events = 0, total_ns = 0, cpu_ns = 0;
+  int64_t peak_requested = 0, peak_allocated = 0, peak_reserved = 0;
+  int64_t num_device_alloc = 0, num_device_free = 0, num_alloc_retries = 0, num_ooms = 0;
+  int64_t first_failure = -1;  // index of the first event that raised OOM
+  uint64_t skipped = 0;        // frees of slots that are not live (e.g. after an OOM)
+  uint64_t leftover_freed = 0; // live at the end, freed untimed
+  std::vector<uint32_t> alloc_latency_ns, free_latency_ns;  // only when asked
+};
+
+// Replays `events` once on `device`. Peaks and accumulated stats are reset first.
+// Allocations that fail with OOM are counted and skipped, as the peer harness does.
+ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEvent>& events, uint32_t slots,
+                          const std::vector<StreamId>& streams, bool latency);
+
+// The cached-hit loop: `n` times malloc(size) + free, on the default stream.
+// Returns {wall ns, thread CPU ns} for the whole loop.
+std::pair<uint64_t, uint64_t> native_pair_loop(Allocator& a, int device, size_t size, uint64_t n);
+// The same loop with glibc malloc/free, the floor for a general-purpose allocator.
+std::pair<uint64_t, uint64_t> glibc_pair_loop(size_t size, uint64_t n);
+
+uint64_t thread_cpu_ns();
+
+}  // namespace mtia

@@ -1,0 +1,147 @@
+"""Bad inputs to the memory API raise clear exceptions and change nothing.
+
+Each case checks the exception type and message, that memory_stats() of every device is exactly
+the same before and after, and that mtia_alloc.memory.check_invariants() still passes. Covered:
+bad sizes, unknown/interior/double-freed pointers, bad device arguments, bad memory fractions,
+and the null cases that are no-ops (delete(0), alloc(0), record_stream(0, s)).
+"""
+import contextlib
+import re
+
+import pytest
+
+import mtia_alloc as mtia
+import mtia_alloc.memory
+
+DEVICES = list(range(mtia.device_count()))
+
+
+@contextlib.contextmanager
+def state_unchanged():
+    """Asserts that the block leaves every device's stats as they were and the invariants hold."""
+    before = {d: mtia.memory_stats(d) for d in DEVICES}
+    yield
+    assert {d: mtia.memory_stats(d) for d in DEVICES} == before
+    for d in DEVICES:
+        mtia.memory.check_invariants(d)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+@pytest.mark.parametrize("size, exc, message", [
+    pytest.param(-1, ValueError, None, id="negative"),
+    pytest.param(-(1 << 40), ValueError, None, id="very-negative"),
+    pytest.param(1.5, TypeError, None, id="float"),
+    pytest.param(4096.0, TypeError, None, id="integral-float"),
+    pytest.param("4096", TypeError, None, id="str"),
+    pytest.param(None, TypeError, None, id="None"),
+    pytest.param(1 << 60, mtia.OutOfMemoryError, "more than 1EB", id="1EiB"),
+    pytest.param((1 << 62) + 12345, mtia.OutOfMemoryError, "more than 1EB", id="4EiB"),
+])
+def test_bad_size(size, exc, message):
+    with state_unchanged(), pytest.raises(exc) as info:
+        mtia.caching_allocator_alloc(size)
+    assert str(info.value)
+    if message:
+        assert message in str(info.value)
+
+
+@pytest.mark.parametrize("size", [1 << 64, (1 << 64) + 512, 1 << 100], ids=["2^64", "2^64+512", "2^100"])
+def test_size_beyond_64_bits(size):
+    with state_unchanged(), pytest.raises((ValueError, mtia.OutOfMemoryError)) as info:
+        mtia.caching_allocator_alloc(size)
+    assert str(info.value)
+
+
+def test_alloc_zero_returns_null_and_changes_nothing():
+    with state_unchanged():
+        assert mtia.caching_allocator_alloc(0) == 0
+        for d in DEVICES:
+            assert mtia.caching_allocator_alloc(0, d) == 0
+
+
+# ----------------------------------------------------------------------------- pointers
+
+def test_delete_null_is_a_noop():
+    with state_unchanged():
+        mtia.caching_allocator_delete(0)
+
+
+def test_record_stream_on_null_is_a_noop():
+    with state_unchanged():
+        mtia.record_stream(0, mtia.current_stream(0))
+
+
+def test_delete_unknown_pointer():
+    with state_unchanged(), pytest.raises(RuntimeError, match="invalid device pointer"):
+        mtia.caching_allocator_delete(0x7F00_DEAD_0000)
+
+
+@pytest.mark.parametrize("size", [4096, 5 << 20], ids=["small-block", "large-block"])
+def test_delete_interior_pointer(blocks, size):
+    ptr = blocks.alloc(size)
+    with state_unchanged(), pytest.raises(RuntimeError, match="invalid device pointer"):
+        mtia.caching_allocator_delete(ptr + 512)
+    blocks.free(ptr)  # the real block is still live and frees normally
+
+
+@pytest.mark.parametrize("size", [4096, 5 << 20], ids=["small-block", "large-block"])
+def test_double_free(blocks, size):
+    ptr = blocks.alloc(size)
+    blocks.free(ptr)
+    with state_unchanged(), pytest.raises(RuntimeError, match="invalid device pointer"):
+        mtia.caching_allocator_delete(ptr)
+
+
+# ----------------------------------------------------------------------------- devices
+
+def _names_valid_range(message, n):
+    """True if the message mentions 0 and the last valid index (or the count)."""
+    return (re.search(r"(?<!\d)0(?!\d)", message) is not None
+            and re.search(rf"(?<!\d)({n - 1}|{n})(?!\d)", message) is not None)
+
+
+BAD_DEVICES = [
+    pytest.param("cuda:0", False, id="cuda-string"),
+    pytest.param("mtia:7", True, id="mtia-7-out-of-range"),
+    pytest.param(7, True, id="int-7-out-of-range"),
+    pytest.param(-5, True, id="negative-int"),
+    pytest.param(2.5, False, id="float"),
+    pytest.param(object(), False, id="object"),
+]
+
+CALLS = {
+    "caching_allocator_alloc": lambda d: mtia.caching_allocator_alloc(4096, d),
+    "memory_stats": lambda d: mtia.memory_stats(d),
+    "memory_allocated": lambda d: mtia.memory_allocated(d),
+    "set_per_process_memory_fraction": lambda d: mtia.set_per_process_memory_fraction(0.5, d),
+    "mem_get_info": lambda d: mtia.mem_get_info(d),
+}
+
+
+@pytest.mark.parametrize("call", list(CALLS), ids=list(CALLS))
+@pytest.mark.parametrize("device, out_of_range", BAD_DEVICES)
+def test_bad_device(call, device, out_of_range):
+    with state_unchanged(), pytest.raises(ValueError) as info:
+        CALLS[call](device)
+    message = str(info.value)
+    assert message
+    if out_of_range:
+        assert _names_valid_range(message, mtia.device_count()), message
+    for d in DEVICES:
+        assert mtia.get_per_process_memory_fraction(d) == 1.0
+
+
+# ----------------------------------------------------------------------------- fractions
+
+@pytest.mark.parametrize("fraction, exc, message", [
+    pytest.param(1, TypeError, "Invalid type", id="int-1"),
+    pytest.param(0, TypeError, "Invalid type", id="int-0"),
+    pytest.param("0.5", TypeError, "Invalid type", id="str"),
+    pytest.param(1.5, ValueError, "Invalid fraction value", id="1.5"),
+    pytest.param(-0.1, ValueError, "Invalid fraction value", id="negative"),
+])
+def test_bad_fraction(fraction, exc, message):
+    with state_unchanged(), pytest.raises(exc, match=message):
+        mtia.set_per_process_memory_fraction(fraction, 0)
+    assert mtia.get_per_process_memory_fraction(0) == 1.0

@@ -1,0 +1,133 @@
+"""Random operation sequences keep the allocator consistent (hypothesis stateful test).
+
+Operations: alloc (sizes mixed from 1..4096 bytes, up to 1 MiB and up to 30 MiB), free,
+empty_cache and record_stream, over every device and two streams per device (the default
+stream and one side stream). After every step, on every device:
+  * mtia_alloc.memory.check_invariants() passes;
+  * allocation.all.current rose by exactly the number of live blocks;
+  * allocated_bytes >= the rounded sizes of the live blocks, active >= allocated,
+    reserved >= active;
+  * requested_bytes.all.current rose by exactly the live requested sizes, whenever no block
+    freed after a record_stream may still be pending;
+and live blocks never overlap. At teardown everything is freed and, after empty_cache, the
+current stats are back to where the example started.
+"""
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import mtia_alloc as mtia
+import mtia_alloc.memory
+
+MiB = 1 << 20
+DEVICES = list(range(min(2, mtia.device_count())))
+SIZES = st.one_of(st.integers(1, 4096), st.integers(1, MiB), st.integers(1, 30 * MiB))
+CURRENT_KEYS = [f"{s}.{p}.current"
+                for s in ("active", "active_bytes", "allocated_bytes", "allocation",
+                          "inactive_split", "inactive_split_bytes", "requested_bytes",
+                          "reserved_bytes", "segment")
+                for p in ("all", "large_pool", "small_pool")]
+
+_side_streams = {}  # one side stream per device for the whole module, not per example
+
+
+def streams_of(device):
+    if device not in _side_streams:
+        _side_streams[device] = mtia.Stream(device=device)
+    return [mtia.current_stream(device), _side_streams[device]]
+
+
+@dataclass
+class Live:
+    device: int
+    stream: int  # index into streams_of(device)
+    size: int
+    recorded: bool = False
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        mtia.empty_cache()
+        self.live = {}  # ptr -> Live
+        self.maybe_pending = {d: False for d in DEVICES}
+        self.base = {d: mtia.memory_stats(d) for d in DEVICES}
+
+    def pick(self, data):
+        return data.draw(st.sampled_from(sorted(self.live)), label="ptr")
+
+    @rule(size=SIZES, device=st.sampled_from(DEVICES), stream=st.sampled_from([0, 1]))
+    def alloc(self, size, device, stream):
+        ptr = mtia.caching_allocator_alloc(size, device, streams_of(device)[stream])
+        for other_ptr, other in self.live.items():
+            if other.device == device:
+                assert ptr + size <= other_ptr or other_ptr + other.size <= ptr, \
+                    f"block {ptr:#x}+{size} overlaps live block {other_ptr:#x}+{other.size}"
+        self.live[ptr] = Live(device, stream, size)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def free(self, data):
+        ptr = self.pick(data)
+        block = self.live.pop(ptr)
+        mtia.caching_allocator_delete(ptr)
+        if block.recorded:
+            self.maybe_pending[block.device] = True
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def record_stream(self, data):
+        ptr = self.pick(data)
+        block = self.live[ptr]
+        other_stream = streams_of(block.device)[1 - block.stream]
+        mtia.record_stream(ptr, other_stream)
+        block.recorded = True
+
+    @rule()
+    def empty_cache(self):
+        mtia.empty_cache()  # waits for every outstanding event: nothing is pending any more
+        self.maybe_pending = {d: False for d in DEVICES}
+
+    @invariant()
+    def stats_match_live_blocks(self):
+        for d in DEVICES:
+            mtia.memory.check_invariants(d)
+            s, base = mtia.memory_stats(d), self.base[d]
+            mine = [b for b in self.live.values() if b.device == d]
+
+            def grew(key):
+                return s[key] - base[key]
+
+            assert grew("allocation.all.current") == len(mine)
+            assert grew("allocated_bytes.all.current") >= sum(
+                mtia.memory._round_size(b.size) for b in mine)
+            assert s["allocated_bytes.all.current"] <= s["active_bytes.all.current"]
+            assert s["active_bytes.all.current"] <= s["reserved_bytes.all.current"]
+            if not self.maybe_pending[d]:
+                assert grew("requested_bytes.all.current") == sum(b.size for b in mine)
+                assert grew("active.all.current") == len(mine)
+
+    def teardown(self):
+        try:
+            for ptr in list(self.live):
+                del self.live[ptr]
+                mtia.caching_allocator_delete(ptr)
+        finally:
+            mtia.empty_cache()
+        for d in DEVICES:
+            mtia.memory.check_invariants(d)
+            s = mtia.memory_stats(d)
+            for key in CURRENT_KEYS:
+                assert s[key] == self.base[d][key], (d, key)
+
+
+AllocatorMachine.TestCase.settings = settings(
+    max_examples=60,
+    stateful_step_count=30,
+    deadline=None,
+    database=None,  # write nothing outside the test run
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestAllocatorInvariants = AllocatorMachine.TestCase
