@@ -32,6 +32,8 @@ cdef extern from "replay.h" namespace "mtia":
                               const vector[int64_t]& streams, cbool latency) nogil except +
     pair[uint64_t, uint64_t] native_pair_loop(Allocator& a, int device, size_t size, uint64_t n) nogil except +
     pair[uint64_t, uint64_t] glibc_pair_loop(size_t size, uint64_t n) nogil
+    uint64_t threaded_pair_loop(Allocator& a, int threads, size_t size, uint64_t n) nogil except +
+    double cached_blocks_pair_ns(Allocator& a, int device, size_t cached, uint64_t pairs, uint64_t seed) nogil except +
 
 
 cdef extern from "_binding.h" namespace "mtia_binding":
@@ -666,3 +668,19 @@ def glibc_pair(size_t size, uint64_t n):
     with nogil:
         r = glibc_pair_loop(size, n)
     return r.first / n, r.second / n
+
+
+def threaded_pairs(int threads, size_t size, uint64_t n):
+    """Pairs per second of `threads` threads (thread t on device t % devices), n pairs each."""
+    cdef uint64_t wall
+    with nogil:
+        wall = threaded_pair_loop(_alloc[0], threads, size, n)
+    return threads * n / (wall / 1e9)
+
+
+def cached_blocks_pair(int device, size_t cached, uint64_t pairs, uint64_t seed=1):
+    """CPU ns per malloc+free pair with `cached` free blocks in the cache."""
+    cdef double ns
+    with nogil:
+        ns = cached_blocks_pair_ns(_alloc[0], device, cached, pairs, seed)
+    return ns

@@ -5,6 +5,8 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <random>
+#include <thread>
 
 #include "errors.h"
 
@@ -91,6 +93,37 @@ std::pair<uint64_t, uint64_t> glibc_pair_loop(size_t size, uint64_t n) {
     std::free(p);
   }
   return {wall_ns() - t0, thread_cpu_ns() - c0};
+}
+
+uint64_t threaded_pair_loop(Allocator& a, int threads, size_t size, uint64_t n) {
+  std::vector<std::thread> pool;
+  std::vector<uint64_t> wall(size_t(threads), 0);
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] { wall[size_t(t)] = native_pair_loop(a, t % a.device_count(), size, n).first; });
+  for (auto& th : pool) th.join();
+  uint64_t worst = 0;
+  for (uint64_t w : wall) worst = std::max(worst, w);
+  return worst;
+}
+
+double cached_blocks_pair_ns(Allocator& a, int device, size_t cached, uint64_t pairs, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<size_t> size_dist(1, 16);  // x 512 B
+  std::vector<uintptr_t> live;
+  live.reserve(cached * 2 + 1);
+  for (size_t i = 0; i < cached * 2; ++i) live.push_back(a.malloc(device, size_dist(rng) * 512, 0));
+  for (size_t i = 0; i < live.size(); i += 2) {  // every other block: neighbours stay allocated
+    a.free(live[i]);
+    live[i] = 0;
+  }
+  std::vector<size_t> sizes(4096);
+  for (auto& s : sizes) s = size_dist(rng) * 512;
+  const uint64_t c0 = thread_cpu_ns();
+  for (uint64_t i = 0; i < pairs; ++i) a.free(a.malloc(device, sizes[i & 4095], 0));
+  const uint64_t cpu = thread_cpu_ns() - c0;
+  for (uintptr_t p : live)
+    if (p) a.free(p);
+  return double(cpu) / double(pairs);
 }
 
 }  // namespace mtia

@@ -37,6 +37,15 @@ std::pair<uint64_t, uint64_t> native_pair_loop(Allocator& a, int device, size_t 
 // The same loop with glibc malloc/free, the floor for a general-purpose allocator.
 std::pair<uint64_t, uint64_t> glibc_pair_loop(size_t size, uint64_t n);
 
+// Throughput scaling: `threads` threads, thread t on device t % devices, each doing `n`
+// cached malloc+free pairs of `size`. Returns the wall time of the slowest thread (ns).
+uint64_t threaded_pair_loop(Allocator& a, int threads, size_t size, uint64_t n);
+
+// Lookup cost against cache size: fills the cache with `cached` free blocks (sizes
+// 512 B..8 KiB kept apart by live neighbours), then times `pairs` malloc+free pairs of
+// random sizes from the same range. Returns CPU ns per pair. Frees everything after.
+double cached_blocks_pair_ns(Allocator& a, int device, size_t cached, uint64_t pairs, uint64_t seed);
+
 uint64_t thread_cpu_ns();
 
 }  // namespace mtia

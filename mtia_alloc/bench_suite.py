@@ -1,0 +1,158 @@
+"""`python -m mtia_alloc bench`: the standard benchmark set, as one table of ratios from
+one run. Workloads are generated here (no outside files); the shared traces and the
+PyTorch peer harness are added when present."""
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import _C, _replay
+from ._trace import Trace, read_trace
+
+PEER_DEFAULT = "/tmp/torch_caching_allocator_peer"
+
+
+def random_trace(num=20000, max_size=4 << 20, max_live=4 << 30, streams=1, seed=42):
+    """An RMM random_allocations-shaped trace: sizes uniform in [1, max_size]; while
+    allocations remain, allocate with probability 0.73 if it fits under max_live, else
+    free a random live allocation."""
+    rng = np.random.default_rng(seed)
+    sizes, slots, strm = [], [], []
+    live, live_bytes, made = [], 0, 0
+    size_of, stream_of = {}, {}
+    while made < num or live:
+        if made < num and (not live or rng.random() < 0.73):
+            size = int(rng.integers(1, max_size + 1))
+            if live_bytes + size <= max_live:
+                s = int(rng.integers(0, streams))
+                sizes.append(size), slots.append(made), strm.append(s)
+                size_of[made], stream_of[made] = size, s
+                live.append(made)
+                live_bytes += size
+                made += 1
+                continue
+            if not live:
+                break
+        i = int(rng.integers(0, len(live)))
+        live[i], live[-1] = live[-1], live[i]
+        slot = live.pop()
+        live_bytes -= size_of.pop(slot)
+        sizes.append(0), slots.append(slot), strm.append(stream_of.pop(slot))
+    return Trace(np.asarray(sizes, np.uint64), np.asarray(slots, np.uint32), np.asarray(strm, np.uint32),
+                 made, list(range(streams)), 0, "generated")
+
+
+def write_trace_csv(trace, path):
+    with open(path, "w") as f:
+        f.write("op,id,size_bytes,stream\n")
+        for size, slot, s in zip(trace.sizes.tolist(), trace.slots.tolist(), trace.streams.tolist()):
+            f.write(f"a,{slot},{size},{s}\n" if size else f"f,{slot},0,{s}\n")
+
+
+def _find_traces(traces_dir):
+    candidates = [traces_dir] if traces_dir else [
+        Path(__file__).resolve().parents[1].parent / "shared" / "traces", Path.cwd().parent / "shared" / "traces"]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return sorted(Path(c).glob("*.csv.gz"))
+    return []
+
+
+def _find_peer(torch_build):
+    for c in (torch_build, os.environ.get("MTIA_TORCH_PEER"), PEER_DEFAULT, "/tmp/tcap"):
+        if c and os.access(os.path.join(c, "bin", "harness"), os.X_OK):
+            return c
+    return None
+
+
+def _row(name, ours, unit, peer=None, peer_name="torch", note=""):
+    ratio = f"{peer / ours:6.1f}x" if peer and ours else "      -"
+    peer_s = f"{peer:10.1f}" if peer else "         -"
+    print(f"{name:<42} {ours:10.1f} {unit:<9} {peer_s} {ratio}  {note}")
+
+
+def _peer_synthetic(build, size, n):
+    import subprocess
+    out = subprocess.run([os.path.join(build, "bin", "harness"), "synthetic", "--n", str(n), "--size", str(size)],
+                         capture_output=True, text=True, timeout=600).stdout
+    for line in out.splitlines():
+        if "thread_cpu_ns_per_pair" in line:
+            return float(line.split("thread_cpu_ns_per_pair:")[1].split()[0])
+    return None
+
+
+def run_bench(quick=False, torch_build=None, traces_dir=None):
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    _replay.setup_allocator(memory="80GiB")
+    import mtia_alloc as mtia
+    peer = _find_peer(torch_build)
+    n = 300_000 if quick else 3_000_000
+    print(f"mtia_alloc bench  ({platform.machine()}, {os.cpu_count()} cores; device capacity 80 GiB; "
+          f"peer: {peer or 'not found (build shared/peers/torch_caching_allocator/setup.sh)'})")
+    print(f"{'benchmark':<42} {'mtia':>10} {'unit':<9} {'peer':>10} {'peer/mtia'}")
+    print("-" * 90)
+
+    # Cached-hit pair (4 KiB): native loop, Python pair, glibc, PyTorch.
+    wall, cpu = _C.native_pair(0, 4096, n)
+    g_wall, g_cpu = _C.glibc_pair(4096, n)
+    torch_pair = _peer_synthetic(peer, 4096, n) if peer else None
+    _row("cached 4 KiB alloc+free, native loop", cpu, "ns/pair", torch_pair, note=f"glibc {g_cpu:.1f} ns/pair "
+         f"({cpu / g_cpu:.1f}x glibc)")
+    alloc, free = mtia.caching_allocator_alloc, mtia.caching_allocator_delete
+    m = n // 10
+    t0 = time.thread_time_ns()
+    for _ in range(m):
+        free(alloc(4096))
+    py = (time.thread_time_ns() - t0) / m
+    _row("cached 4 KiB alloc+free, Python", py, "ns/pair", torch_pair, note="vs torch's native pair")
+    t0 = time.thread_time_ns()
+    empty = mtia.empty
+    for _ in range(m):
+        empty(1024)
+    _row("mtia.empty(1024) + release, Python", (time.thread_time_ns() - t0) / m, "ns/pair")
+
+    # Cache-size independence.
+    k1 = _C.cached_blocks_pair(0, 1000, n // 3)
+    m1 = _C.cached_blocks_pair(0, 1_000_000 if not quick else 200_000, n // 3)
+    _row("random 0.5-8 KiB pairs, 1k cached blocks", k1, "ns/pair")
+    _row(f"random 0.5-8 KiB pairs, {'1M' if not quick else '200k'} cached blocks", m1, "ns/pair",
+         note=f"{m1 / k1:.2f}x the 1k figure")
+    mtia.empty_cache()
+
+    # Threads on two devices.
+    one = _C.threaded_pairs(1, 4096, n // 2)
+    two = _C.threaded_pairs(2, 4096, n // 2)
+    _row("1 thread, 1 device", one / 1e6, "Mpairs/s")
+    _row("2 threads, 2 devices", two / 1e6, "Mpairs/s", note=f"{two / one:.2f}x one thread")
+
+    # Traces: generated, then the shared ones (warm pass = pass 2 of 2).
+    traces = [("generated random 20k", random_trace(num=5000 if quick else 20000), None)]
+    traces += [(p.name.replace(".csv.gz", ""), None, p) for p in _find_traces(traces_dir)]
+    print("-" * 90)
+    print(f"{'trace (warm pass, CPU ns/op)':<42} {'mtia':>10} {'unit':<9} {'peer':>10} {'peer/mtia'}  memory")
+    for name, trace, path in traces:
+        if trace is None:
+            trace = read_trace(path)
+        mtia.empty_cache()  # pass 1 must start cold, as the peer's does
+        cold, warm = _replay.replay(trace, repeat=2)
+        p_cold = p_warm = None
+        if peer:
+            if path is None:
+                import tempfile
+                path = Path(tempfile.mkdtemp()) / "generated.csv"
+                write_trace_csv(trace, path)
+            try:
+                p_cold, p_warm = _replay.run_peer(peer, path, 2, _C.mem_get_info(0)[1])
+            except RuntimeError as e:
+                print(f"  peer failed on {name}: {e}")
+        note = f"peak reserved {_replay.fmt_bytes(cold['peak_reserved_bytes'])}"
+        if p_cold:
+            same = (p_cold["peak_reserved_bytes"] == cold["peak_reserved_bytes"]
+                    and p_cold["num_device_alloc"] == cold["num_device_alloc"])
+            note += ", device allocs " + str(cold["num_device_alloc"]) + (
+                ": identical to torch" if same else f": DIFFERS from torch ({p_cold['num_device_alloc']})")
+        _row(name, warm["thread_cpu_ns_per_op"], "ns/op", p_warm and p_warm["thread_cpu_ns_per_op"], note=note)
+    mtia.empty_cache()
+    return 0
