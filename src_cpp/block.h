@@ -112,24 +112,29 @@ struct StreamUse {
   bool during_capture;  // recorded while a capture was underway (dropped when deferred)
 };
 
-struct Block {
+// Field order matters: the first cache line holds everything best fit, split and the
+// merge test read, so walking neighbours and bins touches one line per block.
+struct alignas(64) Block {
+  // --- hot: line 1 ---
   uintptr_t ptr = 0;
   size_t size = 0;
-  size_t requested_size = 0;
-  StreamId stream = 0;
   uint64_t order = 0;                 // == seg->order, kept here for the index comparator
-  BlockPool* pool = nullptr;
-  Segment* seg = nullptr;
   Block* prev = nullptr;              // neighbours in the segment, address order
   Block* next = nullptr;
+  BlockPool* pool = nullptr;
+  BinSet::iterator index_pos;         // valid while in_index
+  int event_count = 0;
   bool allocated = false;
   bool deferred = false;              // freed during a capture with stream uses
   bool in_index = false;
-  int event_count = 0;
+  bool has_stream_uses = false;       // == !stream_uses.empty()
+  // --- line 2 ---
+  size_t requested_size = 0;
+  StreamId stream = 0;
+  Segment* seg = nullptr;
   uint64_t gc_count_base = 0;
-  std::vector<StreamUse> stream_uses;
   FramesPtr frames;                   // stack at the last hand-out
-  BinSet::iterator index_pos;         // valid while in_index
+  std::vector<StreamUse> stream_uses;
 
   bool is_split() const { return prev != nullptr || next != nullptr; }
 };

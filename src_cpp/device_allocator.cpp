@@ -29,15 +29,7 @@ DeviceAllocator::DeviceAllocator(DeviceIndex device, Emulator* emulator, std::sh
 
 DeviceAllocator::~DeviceAllocator() {
   // Memory still held goes back with the emulator's mapping; only metadata is freed here.
-  for (Segment* seg : segments_) {
-    for (Block* b = seg->first; b;) {
-      Block* next = b->next;
-      delete b;
-      b = next;
-    }
-    delete seg;
-  }
-  for (Block* b : block_free_list_) delete b;
+  for (Segment* seg : segments_) delete seg;
   // Free indexes hold arena nodes: drop the pools before the arena.
   small_blocks_.by_stream.clear();
   large_blocks_.by_stream.clear();
@@ -45,7 +37,10 @@ DeviceAllocator::~DeviceAllocator() {
 }
 
 Block* DeviceAllocator::new_block() {
-  if (block_free_list_.empty()) return new Block();
+  if (block_free_list_.empty()) {  // blocks come in chunks, for locality
+    block_chunks_.emplace_back(new Block[kBlockChunk]);
+    for (size_t i = 0; i < kBlockChunk; ++i) block_free_list_.push_back(&block_chunks_.back()[kBlockChunk - 1 - i]);
+  }
   Block* b = block_free_list_.back();
   block_free_list_.pop_back();
   return b;
@@ -55,7 +50,7 @@ void DeviceAllocator::delete_block(Block* b) {
   b->stream_uses.clear();
   b->frames.reset();
   b->prev = b->next = nullptr;
-  b->allocated = b->deferred = b->in_index = false;
+  b->allocated = b->deferred = b->in_index = b->has_stream_uses = false;
   b->event_count = 0;
   block_free_list_.push_back(b);
 }
@@ -325,7 +320,7 @@ bool DeviceAllocator::free(uintptr_t ptr, FramesPtr frames) {
     record_trace(TraceAction::kFreeRequested, b->ptr, b->requested_size, b->stream,
                  b->pool->owner ? b->pool->owner->id : MempoolId{}, frames);
   }
-  if (!b->stream_uses.empty()) {
+  if (b->has_stream_uses) {
     if (!captures_underway_.empty()) {
       b->deferred = true;  // no event may be recorded or queried during a capture
       deferred_.push_back(b);
@@ -353,6 +348,7 @@ void DeviceAllocator::insert_events(Block* b) {
     pending_event_count_ += 1;
   }
   b->stream_uses.clear();
+  b->has_stream_uses = false;
 }
 
 // §5.3: free the blocks whose events completed, in per-stream FIFO order.
@@ -365,7 +361,8 @@ void DeviceAllocator::process_events() {
       b->stream_uses.erase(std::remove_if(b->stream_uses.begin(), b->stream_uses.end(),
                                           [](const StreamUse& u) { return u.during_capture; }),
                            b->stream_uses.end());
-      if (b->stream_uses.empty()) free_block(b);
+      b->has_stream_uses = !b->stream_uses.empty();
+      if (!b->has_stream_uses) free_block(b);
       else insert_events(b);
     }
   }
@@ -433,10 +430,9 @@ void DeviceAllocator::free_block(Block* b) {
 
 // Merges free neighbour `src` into `dst`; returns the bytes taken over (0 if not mergeable).
 size_t DeviceAllocator::try_merge(Block* dst, Block* src) {
-  if (!src || src->allocated || src->event_count > 0 || !src->stream_uses.empty() || src->deferred ||
-      !src->in_index)
+  if (!src || src->allocated || src->event_count > 0 || src->has_stream_uses || src->deferred || !src->in_index)
     return 0;
-  src->pool->index(src->stream)->erase(src);
+  src->pool->index(dst->stream)->erase(src);  // neighbours share the segment's stream
   if (dst->prev == src) {
     dst->ptr = src->ptr;
     dst->prev = src->prev;
@@ -462,6 +458,7 @@ void DeviceAllocator::record_stream(uintptr_t ptr, StreamId stream) {
   for (const StreamUse& u : b->stream_uses)
     if (u.stream == stream) return;
   b->stream_uses.push_back(StreamUse{stream, !captures_underway_.empty()});
+  b->has_stream_uses = true;
 }
 
 size_t DeviceAllocator::block_size(uintptr_t ptr) {

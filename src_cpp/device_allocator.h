@@ -179,6 +179,8 @@ class DeviceAllocator {
   BlockPool small_blocks_, large_blocks_;
   PtrMap allocated_;
   std::vector<Segment*> segments_;
+  static constexpr size_t kBlockChunk = 256;
+  std::vector<std::unique_ptr<Block[]>> block_chunks_;  // owns every Block
   std::vector<Block*> block_free_list_;
   uint64_t segment_order_ = 0;
   DeviceStats stats_;
