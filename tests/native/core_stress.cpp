@@ -1,0 +1,155 @@
+// core_stress.cpp: a native test driver for the C++ core, meant to run under
+// AddressSanitizer + UndefinedBehaviorSanitizer (see .ci/run). Several threads on two
+// devices interleave malloc, free, record_stream with busy streams, private pools,
+// empty_cache, snapshots, history and injected device-allocation failures; every
+// block carries a fill pattern that must survive until it is freed. Afterwards every
+// invariant must hold and all memory must be back. Exit code 0 = pass.
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "allocator.h"
+#include "errors.h"
+
+using namespace mtia;
+
+namespace {
+
+std::atomic<int> failures{0};
+#define CHECK(cond, ...)                         \
+  do {                                           \
+    if (!(cond)) {                               \
+      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::fprintf(stderr, __VA_ARGS__);         \
+      std::fprintf(stderr, "\n");                \
+      failures++;                                \
+    }                                            \
+  } while (0)
+
+struct Live {
+  uintptr_t ptr;
+  size_t size;
+  unsigned char pattern;
+  int device;
+};
+
+void sleep_task(void* arg) { std::this_thread::sleep_for(std::chrono::microseconds(reinterpret_cast<uintptr_t>(arg))); }
+
+void worker(Allocator& a, int id, int steps, std::atomic<uint64_t>& ops) {
+  std::mt19937_64 rng(1234 + id);
+  std::vector<Live> live;
+  const int device = id % a.device_count();
+  Stream* side = a.emulator().new_stream(device, 0);
+  MempoolId pool = a.new_user_pool_id();
+  a.device(device).create_or_incref_pool(pool, nullptr);
+  bool routed = false;
+  for (int step = 0; step < steps; ++step) {
+    int op = int(rng() % 100);
+    if (op < 45 || live.empty()) {
+      size_t size;
+      switch (rng() % 3) {
+        case 0: size = 1 + rng() % 4096; break;
+        case 1: size = 1 + rng() % (1 << 20); break;
+        default: size = 1 + rng() % (24 << 20); break;
+      }
+      StreamId s = (rng() % 4 == 0) ? side->id() : 0;
+      try {
+        uintptr_t p = a.malloc(device, size, s);
+        unsigned char pat = static_cast<unsigned char>(rng());
+        size_t touch = size < 4096 ? size : 4096;  // first page only: keeps RSS small
+        std::memset(reinterpret_cast<void*>(p), pat, touch);
+        live.push_back({p, size, pat, device});
+      } catch (const OutOfMemory&) {
+      }
+    } else if (op < 85) {
+      size_t i = rng() % live.size();
+      Live l = live[i];
+      live[i] = live.back();
+      live.pop_back();
+      size_t touch = l.size < 4096 ? l.size : 4096;
+      auto* bytes = reinterpret_cast<unsigned char*>(l.ptr);
+      for (size_t k = 0; k < touch; k += 97) CHECK(bytes[k] == l.pattern, "block %#lx lost its fill", l.ptr);
+      if (rng() % 5 == 0) {
+        side->enqueue(Task{sleep_task, reinterpret_cast<void*>(uintptr_t(rng() % 200)), nullptr});
+        a.device(device).record_stream(l.ptr, side->id());
+      }
+      a.free(l.ptr);
+    } else if (op < 88) {
+      a.device(device).empty_cache(MempoolId{});
+    } else if (op < 92) {
+      if (!routed) {
+        AllocationFilter f;
+        f.kind = AllocationFilter::kThread;
+        f.thread = std::this_thread::get_id();
+        a.device(device).create_or_incref_pool(pool, nullptr);
+        a.device(device).begin_allocate_to_pool(pool, f);
+      } else {
+        a.device(device).end_allocate_to_pool(pool);
+        a.device(device).release_pool(pool);
+      }
+      routed = !routed;
+    } else if (op < 95) {
+      auto segs = a.device(device).snapshot(MempoolId{}, true);
+      for (auto& s : segs) {
+        size_t sum = 0;
+        for (auto& b : s.blocks) sum += b.size;
+        CHECK(sum == s.total_size, "snapshot blocks do not tile a segment");
+      }
+    } else if (op < 97) {
+      a.emulator().device(device).memory().fail_allocations(int64_t(rng() % 3), 0);
+    } else {
+      a.device(device).set_history(rng() % 2 == 0, RecordContext::kAlloc, 1000, false);
+    }
+    ops++;
+  }
+  if (routed) {
+    a.device(device).end_allocate_to_pool(pool);
+    a.device(device).release_pool(pool);
+  }
+  for (auto& l : live) a.free(l.ptr);
+  a.device(device).release_pool(pool);
+  side->synchronize();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int threads = argc > 1 ? std::atoi(argv[1]) : 4;
+  int steps = argc > 2 ? std::atoi(argv[2]) : 20000;
+  std::atomic<uint64_t> ops{0};
+  {
+    Allocator a(2, size_t(4) << 30, "");
+    // Bad input leaves the state unchanged.
+    try {
+      a.free(12345);
+      CHECK(false, "free of an unknown pointer did not throw");
+    } catch (const InvalidState&) {
+    }
+    try {
+      a.malloc(0, kOneExaByte, 0);
+      CHECK(false, "1 EB did not throw");
+    } catch (const OutOfMemory&) {
+    }
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) pool.emplace_back(worker, std::ref(a), t, steps, std::ref(ops));
+    for (auto& t : pool) t.join();
+    for (int d = 0; d < a.device_count(); ++d) {
+      a.emulator().device(d).memory().fail_allocations(-1, 0);
+      a.device(d).empty_cache(MempoolId{});
+      std::string err = a.device(d).check_invariants();
+      CHECK(err.empty(), "%s", err.c_str());
+      DeviceStats st = a.device(d).stats();
+      CHECK(st.reserved_bytes[0].current == 0, "device %d still reserves %ld bytes", d, long(st.reserved_bytes[0].current));
+      CHECK(st.allocated_bytes[0].current == 0, "device %d still has %ld bytes allocated", d,
+            long(st.allocated_bytes[0].current));
+      CHECK(a.emulator().device(d).memory().used() == 0, "device %d memory not all returned", d);
+    }
+  }
+  std::printf("core_stress: %d threads, %llu operations, %d failures\n", threads, (unsigned long long)ops.load(),
+              failures.load());
+  std::printf("%d passed, %d failed\n", failures.load() == 0 ? 1 : 0, failures.load() == 0 ? 0 : 1);
+  return failures.load() == 0 ? 0 : 1;
+}
