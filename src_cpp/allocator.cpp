@@ -39,7 +39,7 @@ DeviceIndex Allocator::device_of(uintptr_t ptr) {
   return -1;
 }
 
-void Allocator::free(uintptr_t ptr, FramesPtr frames) {
+void Allocator::free(uintptr_t ptr, const FramesPtr& frames) {
   if (ptr == 0) return;
   // Fast path: the device whose address range holds ptr.
   for (int d = 0; d < device_count(); ++d) {

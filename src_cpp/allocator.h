@@ -39,13 +39,14 @@ class Allocator {
   void check_device(DeviceIndex d) const;  // throws InvalidArgument naming the valid range
 
   // size 0 returns 0; size >= 1 EB throws OutOfMemory at once.
-  uintptr_t malloc(DeviceIndex device, size_t size, StreamId stream, FramesPtr frames = nullptr) {
+  uintptr_t malloc(DeviceIndex device, size_t size, StreamId stream, const FramesPtr& frames = kNoFrames) {
     if (size == 0) return 0;
     if (size >= kOneExaByte) throw_exabyte();
-    return devices_[size_t(device)]->malloc(size, stream, std::move(frames));
+    return devices_[size_t(device)]->malloc(size, stream, frames);
   }
   // Throws InvalidArgument("invalid device pointer: ...") for unknown pointers; 0 is a no-op.
-  void free(uintptr_t ptr, FramesPtr frames = nullptr);
+  void free(uintptr_t ptr, const FramesPtr& frames = kNoFrames);
+  static inline const FramesPtr kNoFrames{};
   // The device whose allocator owns allocated block `ptr`, or -1.
   DeviceIndex device_of(uintptr_t ptr);
 

@@ -36,6 +36,7 @@ class RawAllocator {
 };
 
 struct BlockPool;
+class FreeIndex;
 struct PrivatePool;
 struct Block;
 
@@ -100,6 +101,7 @@ struct Segment {
   size_t size = 0;
   StreamId stream = 0;
   BlockPool* pool = nullptr;
+  FreeIndex* index = nullptr;         // where its free blocks go (its pool's, for its stream)
   uint64_t order = 0;                 // allocation-order counter (best-fit tie break)
   Block* first = nullptr;             // the block at `base`
   RawAllocator* raw = nullptr;        // who gave the memory, and takes it back

@@ -64,10 +64,10 @@ bool DeviceAllocator::should_split(const Block* b, size_t size) const {
 
 // ---------------------------------------------------------------- malloc (§4.1)
 
-uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, FramesPtr frames) {
+uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const FramesPtr& frames) {
   lock_blocking(mu_);
   Lock lock(mu_, std::adopt_lock);
-  if (history_on_ && record_context_ < RecordContext::kState) frames.reset();
+
   // 1. Reclaim blocks whose cross-stream events completed (never during a capture).
   if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty())) process_events();
   // 2. Round, choose the pool, size a possible new segment.
@@ -78,7 +78,7 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, FramesPtr f
   r.pool = captures_underway_.empty() ? (r.size <= kSmallSize ? &small_blocks_ : &large_blocks_)
                                       : choose_pool(r.size, stream);
   r.alloc_size = segment_size_for(r.size);
-  r.frames = std::move(frames);
+  if (frames && history_on_ && record_context_ >= RecordContext::kState) r.frames = frames;
   // 3. Best fit among cached blocks of this pool and stream.
   Block* block = get_free_block(r, r.pool);
   if (!block) {
@@ -152,6 +152,7 @@ Block* DeviceAllocator::alloc_block(const Request& r, bool is_retry) {
   seg->size = r.alloc_size;
   seg->stream = r.stream;
   seg->pool = r.pool;
+  seg->index = r.pool->index_or_create(r.stream);
   seg->order = ++segment_order_;
   seg->raw = raw;
   seg->frames = r.frames;
@@ -270,7 +271,7 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
     block->size = remaining;
     block->requested_size = 0;
     block->gc_count_base = pool->get_free_blocks_call_count;
-    pool->index_or_create(block->stream)->insert(block);
+    block->seg->index->insert(block);
     if (already_split) {
       stat_sub(stats_.inactive_split_bytes, small, int64_t(r.size));
     } else {
@@ -305,7 +306,7 @@ bool DeviceAllocator::owns(uintptr_t ptr) {
   return allocated_.find(ptr) != nullptr;
 }
 
-bool DeviceAllocator::free(uintptr_t ptr, FramesPtr frames) {
+bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames) {
   lock();
   Lock lock(mu_, std::adopt_lock);
   Block* b = allocated_.erase(ptr);
@@ -316,7 +317,7 @@ bool DeviceAllocator::free(uintptr_t ptr, FramesPtr frames) {
   stat_sub(stats_.allocated_bytes, small, int64_t(b->size));
   if (b->size >= max_split()) stats_.oversize_allocations.decrease(1);
   if (history_on_) {
-    if (record_context_ < RecordContext::kAll || !frames) frames = b->frames;
+    const FramesPtr& frames = record_context_ < RecordContext::kAll || !free_frames ? b->frames : free_frames;
     record_trace(TraceAction::kFreeRequested, b->ptr, b->requested_size, b->stream,
                  b->pool->owner ? b->pool->owner->id : MempoolId{}, frames);
   }
@@ -425,14 +426,14 @@ void DeviceAllocator::free_block(Block* b) {
   stat_update(stats_.inactive_split, small, net_split_blocks);
   stat_update(stats_.inactive_split_bytes, small, net_split_bytes);
   b->gc_count_base = pool->get_free_blocks_call_count;
-  pool->index_or_create(b->stream)->insert(b);
+  b->seg->index->insert(b);
 }
 
 // Merges free neighbour `src` into `dst`; returns the bytes taken over (0 if not mergeable).
 size_t DeviceAllocator::try_merge(Block* dst, Block* src) {
   if (!src || src->allocated || src->event_count > 0 || src->has_stream_uses || src->deferred || !src->in_index)
     return 0;
-  src->pool->index(dst->stream)->erase(src);  // neighbours share the segment's stream
+  dst->seg->index->erase(src);  // neighbours share the segment's index
   if (dst->prev == src) {
     dst->ptr = src->ptr;
     dst->prev = src->prev;
@@ -510,7 +511,7 @@ void DeviceAllocator::release_pool_blocks(BlockPool& pool) {
 void DeviceAllocator::release_block(Block* b) {
   Segment* seg = b->seg;
   BlockPool* pool = b->pool;
-  pool->index(b->stream)->erase(b);
+  seg->index->erase(b);
   seg->raw->free(reinterpret_cast<void*>(seg->base), seg->size, device_, seg->stream);
   total_allocated_memory_ -= seg->size;
   stat_sub(stats_.segment, pool->is_small, 1);
@@ -593,7 +594,9 @@ double DeviceAllocator::memory_fraction() {
 DeviceStats DeviceAllocator::stats() {
   lock();
   Lock lock(mu_, std::adopt_lock);
-  return stats_;
+  DeviceStats out = stats_;
+  out.finalize();
+  return out;
 }
 
 void DeviceAllocator::reset_peak_stats() {
@@ -854,6 +857,8 @@ std::string DeviceAllocator::check_invariants() {
   }
   if (in_indexes != indexed) fail("free indexes hold " + std::to_string(in_indexes) + " blocks, expected " +
                                   std::to_string(indexed));
+  DeviceStats st = stats_;
+  st.finalize();
   auto check = [&](const char* name, StatArray& s, int64_t* expect) {
     for (int k : {kSmallPool, kLargePool})
       if (s[k].current != expect[k])
@@ -867,15 +872,15 @@ std::string DeviceAllocator::check_invariants() {
         fail(std::string(name) + ": all != small_pool + large_pool");
     }
   };
-  check("segment", stats_.segment, seg_count);
-  check("reserved_bytes", stats_.reserved_bytes, reserved);
-  check("allocation", stats_.allocation, alloc_count);
-  check("allocated_bytes", stats_.allocated_bytes, alloc_bytes);
-  check("active", stats_.active, active_count);
-  check("active_bytes", stats_.active_bytes, active_bytes);
-  check("inactive_split", stats_.inactive_split, split_count);
-  check("inactive_split_bytes", stats_.inactive_split_bytes, split_bytes);
-  check("requested_bytes", stats_.requested_bytes, requested);
+  check("segment", st.segment, seg_count);
+  check("reserved_bytes", st.reserved_bytes, reserved);
+  check("allocation", st.allocation, alloc_count);
+  check("allocated_bytes", st.allocated_bytes, alloc_bytes);
+  check("active", st.active, active_count);
+  check("active_bytes", st.active_bytes, active_bytes);
+  check("inactive_split", st.inactive_split, split_count);
+  check("inactive_split_bytes", st.inactive_split_bytes, split_bytes);
+  check("requested_bytes", st.requested_bytes, requested);
   if (int64_t(total_allocated_memory_) != stats_.reserved_bytes[kAggregate].current)
     fail("total_allocated_memory != reserved_bytes");
   return err.str();

@@ -98,9 +98,9 @@ class DeviceAllocator {
 
   // --- the fast path ---
   // Returns the block's address; throws OutOfMemory. size > 0. `frames` may be null.
-  uintptr_t malloc(size_t size, StreamId stream, FramesPtr frames);
+  uintptr_t malloc(size_t size, StreamId stream, const FramesPtr& frames);
   // Frees an allocated block of this device; false if ptr is not one.
-  bool free(uintptr_t ptr, FramesPtr frames);
+  bool free(uintptr_t ptr, const FramesPtr& frames);
   bool owns(uintptr_t ptr);  // is ptr an allocated block of this device?
 
   void record_stream(uintptr_t ptr, StreamId stream);  // throws InvalidArgument for unknown ptr

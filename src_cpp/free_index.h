@@ -9,6 +9,7 @@
 // answer. The cost does not grow with the number of bins in use, only (logarithmically)
 // with the population of one bin.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -20,7 +21,7 @@ namespace mtia {
 class FreeIndex {
  public:
   FreeIndex(bool small, NodeArena* arena)
-      : small_(small), arena_(arena), bins_(small ? kSmallBins : kLargeBins), words_((bins_.size() + 63) / 64) {}
+      : small_(small), arena_(arena), nbins_(small ? kSmallBins : kLargeBins), bins_(new Bin[nbins_]) {}
 
   bool empty() const { return count_ == 0; }
   size_t size() const { return count_; }
@@ -63,7 +64,7 @@ class FreeIndex {
   Block* lower_bound(size_t size) const {
     if (!count_) return nullptr;
     size_t bin = bin_of(size);
-    if (bin >= bins_.size()) return nullptr;
+    if (bin >= nbins_) return nullptr;
     const Bin& slot = bins_[bin];
     if (!slot.empty()) {
       Block* first = slot.first();
@@ -78,7 +79,7 @@ class FreeIndex {
       }
     }
     size_t next = next_nonempty(bin + 1);
-    return next < bins_.size() ? bins_[next].first() : nullptr;
+    return next < nbins_ ? bins_[next].first() : nullptr;
   }
 
   // Largest free block, or nullptr.
@@ -93,7 +94,7 @@ class FreeIndex {
   // Calls f(block) for every free block (f must not modify the index).
   template <class F>
   void for_each(F f) const {
-    for (size_t bin = next_nonempty(0); bin < bins_.size(); bin = next_nonempty(bin + 1)) {
+    for (size_t bin = next_nonempty(0); bin < nbins_; bin = next_nonempty(bin + 1)) {
       const Bin& slot = bins_[bin];
       if (slot.solo) f(slot.solo);
       else
@@ -102,7 +103,7 @@ class FreeIndex {
   }
 
   ~FreeIndex() {
-    for (Bin& b : bins_) delete b.set;
+    for (size_t i = 0; i < nbins_; ++i) delete bins_[i].set;
   }
   FreeIndex(const FreeIndex&) = delete;
   FreeIndex& operator=(const FreeIndex&) = delete;
@@ -123,13 +124,13 @@ class FreeIndex {
 
   // First non-empty bin >= from, or bins_.size().
   size_t next_nonempty(size_t from) const {
-    if (from >= bins_.size()) return bins_.size();
+    if (from >= nbins_) return nbins_;
     size_t w = from >> 6;
     uint64_t bits = words_[w] & (~uint64_t(0) << (from & 63));
     if (bits) return (w << 6) + __builtin_ctzll(bits);
-    if (w + 1 >= 64) return bins_.size();
+    if (w + 1 >= 64) return nbins_;
     uint64_t s = summary_ & (~uint64_t(0) << (w + 1));
-    if (!s) return bins_.size();
+    if (!s) return nbins_;
     w = __builtin_ctzll(s);
     return (w << 6) + __builtin_ctzll(words_[w]);
   }
@@ -144,8 +145,9 @@ class FreeIndex {
 
   bool small_;
   NodeArena* arena_;
-  std::vector<Bin> bins_;
-  std::vector<uint64_t> words_;
+  size_t nbins_;
+  std::unique_ptr<Bin[]> bins_;
+  std::array<uint64_t, 64> words_{};  // bit b%64 of word b/64: bin b is non-empty
   uint64_t summary_ = 0;
   size_t count_ = 0;
 };

@@ -14,7 +14,7 @@ struct Stat {
   void increase(int64_t n) {
     current += n;
     allocated += n;
-    if (current > peak) peak = current;
+    peak = current > peak ? current : peak;  // branch-free
   }
   void decrease(int64_t n) {
     current -= n;
@@ -27,14 +27,18 @@ struct Stat {
 enum StatType { kAggregate = 0, kSmallPool = 1, kLargePool = 2, kNumStatTypes = 3 };
 using StatArray = std::array<Stat, kNumStatTypes>;
 
-// Adds n to the aggregate and to one pool kind's stat.
+// Adds n to one pool kind's stat and to the aggregate. On the hot path the aggregate
+// keeps only current and peak; its allocated/freed are the sums of the two kinds and
+// are filled in by DeviceStats::finalize() when stats are read.
 __attribute__((always_inline)) inline void stat_add(StatArray& s, bool small, int64_t n) {
-  s[kAggregate].increase(n);
   s[small ? kSmallPool : kLargePool].increase(n);
+  Stat& all = s[kAggregate];
+  all.current += n;
+  all.peak = all.current > all.peak ? all.current : all.peak;
 }
 __attribute__((always_inline)) inline void stat_sub(StatArray& s, bool small, int64_t n) {
-  s[kAggregate].decrease(n);
   s[small ? kSmallPool : kLargePool].decrease(n);
+  s[kAggregate].current -= n;
 }
 
 struct DeviceStats {
@@ -49,6 +53,13 @@ struct DeviceStats {
   void for_each_array(F f) {
     f(allocation); f(segment); f(active); f(inactive_split); f(allocated_bytes);
     f(reserved_bytes); f(active_bytes); f(inactive_split_bytes); f(requested_bytes);
+  }
+  // Fills the aggregate's allocated/freed (see stat_add). Call on a copy before reading.
+  void finalize() {
+    for_each_array([](StatArray& a) {
+      a[kAggregate].allocated = a[kSmallPool].allocated + a[kLargePool].allocated;
+      a[kAggregate].freed = a[kSmallPool].freed + a[kLargePool].freed;
+    });
   }
   void reset_peak() {
     for_each_array([](StatArray& a) { for (auto& s : a) s.reset_peak(); });
