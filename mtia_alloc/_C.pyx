@@ -166,10 +166,17 @@ cdef inline int64_t _stream_of(object stream, int d) except? -1:
     return sid
 
 
+cdef str _package_dir = __file__.rsplit("/", 1)[0] + "/"
+
+
 cdef FramesPtr _capture_frames():
+    """The caller's Python stack, innermost first, leaving out mtia_alloc's own frames on
+    top (Cython functions push no frames, so frame 0 is already Python code)."""
     cdef vector[Frame] v
     cdef Frame fr
-    frame = sys._getframe(2)
+    frame = sys._getframe(0)
+    while frame is not None and frame.f_code.co_filename.startswith(_package_dir):
+        frame = frame.f_back
     while frame is not None:
         code = frame.f_code
         names = _code_cache.get(code)
@@ -201,7 +208,6 @@ def caching_allocator_alloc(size, device=None, stream=None):
     cdef size_t n
     cdef int d
     cdef int64_t s
-    cdef FramesPtr frames
     if _alloc == NULL:
         _lazy_init()
     n = _size_arg(size)
@@ -211,6 +217,13 @@ def caching_allocator_alloc(size, device=None, stream=None):
         device = getattr(stream, "device_index", None)
     d = _device(device)
     s = _stream_of(stream, d)
+    return _malloc(n, d, s)
+
+
+cdef uintptr_t _malloc(size_t n, int d, int64_t s) except? 0:
+    """The allocation itself: stack capture (history on), then the core; OOM observers
+    run (outside the allocator lock) before the OutOfMemoryError propagates."""
+    cdef FramesPtr frames
     if _record_level:
         frames = _capture_frames()
     try:
@@ -684,3 +697,66 @@ def cached_blocks_pair(int device, size_t cached, uint64_t pairs, uint64_t seed=
     with nogil:
         ns = cached_blocks_pair_ns(_alloc[0], device, cached, pairs, seed)
     return ns
+
+
+# ------------------------------------------------------------------ arrays
+
+cdef bint _shut_down = False
+
+
+def _mark_shut_down():
+    """From here on dying arrays no longer free their blocks (the interpreter is exiting)."""
+    global _shut_down
+    _shut_down = True
+
+
+cdef class ArrayBase:
+    """Owns one allocated block and gives it back to the cache when the object dies.
+    mtia_alloc.DeviceArray subclasses it with the array API."""
+    cdef public uintptr_t _ptr
+    cdef public object shape
+    cdef public object dtype
+    cdef public Py_ssize_t nbytes
+    cdef public int _device
+    cdef public int64_t _stream_id
+    cdef object __weakref__
+
+    def data_ptr(self):
+        return self._ptr
+
+    def __dealloc__(self):
+        cdef FramesPtr frames
+        if self._ptr == 0 or _alloc == NULL or _shut_down:
+            return
+        if _record_level >= 3:
+            frames = _capture_frames()
+        try:
+            _alloc.free(self._ptr, frames)
+        except Exception:
+            pass  # cannot happen for a block this object owns; never raise from a destructor
+        self._ptr = 0
+
+
+def alloc_array(cls, tuple shape, dtype, Py_ssize_t itemsize, device=None, stream=None):
+    """A new `cls` (an ArrayBase subclass) holding itemsize * prod(shape) bytes."""
+    cdef Py_ssize_t n = itemsize
+    cdef ArrayBase a
+    cdef int d
+    cdef int64_t s
+    for dim in shape:
+        n *= <Py_ssize_t>dim
+    if _alloc == NULL:
+        _lazy_init()
+    if device is None and stream is not None:
+        device = getattr(stream, "device_index", None)
+    d = _device(device)
+    s = _stream_of(stream, d)
+    a = cls.__new__(cls)
+    a.shape = shape
+    a.dtype = dtype
+    a.nbytes = n
+    a._device = d
+    a._stream_id = s
+    if n:
+        a._ptr = _malloc(n, d, s)
+    return a

@@ -40,5 +40,7 @@ __all__ = [
     "snapshot", "stream", "synchronize", "use_mem_pool",
 ]
 
-# Stream workers must stop before the interpreter finalises (queued Python kernels are dropped).
+# Stream workers must stop before the interpreter finalises (queued Python kernels are
+# dropped); arrays that die after that leave their blocks to the process's exit.
+atexit.register(_C._mark_shut_down)
 atexit.register(_C.shutdown)

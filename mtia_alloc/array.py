@@ -1,6 +1,5 @@
 """DeviceArray: an array-like object on emulated device memory. Its block returns to the
 cache when the last reference dies; kernels that use it hold a reference until they run."""
-import sys
 
 import numpy as np
 
@@ -19,13 +18,15 @@ class _HostView:
         self.owner = owner
         self.__array_interface__ = {"data": (owner._ptr, False), "shape": owner.shape,
                                     "typestr": owner.dtype.str, "version": 3}
+        if owner.dtype.fields is not None:  # structured: typestr alone would give plain bytes
+            self.__array_interface__["descr"] = owner.dtype.descr
 
 
-class DeviceArray:
-    __slots__ = ("_ptr", "shape", "dtype", "nbytes", "_device", "_stream_id", "__weakref__")
+class DeviceArray(_C.ArrayBase):
+    """An array on emulated device memory. The block is owned by the C base class
+    (_C.ArrayBase), which returns it to the cache when the last reference dies."""
 
-    def data_ptr(self):
-        return self._ptr
+    __slots__ = ()
 
     @property
     def device(self):
@@ -54,6 +55,10 @@ class DeviceArray:
             record_stream(self._ptr, stream)
 
     def __dlpack__(self, stream=None, **kwargs):
+        """Exports a host (kDLCPU) view. The consumer reads it at once, with no stream to
+        order on, so the work already queued on the array's stream is waited for first."""
+        if self._ptr:
+            _C.stream_synchronize(self._device, self._stream_id)
         return self.numpy().__dlpack__(**kwargs)
 
     def __dlpack_device__(self):
@@ -68,17 +73,13 @@ class DeviceArray:
         return (f"DeviceArray(shape={self.shape}, dtype={self.dtype}, device='mtia:{self._device}', "
                 f"stream={self._stream_id}, nbytes={self.nbytes}, ptr={self._ptr:#x})")
 
-    def __del__(self):
-        ptr = self._ptr
-        if ptr and not sys.is_finalizing():
-            self._ptr = 0
-            _C.caching_allocator_delete(ptr)
-
 
 def _shape_arg(shape):
+    if type(shape) is int and shape >= 0:  # the common case, checked first
+        return (shape,)
     if isinstance(shape, bool):
         raise TypeError("shape must be an int or a tuple of ints, got bool")
-    if isinstance(shape, int):
+    if isinstance(shape, (int, np.integer)):
         shape = (shape,)
     try:
         shape = tuple(shape)
@@ -97,6 +98,8 @@ _dtype_cache = {}
 
 def empty(shape, dtype="float32", device=None, stream=None):
     """An uninitialised DeviceArray allocated through the caching allocator on `stream`."""
+    if dtype is None:
+        dtype = "float32"  # np.dtype(None) would be float64
     dt = _dtype_cache.get(dtype) if isinstance(dtype, str) else None
     if dt is None:
         try:
@@ -108,24 +111,4 @@ def empty(shape, dtype="float32", device=None, stream=None):
         if isinstance(dtype, str):
             _dtype_cache[dtype] = dt
     shape = _shape_arg(shape)
-    n = dt.itemsize
-    for s in shape:
-        n *= s
-    a = DeviceArray.__new__(DeviceArray)
-    a._ptr = 0
-    ptr = _C.caching_allocator_alloc(n, device, stream)
-    a._ptr = ptr
-    a.shape = shape
-    a.dtype = dt
-    a.nbytes = n
-    if stream is not None:
-        a._device, a._stream_id = stream.device_index, stream.stream_id
-    else:
-        a._device = _C.current_device() if device is None else _C.device_of(ptr) if ptr else _device_of(device)
-        a._stream_id = _C.current_stream_id(a._device)
-    return a
-
-
-def _device_of(device):
-    from ._state import device_index
-    return device_index(device)
+    return _C.alloc_array(DeviceArray, shape, dt, dt.itemsize, device, stream)

@@ -2,6 +2,7 @@
 limits, empty_cache, memory pools, raw allocators, snapshots and memory history."""
 import contextlib
 import ctypes
+import gc
 import pickle
 import sys
 import threading
@@ -351,8 +352,8 @@ def use_mem_pool(pool, device=None):
         _C.release_pool(d, pool.id)
         raise
     from .graphs import _retain_pool_in_capture
-    _retain_pool_in_capture(d, pool.id)
     try:
+        _retain_pool_in_capture(d, pool.id)
         yield
     finally:
         _C.end_allocate_to_pool(d, pool.id)
@@ -361,23 +362,45 @@ def use_mem_pool(pool, device=None):
 
 # ------------------------------------------------------------------ snapshots and history
 
-def memory_snapshot(mempool_id=None):
-    """The segment list of snapshot() (one pool's segments when mempool_id is given)."""
+def memory_snapshot(mempool_id=None, include_traces=True):
+    """The segment list of snapshot() (one pool's segments when mempool_id is given).
+    include_traces is accepted for PyTorch compatibility; the list never holds traces."""
     if mempool_id is not None:
         mempool_id = _pool_id_of(mempool_id)
         if mempool_id == (0, 0):
             mempool_id = None
-    return _C.snapshot_segments(mempool_id) if is_initialized() else []
+    if not is_initialized():
+        return []
+    with _gc_paused():
+        return _C.snapshot_segments(mempool_id)
 
 
-def snapshot():
-    """PyTorch's snapshot dict: segments, device_traces, allocator_settings, external_annotations."""
+@contextlib.contextmanager
+def _gc_paused():
+    """Building 100k small dicts would trigger the cyclic GC many times over (it doubles the
+    time of a big snapshot); none of them can be garbage, so pause it meanwhile."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def snapshot(device=None):
+    """PyTorch's snapshot dict: segments (all devices, address-sorted per device),
+    device_traces (index = device), allocator_settings, external_annotations. `device` is
+    accepted and ignored, as in torch.cuda.memory._snapshot. Wrap it in
+    mtia_alloc.memory.Snapshot for a REPL view."""
     if not is_initialized():
         return {"segments": [], "device_traces": [], "allocator_settings": {}, "external_annotations": []}
-    segments = _C.snapshot_segments(None)
+    with _gc_paused():
+        segments = _C.snapshot_segments(None)
+        traces = [_C.device_trace(d) for d in range(_C.device_count())]
     return {
         "segments": segments,
-        "device_traces": [_C.device_trace(d) for d in range(_C.device_count())],
+        "device_traces": traces,
         "allocator_settings": _C.allocator_settings(),
         "external_annotations": [],
     }
@@ -386,9 +409,18 @@ def snapshot():
 _CONTEXTS = {None: 0, "state": 1, "alloc": 2, "all": 3}
 
 
-def record_memory_history(enabled="all", context="all", stacks="python", max_entries=sys.maxsize):
+def record_memory_history(enabled="all", context="all", stacks="python", max_entries=sys.maxsize, device=None,
+                          clear_history=False, **legacy):
     """torch.cuda.memory._record_memory_history: enabled None/'state'/'all', context
-    None/'state'/'alloc'/'all', stacks 'python'/'all', max_entries = ring buffer size."""
+    None/'state'/'alloc'/'all', stacks 'python'/'all', max_entries = ring buffer size.
+    Applies to every device (`device` is ignored, as in PyTorch). enabled=None stops
+    recording and clears the history; clear_history=True clears it when (re)enabling.
+    The legacy form record_memory_history(True/False, record_context=True,
+    trace_alloc_max_entries=1, trace_alloc_record_context=False) is understood too."""
+    if isinstance(enabled, bool):
+        return _record_memory_history_legacy(enabled, **legacy)
+    if legacy:
+        raise TypeError(f"record_memory_history() got unexpected keyword arguments {sorted(legacy)}")
     if enabled not in (None, "state", "all"):
         raise ValueError("expected state to be 'state', 'all', or None")
     if context not in _CONTEXTS:
@@ -399,10 +431,26 @@ def record_memory_history(enabled="all", context="all", stacks="python", max_ent
         raise TypeError(f"max_entries must be an int, got {type(max_entries).__name__}")
     entries = 1 if enabled == "state" else max(1, min(max_entries, 1 << 62))
     level = _CONTEXTS[context] if enabled is not None else 0
-    lazy_call(lambda: _C.set_history(enabled is not None, level, entries, False))
+    clear = bool(clear_history)
+    lazy_call(lambda: _C.set_history(enabled is not None, level, entries, clear))
 
 
-_record_memory_history = record_memory_history
+def _record_memory_history_legacy(enabled, record_context=True, trace_alloc_max_entries=1,
+                                  trace_alloc_record_context=False, device=None, record_context_cpp=False, **extra):
+    if extra:
+        raise TypeError(f"record_memory_history() got unexpected keyword arguments {sorted(extra)}")
+    if not enabled:
+        return record_memory_history(None)
+    context = "alloc" if trace_alloc_record_context else ("state" if record_context else None)
+    return record_memory_history("all", context, "python", max(1, int(trace_alloc_max_entries)))
+
+
+def _record_memory_history(enabled="all", *args, **kwargs):
+    """torch.cuda.memory._record_memory_history: the new signature, or the legacy one
+    (enabled: bool, record_context, trace_alloc_max_entries, trace_alloc_record_context, ...)."""
+    if isinstance(enabled, bool):
+        return _record_memory_history_legacy(enabled, *args, **kwargs)
+    return record_memory_history(enabled, *args, **kwargs)
 
 
 def _dump_snapshot(filename="dump_snapshot.pickle"):
@@ -412,3 +460,5 @@ def _dump_snapshot(filename="dump_snapshot.pickle"):
 
 
 _snapshot = snapshot
+
+from .snapshot import Snapshot  # noqa: E402  (the REPL view; imports nothing back at load time)
