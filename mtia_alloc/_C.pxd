@@ -15,9 +15,9 @@ cdef extern from "types.h" namespace "mtia":
 
 cdef extern from "block.h" namespace "mtia":
     cdef cppclass Frame:
-        string filename
+        const void* code
+        int lasti
         int line
-        string name
     ctypedef vector[Frame] Frames
     ctypedef shared_ptr[const Frames] FramesPtr
     cdef cppclass RawAllocator:

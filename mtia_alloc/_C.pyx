@@ -52,6 +52,10 @@ cdef extern from "_binding.h" namespace "mtia_binding":
     shared_ptr[RawAllocator] make_py_raw_allocator(object a, object f)
     shared_ptr[RawAllocator] make_c_raw_allocator(uintptr_t a, uintptr_t f)
     FramesPtr make_frames(vector[Frame]&& v)
+    FramesPtr capture_frames()
+    void set_package_prefix(const string& p)
+    int frame_line(const Frame& f)
+    PyObject* frame_code(const Frame& f)
     uintptr_t frames_key(const FramesPtr& f)
     AllocationFilter make_filter(int kind, uint64_t capture_id)
     MempoolId make_pool_id(uint64_t a, uint64_t b)
@@ -73,9 +77,9 @@ cdef object _lazy_init = None     # the façade's init, called on first use
 cdef object _device_parser = None  # the façade's device-argument parser
 cdef object _oom_error = None
 cdef list _oom_observers = []
-cdef dict _code_cache = {}
 
 install_gil_hooks()
+set_package_prefix((__file__.rsplit("/", 1)[0] + "/").encode())
 
 KIND_ALL = 0
 KIND_THREAD = 1
@@ -166,29 +170,10 @@ cdef inline int64_t _stream_of(object stream, int d) except? -1:
     return sid
 
 
-cdef str _package_dir = __file__.rsplit("/", 1)[0] + "/"
-
-
-cdef FramesPtr _capture_frames():
-    """The caller's Python stack, innermost first, leaving out mtia_alloc's own frames on
-    top (Cython functions push no frames, so frame 0 is already Python code)."""
-    cdef vector[Frame] v
-    cdef Frame fr
-    frame = sys._getframe(0)
-    while frame is not None and frame.f_code.co_filename.startswith(_package_dir):
-        frame = frame.f_back
-    while frame is not None:
-        code = frame.f_code
-        names = _code_cache.get(code)
-        if names is None:
-            names = (code.co_filename.encode("utf-8", "replace"), code.co_name.encode("utf-8", "replace"))
-            _code_cache[code] = names
-        fr.filename = names[0]
-        fr.name = names[1]
-        fr.line = frame.f_lineno or 0
-        v.push_back(fr)
-        frame = frame.f_back
-    return make_frames(move(v))
+cdef inline FramesPtr _capture_frames():
+    """The caller's Python stack, innermost first, without mtia_alloc's own frames on top
+    (captured in C as code objects + offsets; symbolised when a snapshot is taken)."""
+    return capture_frames()
 
 
 cdef inline size_t _size_arg(object size) except? 0:
@@ -400,17 +385,28 @@ def allocator_settings():
 
 # ------------------------------------------------------------------ snapshot and history
 
+cdef dict _code_names = {}  # code object -> (filename, name)
+
+
 cdef object _frames_list(const FramesPtr& f, dict cache):
+    """Snapshot form of a captured stack; identical stacks share one list."""
+    cdef const Frames* fs
+    cdef size_t i
     if f.get() == NULL:
         return []
     key = frames_key(f)
     out = cache.get(key)
-    cdef const Frames* fs = f.get()
-    cdef size_t i
-    if out is None:
-        out = [{"filename": fs[0][i].filename.decode("utf-8", "replace"), "line": fs[0][i].line,
-                "name": fs[0][i].name.decode("utf-8", "replace")} for i in range(fs.size())]
-        cache[key] = out
+    if out is not None:
+        return out
+    fs = f.get()
+    out = []
+    for i in range(fs.size()):
+        code = <object>frame_code(fs[0][i])
+        names = _code_names.get(code)
+        if names is None:
+            names = _code_names[code] = (code.co_filename, code.co_name)
+        out.append({"filename": names[0], "line": frame_line(fs[0][i]), "name": names[1]})
+    cache[key] = out
     return out
 
 

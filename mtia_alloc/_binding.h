@@ -4,7 +4,10 @@
 #pragma once
 #include <Python.h>
 
+#include <cstring>
 #include <memory>
+#include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "allocator.h"
@@ -133,7 +136,15 @@ inline void run_fill(void* a) {
     memset(f->dst, f->pattern[0], f->n);
     return;
   }
-  for (size_t off = 0; off + k <= f->n; off += k) memcpy(f->dst + off, f->pattern.data(), k);
+  // One element, then double the filled prefix: O(log n) memcpy calls.
+  if (f->n < k) return;
+  memcpy(f->dst, f->pattern.data(), k);
+  size_t done = k, whole = f->n - f->n % k;
+  while (done < whole) {
+    size_t step = done < whole - done ? done : whole - done;
+    memcpy(f->dst + done, f->dst, step);
+    done += step;
+  }
 }
 inline void release_fill(void* a) { delete static_cast<FillArg*>(a); }
 inline mtia::Task make_fill_task(uintptr_t dst, size_t n, const char* pattern, size_t k) {
@@ -275,4 +286,76 @@ inline mtia::Task keep_alive(mtia::Task inner, PyObject* keep) {
   Py_INCREF(keep);
   return mtia::Task{run_keepalive, new KeepAliveTask{inner, keep}, release_keepalive};
 }
+}  // namespace mtia_binding
+
+namespace mtia_binding {
+// Stack capture in C: walks the Python frames and stores (code object, instruction
+// offset) pairs; names and lines are looked up only when a snapshot is built. Every
+// code object seen is kept alive by this registry (one reference each, for the life of
+// the process), so captured stacks can be dropped anywhere, even without the GIL.
+inline std::unordered_map<PyObject*, bool>& code_registry() {  // code -> is mtia_alloc's own
+  static auto* registry = new std::unordered_map<PyObject*, bool>();
+  return *registry;
+}
+inline std::string& package_prefix() {
+  static std::string prefix;
+  return prefix;
+}
+inline void set_package_prefix(const std::string& p) { package_prefix() = p; }
+
+inline bool code_is_internal(PyObject* code) {
+  PyObject* fn = PyObject_GetAttrString(code, "co_filename");
+  bool internal = false;
+  if (fn) {
+    const char* s = PyUnicode_AsUTF8(fn);
+    internal = s && !package_prefix().empty() && strncmp(s, package_prefix().c_str(), package_prefix().size()) == 0;
+    Py_DECREF(fn);
+  }
+  PyErr_Clear();
+  return internal;
+}
+
+// The caller's stack, innermost first, without mtia_alloc's own frames on top. GIL held.
+inline std::shared_ptr<const mtia::Frames> capture_frames() {
+  std::vector<mtia::Frame> frames;
+  PyFrameObject* f = PyEval_GetFrame();  // borrowed
+  Py_XINCREF(f);
+  bool skipping = true;
+  while (f) {
+    PyCodeObject* code = PyFrame_GetCode(f);  // new reference
+    auto& registry = code_registry();
+    auto it = registry.find(reinterpret_cast<PyObject*>(code));
+    bool internal;
+    if (it == registry.end()) {
+      internal = code_is_internal(reinterpret_cast<PyObject*>(code));
+      Py_INCREF(code);  // the registry's reference
+      registry.emplace(reinterpret_cast<PyObject*>(code), internal);
+    } else {
+      internal = it->second;
+    }
+    skipping = skipping && internal;
+    if (!skipping) {
+      mtia::Frame fr;
+      fr.code = code;
+#if PY_VERSION_HEX >= 0x030B0000
+      fr.lasti = PyFrame_GetLasti(f);
+      if (fr.lasti < 0) fr.line = PyFrame_GetLineNumber(f);
+#else
+      fr.line = PyFrame_GetLineNumber(f);
+#endif
+      frames.push_back(fr);
+    }
+    Py_DECREF(code);
+    PyFrameObject* back = PyFrame_GetBack(f);  // new reference
+    Py_DECREF(f);
+    f = back;
+  }
+  return std::make_shared<const mtia::Frames>(std::move(frames));
+}
+
+inline int frame_line(const mtia::Frame& f) {
+  if (f.lasti < 0) return f.line;
+  return PyCode_Addr2Line(reinterpret_cast<PyCodeObject*>(const_cast<void*>(f.code)), f.lasti);
+}
+inline PyObject* frame_code(const mtia::Frame& f) { return static_cast<PyObject*>(const_cast<void*>(f.code)); }
 }  // namespace mtia_binding

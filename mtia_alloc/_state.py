@@ -109,10 +109,14 @@ def lazy_init():
 
 def lazy_call(fn):
     """Runs fn now if initialised, else at initialisation."""
-    if is_initialized():
+    if is_initialized() or getattr(_tls, "is_initializing", False):
         fn()
-    else:
-        _queued_calls.append((fn, traceback.format_stack()))
+        return
+    with _init_lock:  # initialisation runs the queue under this lock: nothing is lost
+        if not is_initialized():
+            _queued_calls.append((fn, traceback.format_stack()))
+            return
+    fn()
 
 
 def device_index(device, optional=True):

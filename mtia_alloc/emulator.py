@@ -27,9 +27,11 @@ def configure(device_count=None, memory_per_device=None):
         _settings["memory_per_device"] = parse_memory(memory_per_device)
 
 
-def _stream_arg(stream):
+def _stream_arg(stream, device=None):
+    """The stream a kernel goes to: `stream`, else the current stream of `device` (the
+    device of the arrays a native kernel writes; the current device if None)."""
     if stream is None:
-        return current_stream()
+        return current_stream(device)
     if not isinstance(stream, Stream):
         raise TypeError(f"stream must be an mtia_alloc.Stream or None, got {type(stream).__name__}")
     return stream
@@ -90,17 +92,19 @@ def sleep(ms, stream=None):
 
 
 def copy_(dst, src, stream=None):
-    """Queues a native copy of src's bytes into dst (same number of bytes)."""
+    """Queues a native copy of src's bytes into dst (same number of bytes), on `stream` or
+    else on the current stream of dst's device."""
     from .array import DeviceArray
     if not isinstance(dst, DeviceArray) or not isinstance(src, DeviceArray):
         raise TypeError("copy_ expects two DeviceArrays")
     if dst.nbytes != src.nbytes:
         raise ValueError(f"copy_ needs arrays of equal size, got {dst.nbytes} and {src.nbytes} bytes")
-    _submit(_stream_arg(stream), ("copy", dst, src))
+    _submit(_stream_arg(stream, dst._device), ("copy", dst, src))
 
 
 def fill_(dst, value, stream=None):
-    """Queues a native fill of every element of dst with `value` (cast to dst.dtype)."""
+    """Queues a native fill of every element of dst with `value` (cast to dst.dtype), on
+    `stream` or else on the current stream of dst's device."""
     from .array import DeviceArray
     if not isinstance(dst, DeviceArray):
         raise TypeError("fill_ expects a DeviceArray")
@@ -108,7 +112,7 @@ def fill_(dst, value, stream=None):
         pattern = np.array(value, dtype=dst.dtype).tobytes()
     except (TypeError, ValueError, OverflowError) as e:
         raise TypeError(f"cannot fill a {dst.dtype} array with {value!r}: {e}") from None
-    _submit(_stream_arg(stream), ("fill", dst, pattern))
+    _submit(_stream_arg(stream, dst._device), ("fill", dst, pattern))
 
 
 def fail_device_allocations(after_n=None, every=0, device=None):

@@ -62,7 +62,34 @@ def _pool_arg(pool):
     from .memory import _pool_id_of
     if pool is None:
         return (0, 0)
-    return _pool_id_of(pool)
+    pool = _pool_id_of(pool)
+    if pool[0] and pool[1]:
+        raise ValueError(f"invalid pool id {pool}: at most one of its two halves may be non-zero "
+                         "(user pools are (0, n), graph pools (n, 0))")
+    return pool
+
+
+class _DeviceRef:
+    """What a recorded native kernel keeps of a DeviceArray: its address and size. A
+    captured graph, like a CUDA graph, does not keep the arrays it uses alive; their
+    memory stays reserved in the graph's pool (or is the caller's to keep alive)."""
+
+    __slots__ = ("_ptr", "nbytes")
+
+    def __init__(self, array):
+        self._ptr, self.nbytes = array.data_ptr(), array.nbytes
+
+    def data_ptr(self):
+        return self._ptr
+
+
+def _detach_kernel(kernel):
+    """A native copy/fill kernel that refers to its arrays by address only."""
+    if kernel[0] == "copy":
+        return ("copy", _DeviceRef(kernel[1]), _DeviceRef(kernel[2]))
+    if kernel[0] == "fill":
+        return ("fill", _DeviceRef(kernel[1]), kernel[2])
+    return kernel
 
 
 class MTIAGraph:
@@ -114,7 +141,9 @@ class MTIAGraph:
         self._capturing = True
 
     def _record_kernel(self, kernel):
-        self._kernels.append(kernel)
+        # Python kernels keep their arguments (the callable needs them); native kernels
+        # keep addresses only, so arrays freed during the capture return to the pool at once.
+        self._kernels.append(_detach_kernel(kernel))
 
     def _stop_capture(self):
         with _lock:
@@ -154,7 +183,10 @@ class MTIAGraph:
         self._do_instantiate()
 
     def replay(self):
-        from .emulator import _run_kernel
+        """Queues the captured kernels, in order, on the current stream. If that stream is
+        being captured, the replay is recorded into that capture (a graph launch inside a
+        capture becomes part of the outer graph) instead of running now."""
+        from .emulator import _submit
         from .streams import current_stream
         if not self._capture_ended:
             raise RuntimeError("Called MTIAGraph::replay without a preceding successful capture.")
@@ -162,7 +194,7 @@ class MTIAGraph:
             self._do_instantiate()
         stream = current_stream()
         for kernel in self._executable:
-            _run_kernel(stream, kernel)
+            _submit(stream, kernel)
 
     def reset(self):
         """Releases the graph's pool references and allows a new capture. Frees no memory
@@ -213,8 +245,14 @@ class graph:
         synchronize()
         empty_cache()
         self.stream_ctx.__enter__()
-        self.mtia_graph.capture_begin(*self.pool)
+        try:
+            self.mtia_graph.capture_begin(*self.pool)
+        except BaseException:
+            self.stream_ctx.__exit__(None, None, None)  # a failed begin leaves the stream as it was
+            raise
 
     def __exit__(self, *args):
-        self.mtia_graph.capture_end()
-        self.stream_ctx.__exit__(*args)
+        try:
+            self.mtia_graph.capture_end()
+        finally:
+            self.stream_ctx.__exit__(*args)

@@ -20,9 +20,19 @@ class KernelError(RuntimeError):
 
 
 def _record_kernel_error(device, stream_id, exc):
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    # Keep the text of the traceback, not its frames: they hold the kernel's arguments
+    # (DeviceArrays), which would otherwise stay allocated until the next synchronize().
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += [e.__cause__, e.__context__]
     with _kernel_errors_lock:
-        _kernel_errors.setdefault((device, stream_id), []).append(
-            (exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+        _kernel_errors.setdefault((device, stream_id), []).append((exc, text))
 
 
 def _raise_kernel_errors(keys):

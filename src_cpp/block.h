@@ -17,11 +17,14 @@
 
 namespace mtia {
 
-// A captured stack: what the snapshot calls `frames`.
+// One frame of a captured stack (what the snapshot calls `frames`). The core treats it
+// as opaque: `code` is a handle the capturer keeps alive (the binding: a Python code
+// object) and `lasti`/`line` locate the frame; the binding turns it into
+// filename/line/name only when a snapshot is taken.
 struct Frame {
-  std::string filename;
+  const void* code = nullptr;
+  int lasti = -1;  // instruction offset, or -1 when `line` is already known
   int line = 0;
-  std::string name;
 };
 using Frames = std::vector<Frame>;
 using FramesPtr = std::shared_ptr<const Frames>;

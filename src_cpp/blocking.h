@@ -36,13 +36,23 @@ class BlockingScope {
   void* token_;
 };
 
-// The device lock: a test-and-test-and-set spin lock. Critical sections are a few
-// hundred nanoseconds, so an uncontended lock/unlock pair (two atomic operations) is
-// far cheaper than a pthread mutex; a waiter spins briefly, then yields its core.
+// The device lock: a recursive test-and-test-and-set spin lock. Critical sections are a
+// few hundred nanoseconds, so an uncontended lock/unlock pair (two atomic operations) is
+// far cheaper than a pthread mutex; a waiter spins briefly, then yields its core. It is
+// recursive (as PyTorch's allocator mutex is) because a Python raw allocator called under
+// it may free memory of the same device, e.g. when the garbage collector runs inside it.
 class SpinMutex {
  public:
   bool try_lock() {
-    return !locked_.load(std::memory_order_relaxed) && !locked_.exchange(true, std::memory_order_acquire);
+    const void* me = self();
+    if (owner_.load(std::memory_order_relaxed) == me) {  // only this thread can have stored `me`
+      ++depth_;
+      return true;
+    }
+    if (locked_.load(std::memory_order_relaxed) || locked_.exchange(true, std::memory_order_acquire)) return false;
+    owner_.store(me, std::memory_order_relaxed);
+    depth_ = 1;
+    return true;
   }
   void lock() {
     for (int spins = 0; !try_lock(); ++spins) {
@@ -50,10 +60,20 @@ class SpinMutex {
       else std::this_thread::yield();
     }
   }
-  void unlock() { locked_.store(false, std::memory_order_release); }
+  void unlock() {
+    if (--depth_ > 0) return;
+    owner_.store(nullptr, std::memory_order_relaxed);
+    locked_.store(false, std::memory_order_release);
+  }
 
  private:
+  static const void* self() {
+    static thread_local char tag;
+    return &tag;
+  }
   std::atomic<bool> locked_{false};
+  std::atomic<const void*> owner_{nullptr};
+  int depth_ = 0;  // written only by the owner
 };
 
 // Locks `mu`, leaving a blocking scope only if the lock is contended.

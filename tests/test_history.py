@@ -41,13 +41,8 @@ def ops(entries, *addrs):
             if (e["action"] != "snapshot") and (not addrs or e.get("addr") in addrs)]
 
 
-def via(fn, *args):
-    """Calls fn two Python frames below the caller, so the caller's frame is in any stack."""
-    return _via2(fn, *args)
 
 
-def _via2(fn, *args):
-    return fn(*args)
 
 
 def names(frames):
@@ -73,7 +68,7 @@ def test_bad_arguments_are_rejected(history, kwargs, error, match):
 def test_private_alias_and_legacy_bool_form(history):
     mtia.memory._record_memory_history(True, trace_alloc_max_entries=3, trace_alloc_record_context=True)
     for _ in range(3):
-        mtia.caching_allocator_delete(via(mtia.caching_allocator_alloc, 4096))
+        mtia.caching_allocator_delete(mtia.caching_allocator_alloc(4096))
     t = trace()
     assert len(t) == 3 and t[-1]["action"] == "snapshot"
     assert "frames" in t[0]  # trace_alloc_record_context -> context "alloc"
@@ -180,7 +175,7 @@ def test_stream_of_entries_is_the_allocation_stream(history, blocks):
 
 def test_context_none_records_no_stacks(history, blocks):
     mtia.record_memory_history(context=None)
-    ptr = via(blocks.alloc, 4096)
+    ptr = blocks.alloc(4096)
     snap = mtia.snapshot()
     assert all("frames" not in e for e in snap["device_traces"][0])
     assert [b["frames"] for s in snap["segments"] for b in s["blocks"] if b["address"] == ptr] == [[]]
@@ -188,7 +183,7 @@ def test_context_none_records_no_stacks(history, blocks):
 
 def test_context_state_keeps_stacks_of_live_blocks_only(history, blocks):
     mtia.record_memory_history(context="state")
-    ptr = via(blocks.alloc, 3 * MiB + 1)
+    ptr = blocks.alloc(3 * MiB + 1)
     snap = mtia.snapshot()
     assert all("frames" not in e for e in snap["device_traces"][0])
     seg = next(s for s in snap["segments"] if s["address"] <= ptr < s["address"] + s["total_size"])
@@ -204,8 +199,8 @@ def test_context_state_keeps_stacks_of_live_blocks_only(history, blocks):
 
 def test_context_alloc_free_entries_reuse_the_allocation_stack(history):
     mtia.record_memory_history(context="alloc")
-    ptr = via(mtia.caching_allocator_alloc, 4096)
-    via(mtia.caching_allocator_delete, ptr)
+    ptr = mtia.caching_allocator_alloc(4096)
+    mtia.caching_allocator_delete(ptr)
     by_action = {e["action"]: e for e in trace() if e.get("addr") == ptr}
     me = "test_context_alloc_free_entries_reuse_the_allocation_stack"
     assert me in names(by_action["alloc"]["frames"])
@@ -215,17 +210,14 @@ def test_context_alloc_free_entries_reuse_the_allocation_stack(history):
 
 def test_context_all_captures_the_free_stack(history):
     mtia.record_memory_history(context="all")
-    ptr = via(mtia.caching_allocator_alloc, 4096)
-    via(mtia.caching_allocator_delete, ptr)
+    ptr = mtia.caching_allocator_alloc(4096)
+    mtia.caching_allocator_delete(ptr)
     by_action = {e["action"]: e for e in trace() if e.get("addr") == ptr}
     me = "test_context_all_captures_the_free_stack"
     line = lambda e: next(f["line"] for f in e["frames"] if f["name"] == me)  # noqa: E731
     assert line(by_action["free_requested"]) == line(by_action["alloc"]) + 1
 
 
-@pytest.mark.xfail(strict=True, reason="binding: _capture_frames starts at sys._getframe(2), dropping the two "
-                                       "innermost Python frames and failing outright at module level; "
-                                       "remove this marker once it starts at sys._getframe(0)")
 def test_stack_starts_at_the_direct_caller(tmp_path):
     script = textwrap.dedent("""
         import mtia_alloc as m

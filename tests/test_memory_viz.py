@@ -29,12 +29,8 @@ MiB = 1 << 20
 DEVICES = list(range(mtia.device_count()))
 
 
-def _via(fn, *args):
-    return _via2(fn, *args)
 
 
-def _via2(fn, *args):
-    return fn(*args)
 
 
 def _scenario(name):
@@ -44,13 +40,13 @@ def _scenario(name):
     live = []
 
     def alloc(n, device=None, stream=None):
-        p = _via(mtia.caching_allocator_alloc, n, device, stream)
+        p = mtia.caching_allocator_alloc(n, device, stream)
         live.append(p)
         return p
 
     def free(p):
         live.remove(p)
-        _via(mtia.caching_allocator_delete, p)
+        mtia.caching_allocator_delete(p)
 
     try:
         if name == "no-history":

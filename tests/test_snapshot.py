@@ -47,14 +47,8 @@ def mixed_state(blocks):
     del pool
 
 
-def via(fn, *args):
-    """Calls fn two Python frames down, so the caller's frame is in the captured stack even
-    while the binding drops the two innermost frames (see test_history.py)."""
-    return _via2(fn, *args)
 
 
-def _via2(fn, *args):
-    return fn(*args)
 
 
 def walk(obj):
@@ -141,7 +135,7 @@ def test_summary_cur_usage_column_matches_memory_summary(mixed_state):
 def test_repr_segments_and_blocks(mixed_state):
     mtia.record_memory_history(context="state")
     try:
-        p = via(mtia.caching_allocator_alloc, 777)
+        p = mtia.caching_allocator_alloc(777)
         snap = Snapshot()
     finally:
         mtia.record_memory_history(None)
