@@ -60,6 +60,7 @@ cdef extern from "history.h" namespace "mtia":
     cdef enum class RecordContext(int):
         kNever, kState, kAlloc, kAll
     const char* trace_action_name(TraceAction a)
+    string& user_metadata()
     cdef cppclass TraceEntry:
         TraceAction action
         uintptr_t addr

@@ -465,6 +465,15 @@ def set_history(cbool enabled, int context, size_t max_entries, cbool clear):
     _record_level = context if enabled else 0
 
 
+def set_memory_metadata(str text):
+    """This thread's string for the user_metadata of the trace entries it records."""
+    user_metadata().assign(text.encode())
+
+
+def get_memory_metadata():
+    return user_metadata().decode()
+
+
 def record_level():
     return _record_level
 

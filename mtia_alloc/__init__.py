@@ -18,7 +18,8 @@ from .memory import (MemPool, attach_out_of_memory_observer, caching_allocator_a
                      memory_stats_as_nested_dict, memory_summary, record_memory_history, record_stream,
                      reset_accumulated_memory_stats, reset_peak_memory_stats, set_per_process_memory_fraction,
                      snapshot, use_mem_pool)
-from .rng import get_rng_state, initial_seed, manual_seed, manual_seed_all, seed, seed_all, set_rng_state
+from .rng import (get_rng_state, get_rng_state_all, initial_seed, manual_seed, manual_seed_all, seed, seed_all,
+                  set_rng_state, set_rng_state_all)
 from .streams import (Event, Stream, StreamContext, current_device, current_stream, default_stream, device,
                       device_count, get_device_capability, get_device_properties, init, is_available,
                       is_bf16_supported, set_device, set_stream, stream, synchronize)
@@ -31,12 +32,13 @@ __all__ = [
     "StreamContext", "attach_out_of_memory_observer", "caching_allocator_alloc", "caching_allocator_delete",
     "current_device", "current_stream", "default_stream", "device", "device_count", "empty", "empty_cache",
     "emulator", "get_device_capability", "get_device_properties", "get_per_process_memory_fraction",
-    "get_rng_state", "graph", "graph_pool_handle", "init", "initial_seed", "is_available",
+    "get_rng_state", "get_rng_state_all", "graph", "graph_pool_handle", "init", "initial_seed", "is_available",
     "is_bf16_supported", "is_current_stream_capturing", "is_initialized", "manual_seed", "manual_seed_all",
     "max_memory_allocated", "max_memory_reserved", "mem_get_info", "memory", "memory_allocated",
     "memory_reserved", "memory_snapshot", "memory_stats", "memory_stats_as_nested_dict", "memory_summary",
     "record_memory_history", "record_stream", "reset_accumulated_memory_stats", "reset_peak_memory_stats",
-    "seed", "seed_all", "set_device", "set_per_process_memory_fraction", "set_rng_state", "set_stream",
+    "seed", "seed_all", "set_device", "set_per_process_memory_fraction", "set_rng_state", "set_rng_state_all",
+    "set_stream",
     "snapshot", "stream", "synchronize", "use_mem_pool",
 ]
 

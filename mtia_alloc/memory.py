@@ -21,7 +21,7 @@ __all__ = [
     "set_per_process_memory_fraction", "get_per_process_memory_fraction", "memory_summary", "mem_get_info",
     "snapshot", "memory_snapshot", "record_memory_history", "attach_out_of_memory_observer",
     "OutOfMemoryError", "MemPool", "use_mem_pool", "PythonAllocator", "PluggableAllocator",
-    "change_current_allocator", "check_invariants", "format_size",
+    "change_current_allocator", "check_invariants", "format_size", "Snapshot",
 ]
 
 
@@ -201,11 +201,11 @@ def _summary_table(stats, device, abbreviated=False):
         ("allocated_bytes", "Allocated memory", fmt_size),
         ("active_bytes", "Active memory", fmt_size),
         ("requested_bytes", "Requested memory", fmt_size),
-        ("reserved_bytes", "Device reserved memory", fmt_size),
+        ("reserved_bytes", "MTIA reserved memory", fmt_size),
         ("inactive_split_bytes", "Non-releasable memory", fmt_size),
         ("allocation", "Allocations", fmt_count),
         ("active", "Active allocs", fmt_count),
-        ("segment", "Device reserved segments", fmt_count),
+        ("segment", "Reserved segments", fmt_count),
         ("inactive_split", "Non-releasable allocs", fmt_count),
     ]
     lines = ["=" * 75, f" {'':16} MTIA memory summary, device ID {device:<25d} ", "-" * 75,
@@ -223,7 +223,7 @@ def _summary_table(stats, device, abbreviated=False):
             ref = ref or vals
             cells = " | ".join(fmt(v, r) for v, r in zip(vals, ref))
             lines.append(f" {sub_name:<21} | {cells} ")
-    for key, name in (("oversize_allocations", "Oversize allocations"), ("oversize_segments", "Oversize device segments")):
+    for key, name in (("oversize_allocations", "Oversize allocations"), ("oversize_segments", "Oversize segments")):
         lines.append("-" * 75)
         vals = [stats.get(f"{key}.{f}", 0) for f in ("current", "peak", "allocated", "freed")]
         lines.append(f" {name:<21.21} | " + " | ".join(fmt_count(v, v) for v in vals) + " ")
@@ -451,6 +451,18 @@ def _record_memory_history(enabled="all", *args, **kwargs):
     if isinstance(enabled, bool):
         return _record_memory_history_legacy(enabled, *args, **kwargs)
     return record_memory_history(enabled, *args, **kwargs)
+
+
+def _set_memory_metadata(metadata):
+    """Stamps `metadata` on every trace entry this thread records (PyTorch's
+    torch.cuda.memory._set_memory_metadata)."""
+    if not isinstance(metadata, str):
+        raise TypeError(f"metadata must be a str, got {type(metadata).__name__}")
+    _C.set_memory_metadata(metadata)
+
+
+def _get_memory_metadata():
+    return _C.get_memory_metadata()
 
 
 def _dump_snapshot(filename="dump_snapshot.pickle"):

@@ -106,6 +106,7 @@ struct Segment {
   BlockPool* pool = nullptr;
   FreeIndex* index = nullptr;         // where its free blocks go (its pool's, for its stream)
   uint64_t order = 0;                 // allocation-order counter (best-fit tie break)
+  bool oversize = false;              // counted in oversize_segments
   Block* first = nullptr;             // the block at `base`
   RawAllocator* raw = nullptr;        // who gave the memory, and takes it back
   FramesPtr frames;                   // stack at the device allocation
@@ -138,6 +139,7 @@ struct alignas(64) Block {
   StreamId stream = 0;
   Segment* seg = nullptr;
   uint64_t gc_count_base = 0;
+  bool oversize = false;              // counted in oversize_allocations while allocated
   FramesPtr frames;                   // stack at the last hand-out
   std::vector<StreamUse> stream_uses;
 

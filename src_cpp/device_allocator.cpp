@@ -170,7 +170,8 @@ Block* DeviceAllocator::alloc_block(const Request& r, bool is_retry) {
   if (owner) owner->segment_count += 1;
   stat_add(stats_.segment, r.pool->is_small, 1);
   stat_add(stats_.reserved_bytes, r.pool->is_small, int64_t(r.alloc_size));
-  if (r.alloc_size >= max_split()) stats_.oversize_segments.increase(1);
+  seg->oversize = r.alloc_size >= max_split();  // remembered: max_split_size may change later
+  if (seg->oversize) stats_.oversize_segments.increase(1);
   stats_.num_device_alloc += 1;
   if (history_on_)
     record_trace(TraceAction::kSegmentAlloc, seg->base, seg->size, r.stream,
@@ -208,6 +209,7 @@ bool DeviceAllocator::release_available_cached_blocks(const Request& r) {
   size_t total = 0;
   for (Block* b : oversize) {
     if (total >= key) break;
+    if (!b->in_index || b->is_split()) continue;  // a Python raw free may have re-entered
     total += b->size;
     release_block(b);
   }
@@ -236,7 +238,7 @@ void DeviceAllocator::garbage_collect_cached_blocks() {
     size_t freed_now = 0;
     for (Block* b : candidates) {
       if (reclaimed >= target) break;
-      if (double(now - b->gc_count_base) >= mean_age) {
+      if (double(now - b->gc_count_base) >= mean_age && b->in_index && !b->is_split()) {
         size_t sz = b->size;
         release_block(b);
         reclaimed += sz;
@@ -291,7 +293,8 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
   stat_add(stats_.active, small, 1);
   stat_add(stats_.active_bytes, small, int64_t(result->size));
   stat_add(stats_.requested_bytes, small, int64_t(r.orig_size));
-  if (result->size >= max_split()) stats_.oversize_allocations.increase(1);
+  result->oversize = result->size >= max_split();
+  if (result->oversize) stats_.oversize_allocations.increase(1);
   if (history_on_)
     record_trace(TraceAction::kAlloc, result->ptr, r.orig_size, r.stream,
                  pool->owner ? pool->owner->id : MempoolId{}, r.frames);
@@ -315,7 +318,8 @@ bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames) {
   b->allocated = false;
   stat_sub(stats_.allocation, small, 1);
   stat_sub(stats_.allocated_bytes, small, int64_t(b->size));
-  if (b->size >= max_split()) stats_.oversize_allocations.decrease(1);
+  if (b->oversize) stats_.oversize_allocations.decrease(1);
+  b->oversize = false;
   if (history_on_) {
     const FramesPtr& frames = record_context_ < RecordContext::kAll || !free_frames ? b->frames : free_frames;
     record_trace(TraceAction::kFreeRequested, b->ptr, b->requested_size, b->stream,
@@ -504,7 +508,8 @@ void DeviceAllocator::release_pool_blocks(BlockPool& pool) {
     idx->for_each([&](Block* b) {
       if (!b->is_split()) whole.push_back(b);
     });
-  for (Block* b : whole) release_block(b);
+  for (Block* b : whole)
+    if (b->in_index && !b->is_split()) release_block(b);  // a Python raw free may have re-entered
 }
 
 // Gives a whole free segment back to the device.
@@ -516,7 +521,7 @@ void DeviceAllocator::release_block(Block* b) {
   total_allocated_memory_ -= seg->size;
   stat_sub(stats_.segment, pool->is_small, 1);
   stat_sub(stats_.reserved_bytes, pool->is_small, int64_t(seg->size));
-  if (seg->size >= max_split()) stats_.oversize_segments.decrease(1);
+  if (seg->oversize) stats_.oversize_segments.decrease(1);
   stats_.num_device_free += 1;
   if (history_on_)
     record_trace(TraceAction::kSegmentFree, seg->base, seg->size, seg->stream,
@@ -730,7 +735,7 @@ bool DeviceAllocator::any_capture_underway() {
 void DeviceAllocator::record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
                                    const FramesPtr& frames) {
   TraceEntry e{a, addr, size, stream, epoch_us(), pool,
-               record_context_ >= RecordContext::kAlloc ? frames : FramesPtr(), std::string()};
+               record_context_ >= RecordContext::kAlloc ? frames : FramesPtr(), user_metadata()};
   trace_.push(std::move(e));
 }
 
@@ -744,6 +749,7 @@ void DeviceAllocator::set_history(bool enabled, RecordContext context, size_t ma
     return;
   }
   if (!history_on_ || clear) trace_.set_capacity(max_entries);
+  else trace_.resize(max_entries);  // PyTorch applies a new size without clearing
   history_on_ = true;
   record_context_ = context;
 }

@@ -43,6 +43,13 @@ struct TraceEntry {
   std::string user_metadata;
 };
 
+// A per-thread string copied into every trace entry this thread records
+// (torch.cuda.memory._set_memory_metadata).
+inline std::string& user_metadata() {
+  static thread_local std::string metadata;
+  return metadata;
+}
+
 inline int64_t epoch_us() {
   return std::chrono::duration_cast<std::chrono::microseconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -66,6 +73,14 @@ class TraceRing {
       entries_[next_] = std::move(e);
       next_ = (next_ + 1) % capacity_;
     }
+  }
+  // New capacity keeping the newest entries (history stays on).
+  void resize(size_t n) {
+    std::vector<TraceEntry> keep = ordered();
+    capacity_ = n < 1 ? 1 : n;
+    if (keep.size() > capacity_) keep.erase(keep.begin(), keep.end() - std::ptrdiff_t(capacity_));
+    entries_ = std::move(keep);
+    next_ = 0;  // oldest first again
   }
   std::vector<TraceEntry> ordered() const {  // oldest first
     std::vector<TraceEntry> out;
