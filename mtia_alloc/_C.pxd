@@ -138,6 +138,7 @@ cdef extern from "device_allocator.h" namespace "mtia":
         size_t total_size, allocated_size, active_size, requested_size
         int64_t stream
         cbool is_small
+        cbool is_expandable
         MempoolId pool
         FramesPtr frames
         vector[BlockInfo] blocks

@@ -431,7 +431,7 @@ def snapshot_segments(pool=None):
                 "allocated_size": s.allocated_size, "active_size": s.active_size,
                 "requested_size": s.requested_size, "stream": s.stream,
                 "segment_type": "small" if s.is_small else "large",
-                "segment_pool_id": (s.pool.first, s.pool.second), "is_expandable": False,
+                "segment_pool_id": (s.pool.first, s.pool.second), "is_expandable": s.is_expandable,
                 "frames": _frames_list(s.frames, cache), "blocks": blocks,
             })
     return out

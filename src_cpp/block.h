@@ -99,6 +99,8 @@ struct ArenaAllocator {
 
 using BinSet = std::set<Block*, BlockLess, ArenaAllocator<Block*>>;
 
+// One device allocation, or (expandable) one reserved address range of which only
+// mapped pages count as reserved memory.
 struct Segment {
   uintptr_t base = 0;
   size_t size = 0;
@@ -107,6 +109,8 @@ struct Segment {
   FreeIndex* index = nullptr;         // where its free blocks go (its pool's, for its stream)
   uint64_t order = 0;                 // allocation-order counter (best-fit tie break)
   bool oversize = false;              // counted in oversize_segments
+  bool expandable = false;            // a reserved range whose pages are mapped on demand
+  size_t page_size = 0;               // expandable: the mapping granularity
   Block* first = nullptr;             // the block at `base`
   RawAllocator* raw = nullptr;        // who gave the memory, and takes it back
   FramesPtr frames;                   // stack at the device allocation
@@ -129,11 +133,13 @@ struct alignas(64) Block {
   Block* next = nullptr;
   BlockPool* pool = nullptr;
   BinSet::iterator index_pos;         // valid while in_index
-  int event_count = 0;
+  int16_t event_count = 0;
   bool allocated = false;
   bool deferred = false;              // freed during a capture with stream uses
   bool in_index = false;
   bool has_stream_uses = false;       // == !stream_uses.empty()
+  bool mapped = true;                 // false: unmapped address space of an expandable segment
+  bool expandable = false;            // lives in an expandable segment
   // --- line 2 ---
   size_t requested_size = 0;
   StreamId stream = 0;

@@ -141,8 +141,6 @@ void AllocatorConfig::parse(const std::string& conf) {
       c.garbage_collection_threshold = t;
     } else if (key == "expandable_segments") {
       c.expandable_segments = tk.to_bool(v);
-      if (c.expandable_segments)
-        throw InvalidState("expandable_segments:True is not supported by mtia_alloc yet");
     } else if (key == "release_lock_on_cudamalloc") {
       c.release_lock_on_cudamalloc = tk.to_bool(v);
     } else if (key == "graph_capture_record_stream_reuse") {

@@ -50,7 +50,9 @@ void DeviceAllocator::delete_block(Block* b) {
   b->stream_uses.clear();
   b->frames.reset();
   b->prev = b->next = nullptr;
-  b->allocated = b->deferred = b->in_index = b->has_stream_uses = false;
+  b->allocated = b->deferred = b->in_index = b->has_stream_uses = b->expandable = b->oversize = false;
+  b->mapped = true;
+  b->requested_size = 0;
   b->event_count = 0;
   block_free_list_.push_back(b);
 }
@@ -58,7 +60,7 @@ void DeviceAllocator::delete_block(Block* b) {
 bool DeviceAllocator::should_split(const Block* b, size_t size) const {
   if (b->pool->owner && b->pool->owner->no_split) return false;
   size_t remaining = b->size - size;
-  if (b->pool->is_small) return remaining >= kMinBlockSize;
+  if (b->pool->is_small || config_->expandable_segments) return remaining >= kMinBlockSize;
   return size < max_split() && remaining > kSmallSize;
 }
 
@@ -131,6 +133,18 @@ Block* DeviceAllocator::get_free_block(const Request& r, BlockPool* pool) {
   if (!idx) return nullptr;
   Block* b = idx->lower_bound(r.size);
   if (!b) return nullptr;
+  if (b->expandable) {
+    if (expandable_active(pool)) {
+      // Best fit counts what an expandable block can grow into (the unmapped space after it).
+      auto grow = [](const Block* x) { return x->size + (x->next && !x->next->mapped ? x->next->size : 0); };
+      for (Block* next = idx->successor(b); b->expandable && next && grow(next) < grow(b); next = idx->successor(b))
+        b = next;
+    } else {  // expandable segments were switched off: their blocks are not used
+      do b = idx->successor(b);
+      while (b && b->expandable);
+      if (!b) return nullptr;
+    }
+  }
   const size_t M = max_split(), R = config_->max_non_split_rounding_size;
   if (r.size < M && b->size >= M) return nullptr;      // normal requests never take oversize blocks
   if (r.size >= M && b->size >= r.size + R) return nullptr;  // oversize: at most R - 1 bytes of slack
@@ -142,6 +156,7 @@ Block* DeviceAllocator::get_free_block(const Request& r, BlockPool* pool) {
 Block* DeviceAllocator::alloc_block(const Request& r, bool is_retry) {
   if (is_retry) stats_.num_alloc_retries += 1;
   if (allowed_memory_maximum_ && total_allocated_memory_ + r.alloc_size > allowed_memory_maximum_) return nullptr;
+  if (expandable_active(r.pool)) return try_allocate_expandable_block(r);
   PrivatePool* owner = r.pool->owner;
   RawAllocator* raw = owner && owner->allocator ? owner->allocator.get() : raw_.get();
   void* p = raw->alloc(r.alloc_size, device_, r.stream);
@@ -197,13 +212,13 @@ bool DeviceAllocator::release_available_cached_blocks(const Request& r) {
   FreeIndex* idx = r.pool->index(r.stream);
   if (!idx || idx->empty()) return false;
   size_t key = std::max(r.size, M);
-  if (Block* b = idx->lower_bound(key)) {
+  if (Block* b = idx->lower_bound(key); b && !b->expandable) {
     release_block(b);
     return true;
   }
   std::vector<Block*> oversize;  // largest first
   idx->for_each([&](Block* b) {
-    if (b->size >= M) oversize.push_back(b);
+    if (b->size >= M && !b->expandable) oversize.push_back(b);
   });
   std::sort(oversize.begin(), oversize.end(), [](Block* a, Block* b) { return BlockLess{}(b, a); });
   size_t total = 0;
@@ -228,7 +243,7 @@ void DeviceAllocator::garbage_collect_cached_blocks() {
     uint64_t age_sum = 0;
     for (auto& [s, idx] : large_blocks_.by_stream)
       idx->for_each([&](Block* b) {
-        if (!b->is_split()) {
+        if (!b->is_split() && !b->expandable) {
           candidates.push_back(b);
           age_sum += now - b->gc_count_base;
         }
@@ -264,6 +279,7 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
     result->order = block->order;
     result->pool = pool;
     result->seg = block->seg;
+    result->expandable = block->expandable;
     result->prev = block->prev;
     if (result->prev) result->prev->next = result;
     else block->seg->first = result;
@@ -274,13 +290,15 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
     block->requested_size = 0;
     block->gc_count_base = pool->get_free_blocks_call_count;
     block->seg->index->insert(block);
-    if (already_split) {
+    if (block->expandable) {
+      // expandable blocks are left out of the inactive_split stats on purpose
+    } else if (already_split) {
       stat_sub(stats_.inactive_split_bytes, small, int64_t(r.size));
     } else {
       stat_add(stats_.inactive_split, small, 1);
       stat_add(stats_.inactive_split_bytes, small, int64_t(remaining));
     }
-  } else if (already_split) {
+  } else if (already_split && !block->expandable) {
     stat_sub(stats_.inactive_split, small, 1);
     stat_sub(stats_.inactive_split_bytes, small, int64_t(block->size));
   }
@@ -427,8 +445,10 @@ void DeviceAllocator::free_block(Block* b) {
     net_split_blocks += 1;
     net_split_bytes += int64_t(b->size);
   }
-  stat_update(stats_.inactive_split, small, net_split_blocks);
-  stat_update(stats_.inactive_split_bytes, small, net_split_bytes);
+  if (!b->expandable) {
+    stat_update(stats_.inactive_split, small, net_split_blocks);
+    stat_update(stats_.inactive_split_bytes, small, net_split_bytes);
+  }
   b->gc_count_base = pool->get_free_blocks_call_count;
   b->seg->index->insert(b);
 }
@@ -482,6 +502,21 @@ void DeviceAllocator::empty_cache(MempoolId pool) {
 }
 
 void DeviceAllocator::release_cached_blocks(Lock& lock, MempoolId id) {
+  // Unmapping does not wait for the device: first let the streams of expandable segments
+  // finish (with the lock dropped, as for events).
+  std::vector<Stream*> expandable_streams;
+  for (Segment* seg : segments_)
+    if (seg->expandable) expandable_streams.push_back(emulator_->device(device_).stream(seg->stream));
+  if (!expandable_streams.empty() && captures_underway_.empty()) {
+    lock.unlock();
+    {
+      BlockingScope blocking;
+      for (Stream* st : expandable_streams)
+        if (st) st->synchronize();
+    }
+    lock_blocking(mu_);
+    lock = Lock(mu_, std::adopt_lock);
+  }
   if (id.is_default()) {
     if (captures_underway_.empty()) {
       synchronize_and_free_events(lock, nullptr);
@@ -503,13 +538,18 @@ void DeviceAllocator::release_cached_blocks(Lock& lock, MempoolId id) {
 }
 
 void DeviceAllocator::release_pool_blocks(BlockPool& pool) {
-  std::vector<Block*> whole;
+  std::vector<Block*> whole, to_unmap;
   for (auto& [s, idx] : pool.by_stream)
     idx->for_each([&](Block* b) {
-      if (!b->is_split()) whole.push_back(b);
+      if (b->expandable) to_unmap.push_back(b);
+      else if (!b->is_split()) whole.push_back(b);
     });
   for (Block* b : whole)
     if (b->in_index && !b->is_split()) release_block(b);  // a Python raw free may have re-entered
+  for (Block* b : to_unmap) {
+    if (!b->in_index) continue;
+    unmap_block(b);
+  }
 }
 
 // Gives a whole free segment back to the device.
@@ -527,6 +567,192 @@ void DeviceAllocator::release_block(Block* b) {
     record_trace(TraceAction::kSegmentFree, seg->base, seg->size, seg->stream,
                  pool->owner ? pool->owner->id : MempoolId{}, seg->frames);
   if (pool->owner) pool->owner->segment_count -= 1;
+  Segment* last = segments_.back();
+  last->list_index = seg->list_index;
+  segments_[seg->list_index] = last;
+  segments_.pop_back();
+  delete seg;
+  delete_block(b);
+}
+
+// ---------------------------------------------------------------- expandable segments (§11)
+//
+// One reserved range per (pool, stream), 1.125 x the device capacity; pages (2 MiB small,
+// 20 MiB large) are mapped at the lowest address where the request fits, and fully free
+// pages are unmapped by empty_cache. Mapped pages count as reserved memory and as
+// num_device_alloc; the `segment` stats are not touched.
+
+Block* DeviceAllocator::split_off(Block* b, size_t offset, bool mapped) {
+  Block* tail = new_block();
+  tail->ptr = b->ptr + offset;
+  tail->size = b->size - offset;
+  tail->stream = b->stream;
+  tail->order = b->order;
+  tail->pool = b->pool;
+  tail->seg = b->seg;
+  tail->expandable = b->expandable;
+  tail->mapped = mapped;
+  tail->prev = b;
+  tail->next = b->next;
+  if (tail->next) tail->next->prev = tail;
+  b->next = tail;
+  b->size = offset;
+  return tail;
+}
+
+void DeviceAllocator::merge_unmapped(Block* dst, Block* src) {
+  if (!src || src->mapped) return;
+  dst->pool->unmapped.erase(src);
+  if (dst->prev == src) {
+    dst->ptr = src->ptr;
+    dst->prev = src->prev;
+    if (dst->prev) dst->prev->next = dst;
+    else dst->seg->first = dst;
+  } else {
+    dst->next = src->next;
+    if (dst->next) dst->next->prev = dst;
+  }
+  dst->size += src->size;
+  delete_block(src);
+}
+
+Block* DeviceAllocator::find_expandable_block(const Request& r) {
+  BlockPool* pool = r.pool;
+  auto allocatable = [](const Block* b) {
+    return b && b->mapped && !b->allocated && b->event_count == 0 && !b->has_stream_uses && !b->deferred;
+  };
+  auto room = [&](const Block* b) {  // free + unmapped bytes from b on
+    size_t bytes = 0;
+    for (; b && bytes < r.size && (allocatable(b) || (b && !b->mapped)); b = b->next) bytes += b->size;
+    return bytes >= r.size;
+  };
+  Block key;
+  key.stream = r.stream;
+  key.ptr = 0;
+  for (auto it = pool->unmapped.lower_bound(&key); it != pool->unmapped.end() && (*it)->stream == r.stream; ++it) {
+    Block* c = *it;
+    if (allocatable(c->prev)) c = c->prev;  // a free block right before the hole helps
+    if (room(c)) return c;
+  }
+  // A new reservation for this pool and stream.
+  DeviceMemory& mem = emulator_->device(device_).memory();
+  const size_t page = pool->is_small ? kSmallBuffer : kLargeBuffer;
+  const size_t pages = (mem.capacity() + page - 1) / page;
+  const size_t size = (pages + pages / 8) * page;
+  void* base = mem.reserve_range(size);
+  if (!base) return nullptr;
+  auto* seg = new Segment();
+  seg->base = reinterpret_cast<uintptr_t>(base);
+  seg->size = size;
+  seg->stream = r.stream;
+  seg->pool = pool;
+  seg->index = pool->index_or_create(r.stream);
+  seg->order = ++segment_order_;
+  seg->expandable = true;
+  seg->page_size = page;
+  seg->frames = r.frames;
+  seg->list_index = segments_.size();
+  segments_.push_back(seg);
+  if (pool->owner) pool->owner->segment_count += 1;
+  Block* b = new_block();
+  b->ptr = seg->base;
+  b->size = size;
+  b->stream = r.stream;
+  b->order = seg->order;
+  b->pool = pool;
+  b->seg = seg;
+  b->expandable = true;
+  b->mapped = false;
+  seg->first = b;
+  pool->unmapped.insert(b);
+  return b;
+}
+
+// Maps the pages under [to_map->ptr, +size) of an unmapped block; the rest stays unmapped.
+// The mapped block merges with free mapped neighbours and goes into the free index.
+bool DeviceAllocator::map_block(Block* to_map, size_t size, const Request& r) {
+  Segment* seg = to_map->seg;
+  const size_t page = seg->page_size;
+  const size_t offset = to_map->ptr - seg->base;  // unmapped blocks start on page boundaries
+  const size_t bytes = ((offset + size + page - 1) / page) * page - offset;
+  if (allowed_memory_maximum_ && total_allocated_memory_ + bytes > allowed_memory_maximum_) return false;
+  DeviceMemory& mem = emulator_->device(device_).memory();
+  if (!mem.map_pages(reinterpret_cast<void*>(to_map->ptr), bytes)) return false;
+  BlockPool* pool = to_map->pool;
+  pool->unmapped.erase(to_map);
+  if (bytes < to_map->size) pool->unmapped.insert(split_off(to_map, bytes, false));
+  to_map->mapped = true;
+  const uintptr_t mapped_ptr = to_map->ptr;
+  try_merge(to_map, to_map->prev);
+  try_merge(to_map, to_map->next);
+  to_map->gc_count_base = pool->get_free_blocks_call_count;
+  seg->index->insert(to_map);
+  total_allocated_memory_ += bytes;
+  stat_add(stats_.reserved_bytes, pool->is_small, int64_t(bytes));
+  stats_.num_device_alloc += 1;
+  if (history_on_)
+    record_trace(TraceAction::kSegmentMap, mapped_ptr, bytes, seg->stream,
+                 pool->owner ? pool->owner->id : MempoolId{}, r.frames);
+  return true;
+}
+
+Block* DeviceAllocator::try_allocate_expandable_block(const Request& r) {
+  Block* c = find_expandable_block(r);
+  if (!c) return nullptr;
+  // c is: unmapped -> ..., or free -> unmapped -> ...: map until c covers the request.
+  if (!c->mapped && !map_block(c, std::min(c->size, r.size), r)) return nullptr;
+  while (c->size < r.size) {
+    Block* next = c->next;  // unmapped
+    if (!map_block(next, std::min(r.size - c->size, next->size), r)) return nullptr;
+    c = next;  // map_block merged c into next
+  }
+  c->seg->index->erase(c);
+  return c;
+}
+
+// Unmaps the whole free pages inside free block b; the edges stay mapped and free.
+void DeviceAllocator::unmap_block(Block* b) {
+  Segment* seg = b->seg;
+  const size_t page = seg->page_size;
+  const size_t off = b->ptr - seg->base;
+  const size_t first = (off + page - 1) / page, last = (off + b->size) / page;
+  if (last <= first) return;
+  const uintptr_t uptr = seg->base + first * page;
+  const size_t usize = (last - first) * page;
+  BlockPool* pool = b->pool;
+  seg->index->erase(b);
+  const size_t before = uptr - b->ptr, after = b->size - before - usize;
+  if (after > 0) {
+    Block* tail = split_off(b, before + usize, true);
+    tail->gc_count_base = pool->get_free_blocks_call_count;
+    seg->index->insert(tail);
+  }
+  if (before > 0) {
+    Block* middle = split_off(b, before, true);  // b keeps the mapped head
+    b->gc_count_base = pool->get_free_blocks_call_count;
+    seg->index->insert(b);
+    b = middle;
+  }
+  b->mapped = false;
+  merge_unmapped(b, b->prev);
+  merge_unmapped(b, b->next);
+  pool->unmapped.insert(b);
+  emulator_->device(device_).memory().unmap_pages(reinterpret_cast<void*>(uptr), usize);
+  total_allocated_memory_ -= usize;
+  stat_sub(stats_.reserved_bytes, pool->is_small, int64_t(usize));
+  stats_.num_device_free += 1;
+  if (history_on_)
+    record_trace(TraceAction::kSegmentUnmap, uptr, usize, seg->stream, pool->owner ? pool->owner->id : MempoolId{},
+                 FramesPtr());
+  if (!b->prev && !b->next) release_expandable_segment(b);
+}
+
+// A wholly unmapped expandable segment gives back its address space.
+void DeviceAllocator::release_expandable_segment(Block* b) {
+  Segment* seg = b->seg;
+  b->pool->unmapped.erase(b);
+  emulator_->device(device_).memory().release_range(reinterpret_cast<void*>(seg->base), seg->size);
+  if (b->pool->owner) b->pool->owner->segment_count -= 1;
   Segment* last = segments_.back();
   last->list_index = seg->list_index;
   segments_[seg->list_index] = last;
@@ -769,28 +995,37 @@ std::vector<SegmentInfo> DeviceAllocator::snapshot(MempoolId pool, bool all_pool
     PrivatePool* owner = seg->pool->owner;
     MempoolId pid = owner ? owner->id : MempoolId{};
     if (!all_pools && pid != pool) continue;
-    SegmentInfo s;
-    s.device = device_;
-    s.address = seg->base;
-    s.total_size = seg->size;
-    s.stream = seg->stream;
-    s.is_small = seg->pool->is_small;
-    s.pool = pid;
-    s.frames = seg->frames;
-    for (Block* b = seg->first; b; b = b->next) {
-      const char* state = b->allocated ? "active_allocated"
-                          : (b->event_count > 0 || !b->stream_uses.empty() || b->deferred) ? "active_pending_free"
-                                                                                            : "inactive";
-      if (b->allocated) s.allocated_size += b->size;
-      if (state[0] == 'a') {
-        s.active_size += b->size;
-        s.requested_size += b->requested_size;
+    // A segment is a run of mapped blocks (one run per normal segment; an expandable
+    // segment shows each contiguous mapped range, as PyTorch's snapshot does).
+    for (Block* b = seg->first; b;) {
+      if (!b->mapped) {
+        b = b->next;
+        continue;
       }
-      s.blocks.push_back(BlockInfo{b->ptr, b->size, b->requested_size, state,
-                                   state[0] == 'a' ? b->frames : FramesPtr()});
+      SegmentInfo s;
+      s.device = device_;
+      s.address = b->ptr;
+      s.stream = seg->stream;
+      s.is_small = seg->pool->is_small;
+      s.is_expandable = seg->expandable;
+      s.pool = pid;
+      s.frames = seg->frames;
+      for (; b && b->mapped; b = b->next) {
+        const char* state = b->allocated ? "active_allocated"
+                            : (b->event_count > 0 || b->has_stream_uses || b->deferred) ? "active_pending_free"
+                                                                                        : "inactive";
+        s.total_size += b->size;
+        if (b->allocated) s.allocated_size += b->size;
+        if (state[0] == 'a') {
+          s.active_size += b->size;
+          s.requested_size += b->requested_size;
+        }
+        s.blocks.push_back(BlockInfo{b->ptr, b->size, b->requested_size, state,
+                                     state[0] == 'a' ? b->frames : FramesPtr()});
+      }
+      total_active += s.active_size;
+      out.push_back(std::move(s));
     }
-    total_active += s.active_size;
-    out.push_back(std::move(s));
   }
   std::sort(out.begin(), out.end(), [](const SegmentInfo& a, const SegmentInfo& b) { return a.address < b.address; });
   if (history_on_) record_trace(TraceAction::kSnapshot, 0, total_active, 0, MempoolId{}, FramesPtr());
@@ -809,13 +1044,15 @@ std::string DeviceAllocator::check_invariants() {
   // Recount everything from the segments.
   int64_t seg_count[3] = {}, reserved[3] = {}, alloc_count[3] = {}, alloc_bytes[3] = {};
   int64_t active_count[3] = {}, active_bytes[3] = {}, split_count[3] = {}, split_bytes[3] = {}, requested[3] = {};
-  size_t indexed = 0, allocated_blocks = 0;
+  size_t indexed = 0, allocated_blocks = 0, unmapped_blocks = 0;
   for (size_t i = 0; i < segments_.size(); ++i) {
     Segment* seg = segments_[i];
     int k = seg->pool->is_small ? kSmallPool : kLargePool;
     if (seg->list_index != i) fail("segment list index mismatch");
-    seg_count[k] += 1;
-    reserved[k] += int64_t(seg->size);
+    if (!seg->expandable) {  // expandable: only mapped pages count, and not as segments
+      seg_count[k] += 1;
+      reserved[k] += int64_t(seg->size);
+    }
     uintptr_t expect = seg->base;
     Block* prev = nullptr;
     if (!seg->first || seg->first->prev) fail("segment head is not the first block");
@@ -825,6 +1062,19 @@ std::string DeviceAllocator::check_invariants() {
       if (b->seg != seg || b->pool != seg->pool || b->stream != seg->stream) fail("block/segment mismatch");
       if (b->size == 0 || b->size % kMinBlockSize) fail("block size not a positive multiple of 512");
       expect += b->size;
+      if (b->expandable != seg->expandable) fail("block/segment expandable mismatch");
+      if (!b->mapped) {
+        unmapped_blocks += 1;
+        if (!seg->expandable || b->allocated || b->in_index) fail("unmapped block in use or indexed");
+        if (!b->pool->unmapped.count(b)) fail("unmapped block missing from the pool's unmapped set");
+        if (prev && !prev->mapped) fail("two adjacent unmapped blocks were not merged");
+        continue;
+      }
+      if (seg->expandable) {
+        reserved[k] += int64_t(b->size);
+        if ((b->ptr - seg->base) % seg->page_size && prev && !prev->mapped)
+          fail("mapped range does not start on a page boundary");
+      }
       bool pending = !b->allocated && (b->event_count > 0 || !b->stream_uses.empty() || b->deferred);
       if (b->allocated) {
         alloc_count[k] += 1;
@@ -841,7 +1091,7 @@ std::string DeviceAllocator::check_invariants() {
       } else {
         if (!b->in_index) fail("inactive block is not in its free index");
         indexed += 1;
-        if (b->is_split()) {
+        if (b->is_split() && !b->expandable) {
           split_count[k] += 1;
           split_bytes[k] += int64_t(b->size);
         }
@@ -855,12 +1105,19 @@ std::string DeviceAllocator::check_invariants() {
   auto count_pool = [&](BlockPool& bp) {
     for (auto& [s, idx] : bp.by_stream) in_indexes += idx->size();
   };
+  size_t in_unmapped = 0;
+  auto count_unmapped = [&](BlockPool& bp) { in_unmapped += bp.unmapped.size(); };
   count_pool(small_blocks_);
   count_pool(large_blocks_);
+  count_unmapped(small_blocks_);
+  count_unmapped(large_blocks_);
   for (auto& [id, p] : pools_) {
     count_pool(p->small_blocks);
     count_pool(p->large_blocks);
+    count_unmapped(p->small_blocks);
+    count_unmapped(p->large_blocks);
   }
+  if (in_unmapped != unmapped_blocks) fail("unmapped sets hold blocks that are not in any segment");
   if (in_indexes != indexed) fail("free indexes hold " + std::to_string(in_indexes) + " blocks, expected " +
                                   std::to_string(indexed));
   DeviceStats st = stats_;

@@ -33,6 +33,13 @@
 
 namespace mtia {
 
+// Unmapped ranges of expandable segments, ordered by (stream, address).
+struct UnmappedLess {
+  bool operator()(const Block* a, const Block* b) const {
+    return a->stream != b->stream ? a->stream < b->stream : a->ptr < b->ptr;
+  }
+};
+
 // The free blocks of one pool kind (small or large) of one pool, per stream.
 struct BlockPool {
   BlockPool(bool small, PrivatePool* owner, NodeArena* arena) : is_small(small), owner(owner), arena(arena) {}
@@ -41,6 +48,7 @@ struct BlockPool {
   NodeArena* arena;
   uint64_t get_free_blocks_call_count = 0;  // the GC clock
   std::vector<std::pair<StreamId, std::unique_ptr<FreeIndex>>> by_stream;
+  std::set<Block*, UnmappedLess> unmapped;  // expandable address space not backed by pages
 
   FreeIndex* index(StreamId s) {
     for (auto& [id, idx] : by_stream)
@@ -49,7 +57,7 @@ struct BlockPool {
   }
   FreeIndex* index_or_create(StreamId s) {
     if (FreeIndex* idx = index(s)) return idx;
-    by_stream.emplace_back(s, std::make_unique<FreeIndex>(is_small, arena));
+    by_stream.emplace_back(s, std::make_unique<FreeIndex>(arena));
     return by_stream.back().second.get();
   }
 };
@@ -85,6 +93,7 @@ struct SegmentInfo {
   size_t total_size = 0, allocated_size = 0, active_size = 0, requested_size = 0;
   StreamId stream = 0;
   bool is_small = false;
+  bool is_expandable = false;
   MempoolId pool;
   FramesPtr frames;
   std::vector<BlockInfo> blocks;
@@ -167,6 +176,17 @@ class DeviceAllocator {
   void delete_block(Block* b);
   PrivatePool* find_pool(MempoolId id);
   bool should_split(const Block* b, size_t size) const;
+  // Expandable segments (allocator_core.md §11).
+  bool expandable_active(const BlockPool* pool) const {
+    return config_->expandable_segments && !(pool->owner && pool->owner->allocator);
+  }
+  Block* try_allocate_expandable_block(const Request& r);
+  Block* find_expandable_block(const Request& r);
+  bool map_block(Block* to_map, size_t size, const Request& r);
+  void unmap_block(Block* b);
+  void release_expandable_segment(Block* b);
+  void merge_unmapped(Block* dst, Block* src);
+  Block* split_off(Block* b, size_t offset, bool mapped);  // new block for [b->ptr + offset, end)
   size_t max_split() const { return config_->max_split_size; }
 
   const DeviceIndex device_;

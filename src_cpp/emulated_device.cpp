@@ -82,6 +82,36 @@ void DeviceMemory::free(void* ptr, size_t size) {
   free_.emplace(off, size);
 }
 
+void* DeviceMemory::reserve_range(size_t size) {
+  void* p = mmap(nullptr, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
+
+void DeviceMemory::release_range(void* ptr, size_t size) { munmap(ptr, size); }
+
+bool DeviceMemory::map_pages(void* ptr, size_t size) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++malloc_calls_;
+    if (size > capacity_ - used_ || inject_failure()) return false;
+    used_ += size;
+  }
+  if (mprotect(ptr, size, PROT_READ | PROT_WRITE) != 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    used_ -= size;
+    return false;
+  }
+  return true;
+}
+
+void DeviceMemory::unmap_pages(void* ptr, size_t size) {
+  madvise(ptr, size, MADV_DONTNEED);
+  mprotect(ptr, size, PROT_NONE);
+  std::lock_guard<std::mutex> lock(mu_);
+  ++free_calls_;
+  used_ -= size;
+}
+
 EmulatedDevice::EmulatedDevice(DeviceIndex index, size_t capacity) : index_(index), memory_(index, capacity) {
   auto s = std::make_unique<Stream>(index, 0, 0);
   default_stream_ = s.get();

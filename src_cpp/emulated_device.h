@@ -30,6 +30,12 @@ class DeviceMemory {
   ~DeviceMemory();
   void* malloc(size_t size);  // nullptr = out of memory
   void free(void* ptr, size_t size);
+  // Expandable segments: address space reserved outside the device range (no memory),
+  // then pages mapped into it and charged against the capacity like a malloc.
+  void* reserve_range(size_t size);
+  void release_range(void* ptr, size_t size);
+  bool map_pages(void* ptr, size_t size);  // false = out of memory (or an injected fault)
+  void unmap_pages(void* ptr, size_t size);
   size_t capacity() const { return capacity_; }
   size_t used() const;
   bool contains(const void* p) const {

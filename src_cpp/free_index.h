@@ -3,11 +3,11 @@
 //
 // Best fit means: the smallest block by (size, segment order, address) whose size is
 // >= the request, exactly what PyTorch's std::set lower_bound returns. Blocks sit in
-// size bins: small pools use one bin per 512-byte size (blocks are <= 2 MiB), large
-// pools use 64 bins per power of two. A two-level bitmap finds the first non-empty bin
-// at or above the request's bin; inside a bin a small ordered set gives the exact
-// answer. The cost does not grow with the number of bins in use, only (logarithmically)
-// with the population of one bin.
+// size bins: one bin per 512-byte size up to 2 MiB (every small-pool block but those of
+// expandable segments), then 64 bins per power of two. A two-level bitmap finds the
+// first non-empty bin at or above the request's bin; inside a bin a small ordered set
+// gives the exact answer. The cost does not grow with the number of bins in use, only
+// (logarithmically) with the population of one bin.
 #pragma once
 #include <array>
 #include <cstdint>
@@ -20,8 +20,7 @@ namespace mtia {
 
 class FreeIndex {
  public:
-  FreeIndex(bool small, NodeArena* arena)
-      : small_(small), arena_(arena), nbins_(small ? kSmallBins : kLargeBins), bins_(new Bin[nbins_]) {}
+  explicit FreeIndex(NodeArena* arena) : arena_(arena), bins_(new Bin[kBins]) {}
 
   bool empty() const { return count_ == 0; }
   size_t size() const { return count_; }
@@ -43,7 +42,7 @@ class FreeIndex {
     }
     b->in_index = true;
     words_[bin >> 6] |= uint64_t(1) << (bin & 63);
-    summary_ |= uint64_t(1) << (bin >> 6);
+    summary_[bin >> 12] |= uint64_t(1) << ((bin >> 6) & 63);
     ++count_;
   }
 
@@ -55,7 +54,7 @@ class FreeIndex {
     b->in_index = false;
     if (slot.empty()) {
       words_[bin >> 6] &= ~(uint64_t(1) << (bin & 63));
-      if (!words_[bin >> 6]) summary_ &= ~(uint64_t(1) << (bin >> 6));
+      if (!words_[bin >> 6]) summary_[bin >> 12] &= ~(uint64_t(1) << ((bin >> 6) & 63));
     }
     --count_;
   }
@@ -64,7 +63,7 @@ class FreeIndex {
   Block* lower_bound(size_t size) const {
     if (!count_) return nullptr;
     size_t bin = bin_of(size);
-    if (bin >= nbins_) return nullptr;
+    if (bin >= kBins) return nullptr;
     const Bin& slot = bins_[bin];
     if (!slot.empty()) {
       Block* first = slot.first();
@@ -79,14 +78,27 @@ class FreeIndex {
       }
     }
     size_t next = next_nonempty(bin + 1);
-    return next < nbins_ ? bins_[next].first() : nullptr;
+    return next < kBins ? bins_[next].first() : nullptr;
+  }
+
+  // The block after `b` in best-fit order, or nullptr (b must be in the index).
+  Block* successor(const Block* b) const {
+    size_t bin = bin_of(b->size);
+    const Bin& slot = bins_[bin];
+    if (!slot.solo) {
+      auto it = std::next(b->index_pos);
+      if (it != slot.set->end()) return *it;
+    }
+    size_t next = next_nonempty(bin + 1);
+    return next < kBins ? bins_[next].first() : nullptr;
   }
 
   // Largest free block, or nullptr.
   Block* largest() const {
     if (!count_) return nullptr;
-    int w = 63 - __builtin_clzll(summary_);
-    size_t bin = (size_t(w) << 6) + size_t(63 - __builtin_clzll(words_[size_t(w)]));
+    int top = summary_[1] ? 1 : 0;
+    size_t w = (size_t(top) << 6) + size_t(63 - __builtin_clzll(summary_[top]));
+    size_t bin = (w << 6) + size_t(63 - __builtin_clzll(words_[w]));
     const Bin& slot = bins_[bin];
     return slot.solo ? slot.solo : *slot.set->rbegin();
   }
@@ -94,7 +106,7 @@ class FreeIndex {
   // Calls f(block) for every free block (f must not modify the index).
   template <class F>
   void for_each(F f) const {
-    for (size_t bin = next_nonempty(0); bin < nbins_; bin = next_nonempty(bin + 1)) {
+    for (size_t bin = next_nonempty(0); bin < kBins; bin = next_nonempty(bin + 1)) {
       const Bin& slot = bins_[bin];
       if (slot.solo) f(slot.solo);
       else
@@ -103,36 +115,43 @@ class FreeIndex {
   }
 
   ~FreeIndex() {
-    for (size_t i = 0; i < nbins_; ++i) delete bins_[i].set;
+    for (size_t i = 0; i < kBins; ++i) delete bins_[i].set;
   }
   FreeIndex(const FreeIndex&) = delete;
   FreeIndex& operator=(const FreeIndex&) = delete;
 
  private:
-  static constexpr size_t kSmallBins = 4096;        // 512 B .. 2 MiB, one bin per size
-  static constexpr int kLargeSubBits = 6;           // 64 bins per power of two
-  static constexpr int kLargeMinLog2 = 20;          // large blocks are > 1 MiB
-  static constexpr size_t kLargeBins = (64 - kLargeMinLog2) << kLargeSubBits;
+  static constexpr size_t kExactBins = 4096;     // 512 B .. 2 MiB, one bin per size
+  static constexpr int kExactLimitLog2 = 21;      // 2 MiB
+  static constexpr int kSubBits = 6;              // then 64 bins per power of two
+  static constexpr int kMaxLog2 = 47;             // blocks < 256 TiB
+  static constexpr size_t kBins = kExactBins + (size_t(kMaxLog2 - kExactLimitLog2 + 1) << kSubBits);
+  static constexpr size_t kWords = (kBins + 63) / 64;
+  static_assert(kWords <= 128, "two summary words cover 128 bitmap words");
 
-  size_t bin_of(size_t size) const {
-    if (small_) return size <= kMinBlockSize ? 0 : (size - 1) / kMinBlockSize;
-    if (size < (size_t(1) << kLargeMinLog2)) return 0;
+  static size_t bin_of(size_t size) {
+    if (size <= (size_t(1) << kExactLimitLog2)) return size <= kMinBlockSize ? 0 : (size - 1) / kMinBlockSize;
     int log2 = 63 - __builtin_clzll(size);
-    size_t sub = (size >> (log2 - kLargeSubBits)) & ((size_t(1) << kLargeSubBits) - 1);
-    return (size_t(log2 - kLargeMinLog2) << kLargeSubBits) + sub;
+    if (log2 > kMaxLog2) return kBins;  // beyond any device
+    size_t sub = (size >> (log2 - kSubBits)) & ((size_t(1) << kSubBits) - 1);
+    return kExactBins + (size_t(log2 - kExactLimitLog2) << kSubBits) + sub;
   }
 
-  // First non-empty bin >= from, or bins_.size().
+  // First non-empty bin >= from, or kBins.
   size_t next_nonempty(size_t from) const {
-    if (from >= nbins_) return nbins_;
+    if (from >= kBins) return kBins;
     size_t w = from >> 6;
     uint64_t bits = words_[w] & (~uint64_t(0) << (from & 63));
     if (bits) return (w << 6) + __builtin_ctzll(bits);
-    if (w + 1 >= 64) return nbins_;
-    uint64_t s = summary_ & (~uint64_t(0) << (w + 1));
-    if (!s) return nbins_;
-    w = __builtin_ctzll(s);
-    return (w << 6) + __builtin_ctzll(words_[w]);
+    for (size_t sw = (w + 1) >> 6; sw < 2; ++sw) {
+      uint64_t sbits = summary_[sw];
+      if (sw == (w + 1) >> 6) sbits &= (w + 1) & 63 ? ~uint64_t(0) << ((w + 1) & 63) : ~uint64_t(0);
+      if (sbits) {
+        size_t word = (sw << 6) + __builtin_ctzll(sbits);
+        return (word << 6) + __builtin_ctzll(words_[word]);
+      }
+    }
+    return kBins;
   }
 
   // A bin holds one block inline (`solo`) or, from two blocks on, an ordered set.
@@ -143,12 +162,10 @@ class FreeIndex {
     Block* first() const { return solo ? solo : *set->begin(); }
   };
 
-  bool small_;
   NodeArena* arena_;
-  size_t nbins_;
   std::unique_ptr<Bin[]> bins_;
-  std::array<uint64_t, 64> words_{};  // bit b%64 of word b/64: bin b is non-empty
-  uint64_t summary_ = 0;
+  std::array<uint64_t, kWords> words_{};  // bit b%64 of word b/64: bin b is non-empty
+  uint64_t summary_[2] = {0, 0};          // bit w: words_[w] is non-zero
   size_t count_ = 0;
 };
 

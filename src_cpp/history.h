@@ -13,7 +13,8 @@
 namespace mtia {
 
 enum class TraceAction : uint8_t {
-  kAlloc, kFreeRequested, kFreeCompleted, kSegmentAlloc, kSegmentFree, kSnapshot, kOom,
+  kAlloc, kFreeRequested, kFreeCompleted, kSegmentAlloc, kSegmentFree, kSnapshot, kOom, kSegmentMap,
+  kSegmentUnmap,
 };
 
 inline const char* trace_action_name(TraceAction a) {
@@ -25,6 +26,8 @@ inline const char* trace_action_name(TraceAction a) {
     case TraceAction::kSegmentFree: return "segment_free";
     case TraceAction::kSnapshot: return "snapshot";
     case TraceAction::kOom: return "oom";
+    case TraceAction::kSegmentMap: return "segment_map";
+    case TraceAction::kSegmentUnmap: return "segment_unmap";
   }
   return "?";
 }

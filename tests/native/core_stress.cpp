@@ -120,8 +120,8 @@ int main(int argc, char** argv) {
   int threads = argc > 1 ? std::atoi(argv[1]) : 4;
   int steps = argc > 2 ? std::atoi(argv[2]) : 20000;
   std::atomic<uint64_t> ops{0};
-  {
-    Allocator a(2, size_t(4) << 30, "");
+  for (const char* conf : {"", "expandable_segments:True", "max_split_size_mb:40,roundup_power2_divisions:4"}) {
+    Allocator a(2, size_t(4) << 30, conf);
     // Bad input leaves the state unchanged.
     try {
       a.free(12345);
@@ -148,7 +148,8 @@ int main(int argc, char** argv) {
       CHECK(a.emulator().device(d).memory().used() == 0, "device %d memory not all returned", d);
     }
   }
-  std::printf("core_stress: %d threads, %llu operations, %d failures\n", threads, (unsigned long long)ops.load(),
+  std::printf("core_stress: %d threads x 3 configurations, %llu operations, %d failures\n", threads,
+              (unsigned long long)ops.load(),
               failures.load());
   std::printf("%d passed, %d failed\n", failures.load() == 0 ? 1 : 0, failures.load() == 0 ? 0 : 1);
   return failures.load() == 0 ? 0 : 1;
