@@ -127,32 +127,47 @@ def run_bench(quick=False, torch_build=None, traces_dir=None):
     _row("1 thread, 1 device", one / 1e6, "Mpairs/s")
     _row("2 threads, 2 devices", two / 1e6, "Mpairs/s", note=f"{two / one:.2f}x one thread")
 
-    # Traces: generated, then the shared ones (warm pass = pass 2 of 2).
+    # Traces: generated, then the shared ones (warm pass = pass 2 of 2), in the default
+    # config and with expandable segments.
     traces = [("generated random 20k", random_trace(num=5000 if quick else 20000), None)]
     traces += [(p.name.replace(".csv.gz", ""), None, p) for p in _find_traces(traces_dir)]
-    print("-" * 90)
-    print(f"{'trace (warm pass, CPU ns/op)':<42} {'mtia':>10} {'unit':<9} {'peer':>10} {'peer/mtia'}  memory")
-    for name, trace, path in traces:
-        if trace is None:
-            trace = read_trace(path)
-        mtia.empty_cache()  # pass 1 must start cold, as the peer's does
-        cold, warm = _replay.replay(trace, repeat=2)
-        p_cold = p_warm = None
-        if peer:
-            if path is None:
-                import tempfile
-                path = Path(tempfile.mkdtemp()) / "generated.csv"
-                write_trace_csv(trace, path)
-            try:
-                p_cold, p_warm = _replay.run_peer(peer, path, 2, _C.mem_get_info(0)[1])
-            except RuntimeError as e:
-                print(f"  peer failed on {name}: {e}")
-        note = f"peak reserved {_replay.fmt_bytes(cold['peak_reserved_bytes'])}"
-        if p_cold:
-            same = (p_cold["peak_reserved_bytes"] == cold["peak_reserved_bytes"]
-                    and p_cold["num_device_alloc"] == cold["num_device_alloc"])
-            note += ", device allocs " + str(cold["num_device_alloc"]) + (
-                ": identical to torch" if same else f": DIFFERS from torch ({p_cold['num_device_alloc']})")
-        _row(name, warm["thread_cpu_ns_per_op"], "ns/op", p_warm and p_warm["thread_cpu_ns_per_op"], note=note)
+    for conf in ("", "expandable_segments:True"):
+        print("-" * 90)
+        print(f"{'trace, ' + (conf or 'default config') + ' (warm, CPU ns/op)':<42} {'mtia':>10} {'unit':<9} "
+              f"{'peer':>10} {'peer/mtia'}  memory (cold pass)")
+        for name, trace, path in traces:
+            if trace is None:
+                trace = read_trace(path)
+            _trace_row(name, trace, path, peer, conf)
+    _C.set_config("")
+    _C.set_config("expandable_segments:False")
     mtia.empty_cache()
     return 0
+
+
+def _trace_row(name, trace, path, peer, conf):
+    import mtia_alloc as mtia
+    mtia.empty_cache()  # pass 1 must start cold, as the peer's does
+    _C.set_config(conf or "expandable_segments:False")
+    cold, warm = _replay.replay(trace, repeat=2)
+    mtia.empty_cache()
+    p_cold = p_warm = None
+    if peer:
+        if path is None:
+            import tempfile
+            path = Path(tempfile.mkdtemp()) / "generated.csv"
+            write_trace_csv(trace, path)
+        try:
+            p_cold, p_warm = _replay.run_peer(peer, path, 2, _C.mem_get_info(0)[1], conf or None)
+        except RuntimeError as e:
+            print(f"  peer failed on {name}: {e}")
+    note = f"peak reserved {_replay.fmt_bytes(cold['peak_reserved_bytes'])}"
+    if p_cold:
+        same = (p_cold["peak_reserved_bytes"] == cold["peak_reserved_bytes"]
+                and p_cold["num_device_alloc"] == cold["num_device_alloc"])
+        if same:
+            note += f", device allocs {cold['num_device_alloc']}: identical to torch"
+        else:
+            note += (f" (torch {_replay.fmt_bytes(p_cold['peak_reserved_bytes'])}), device allocs "
+                     f"{cold['num_device_alloc']} (torch {p_cold['num_device_alloc']})")
+    _row(name, warm["thread_cpu_ns_per_op"], "ns/op", p_warm and p_warm["thread_cpu_ns_per_op"], note=note)
