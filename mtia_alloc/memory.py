@@ -53,13 +53,19 @@ def memory_stats_as_nested_dict(device=None):
 
 def memory_stats(device=None):
     """Flattened, key-sorted statistics as torch.cuda.memory_stats(), plus "dram" (the
-    torch.mtia format) and largest_free_block_bytes.{all,small_pool,large_pool}."""
+    torch.mtia format), largest_free_block_bytes.{all,small_pool,large_pool} (the largest
+    cached free block) and fragmentation.{all,small_pool,large_pool} (inactive_split_bytes
+    / reserved_bytes: the share of reserved memory stuck in free pieces of split segments)."""
     if not is_initialized():
         return {}
     d = device_index(device)
     nested = _C.memory_stats_nested(d)
     small, large = _C.largest_free_blocks(d)
     nested["largest_free_block_bytes"] = {"all": max(small, large), "small_pool": small, "large_pool": large}
+    nested["fragmentation"] = {
+        kind: (nested["inactive_split_bytes"][kind]["current"] / nested["reserved_bytes"][kind]["current"]
+               if nested["reserved_bytes"][kind]["current"] else 0.0)
+        for kind in ("all", "small_pool", "large_pool")}
     flat = {}
 
     def flatten(prefix, obj):
@@ -80,20 +86,26 @@ def memory_stats(device=None):
     return out
 
 
+def _stat(device, name, field):
+    if not is_initialized():
+        return 0
+    return _C.memory_stats_nested(device_index(device))[name]["all"][field]
+
+
 def memory_allocated(device=None):
-    return memory_stats(device).get("allocated_bytes.all.current", 0)
+    return _stat(device, "allocated_bytes", "current")
 
 
 def max_memory_allocated(device=None):
-    return memory_stats(device).get("allocated_bytes.all.peak", 0)
+    return _stat(device, "allocated_bytes", "peak")
 
 
 def memory_reserved(device=None):
-    return memory_stats(device).get("reserved_bytes.all.current", 0)
+    return _stat(device, "reserved_bytes", "current")
 
 
 def max_memory_reserved(device=None):
-    return memory_stats(device).get("reserved_bytes.all.peak", 0)
+    return _stat(device, "reserved_bytes", "peak")
 
 
 def reset_peak_memory_stats(device=None):
@@ -429,6 +441,8 @@ def record_memory_history(enabled="all", context="all", stacks="python", max_ent
         raise ValueError("expected stacks to be 'python', or 'all'")
     if not isinstance(max_entries, int) or isinstance(max_entries, bool):
         raise TypeError(f"max_entries must be an int, got {type(max_entries).__name__}")
+    if max_entries < 0:  # PyTorch's binding takes a size_t
+        raise ValueError(f"max_entries must be non-negative, got {max_entries}")
     entries = 1 if enabled == "state" else max(1, min(max_entries, 1 << 62))
     level = _CONTEXTS[context] if enabled is not None else 0
     clear = bool(clear_history)

@@ -847,11 +847,9 @@ std::pair<size_t, size_t> DeviceAllocator::largest_free_blocks() {
   Lock lock(mu_, std::adopt_lock);
   size_t small = 0, large = 0;
   auto scan = [&](BlockPool& bp) {
+    size_t& m = bp.is_small ? small : large;
     for (auto& [s, idx] : bp.by_stream)
-      idx->for_each([&](Block* b) {
-        size_t& m = bp.is_small ? small : large;
-        m = std::max(m, b->size);
-      });
+      if (Block* b = idx->largest()) m = std::max(m, b->size);  // O(1) per index
   };
   scan(small_blocks_);
   scan(large_blocks_);
