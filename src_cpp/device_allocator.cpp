@@ -458,6 +458,13 @@ size_t DeviceAllocator::try_merge(Block* dst, Block* src) {
   if (!src || src->allocated || src->event_count > 0 || src->has_stream_uses || src->deferred || !src->in_index)
     return 0;
   dst->seg->index->erase(src);  // neighbours share the segment's index
+  size_t subsumed = src->size;
+  absorb(dst, src);
+  return subsumed;
+}
+
+// dst takes over the range of its neighbour src (either side); src is recycled.
+void DeviceAllocator::absorb(Block* dst, Block* src) {
   if (dst->prev == src) {
     dst->ptr = src->ptr;
     dst->prev = src->prev;
@@ -467,10 +474,8 @@ size_t DeviceAllocator::try_merge(Block* dst, Block* src) {
     dst->next = src->next;
     if (dst->next) dst->next->prev = dst;
   }
-  size_t subsumed = src->size;
-  dst->size += subsumed;
+  dst->size += src->size;
   delete_block(src);
-  return subsumed;
 }
 
 void DeviceAllocator::record_stream(uintptr_t ptr, StreamId stream) {
@@ -603,17 +608,7 @@ Block* DeviceAllocator::split_off(Block* b, size_t offset, bool mapped) {
 void DeviceAllocator::merge_unmapped(Block* dst, Block* src) {
   if (!src || src->mapped) return;
   dst->pool->unmapped.erase(src);
-  if (dst->prev == src) {
-    dst->ptr = src->ptr;
-    dst->prev = src->prev;
-    if (dst->prev) dst->prev->next = dst;
-    else dst->seg->first = dst;
-  } else {
-    dst->next = src->next;
-    if (dst->next) dst->next->prev = dst;
-  }
-  dst->size += src->size;
-  delete_block(src);
+  absorb(dst, src);
 }
 
 Block* DeviceAllocator::find_expandable_block(const Request& r) {

@@ -167,6 +167,7 @@ class DeviceAllocator {
   uintptr_t alloc_found_block(const Request& r, Block* block);
   void free_block(Block* b);
   size_t try_merge(Block* dst, Block* src);
+  void absorb(Block* dst, Block* src);
   void insert_events(Block* b);
   void synchronize_and_free_events(Lock& lock, PrivatePool* only);
   [[noreturn]] void raise_oom(Lock& lock, const Request& r);
