@@ -29,7 +29,7 @@ cdef extern from "replay.h" namespace "mtia":
         uint64_t skipped, leftover_freed
         vector[unsigned int] alloc_latency_ns, free_latency_ns
     ReplayResult replay_trace(Allocator& a, int device, const vector[ReplayEvent]& events, unsigned int slots,
-                              const vector[int64_t]& streams, cbool latency) nogil except +
+                              const vector[int64_t]& streams, cbool latency, size_t prefix) nogil except +
     pair[uint64_t, uint64_t] native_pair_loop(Allocator& a, int device, size_t size, uint64_t n) nogil except +
     pair[uint64_t, uint64_t] glibc_pair_loop(size_t size, uint64_t n) nogil
     uint64_t threaded_pair_loop(Allocator& a, int threads, size_t size, uint64_t n) nogil except +
@@ -641,8 +641,9 @@ def set_stream_capture(int device, int64_t sid, uint64_t capture_id):
 # ------------------------------------------------------------------ benchmarks
 
 def replay(int device, const uint64_t[:] sizes, const unsigned int[:] slots, const unsigned int[:] streams,
-           unsigned int nslots, list stream_ids, cbool latency=False):
-    """Replays a parsed trace natively (size 0 = free). Returns a dict of figures."""
+           unsigned int nslots, list stream_ids, cbool latency=False, size_t prefix=0):
+    """Replays a parsed trace natively (size 0 = free). The first `prefix` events run
+    untimed, before the stats reset (replay.h). Returns a dict of figures."""
     cdef vector[ReplayEvent] ev
     cdef ReplayEvent e
     cdef vector[int64_t] sids
@@ -657,7 +658,7 @@ def replay(int device, const uint64_t[:] sizes, const unsigned int[:] slots, con
     for s in stream_ids:
         sids.push_back(s)
     with nogil:
-        r = replay_trace(_alloc[0], device, ev, nslots, sids, latency)
+        r = replay_trace(_alloc[0], device, ev, nslots, sids, latency, prefix)
     out = {
         "events": r.events, "total_ns": r.total_ns,
         "ns_per_op": r.total_ns / r.events if r.events else 0.0,
@@ -744,12 +745,17 @@ cdef class ArrayBase:
 
 def alloc_array(cls, tuple shape, dtype, Py_ssize_t itemsize, device=None, stream=None):
     """A new `cls` (an ArrayBase subclass) holding itemsize * prod(shape) bytes."""
-    cdef Py_ssize_t n = itemsize
+    cdef Py_ssize_t n
     cdef ArrayBase a
     cdef int d
     cdef int64_t s
+    total = itemsize  # Python ints: no silent overflow
     for dim in shape:
-        n *= <Py_ssize_t>dim
+        total *= dim
+    if total >= (1 << 60):
+        raise _oom_error(f"MTIA out of memory. Tried to allocate more than 1EB memory (an array of shape "
+                         f"{shape} needs {total} bytes).")
+    n = total
     if _alloc == NULL:
         _lazy_init()
     if device is None and stream is not None:

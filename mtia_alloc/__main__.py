@@ -1,32 +1,85 @@
 """Command line: python -m mtia_alloc {replay,bench,summary,plot} (see --help)."""
 import argparse
 import json
+import os
 import sys
 
 
 def _replay_cmd(args):
-    from . import _replay, emulator
+    from . import _replay
     from ._trace import read_trace
-    _replay.setup_allocator(args.memory, args.conf)
-    if args.fail_after is not None:
-        emulator.fail_device_allocations(after_n=args.fail_after, every=args.fail_every, device=0)
-    trace = read_trace(args.trace)
-    results = _replay.replay(trace, repeat=args.repeat, latency=args.latency, merge_streams=args.merge_streams)
+    for name, v, low in (("--repeat", args.repeat, 1), ("--fail-after", args.fail_after, 0),
+                         ("--fail-every", args.fail_every, 0), ("--device", args.device, 0)):
+        if v is not None and v < low:
+            raise ValueError(f"{name} must be at least {low}, got {v}")
+    if args.fail_every and args.fail_after is None:
+        raise ValueError("--fail-every needs --fail-after")
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        raise ValueError(f"--plot: no directory for {args.plot}")
+    try:
+        _replay.setup_allocator(args.memory, args.conf)
+    except ValueError as e:
+        raise ValueError(str(e).replace("memory_per_device", "--memory")) from None
+    try:
+        trace = read_trace(args.trace, device=args.device, rebuild=not args.no_rebuild, flush=not args.no_flush)
+    except OSError as e:
+        raise OSError(f"cannot read the trace {args.trace}: {e.strerror or e}") from None
+    if trace.trace_events == 0:
+        raise ValueError(f"{args.trace}: no allocation events to replay")
+    merge = args.streams == "merge"
+    results = _replay.replay(trace, repeat=args.repeat, latency=args.latency, merge_streams=merge,
+                             fail_after=args.fail_after, fail_every=args.fail_every)
+    curve = results[0].pop("_curve", None)
     peer = None
     if args.compare_torch:
-        from ._C import mem_get_info
-        capacity = mem_get_info(0)[1]
-        peer = _replay.run_peer(args.compare_torch, args.trace, args.repeat, capacity, args.conf)
+        peer = _peer(args, trace, _replay)
+        if trace.prefix or trace.flushes:
+            # same corrections as ours: the prefix's device allocations (the same in both
+            # allocators by construction) and the flushes' failed allocations are taken off
+            for p in peer:
+                p["events"] -= trace.prefix
+                p["num_device_alloc"] -= results[0]["prefix_device_alloc"]
+                for k in ("num_ooms", "num_alloc_retries", "ooms_caught"):
+                    p[k] = max(0, p.get(k, 0) - len(trace.flushes))
+    info = trace.info
+    if args.plot:
+        if curve is None:
+            curve = _replay.memory_curve(trace, 0, merge, args.fail_after, args.fail_every)
+        notes = [f"input: {args.trace} ({info.get('format', '?')}), streams {args.streams}, "
+                 f"MTIA_ALLOC_CONF={os.environ.get('MTIA_ALLOC_CONF', '')!r}"]
+        if trace.prefix:
+            notes.append(_start_note(trace))
+        if trace.flushes:
+            notes.append(f"{len(trace.flushes)} cache flushes where the recorded run released segments")
+        with open(args.plot, "w", encoding="utf-8") as f:
+            f.write(_replay.plot_html(curve, f"Replay of {os.path.basename(args.trace)}", results, notes))
     if args.json:
         for r in results:
             print(json.dumps({k: r[k] for k in _replay.RESULT_KEYS}))
-        if peer:
-            for r in peer:
-                print(json.dumps({"peer": "torch", **{k: r.get(k) for k in _replay.RESULT_KEYS}}))
+        for p in peer or ():
+            print(json.dumps({k: ("torch." + str(p.get(k))) if k == "mode" else p.get(k)
+                              for k in _replay.RESULT_KEYS}))
+        if args.plot:
+            print(f"wrote {args.plot}", file=sys.stderr)
         return 0
     fb = _replay.fmt_bytes
-    print(f"trace: {args.trace}  events: {trace.events}  allocations: {trace.nslots}  "
-          f"streams: {len(trace.stream_values)}  skipped lines: {trace.skipped}")
+    fmt = info.get("format", "?")
+    if fmt == "snapshot":
+        fmt = f"snapshot, device {info['device']}, {info['entries']} trace entries"
+    allocs = int((trace.sizes[trace.prefix:] != 0).sum()) - len(trace.flushes)
+    print(f"trace: {args.trace} ({fmt})  events: {trace.trace_events}  allocations: {allocs}  "
+          f"streams: {len(trace.stream_values)} ({args.streams})  skipped lines: {trace.skipped}")
+    if fmt.startswith("snapshot"):
+        if trace.flushes:
+            print(f"cache flushes: {len(trace.flushes)} (where the recorded run released segments: "
+                  f"{info['segment_free']} segment_free entries; counted as events, not as OOMs or retries)")
+        if trace.prefix:
+            print(_start_note(trace))
+        elif not args.no_rebuild:
+            print("starting state: empty (no segment or live block predates the trace)")
+        if info.get("settings"):
+            print(f"snapshot allocator settings: {info['settings']!r} (this replay: "
+                  f"{os.environ.get('MTIA_ALLOC_CONF', '')!r})")
     for i, r in enumerate(results):
         label = r["mode"]
         print(f"{label}.events: {r['events']}")
@@ -42,9 +95,29 @@ def _replay_cmd(args):
         ratio = r["peak_reserved_bytes"] / r["peak_allocated_bytes"] if r["peak_allocated_bytes"] else 0.0
         print(f"{label}.reserved_over_allocated: {ratio:.4f}")
         print(f"{label}.num_device_alloc: {r['num_device_alloc']}  num_device_free: {r['num_device_free']}")
+        if fmt.startswith("snapshot"):
+            same = "same" if r["num_device_alloc"] == info["segment_alloc"] else "DIFFERENT"
+            print(f"{label}.snapshot_segment_alloc: {info['segment_alloc']}  (replay num_device_alloc "
+                  f"{r['num_device_alloc']}: {same})  snapshot_segment_free: {info['segment_free']}")
+        if "recorded_peak_reserved" in info:
+            for what, key in (("reserved", "peak_reserved_bytes"), ("requested", "peak_requested_bytes")):
+                rec = info[f"recorded_peak_{what}"]
+                print(f"{label}.snapshot_peak_{what}_bytes: {rec} ({fb(rec)}; replay "
+                      f"{'same' if rec == r[key] else f'{r[key] - rec:+d} bytes'})")
         print(f"{label}.num_alloc_retries: {r['num_alloc_retries']}  num_ooms: {r['num_ooms']}")
         if r["first_failing_event"] >= 0:
-            print(f"{label}.first_failing_event: {r['first_failing_event']}")
+            k = trace.prefix + r["first_failing_event"]
+            stream = trace.stream_values[int(trace.streams[k])]
+            print(f"{label}.first_failing_event: {r['first_failing_event']} (allocation of "
+                  f"{int(trace.sizes[k])} bytes, stream {stream})")
+        if r.get("prefix_failure"):
+            print(f"{label}.prefix_failure: rebuilding the starting state ran out of memory (the device is "
+                  f"smaller than the snapshot's state: give it more --memory)")
+        if r.get("time_includes_prefix"):
+            print(f"{label}.note: time per op averaged over the trace and its {trace.prefix}-event prefix "
+                  f"(this build's native replay cannot leave the prefix untimed)")
+        if r.get("skipped_frees"):
+            print(f"{label}.skipped_frees: {r['skipped_frees']} (frees of allocations that failed)")
         if peer and i < len(peer):
             p = peer[i]
             cpu = p["thread_cpu_ns_per_op"] / r["thread_cpu_ns_per_op"] if r["thread_cpu_ns_per_op"] else 0.0
@@ -53,7 +126,39 @@ def _replay_cmd(args):
                   f"({'same' if p['peak_reserved_bytes'] == r['peak_reserved_bytes'] else 'DIFFERENT'})  "
                   f"num_device_alloc {p['num_device_alloc']} "
                   f"({'same' if p['num_device_alloc'] == r['num_device_alloc'] else 'DIFFERENT'})")
+    if peer and trace.prefix:
+        print(f"note: the torch harness replays the {trace.prefix} events that rebuild the starting state "
+              f"timed and inside its peaks; its events and counters are corrected for them and for the "
+              f"cache flushes")
+    if args.plot:
+        print(f"plot: wrote {args.plot}")
     return 0
+
+
+def _start_note(trace):
+    from ._replay import fmt_bytes
+    info = trace.info
+    orphans = f" ({info['orphan_blocks']} outside any segment)" if info.get("orphan_blocks") else ""
+    return (f"starting state (rebuilt from the snapshot): {info['start_segments']} segments "
+            f"({fmt_bytes(info['start_reserved'])}), {info['start_live_blocks']} live blocks "
+            f"({fmt_bytes(info['start_live_bytes'])}){orphans}; replayed first as {trace.prefix} synthetic "
+            f"events, left out of events, time and counters (the peaks include the state)")
+
+
+def _peer(args, trace, _replay):
+    """The peer harness's results on the same input (it reads the shared CSV format only:
+    other inputs are converted, a snapshot's prefix included)."""
+    import tempfile
+    from ._C import mem_get_info
+    from ._trace import write_csv
+    capacity = mem_get_info(0)[1]
+    if trace.info.get("format") == "csv":
+        return _replay.run_peer(args.compare_torch, args.trace, args.repeat, capacity, args.conf)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.csv")
+        write_csv(trace, path)
+        return _replay.run_peer(args.compare_torch, path, args.repeat, capacity, args.conf,
+                                empty_between=trace.info.get("format") == "snapshot")
 
 
 def _bench_cmd(args):
@@ -77,16 +182,32 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("replay", help="replay an allocation trace natively and report speed and memory")
-    r.add_argument("trace", help="trace CSV (op,id,size[,stream]; .gz ok), RMM log CSV, or snapshot pickle")
-    r.add_argument("--repeat", type=int, default=1, help="passes without emptying the cache (1 = cold)")
+    r.add_argument("trace", help="trace CSV (op,id,size[,stream]; .gz ok), RMM log CSV, or snapshot "
+                                 "(pickle or JSON with device_traces)")
+    r.add_argument("--repeat", type=int, default=1,
+                   help="passes; pass 1 starts cold and later ones reuse the cache (a snapshot's passes "
+                        "each start from its rebuilt state)")
     r.add_argument("--json", action="store_true", help="one JSON object per pass (the peer harness's keys)")
     r.add_argument("--latency", action="store_true", help="also report p50/p99 per-op latency")
     r.add_argument("--memory", help="device capacity, e.g. 80GiB (default: MTIA_EMULATOR_MEMORY or 80GiB)")
     r.add_argument("--conf", help="allocator settings (default: MTIA_ALLOC_CONF)")
-    r.add_argument("--merge-streams", action="store_true", help="replay every event on the default stream")
+    r.add_argument("--streams", choices=("keep", "merge"), default="keep",
+                   help="keep the trace's streams (default) or replay every event on the default stream")
+    r.add_argument("--merge-streams", dest="streams", action="store_const", const="merge",
+                   help="same as --streams merge")
+    r.add_argument("--device", type=int, help="snapshot input: the device whose trace is replayed "
+                                              "(default: the one with the most events)")
+    r.add_argument("--no-rebuild", action="store_true",
+                   help="snapshot input: do not rebuild the segments and blocks that predate the trace")
+    r.add_argument("--no-flush", action="store_true",
+                   help="snapshot input: do not release the cache where the recorded run released segments "
+                        "(empty_cache, OOM retries)")
+    r.add_argument("--plot", metavar="FILE", help="also write reserved and allocated bytes over the replay "
+                                                  "as a self-contained HTML/SVG file (extra untimed pass)")
     r.add_argument("--compare-torch", metavar="BUILD_DIR", help="also run PyTorch's allocator (peer harness)")
-    r.add_argument("--fail-after", type=int, help="inject a device-allocation failure after N allocations")
-    r.add_argument("--fail-every", type=int, default=0, help="then fail every N-th allocation")
+    r.add_argument("--fail-after", type=int, metavar="N",
+                   help="inject a device-allocation failure after N device allocations of the trace")
+    r.add_argument("--fail-every", type=int, default=0, metavar="N", help="then fail every N-th allocation")
     r.set_defaults(func=_replay_cmd)
 
     b = sub.add_parser("bench", help="run the standard benchmark set and print a table")

@@ -40,19 +40,27 @@ def _env_device_count():
     return n
 
 
+_MIN_MEMORY = 1 << 20
+_MAX_MEMORY = 64 << 40
+
+
 def parse_memory(value, what="memory_per_device"):
-    """Bytes from an int or a string such as '512MiB' or '16GiB'."""
+    """Bytes from an int or a string such as '512MiB' or '16GiB' (whole pages, 1 MiB to
+    64 TiB). Errors name `what` (the argument or environment variable)."""
     if isinstance(value, bool):
         raise TypeError(f"{what} must be an int number of bytes or a string like '16GiB', got bool")
     if isinstance(value, int):
-        if value < (1 << 20):
-            raise ValueError(f"{what} must be at least 1 MiB, got {value} bytes")
-        if value > (64 << 40):
-            raise ValueError(f"{what} must be at most 64GiB... 64TiB, got {value} bytes")
-        return value
-    if isinstance(value, str):
-        return _C.parse_memory_size(value, what)
-    raise TypeError(f"{what} must be an int number of bytes or a string like '16GiB', got {type(value).__name__}")
+        nbytes = value
+    elif isinstance(value, str):
+        nbytes = _C.parse_memory_size(value, what)
+    else:
+        raise TypeError(f"{what} must be an int number of bytes or a string like '16GiB', "
+                        f"got {type(value).__name__}")
+    if nbytes < _MIN_MEMORY:
+        raise ValueError(f"{what} must be at least 1 MiB, got {value!r} ({nbytes} bytes)")
+    if nbytes > _MAX_MEMORY:
+        raise ValueError(f"{what} must be at most 64 TiB, got {value!r} ({nbytes} bytes)")
+    return nbytes
 
 
 def _after_fork_in_child():
@@ -91,6 +99,14 @@ def lazy_init():
             try:
                 _C.init(count, memory, conf, _settings["raw_allocator"])
             except (RuntimeError, ValueError) as e:
+                # The emulated devices are made first (their size and count were checked
+                # above; what can still fail is reserving their address space), then the
+                # allocator settings are parsed: name the input that was at fault.
+                if "address space" in str(e) or not conf:
+                    source = ("emulator.configure()" if _settings["device_count"] or _settings["memory_per_device"]
+                              else "MTIA_EMULATOR_DEVICES/MTIA_EMULATOR_MEMORY")
+                    raise type(e)(f"cannot create {count} emulated devices of {memory} bytes each "
+                                  f"({source}): {e}") from None
                 raise type(e)(f"MTIA_ALLOC_CONF={conf!r}: {e}") from None
         _tls.is_initializing = True
         try:

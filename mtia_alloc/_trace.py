@@ -3,14 +3,26 @@
 Formats:
   - the shared trace CSV (`op,id,size_bytes[,stream]`, op a/f; `.gz` is read through gzip);
   - RMM's logging CSV (`Thread,Time,Action,Pointer,Size,Stream`, actions allocate/free);
-  - PyTorch snapshot pickles with `device_traces` (their alloc / free_completed events).
+  - PyTorch (or mtia_alloc) snapshots with `device_traces`: pickles (plain data only,
+    optionally gzip-compressed) or JSON files of the same structure. Their alloc /
+    free_completed events are replayed after a prefix of synthetic events that rebuilds
+    the allocator state the trace started from (see trace_from_snapshot).
 """
+import bisect
 import gzip
 import io
-import pickle
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# PyTorch's caching-allocator constants (shared/spec/allocator_core.md §1.1)
+K_MIN_BLOCK = 512
+K_SMALL_SIZE = 1 << 20
+K_SMALL_BUFFER = 2 << 20
+# The request of a cache-flush event: larger than any device, below the 1 EiB guard. It
+# fails after the allocator has released every unused cached segment (its last resort
+# before raising OOM), which is what empty_cache() does; the failure is not counted.
+FLUSH_SIZE = 1 << 59
 
 
 @dataclass
@@ -22,15 +34,31 @@ class Trace:
     stream_values: list = field(default_factory=list)  # the trace's own stream numbers
     skipped: int = 0       # lines dropped (frees of unknown ids, double allocations)
     source: str = ""
+    # Leading events that are not part of the recorded trace: they rebuild the segments and
+    # live blocks a snapshot's trace started from. The replay runs them before each pass and
+    # leaves them out of events, time and device-allocation counts (peaks start from the
+    # state they build).
+    prefix: int = 0
+    info: dict = field(default_factory=dict)  # format-specific facts (snapshot: see trace_from_snapshot)
+    # Indices of cache-flush events (allocations of FLUSH_SIZE): where a snapshot's run
+    # released cached segments (empty_cache, OOM retry), the replay releases them too.
+    flushes: list = field(default_factory=list)
 
     @property
     def events(self):
         return len(self.sizes)
 
+    @property
+    def trace_events(self):
+        """Events of the recorded trace itself (without the rebuilt starting state)."""
+        return len(self.sizes) - self.prefix
+
     def peak_live_bytes(self):
         live = peak = 0
         size_of = {}
         for size, slot in zip(self.sizes.tolist(), self.slots.tolist()):
+            if size >= FLUSH_SIZE:
+                continue
             if size:
                 size_of[slot] = size
                 live += size
@@ -47,6 +75,7 @@ class _Builder:
         self.stream_index = {}
         self.nslots = 0
         self.skipped = 0
+        self.flushes = []
 
     def stream(self, value):
         idx = self.stream_index.get(value)
@@ -74,12 +103,22 @@ class _Builder:
         self.slots.append(slot)
         self.streams.append(self.streams[-1] if stream is None else self.stream(stream))
 
-    def build(self, source):
+    def flush(self, stream):
+        """A cache-flush event (see FLUSH_SIZE); its allocation fails and is never freed."""
+        self.flushes.append(len(self.sizes))
+        slot = self.nslots
+        self.nslots += 1
+        self.sizes.append(FLUSH_SIZE)
+        self.slots.append(slot)
+        self.streams.append(self.stream(stream))
+
+    def build(self, source, prefix=0, info=None):
         if not self.stream_index:
             self.stream(0)
         values = sorted(self.stream_index, key=self.stream_index.get)
         return Trace(np.asarray(self.sizes, dtype=np.uint64), np.asarray(self.slots, dtype=np.uint32),
-                     np.asarray(self.streams, dtype=np.uint32), self.nslots, values, self.skipped, source)
+                     np.asarray(self.streams, dtype=np.uint32), self.nslots, values, self.skipped, source,
+                     prefix, info or {}, self.flushes)
 
 
 def _open_text(path):
@@ -90,18 +129,52 @@ def _open_text(path):
     return open(path, encoding="utf-8")
 
 
-def read_trace(path):
-    """Reads any supported trace format; raises ValueError naming the problem."""
+def _head(path, n=64):
+    """The first bytes of the file, decompressed if it is gzip."""
     with open(path, "rb") as f:
-        head = f.read(2)
-    if head[:1] == b"\x80":  # a pickle
-        with open(path, "rb") as f:
-            return trace_from_snapshot(pickle.load(f), str(path))
-    with _open_text(path) as f:
-        first = f.readline()
-        if first.lower().startswith("thread,time,action"):
-            return _read_rmm(f, str(path))
-        return _read_csv(first, f, str(path))
+        head = f.read(n)
+    if head[:2] == b"\x1f\x8b":
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(n)
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{path}: not a readable gzip file: {e}") from None
+    return head
+
+
+def read_trace(path, device=None, rebuild=True, flush=True):
+    """Reads any supported trace format; raises ValueError naming the problem (OSError for
+    a missing or unreadable file). For snapshots, `device` picks the device whose trace is
+    read, `rebuild` whether their starting state is rebuilt and `flush` whether segment
+    releases become cache flushes (trace_from_snapshot)."""
+    path = str(path)
+    head = _head(path)
+    stripped = head.lstrip()
+    if head[:1] == b"\x80" or stripped[:1] in (b"{", b"["):  # a pickle, or a JSON snapshot
+        from .snapshot import load
+        try:
+            snap = load(path)
+        except ValueError:
+            raise
+        except Exception as e:  # UnsafePickleError and friends
+            raise ValueError(f"{path}: cannot read the snapshot: {e}") from None
+        return trace_from_snapshot(snap, path, device, rebuild, flush)
+    if device is not None:
+        raise ValueError("--device applies to snapshot inputs only")
+    try:
+        with _open_text(path) as f:
+            first = f.readline()
+            if first.lower().startswith("thread,time,action"):
+                trace = _read_rmm(f, path)
+                trace.info["format"] = "rmm"
+            else:
+                trace = _read_csv(first, f, path)
+                trace.info["format"] = "csv"
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a trace (binary data that is not a snapshot pickle): {e}") from None
+    except EOFError as e:  # truncated gzip
+        raise ValueError(f"{path}: truncated file: {e}") from None
+    return trace
 
 
 def _read_csv(first, lines, source):
@@ -121,7 +194,7 @@ def _read_csv(first, lines, source):
             else:
                 raise ValueError(f"unknown op {op!r}")
         except (IndexError, ValueError) as e:
-            raise ValueError(f"{source}:{line_no}: cannot parse trace line {line!r} "
+            raise ValueError(f"{source}:{line_no}: cannot parse trace line {line[:80]!r} "
                              f"(expected op,id,size_bytes[,stream]): {e}") from None
     return b.build(source)
 
@@ -143,7 +216,7 @@ def _read_rmm(lines, source):
             action, ptr, size = parts[2].strip().lower(), parts[3].strip(), int(parts[4])
             stream = int(parts[5], 0) if len(parts) > 5 and parts[5].strip() else 0
         except (IndexError, ValueError) as e:
-            raise ValueError(f"{source}:{line_no}: cannot parse RMM log line {line!r}: {e}") from None
+            raise ValueError(f"{source}:{line_no}: cannot parse RMM log line {line[:80]!r}: {e}") from None
         if action.startswith("allocate"):
             if "failure" in action:
                 continue
@@ -153,21 +226,290 @@ def _read_rmm(lines, source):
     return b.build(source)
 
 
-def trace_from_snapshot(snap, source="<snapshot>", device=None):
+def write_csv(trace, path):
+    """Writes `trace` (its prefix and cache-flush allocations included) in the shared CSV
+    format (free lines repeat the allocation's size); for the peer harness, which reads only
+    that format."""
+    size_of = {}
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("op,id,size_bytes,stream\n")
+        for size, slot, s in zip(trace.sizes.tolist(), trace.slots.tolist(), trace.streams.tolist()):
+            if size:
+                size_of[slot] = size
+                f.write(f"a,{slot},{size},{s}\n")
+            else:
+                f.write(f"f,{slot},{size_of.pop(slot, 0)},{s}\n")
+
+
+# ------------------------------------------------------------------ snapshots
+
+def _divisions(settings):
+    """The 16 roundup_power2_divisions of a snapshot's allocator_settings (zeros if absent)."""
+    out = [0] * 16
+    d = settings.get("roundup_power2_divisions") if isinstance(settings, dict) else None
+    try:
+        if isinstance(d, dict):
+            for k, v in d.items():
+                idx = max(0, int(k).bit_length() - 1)  # keys are the interval's lower bound in MiB
+                if idx < 16:
+                    out[idx] = int(v)
+        elif isinstance(d, (list, tuple)):
+            for i, v in enumerate(d[:16]):
+                out[i] = int(v)
+    except (TypeError, ValueError):
+        return [0] * 16
+    return out
+
+
+def round_size(size, divisions=None):
+    """PyTorch's round_size (allocator_core.md §1.2-1.3): the block size of a request."""
+    if size < K_MIN_BLOCK:
+        return K_MIN_BLOCK
+    if divisions:
+        d = divisions[min(15, max(0, size.bit_length() - 1 - 20))]
+        if d > 1 and size > K_MIN_BLOCK * d:
+            if size & (size - 1) == 0:
+                return size
+            floor = 1 << (size.bit_length() - 1)
+            step = floor >> (d.bit_length() - 1)
+            if step == 0:
+                return 2 * floor
+            return -(-size // step) * step
+    return -(-size // K_MIN_BLOCK) * K_MIN_BLOCK
+
+
+def _as_int(v, default=0):
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def starting_state(snap, device, entries=None):
+    """The segments and live blocks of `device` when its trace began: the snapshot's final
+    segments with the trace undone backwards (an `alloc` means the block did not exist
+    before, a `free_completed` that it did; `segment_alloc` means the segment did not exist,
+    `segment_free` that it did). Returns (segments, live): segments maps address ->
+    {"size", "stream", "small"}; live maps block address -> {"size" (None when only the
+    trace knows the block, which records requested sizes), "requested", "stream"}."""
+    if entries is None:
+        traces = snap.get("device_traces") or []
+        entries = traces[device] if device < len(traces) else []
+    segments, live = {}, {}
+    for s in snap.get("segments") or []:
+        if not isinstance(s, dict) or _as_int(s.get("device", 0)) != device:
+            continue
+        addr, total = _as_int(s.get("address")), _as_int(s.get("total_size"))
+        stream = _as_int(s.get("stream", 0))
+        kind = s.get("segment_type")
+        small = kind == "small" if kind in ("small", "large") else total <= K_SMALL_BUFFER
+        segments[addr] = {"size": total, "stream": stream, "small": small}
+        b_addr = addr
+        for b in s.get("blocks") or []:
+            size = _as_int(b.get("size"))
+            if b.get("state") in ("active_allocated", "active_pending_free"):
+                req = b.get("requested_size")
+                live[b_addr] = {"size": size, "requested": _as_int(req, size) if req else size, "stream": stream}
+            b_addr += size  # the page's rule: blocks tile the segment in list order
+    for e in reversed(entries):
+        if not isinstance(e, dict):
+            continue
+        a = e.get("action")
+        addr = _as_int(e.get("addr"))
+        if a == "alloc":
+            live.pop(addr, None)
+        elif a in ("free_completed", "free"):
+            live[addr] = {"size": None, "requested": _as_int(e.get("size")), "stream": _as_int(e.get("stream", 0))}
+        elif a in ("segment_alloc", "segment_map"):
+            segments.pop(addr, None)
+        elif a in ("segment_free", "segment_unmap"):
+            size = _as_int(e.get("size"))
+            segments[addr] = {"size": size, "stream": _as_int(e.get("stream", 0)), "small": size <= K_SMALL_BUFFER}
+    return segments, live
+
+
+def _segment_pieces(seg_addr, seg, blocks, divisions):
+    """The pieces [(is_live, block address or None, size, requested)] that tile one segment
+    in address order: its live blocks and the free gaps between them. Block sizes the
+    snapshot does not hold are estimated (round_size of the request, extended over a
+    large-pool remainder too small to have been split off)."""
+    end = seg_addr + seg["size"]
+    pieces, pos = [], seg_addr
+    for i, (addr, blk) in enumerate(blocks):
+        nxt = blocks[i + 1][0] if i + 1 < len(blocks) else end
+        size = blk["size"] or round_size(max(1, blk["requested"]), divisions)
+        size = max(K_MIN_BLOCK, min(size, nxt - addr))
+        if addr > pos:
+            pieces.append([False, None, addr - pos, 0])
+        pieces.append([True, addr, size, blk["requested"]])
+        pos = addr + size
+    if end > pos:
+        pieces.append([False, None, end - pos, 0])
+    if seg["small"]:
+        return pieces
+    # Large pool: a remainder of 1 MiB or less is never split off (§3.3), so a gap that
+    # small is slack of the live block before it (at the segment's start: the one after it).
+    out = []
+    for p in pieces:
+        if out and not p[0] and (not out[-1][0] or p[2] <= K_SMALL_SIZE):
+            out[-1][2] += p[2]  # gap after a gap, or small gap after a live block
+        elif out and p[0] and not out[-1][0] and out[-1][2] <= K_SMALL_SIZE:
+            p[2] += out.pop()[2]  # small gap at the segment's start: the next block takes it
+            out.append(p)
+        else:
+            out.append(p)
+    return out
+
+
+def trace_from_snapshot(snap, source="<snapshot>", device=None, rebuild=True, flush=True):
     """The alloc / free_completed events of a PyTorch (or mtia_alloc) snapshot's
-    device_traces; the device with the most events unless `device` is given.
-    Not yet done: rebuilding the segments and live blocks that predate the first event
-    (frees of such blocks are counted as skipped)."""
-    if not isinstance(snap, dict) or "device_traces" not in snap:
+    device_traces, for the device with the most events unless `device` is given.
+
+    Snapshots recorded on real GPUs begin mid-run: segments and live blocks predate the
+    first trace event. With `rebuild` (the default), the state at the first event is
+    rebuilt (starting_state) and replayed first, as a prefix of synthetic events
+    (Trace.prefix of them), segment by segment in address order:
+      - a large segment: one allocation of the segment's size, freed at once, so that the
+        allocator makes a segment of that size (sizes >= 10 MiB and the 20 MiB segments
+        come out exact);
+      - then its pieces in address order, on the segment's stream: live blocks as
+        allocations that stay live (keyed by address, so the trace's frees find them),
+        free gaps as temporary allocations (small-pool gaps in pieces of at most 1 MiB).
+        Every earlier segment is fully occupied meanwhile, so best fit carves the pieces
+        out of this segment's free block, front to back, reproducing its layout;
+      - live blocks that lie in no segment are allocated afterwards;
+      - finally the temporaries are freed: the segments exist with the same sizes, the
+        same live blocks and the same free pieces as when the trace began.
+    With `flush` (the default), each run of `segment_free` entries (an empty_cache() call,
+    an OOM retry or a garbage collection in the recorded run) becomes a cache-flush event
+    (Trace.flushes): the replay releases its unused cached segments there too.
+
+    A live block's request is its requested size when that rounds to the block size. A large
+    block with unsplit slack (block size up to 1 MiB above the rounded request) has its
+    place held by a temporary; after all segments are laid out, each such place is freed and
+    requested at once, when it is its pool's only free block, so the block gets its exact
+    size and requested size. Otherwise the block size is requested (the layout stays exact). Trace.info holds: format, device, entries,
+    segment_alloc / segment_free (counts in the trace), settings (the snapshot's allocator
+    settings string) and, when rebuilt, start_segments, start_reserved, start_live_blocks,
+    start_live_bytes (block bytes), start_requested, orphan_blocks, and the peaks the trace
+    records from that state on: recorded_peak_reserved, recorded_peak_requested; flushes."""
+    if not isinstance(snap, dict) or not isinstance(snap.get("device_traces"), list):
         raise ValueError(f"{source}: not a snapshot with device_traces")
     traces = snap["device_traces"]
+    if not all(isinstance(t, list) for t in traces):
+        raise ValueError(f"{source}: malformed snapshot: device_traces must be a list of lists")
     if device is None:
         device = max(range(len(traces)), key=lambda d: len(traces[d])) if traces else 0
+    elif not 0 <= device < max(1, len(traces)):
+        raise ValueError(f"{source}: no device {device} in the snapshot ({len(traces)} device traces)")
+    entries = [e for e in (traces[device] if device < len(traces) else []) if isinstance(e, dict)]
+    settings = snap.get("allocator_settings") if isinstance(snap.get("allocator_settings"), dict) else {}
+    divisions = _divisions(settings)
+    info = {"format": "snapshot", "device": device, "entries": len(entries),
+            "segment_alloc": sum(1 for e in entries if e.get("action") == "segment_alloc"),
+            "segment_free": sum(1 for e in entries if e.get("action") == "segment_free"),
+            "settings": str(settings.get("PYTORCH_CUDA_ALLOC_CONF", "") or ""),
+            "start_segments": 0, "start_reserved": 0, "start_live_blocks": 0, "start_live_bytes": 0,
+            "orphan_blocks": 0}
     b = _Builder()
-    for e in traces[device] if device < len(traces) else []:
+    try:
+        if rebuild:
+            _rebuild_prefix(b, snap, device, entries, divisions, info)
+        prefix = len(b.sizes)
+        releasing = False
+        for e in entries:
+            a = e.get("action")
+            if a == "alloc":
+                b.alloc(_as_int(e["addr"]), _as_int(e["size"]), _as_int(e.get("stream", 0)))
+            elif a in ("free_completed", "free"):
+                b.free(_as_int(e["addr"]), _as_int(e.get("stream", 0)))
+            elif a in ("segment_free", "segment_unmap"):
+                if flush and not releasing:
+                    b.flush(_as_int(e.get("stream", 0)))
+                releasing = True
+                continue
+            elif a not in ("alloc", "free_completed", "free", "segment_alloc", "segment_map", "oom"):
+                continue  # free_requested, snapshot, annotations: no effect on a run of releases
+            releasing = False
+        info["flushes"] = len(b.flushes)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{source}: malformed snapshot ({type(e).__name__}: {e})") from None
+    return b.build(source, prefix, info)
+
+
+def _rebuild_prefix(b, snap, device, entries, divisions, info):
+    segments, live = starting_state(snap, device, entries)
+    by_segment = {a: [] for a in segments}
+    seg_starts = sorted(segments)
+    orphans = []
+    for addr in sorted(live):
+        i = bisect.bisect_right(seg_starts, addr) - 1
+        if i >= 0 and addr < seg_starts[i] + segments[seg_starts[i]]["size"]:
+            by_segment[seg_starts[i]].append((addr, live[addr]))
+        else:
+            orphans.append((addr, live[addr]))
+    temps = []
+    slack = []
+
+    def temp(size, stream):
+        key = ("tmp", len(b.sizes))
+        b.alloc(key, size, stream)
+        temps.append((key, stream))
+
+    live_bytes = 0
+    for seg_addr in seg_starts:
+        seg = segments[seg_addr]
+        if seg["size"] <= 0:
+            continue
+        stream = seg["stream"]
+        if not seg["small"]:
+            temp(seg["size"], stream)  # makes the segment, then frees it whole
+            b.free(*temps.pop())
+        for is_live, addr, size, requested in _segment_pieces(seg_addr, seg, by_segment[seg_addr], divisions):
+            if is_live:
+                rounded = round_size(requested, divisions) if requested else 0
+                if rounded == size:
+                    b.alloc(addr, requested, stream)
+                elif not seg["small"] and K_SMALL_SIZE < rounded < size <= rounded + K_SMALL_SIZE:
+                    # slack kept by an unsplit large block: hold its place now, request it later
+                    temp(size, stream)
+                    slack.append((temps.pop(), addr, requested))
+                else:
+                    b.alloc(addr, size, stream)
+                live_bytes += size
+            elif seg["small"]:
+                while size > 0:
+                    chunk = min(size, K_SMALL_SIZE)
+                    temp(chunk, stream)
+                    size -= chunk
+            else:
+                temp(size, stream)
+    for (key, stream), addr, requested in slack:
+        # the only free block of its pool is now the place held for this one: the request
+        # takes it whole, as the remainder (at most 1 MiB) is not split off
+        b.free(key, stream)
+        b.alloc(addr, requested, stream)
+    for addr, blk in orphans:
+        b.alloc(addr, blk["requested"] or blk["size"] or K_MIN_BLOCK, blk["stream"])
+        live_bytes += blk["size"] or round_size(max(1, blk["requested"]), divisions)
+    for key, stream in temps:
+        b.free(key, stream)
+    reserved = sum(s["size"] for s in segments.values())
+    requested = sum(blk["requested"] for blk in live.values())
+    info.update(start_segments=len(segments), start_reserved=reserved, start_live_blocks=len(live),
+                start_live_bytes=live_bytes, start_requested=requested, orphan_blocks=len(orphans))
+    # the peaks the trace itself records, from that state on (what the replay should find)
+    peak_reserved, peak_requested = reserved, requested
+    for e in entries:
         a = e.get("action")
         if a == "alloc":
-            b.alloc(e["addr"], int(e["size"]), e.get("stream", 0))
-        elif a == "free_completed":
-            b.free(e["addr"], e.get("stream", 0))
-    return b.build(source)
+            requested += _as_int(e.get("size"))
+            peak_requested = max(peak_requested, requested)
+        elif a in ("free_completed", "free"):
+            requested -= _as_int(e.get("size"))
+        elif a in ("segment_alloc", "segment_map"):
+            reserved += _as_int(e.get("size"))
+            peak_reserved = max(peak_reserved, reserved)
+        elif a in ("segment_free", "segment_unmap"):
+            reserved -= _as_int(e.get("size"))
+    info.update(recorded_peak_reserved=peak_reserved, recorded_peak_requested=peak_requested)

@@ -4,6 +4,7 @@ cache when the last reference dies; kernels that use it hold a reference until t
 import numpy as np
 
 from . import _C
+from ._state import OutOfMemoryError
 from .streams import Stream, _Device
 
 __all__ = ["DeviceArray", "empty"]
@@ -94,6 +95,7 @@ def _shape_arg(shape):
 
 
 _dtype_cache = {}
+_MAX_NBYTES = 1 << 63
 
 
 def empty(shape, dtype="float32", device=None, stream=None):
@@ -104,11 +106,19 @@ def empty(shape, dtype="float32", device=None, stream=None):
     if dt is None:
         try:
             dt = np.dtype(dtype)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise TypeError(f"invalid dtype {dtype!r}: {e}") from None
         if dt.hasobject or dt.itemsize == 0:
             raise TypeError(f"invalid dtype {dtype!r}: device arrays hold plain numeric data")
         if isinstance(dtype, str):
             _dtype_cache[dtype] = dt
     shape = _shape_arg(shape)
+    nbytes = dt.itemsize
+    for s in shape:
+        nbytes *= s
+    if nbytes >= _MAX_NBYTES:  # would overflow the byte count (a C ssize_t) of the array
+        raise OutOfMemoryError(f"MTIA out of memory. Tried to allocate more than 1EB memory "
+                               f"(an array of shape {shape} and dtype {dt} needs {nbytes} bytes).")
+    if not nbytes and any(s >= _MAX_NBYTES for s in shape):
+        raise ValueError(f"shape entries must be less than 2**63, got {shape}")
     return _C.alloc_array(DeviceArray, shape, dt, dt.itemsize, device, stream)

@@ -108,10 +108,15 @@ def fill_(dst, value, stream=None):
     from .array import DeviceArray
     if not isinstance(dst, DeviceArray):
         raise TypeError("fill_ expects a DeviceArray")
+    if value is None:  # numpy would make it NaN for floats
+        raise TypeError(f"cannot fill a {dst.dtype} array with None")
     try:
-        pattern = np.array(value, dtype=dst.dtype).tobytes()
+        element = np.array(value, dtype=dst.dtype)
     except (TypeError, ValueError, OverflowError) as e:
         raise TypeError(f"cannot fill a {dst.dtype} array with {value!r}: {e}") from None
+    if element.ndim != 0:  # a sequence would be repeated as a pattern, and skipped if too long
+        raise TypeError(f"fill_ value must be a scalar (one element of {dst.dtype}), got {value!r}")
+    pattern = element.tobytes()
     _submit(_stream_arg(stream, dst._device), ("fill", dst, pattern))
 
 

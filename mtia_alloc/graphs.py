@@ -231,6 +231,9 @@ class graph:
 
     def __init__(self, mtia_graph, pool=None, stream=None):
         from .streams import current_stream, stream as stream_ctx
+        if not isinstance(mtia_graph, MTIAGraph):
+            raise TypeError(f"graph expects an MTIAGraph, got {type(mtia_graph).__name__}")
+        pool = None if pool is None else _pool_arg(pool)  # checked now: __enter__ empties the cache
         if self.__class__.default_capture_stream is None:
             self.__class__.default_capture_stream = current_stream()
         self.pool = () if pool is None else (pool,)

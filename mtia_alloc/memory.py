@@ -132,7 +132,7 @@ def set_per_process_memory_fraction(fraction, device=None):
     """Caps the bytes this process may reserve on the device at fraction * capacity."""
     if not isinstance(fraction, float):
         raise TypeError("Invalid type for fraction argument, must be `float`")
-    if fraction < 0 or fraction > 1:
+    if not 0 <= fraction <= 1:  # also rejects NaN
         raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
     _C.set_memory_fraction(fraction, device_index(device))
 

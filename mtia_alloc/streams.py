@@ -10,6 +10,7 @@ from . import _C
 from ._state import device_index, lazy_init
 
 DEVICE_TYPE_MTIA = 19  # PyTorch's DeviceType value for MTIA
+_MIN_PRIORITY, _MAX_PRIORITY = -(1 << 31), (1 << 31) - 1  # the emulator takes any C int
 
 _kernel_errors = {}  # (device, stream_id) -> [(exception, formatted traceback)]
 _kernel_errors_lock = threading.Lock()
@@ -115,12 +116,16 @@ class Stream:
                 raise ValueError(f"device_type must be {DEVICE_TYPE_MTIA} (MTIA), got {device_type!r}")
             if not isinstance(stream_id, int) or isinstance(stream_id, bool):
                 raise TypeError(f"stream_id must be an int, got {type(stream_id).__name__}")
+            if not -(1 << 63) <= stream_id < (1 << 63):  # no stream has an id beyond int64
+                raise ValueError(f"unknown stream {stream_id} on device {d}")
             _C.stream_query(d, stream_id)  # raises ValueError for an unknown stream
             self.stream_id = stream_id
             self.device_index = d
         else:
             if not isinstance(priority, int) or isinstance(priority, bool):
                 raise TypeError(f"priority must be an int, got {type(priority).__name__}")
+            # As torch.Stream: a priority outside the valid range maps to the nearest valid one.
+            priority = min(max(priority, _MIN_PRIORITY), _MAX_PRIORITY)
             self.device_index = _device_index_of(device)
             self.stream_id = _C.new_stream(self.device_index, priority)
         self.device_type = DEVICE_TYPE_MTIA
@@ -156,6 +161,8 @@ class Stream:
     def record_event(self, event=None):
         if event is None:
             event = Event(self.device_index)
+        elif not isinstance(event, Event):
+            raise TypeError(f"record_event expects an Event or None, got {type(event).__name__}")
         event.record(self)
         return event
 
@@ -254,6 +261,8 @@ class Event:
     def wait(self, stream=None):
         if stream is None:
             stream = current_stream()
+        elif not isinstance(stream, Stream):
+            raise TypeError(f"wait expects a Stream, got {type(stream).__name__}")
         from .graphs import _note_event_wait
         _note_event_wait(self, stream)
         self._handle.wait(stream.device_index, stream.stream_id)
@@ -265,6 +274,8 @@ class Event:
         self._handle.synchronize()
 
     def elapsed_time(self, end_event):
+        if not isinstance(end_event, Event):
+            raise TypeError(f"elapsed_time expects an Event, got {type(end_event).__name__}")
         if not (self.enable_timing and end_event.enable_timing):
             raise ValueError("Both events must be created with argument 'enable_timing=True'")
         if not (self._handle.recorded and end_event._handle.recorded):
@@ -299,6 +310,8 @@ class StreamContext:
     """Makes a stream current; on exit restores both devices' streams and the device."""
 
     def __init__(self, stream):
+        if stream is not None and not isinstance(stream, Stream):
+            raise TypeError(f"stream expects an mtia_alloc.Stream or None, got {type(stream).__name__}")
         self.stream = stream
         lazy_init()
         self.idx = _C.current_device()

@@ -165,9 +165,8 @@ size_t parse_memory_size(const std::string& text, const std::string& what) {
   if (t.empty() || end == t.c_str() || mult == 0 || !std::isfinite(v) || v <= 0 || v * mult > 64.0 * (1ull << 40))
     throw InvalidArgument(what + ": cannot parse '" + text +
                           "' as a memory size; expected a positive number with an optional unit "
-                          "(B, KiB, MiB, GiB, TiB), e.g. 512MiB or 16GiB, at most 64GiB");
-  size_t bytes = size_t(v * mult);
-  return bytes & ~size_t(4095);  // whole pages
+                          "(B, KiB, MiB, GiB, TiB), e.g. 512MiB or 16GiB, at most 64TiB");
+  return size_t(v * mult) & ~size_t(4095);  // whole pages (callers require at least 1 MiB)
 }
 
 Emulator::Emulator(int device_count, size_t memory_per_device) {

@@ -27,18 +27,33 @@ uint64_t wall_ns() {
 }  // namespace
 
 ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEvent>& events, uint32_t slots,
-                          const std::vector<StreamId>& streams, bool latency) {
+                          const std::vector<StreamId>& streams, bool latency, size_t prefix) {
   ReplayResult res;
   DeviceAllocator& dev = a.device(device);
+  std::vector<uintptr_t> ptrs(slots, 0);
+  prefix = std::min(prefix, events.size());
+  for (size_t i = 0; i < prefix; ++i) {  // untimed: the starting state
+    const ReplayEvent& e = events[i];
+    if (e.size) {
+      try {
+        ptrs[e.slot] = a.malloc(device, e.size, streams[e.stream]);
+      } catch (const OutOfMemory&) {
+        ptrs[e.slot] = 0;
+        if (res.first_failure < 0) res.first_failure = int64_t(i);
+      }
+    } else if (ptrs[e.slot]) {
+      a.free(ptrs[e.slot]);
+      ptrs[e.slot] = 0;
+    }
+  }
   dev.reset_peak_stats();
   dev.reset_accumulated_stats();
-  std::vector<uintptr_t> ptrs(slots, 0);
   if (latency) {
-    res.alloc_latency_ns.reserve(events.size());
-    res.free_latency_ns.reserve(events.size());
+    res.alloc_latency_ns.reserve(events.size() - prefix);
+    res.free_latency_ns.reserve(events.size() - prefix);
   }
   const uint64_t t0 = wall_ns(), c0 = thread_cpu_ns();
-  for (size_t i = 0; i < events.size(); ++i) {
+  for (size_t i = prefix; i < events.size(); ++i) {
     const ReplayEvent& e = events[i];
     uint64_t l0 = latency ? wall_ns() : 0;
     if (e.size) {
@@ -62,7 +77,7 @@ ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEven
   }
   res.cpu_ns = thread_cpu_ns() - c0;
   res.total_ns = wall_ns() - t0;
-  res.events = events.size();
+  res.events = events.size() - prefix;
   for (uintptr_t p : ptrs)
     if (p) {
       a.free(p);

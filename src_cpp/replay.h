@@ -26,10 +26,13 @@ struct ReplayResult {
   std::vector<uint32_t> alloc_latency_ns, free_latency_ns;  // only when asked
 };
 
-// Replays `events` once on `device`. Peaks and accumulated stats are reset first.
-// Allocations that fail with OOM are counted and skipped, as the peer harness does.
+// Replays `events` once on `device`. Allocations that fail with OOM are counted and
+// skipped, as the peer harness does. The first `prefix` events (a snapshot's rebuilt
+// starting state) run untimed; then peaks and accumulated stats are reset and the clock
+// starts: events, times, latencies and counters cover events[prefix:] only, the peaks
+// start from the state the prefix built. first_failure indexes `events` (prefix included).
 ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEvent>& events, uint32_t slots,
-                          const std::vector<StreamId>& streams, bool latency);
+                          const std::vector<StreamId>& streams, bool latency, size_t prefix = 0);
 
 // The cached-hit loop: `n` times malloc(size) + free, on the default stream.
 // Returns {wall ns, thread CPU ns} for the whole loop.

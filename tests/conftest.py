@@ -1,9 +1,46 @@
-"""Shared fixtures: restore the allocator's global state after every test, and a `blocks`
-helper that frees, at teardown, every block a test allocated and did not free itself."""
+"""Shared fixtures: restore the allocator's global state after every test, a `blocks`
+helper that frees, at teardown, every block a test allocated and did not free itself, and a
+check at the end of the session that nothing leaked (issue 7 item 5)."""
+import gc
+
 import pytest
 
 import mtia_alloc as mtia
+import mtia_alloc._C
 import mtia_alloc.memory
+from mtia_alloc.streams import KernelError
+
+
+def leaks():
+    """What is still held on each device after a gc and empty_cache(): a list of
+    (device, allocated, reserved, device bytes in use) for every device that is not empty."""
+    gc.collect()
+    for device in range(mtia.device_count()):
+        try:
+            mtia.synchronize(device)  # queued kernels hold their arrays until they have run
+        except KernelError:
+            pass  # an error a test left behind: not a leak
+    gc.collect()
+    mtia.empty_cache()
+    out = []
+    for device in range(mtia.device_count()):
+        free, total = mtia_alloc._C.mem_get_info(device)
+        allocated, reserved = mtia.memory_allocated(device), mtia.memory_reserved(device)
+        if allocated or reserved or free != total:
+            out.append((device, allocated, reserved, total - free))
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_leaked_at_the_end():
+    """After the whole suite: every array, pool and graph the tests made is gone, so
+    empty_cache() leaves 0 bytes allocated and reserved and the devices report 0 bytes in use.
+    Only checked if mtia_alloc was initialised; it resets nothing it did not create."""
+    yield
+    if not mtia.is_initialized():
+        return
+    left = leaks()
+    assert not left, "memory leaked by the test suite (device, allocated, reserved, device bytes used): " + repr(left)
 
 
 @pytest.fixture(autouse=True)
