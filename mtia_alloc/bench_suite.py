@@ -122,8 +122,8 @@ def run_bench(quick=False, torch_build=None, traces_dir=None):
     mtia.empty_cache()
 
     # Threads on two devices.
-    one = _C.threaded_pairs(1, 4096, n // 2)
-    two = _C.threaded_pairs(2, 4096, n // 2)
+    one = max(_C.threaded_pairs(1, 4096, n // 2) for _ in range(3))  # best of 3: scheduling noise
+    two = max(_C.threaded_pairs(2, 4096, n // 2) for _ in range(3))
     _row("1 thread, 1 device", one / 1e6, "Mpairs/s")
     _row("2 threads, 2 devices", two / 1e6, "Mpairs/s", note=f"{two / one:.2f}x one thread")
 
@@ -133,32 +133,51 @@ def run_bench(quick=False, torch_build=None, traces_dir=None):
     traces += [(p.name.replace(".csv.gz", ""), None, p) for p in _find_traces(traces_dir)]
     for conf in ("", "expandable_segments:True"):
         print("-" * 90)
-        print(f"{'trace, ' + (conf or 'default config') + ' (warm, CPU ns/op)':<42} {'mtia':>10} {'unit':<9} "
+        print(f"{'trace, ' + (conf or 'default config') + ' (best warm pass)':<42} {'mtia':>10} {'unit':<9} "
               f"{'peer':>10} {'peer/mtia'}  memory (cold pass)")
         for name, trace, path in traces:
             if trace is None:
                 trace = read_trace(path)
             _trace_row(name, trace, path, peer, conf)
-    _C.set_config("")
-    _C.set_config("expandable_segments:False")
-    mtia.empty_cache()
     return 0
 
 
+PASSES = 4  # pass 1 is cold; the table shows the best warm pass of each side (this VM is noisy)
+
+
+def _best_warm(passes):
+    return min(passes[1:], key=lambda r: r["thread_cpu_ns_per_op"])
+
+
+def _replay_fresh(path, conf):
+    """Both passes of `python -m mtia_alloc replay` in a fresh process, as the peer runs:
+    what earlier benchmarks left in this process's caches must not colour the figures."""
+    import json
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "mtia_alloc", "replay", str(path), "--repeat", str(PASSES), "--json", "--memory",
+           "80GiB"]
+    cmd += ["--conf", conf] if conf else ["--conf", "expandable_segments:False"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                          env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or len(rows) != PASSES:
+        raise RuntimeError(f"replay of {path} failed: {proc.stderr.strip()[-300:]}")
+    return rows
+
+
 def _trace_row(name, trace, path, peer, conf):
-    import mtia_alloc as mtia
-    mtia.empty_cache()  # pass 1 must start cold, as the peer's does
-    _C.set_config(conf or "expandable_segments:False")
-    cold, warm = _replay.replay(trace, repeat=2)
-    mtia.empty_cache()
+    if path is None:
+        import tempfile
+        path = Path(tempfile.mkdtemp()) / "generated.csv"
+        write_trace_csv(trace, path)
+    ours = _replay_fresh(path, conf)
+    cold, warm = ours[0], _best_warm(ours)
     p_cold = p_warm = None
     if peer:
-        if path is None:
-            import tempfile
-            path = Path(tempfile.mkdtemp()) / "generated.csv"
-            write_trace_csv(trace, path)
         try:
-            p_cold, p_warm = _replay.run_peer(peer, path, 2, _C.mem_get_info(0)[1], conf or None)
+            theirs = _replay.run_peer(peer, path, PASSES, 80 << 30, conf or None)
+            p_cold, p_warm = theirs[0], _best_warm(theirs)
         except RuntimeError as e:
             print(f"  peer failed on {name}: {e}")
     note = f"peak reserved {_replay.fmt_bytes(cold['peak_reserved_bytes'])}"

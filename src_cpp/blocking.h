@@ -4,6 +4,8 @@
 // that needs the GIL (a Python kernel, a Python raw allocator). The core itself has no
 // Python headers; without the hook a blocking scope does nothing.
 #pragma once
+#include <pthread.h>
+
 #include <atomic>
 #include <mutex>
 #include <thread>
@@ -67,10 +69,9 @@ class SpinMutex {
   }
 
  private:
-  static const void* self() {
-    static thread_local char tag;
-    return &tag;
-  }
+  // pthread_self() is one register read; a thread_local in a shared object would cost a
+  // __tls_get_addr call on every lock.
+  static const void* self() { return reinterpret_cast<const void*>(pthread_self()); }
   std::atomic<bool> locked_{false};
   std::atomic<const void*> owner_{nullptr};
   int depth_ = 0;  // written only by the owner
