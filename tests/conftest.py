@@ -53,6 +53,25 @@ def _restore_allocator_state():
     mtia.empty_cache()
 
 
+@pytest.fixture(autouse=True)
+def _restore_current_device_and_streams():
+    """Each test starts and ends with the same current device and streams (thread-local)."""
+    device = mtia.current_device()
+    streams = [mtia.current_stream(d) for d in range(mtia.device_count())]
+    yield
+    for s in streams:
+        mtia.set_stream(s)
+    mtia.set_device(device)
+
+
+class TorchDevice:
+    """A torch.device look-alike (.type/.index), so tests do not need torch."""
+
+    def __init__(self, text):
+        kind, _, index = text.partition(":")
+        self.type, self.index = kind, int(index) if index else None
+
+
 class LiveBlocks:
     """caching_allocator_alloc/delete that remembers which pointers are still live."""
 

@@ -13,16 +13,6 @@ import mtia_alloc.emulator as emulator
 BUSY_MS = 200
 
 
-@pytest.fixture(autouse=True)
-def _restore_current_device_and_streams():
-    device = mtia.current_device()
-    streams = [mtia.current_stream(d) for d in range(mtia.device_count())]
-    yield
-    for s in streams:
-        mtia.set_stream(s)
-    mtia.set_device(device)
-
-
 def test_events():
     """PyTorch test_cuda.py: test_events."""
     stream = mtia.current_stream()

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 import mtia_alloc as mtia
+from conftest import TorchDevice
 import mtia_alloc.emulator as emulator
 import mtia_alloc.memory
 import mtia_alloc.rng
@@ -37,24 +38,6 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 BUSY_MS = 200
 MTIA_DEVICE_TYPE = 19
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class TorchDevice:
-    """A torch.device look-alike (.type/.index), so these tests do not need torch."""
-
-    def __init__(self, text):
-        kind, _, index = text.partition(":")
-        self.type, self.index = kind, int(index) if index else None
-
-
-@pytest.fixture(autouse=True)
-def _restore_current_device_and_streams():
-    device = mtia.current_device()
-    streams = [mtia.current_stream(d) for d in range(mtia.device_count())]
-    yield
-    for s in streams:
-        mtia.set_stream(s)
-    mtia.set_device(device)
 
 
 def find_block(ptr, device=0):

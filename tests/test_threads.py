@@ -16,16 +16,6 @@ import mtia_alloc.memory
 KiB, MiB = 1 << 10, 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def _restore_current_device_and_streams():
-    device = mtia.current_device()
-    streams = [mtia.current_stream(d) for d in range(mtia.device_count())]
-    yield
-    for s in streams:
-        mtia.set_stream(s)
-    mtia.set_device(device)
-
-
 def run_threads(target, n, *args):
     """Runs target(i, *args) in n threads started together; re-raises the first error."""
     errors = []
