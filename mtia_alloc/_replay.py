@@ -25,6 +25,7 @@ import numpy as np
 
 from . import _C
 from ._state import lazy_init
+from .snapshot import _nice_ticks
 
 # the keys of the peer harness's RESULT line, in its order
 RESULT_KEYS = ("mode", "events", "total_ns", "ns_per_op", "thread_cpu_ns_per_op", "peak_requested_bytes",
@@ -258,14 +259,6 @@ def memory_curve(trace, device=0, merge_streams=False, fail_after=None, fail_eve
 
 # ------------------------------------------------------------------ plot
 
-def _ticks(vmax, n=5):
-    """0, step, 2 step, ... <= vmax with step a power of two near vmax / n."""
-    if vmax <= 0:
-        return [0]
-    step = 1
-    while step < vmax / n:
-        step *= 2
-    return [i * step for i in range(int(vmax // step) + 1)]
 
 
 def _polyline(series, x0, pw, y):
@@ -304,7 +297,7 @@ def plot_html(curve, title, results=(), notes=(), width=1000, height=320):
     series = {k: np.concatenate(([v], curve[k])).astype(np.int64)
               for k, v in zip(("requested", "allocated", "reserved"), curve["start"])}
     vmax = max(1, max(int(s.max()) for s in series.values()))
-    ticks = _ticks(vmax)
+    ticks = _nice_ticks(vmax)
     vtop = max(vmax, ticks[-1])
 
     def y(v):

@@ -557,6 +557,15 @@ void DeviceAllocator::release_pool_blocks(BlockPool& pool) {
   }
 }
 
+// Removes seg from segments_ (swap with the last) and deletes it.
+void DeviceAllocator::forget_segment(Segment* seg) {
+  Segment* last = segments_.back();
+  last->list_index = seg->list_index;
+  segments_[seg->list_index] = last;
+  segments_.pop_back();
+  delete seg;
+}
+
 // Gives a whole free segment back to the device.
 void DeviceAllocator::release_block(Block* b) {
   Segment* seg = b->seg;
@@ -572,11 +581,7 @@ void DeviceAllocator::release_block(Block* b) {
     record_trace(TraceAction::kSegmentFree, seg->base, seg->size, seg->stream,
                  pool->owner ? pool->owner->id : MempoolId{}, seg->frames);
   if (pool->owner) pool->owner->segment_count -= 1;
-  Segment* last = segments_.back();
-  last->list_index = seg->list_index;
-  segments_[seg->list_index] = last;
-  segments_.pop_back();
-  delete seg;
+  forget_segment(seg);
   delete_block(b);
 }
 
@@ -748,11 +753,7 @@ void DeviceAllocator::release_expandable_segment(Block* b) {
   b->pool->unmapped.erase(b);
   emulator_->device(device_).memory().release_range(reinterpret_cast<void*>(seg->base), seg->size);
   if (b->pool->owner) b->pool->owner->segment_count -= 1;
-  Segment* last = segments_.back();
-  last->list_index = seg->list_index;
-  segments_[seg->list_index] = last;
-  segments_.pop_back();
-  delete seg;
+  forget_segment(seg);
   delete_block(b);
 }
 

@@ -163,6 +163,7 @@ class DeviceAllocator {
   void release_cached_blocks(Lock& lock, MempoolId pool);
   void release_pool_blocks(BlockPool& pool);
   void release_block(Block* b);
+  void forget_segment(Segment* seg);
   void garbage_collect_cached_blocks();
   uintptr_t alloc_found_block(const Request& r, Block* block);
   void free_block(Block* b);
