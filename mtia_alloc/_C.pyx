@@ -10,7 +10,7 @@ from libc.stdint cimport int64_t, uint64_t, uintptr_t
 from libcpp cimport bool as cbool
 from libcpp.memory cimport shared_ptr
 from libcpp.string cimport string
-from libcpp.utility cimport move, pair
+from libcpp.utility cimport pair
 from libcpp.vector cimport vector
 
 from mtia_alloc._C cimport *
@@ -29,11 +29,11 @@ cdef extern from "replay.h" namespace "mtia":
         uint64_t skipped, leftover_freed
         vector[unsigned int] alloc_latency_ns, free_latency_ns
     ReplayResult replay_trace(Allocator& a, int device, const vector[ReplayEvent]& events, unsigned int slots,
-                              const vector[int64_t]& streams, cbool latency, size_t prefix) nogil except +
-    pair[uint64_t, uint64_t] native_pair_loop(Allocator& a, int device, size_t size, uint64_t n) nogil except +
+                              const vector[int64_t]& streams, cbool latency, size_t prefix) except + nogil
+    pair[uint64_t, uint64_t] native_pair_loop(Allocator& a, int device, size_t size, uint64_t n) except + nogil
     pair[uint64_t, uint64_t] glibc_pair_loop(size_t size, uint64_t n) nogil
-    uint64_t threaded_pair_loop(Allocator& a, int threads, size_t size, uint64_t n) nogil except +
-    double cached_blocks_pair_ns(Allocator& a, int device, size_t cached, uint64_t pairs, uint64_t seed) nogil except +
+    uint64_t threaded_pair_loop(Allocator& a, int threads, size_t size, uint64_t n) except + nogil
+    double cached_blocks_pair_ns(Allocator& a, int device, size_t cached, uint64_t pairs, uint64_t seed) except + nogil
 
 
 cdef extern from "_binding.h" namespace "mtia_binding":
@@ -51,7 +51,6 @@ cdef extern from "_binding.h" namespace "mtia_binding":
     Task keep_alive(Task inner, object keep)
     shared_ptr[RawAllocator] make_py_raw_allocator(object a, object f)
     shared_ptr[RawAllocator] make_c_raw_allocator(uintptr_t a, uintptr_t f)
-    FramesPtr make_frames(vector[Frame]&& v)
     FramesPtr capture_frames()
     void set_package_prefix(const string& p)
     int frame_line(const Frame& f)

@@ -248,9 +248,6 @@ inline void set_oom_error_type(PyObject* t) {
   Py_XINCREF(t);
   oom_error_type() = t;
 }
-inline std::shared_ptr<const mtia::Frames> make_frames(std::vector<mtia::Frame>&& v) {
-  return std::make_shared<const mtia::Frames>(std::move(v));
-}
 inline uintptr_t frames_key(const std::shared_ptr<const mtia::Frames>& f) { return reinterpret_cast<uintptr_t>(f.get()); }
 inline mtia::AllocationFilter make_filter(int kind, uint64_t capture_id) {
   mtia::AllocationFilter f;
