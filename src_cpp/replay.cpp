@@ -31,8 +31,8 @@ ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEven
   ReplayResult res;
   DeviceAllocator& dev = a.device(device);
   std::vector<uintptr_t> ptrs(slots, 0);
-  prefix = std::min(prefix, events.size());
-  for (size_t i = 0; i < prefix; ++i) {  // untimed: the starting state
+  // One event: true if it ran (a free of a slot that is not live is skipped).
+  auto apply = [&](size_t i) {
     const ReplayEvent& e = events[i];
     if (e.size) {
       try {
@@ -41,11 +41,15 @@ ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEven
         ptrs[e.slot] = 0;
         if (res.first_failure < 0) res.first_failure = int64_t(i);
       }
-    } else if (ptrs[e.slot]) {
-      a.free(ptrs[e.slot]);
-      ptrs[e.slot] = 0;
+      return true;
     }
-  }
+    if (!ptrs[e.slot]) return false;
+    a.free(ptrs[e.slot]);
+    ptrs[e.slot] = 0;
+    return true;
+  };
+  prefix = std::min(prefix, events.size());
+  for (size_t i = 0; i < prefix; ++i) apply(i);  // untimed: the starting state
   dev.reset_peak_stats();
   dev.reset_accumulated_stats();
   if (latency) {
@@ -54,26 +58,12 @@ ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEven
   }
   const uint64_t t0 = wall_ns(), c0 = thread_cpu_ns();
   for (size_t i = prefix; i < events.size(); ++i) {
-    const ReplayEvent& e = events[i];
-    uint64_t l0 = latency ? wall_ns() : 0;
-    if (e.size) {
-      try {
-        ptrs[e.slot] = a.malloc(device, e.size, streams[e.stream]);
-      } catch (const OutOfMemory&) {
-        ptrs[e.slot] = 0;
-        if (res.first_failure < 0) res.first_failure = int64_t(i);
-      }
-      if (latency) res.alloc_latency_ns.push_back(uint32_t(wall_ns() - l0));
-    } else {
-      uintptr_t p = ptrs[e.slot];
-      if (!p) {
-        ++res.skipped;
-        continue;
-      }
-      a.free(p);
-      ptrs[e.slot] = 0;
-      if (latency) res.free_latency_ns.push_back(uint32_t(wall_ns() - l0));
+    const uint64_t l0 = latency ? wall_ns() : 0;
+    if (!apply(i)) {
+      ++res.skipped;
+      continue;
     }
+    if (latency) (events[i].size ? res.alloc_latency_ns : res.free_latency_ns).push_back(uint32_t(wall_ns() - l0));
   }
   res.cpu_ns = thread_cpu_ns() - c0;
   res.total_ns = wall_ns() - t0;

@@ -3,6 +3,7 @@ helper that frees, at teardown, every block a test allocated and did not free it
 check at the end of the session that nothing leaked (issue 7 item 5)."""
 import gc
 
+import numpy as np
 import pytest
 
 import mtia_alloc as mtia
@@ -70,6 +71,21 @@ class TorchDevice:
     def __init__(self, text):
         kind, _, index = text.partition(":")
         self.type, self.index = kind, int(index) if index else None
+
+
+class _Raw:
+    """numpy view of raw (emulated device) memory at an address, holding no DeviceArray."""
+
+    __slots__ = ("__array_interface__",)
+
+    def __init__(self, ptr, n, dtype):
+        self.__array_interface__ = {"data": (ptr, False), "shape": (n,), "typestr": np.dtype(dtype).str,
+                                    "version": 3}
+
+
+def view(ptr, n, dtype="float32"):
+    """Kernels use this to compute on device memory by address (no array reference kept)."""
+    return np.asarray(_Raw(ptr, n, dtype))
 
 
 class LiveBlocks:

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import mtia_alloc as mtia
+from conftest import view
 import mtia_alloc._C as _C
 import mtia_alloc.emulator
 import mtia_alloc.memory
@@ -38,18 +39,6 @@ kRoundLarge = 2 * MiB
 
 # ----------------------------------------------------------------------------- kernels
 
-class _Raw:
-    """numpy view of raw (emulated device) memory at an address, holding no DeviceArray."""
-
-    __slots__ = ("__array_interface__",)
-
-    def __init__(self, ptr, n, dtype):
-        self.__array_interface__ = {"data": (ptr, False), "shape": (n,), "typestr": np.dtype(dtype).str,
-                                    "version": 3}
-
-
-def view(ptr, n, dtype="float32"):
-    return np.asarray(_Raw(ptr, n, dtype))
 
 
 def _operands(*arrays):

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 import mtia_alloc as mtia
+from conftest import view
 import mtia_alloc._C as _C
 import mtia_alloc.emulator
 import mtia_alloc.memory
@@ -42,18 +43,6 @@ NELEM_1MB = MiB // 4  # float32 elements in 1 MiB
 
 # ----------------------------------------------------------------------------- helpers
 
-class _Raw:
-    """numpy view of raw (emulated device) memory at an address, holding no DeviceArray."""
-
-    __slots__ = ("__array_interface__",)
-
-    def __init__(self, ptr, n, dtype):
-        self.__array_interface__ = {"data": (ptr, False), "shape": (n,), "typestr": np.dtype(dtype).str,
-                                    "version": 3}
-
-
-def view(ptr, n, dtype="float32"):
-    return np.asarray(_Raw(ptr, n, dtype))
 
 
 def k_fill(t, value, stream=None):
