@@ -99,7 +99,7 @@ struct SegmentInfo {
   std::vector<BlockInfo> blocks;
 };
 
-class DeviceAllocator {
+class alignas(64) DeviceAllocator {
  public:
   DeviceAllocator(DeviceIndex device, Emulator* emulator, std::shared_ptr<RawAllocator> raw,
                   const AllocatorConfig* config);
@@ -195,7 +195,7 @@ class DeviceAllocator {
   Emulator* const emulator_;
   const AllocatorConfig* const config_;  // shared; read under mu_
   std::shared_ptr<RawAllocator> raw_;    // the default pools' memory
-  SpinMutex mu_;
+  alignas(64) SpinMutex mu_;  // its own cache line: threads of other devices never share it
 
   NodeArena arena_;
   BlockPool small_blocks_, large_blocks_;
