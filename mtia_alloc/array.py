@@ -100,6 +100,9 @@ _MAX_NBYTES = 1 << 63
 
 def empty(shape, dtype="float32", device=None, stream=None):
     """An uninitialised DeviceArray allocated through the caching allocator on `stream`."""
+    dt = _dtype_cache.get(dtype) if type(dtype) is str else None
+    if dt is not None and type(shape) is int and shape >= 0:  # the common case, kept short
+        return _C.alloc_array(DeviceArray, (shape,), dt, dt.itemsize, device, stream)
     if dtype is None:
         dtype = "float32"  # np.dtype(None) would be float64
     dt = _dtype_cache.get(dtype) if isinstance(dtype, str) else None
