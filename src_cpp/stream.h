@@ -49,7 +49,6 @@ class Stream {
   // Blocks until task `seq` has run (spins briefly first: short kernels finish in microseconds).
   void wait_until(uint64_t seq);
   void synchronize() { wait_until(enqueued()); }
-  // Steady-clock time at which task `seq` finished (0 if unknown); used by timing events.
   // Stops the worker after the running task; queued tasks are released unrun.
   void shutdown();
 

@@ -1,4 +1,4 @@
-"""A bad-input matrix over the whole public API (/work/shared/API.md), beyond tests/test_bad_input.py.
+"""A bad-input matrix over the whole public API (../shared/API.md), beyond tests/test_bad_input.py.
 
 Every case names the call, the exception type and a message fragment. Afterwards the state
 is exactly what it was: memory_stats() of every device, the device bytes in use, the allocator
