@@ -155,8 +155,8 @@ def test_get_device_module():
     assert mtia.Stream(device=TorchDevice("mtia:1")).device_type == MTIA_DEVICE_TYPE
 
 
-def test_stream_basic():
-    """PyTorch test_cpp_extensions_mtia_backend.py: test_stream_basic."""
+def _default_and_user_stream():
+    """The checks test_stream_basic and test_streams share; returns both streams."""
     default_stream = mtia.current_stream()
     user_stream = mtia.Stream()
     assert mtia.current_stream() == default_stream
@@ -166,21 +166,19 @@ def test_stream_basic():
     with mtia.stream(user_stream):
         assert mtia.current_stream() == user_stream
     assert user_stream.query()
+    return default_stream, user_stream
+
+
+def test_stream_basic():
+    """PyTorch test_cpp_extensions_mtia_backend.py: test_stream_basic."""
+    default_stream, _ = _default_and_user_stream()
     default_stream.synchronize()
     assert default_stream.query()
 
 
 def test_streams():
     """PyTorch test_cuda.py: test_streams (cuda_stream -> stream_id)."""
-    default_stream = mtia.current_stream()
-    user_stream = mtia.Stream()
-    assert mtia.current_stream() == default_stream
-    assert default_stream != user_stream
-    assert default_stream.stream_id == 0
-    assert user_stream.stream_id != 0
-    with mtia.stream(user_stream):
-        assert mtia.current_stream() == user_stream
-    assert user_stream.query()
+    default_stream, _ = _default_and_user_stream()
     emulator.sleep(50, stream=default_stream)
     default_stream.synchronize()
     assert default_stream.query()
