@@ -9,7 +9,6 @@
 #pragma once
 #include <cstdint>
 #include <memory>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -48,57 +47,6 @@ struct BlockLess {
   bool operator()(const Block* a, const Block* b) const;
 };
 
-// Recycles fixed-size nodes (the free-index set nodes), so the fast path never calls
-// malloc. Not thread-safe: each DeviceAllocator owns one and uses it under its lock.
-class NodeArena {
- public:
-  void* get(size_t size) {
-    if (head_) {
-      void* p = head_;
-      head_ = *static_cast<void**>(p);
-      return p;
-    }
-    if (size > node_size_) node_size_ = size;
-    chunks_.emplace_back(new char[node_size_ * kChunk]);
-    char* c = chunks_.back().get();
-    for (size_t i = 1; i < kChunk; ++i) put(c + i * node_size_);
-    return c;
-  }
-  void put(void* p) {
-    *static_cast<void**>(p) = head_;
-    head_ = p;
-  }
-
- private:
-  static constexpr size_t kChunk = 256;
-  void* head_ = nullptr;
-  size_t node_size_ = 64;
-  std::vector<std::unique_ptr<char[]>> chunks_;
-};
-
-template <class T>
-struct ArenaAllocator {
-  using value_type = T;
-  NodeArena* arena;
-  explicit ArenaAllocator(NodeArena* a) : arena(a) {}
-  template <class U>
-  ArenaAllocator(const ArenaAllocator<U>& o) : arena(o.arena) {}
-  T* allocate(size_t n) {
-    if (n != 1 || sizeof(T) > 64) return static_cast<T*>(::operator new(n * sizeof(T)));
-    return static_cast<T*>(arena->get(sizeof(T)));
-  }
-  void deallocate(T* p, size_t n) {
-    if (n != 1 || sizeof(T) > 64) return ::operator delete(p);
-    arena->put(p);
-  }
-  template <class U>
-  bool operator==(const ArenaAllocator<U>& o) const { return arena == o.arena; }
-  template <class U>
-  bool operator!=(const ArenaAllocator<U>& o) const { return arena != o.arena; }
-};
-
-using BinSet = std::set<Block*, BlockLess, ArenaAllocator<Block*>>;
-
 // One device allocation, or (expandable) one reserved address range of which only
 // mapped pages count as reserved memory.
 struct Segment {
@@ -132,7 +80,6 @@ struct alignas(64) Block {
   Block* prev = nullptr;              // neighbours in the segment, address order
   Block* next = nullptr;
   BlockPool* pool = nullptr;
-  BinSet::iterator index_pos;         // valid while in_index
   int16_t event_count = 0;
   bool allocated = false;
   bool deferred = false;              // freed during a capture with stream uses

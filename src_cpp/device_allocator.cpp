@@ -11,6 +11,8 @@
 
 namespace mtia {
 
+void FreeIndex::throw_corrupt() { throw InvalidState("free index corrupted: a free block was not where its key says"); }
+
 namespace {
 void stat_update(StatArray& s, bool small, int64_t delta) {
   if (delta > 0) stat_add(s, small, delta);

@@ -5,7 +5,7 @@
 // >= the request, exactly what PyTorch's std::set lower_bound returns. Blocks sit in
 // size bins: one bin per 512-byte size up to 2 MiB (every small-pool block but those of
 // expandable segments), then 64 bins per power of two. A two-level bitmap finds the
-// first non-empty bin at or above the request's bin; inside a bin a small ordered set
+// first non-empty bin at or above the request's bin; inside a bin a B+ tree (bin_tree.h)
 // gives the exact answer. The cost does not grow with the number of bins in use, only
 // (logarithmically) with the population of one bin.
 #pragma once
@@ -14,6 +14,7 @@
 #include <memory>
 #include <vector>
 
+#include "bin_tree.h"
 #include "block.h"
 
 namespace mtia {
@@ -31,14 +32,12 @@ class FreeIndex {
     if (slot.empty()) {
       slot.solo = b;  // most bins hold one block: no tree node at all
     } else {
-      if (!slot.set) slot.set = new BinSet(BlockLess{}, ArenaAllocator<Block*>(arena_));
+      if (!slot.tree) slot.tree = new BinTree(arena_);
       if (slot.solo) {
-        slot.solo->index_pos = slot.set->insert(slot.solo).first;
+        slot.tree->insert(key_of(slot.solo), slot.solo);
         slot.solo = nullptr;
       }
-      // Hint: a block that sorts first (the common "just freed the oldest" case) is O(1).
-      BinSet& set = *slot.set;
-      b->index_pos = BlockLess{}(b, *set.begin()) ? set.emplace_hint(set.begin(), b) : set.insert(b).first;
+      slot.tree->insert(key_of(b), b);
     }
     b->in_index = true;
     words_[bin >> 6] |= uint64_t(1) << (bin & 63);
@@ -50,7 +49,7 @@ class FreeIndex {
     size_t bin = bin_of(b->size);
     Bin& slot = bins_[bin];
     if (slot.solo == b) slot.solo = nullptr;
-    else slot.set->erase(b->index_pos);
+    else if (!slot.tree->erase(key_of(b))) throw_corrupt();
     b->in_index = false;
     if (slot.empty()) {
       words_[bin >> 6] &= ~(uint64_t(1) << (bin & 63));
@@ -68,14 +67,8 @@ class FreeIndex {
     if (!slot.empty()) {
       Block* first = slot.first();
       if (first->size >= size) return first;  // exact bins always take this path
-      if (slot.set) {
-        Block key;
-        key.size = size;
-        key.order = 0;
-        key.ptr = 0;
-        auto it = slot.set->lower_bound(&key);
-        if (it != slot.set->end()) return *it;
-      }
+      if (slot.tree)
+        if (Block* b = slot.tree->lower_bound(FreeKey{size, 0, 0})) return b;
     }
     size_t next = next_nonempty(bin + 1);
     return next < kBins ? bins_[next].first() : nullptr;
@@ -85,10 +78,8 @@ class FreeIndex {
   Block* successor(const Block* b) const {
     size_t bin = bin_of(b->size);
     const Bin& slot = bins_[bin];
-    if (!slot.solo) {
-      auto it = std::next(b->index_pos);
-      if (it != slot.set->end()) return *it;
-    }
+    if (!slot.solo)
+      if (Block* next = slot.tree->successor(key_of(b))) return next;
     size_t next = next_nonempty(bin + 1);
     return next < kBins ? bins_[next].first() : nullptr;
   }
@@ -100,7 +91,7 @@ class FreeIndex {
     size_t w = (size_t(top) << 6) + size_t(63 - __builtin_clzll(summary_[top]));
     size_t bin = (w << 6) + size_t(63 - __builtin_clzll(words_[w]));
     const Bin& slot = bins_[bin];
-    return slot.solo ? slot.solo : *slot.set->rbegin();
+    return slot.solo ? slot.solo : slot.tree->last();
   }
 
   // Calls f(block) for every free block (f must not modify the index).
@@ -110,12 +101,12 @@ class FreeIndex {
       const Bin& slot = bins_[bin];
       if (slot.solo) f(slot.solo);
       else
-        for (Block* b : *slot.set) f(b);
+        slot.tree->for_each(f);
     }
   }
 
   ~FreeIndex() {
-    for (size_t i = 0; i < kBins; ++i) delete bins_[i].set;
+    for (size_t i = 0; i < kBins; ++i) delete bins_[i].tree;
   }
   FreeIndex(const FreeIndex&) = delete;
   FreeIndex& operator=(const FreeIndex&) = delete;
@@ -128,6 +119,9 @@ class FreeIndex {
   static constexpr size_t kBins = kExactBins + (size_t(kMaxLog2 - kExactLimitLog2 + 1) << kSubBits);
   static constexpr size_t kWords = (kBins + 63) / 64;
   static_assert(kWords <= 128, "two summary words cover 128 bitmap words");
+
+  static FreeKey key_of(const Block* b) { return FreeKey{b->size, b->order, b->ptr}; }
+  [[noreturn]] static void throw_corrupt();
 
   static size_t bin_of(size_t size) {
     if (size <= (size_t(1) << kExactLimitLog2)) return size <= kMinBlockSize ? 0 : (size - 1) / kMinBlockSize;
@@ -154,12 +148,12 @@ class FreeIndex {
     return kBins;
   }
 
-  // A bin holds one block inline (`solo`) or, from two blocks on, an ordered set.
+  // A bin holds one block inline (`solo`) or, from two blocks on, a B+ tree.
   struct Bin {
     Block* solo = nullptr;
-    BinSet* set = nullptr;
-    bool empty() const { return !solo && (!set || set->empty()); }
-    Block* first() const { return solo ? solo : *set->begin(); }
+    BinTree* tree = nullptr;
+    bool empty() const { return !solo && (!tree || tree->empty()); }
+    Block* first() const { return solo ? solo : tree->first(); }
   };
 
   NodeArena* arena_;

@@ -1,0 +1,293 @@
+// bin_tree.h: the ordered set behind one crowded free-index bin, a B+ tree with its
+// sort keys stored inline.
+//
+// A bin can hold thousands of blocks (e.g. every free 2 MiB segment of a long random
+// run). A red-black tree then costs a dozen dependent cache misses per insert; here a
+// node holds 16 entries, so the same set is three levels deep and the upper levels stay
+// cached. Entries are found by key, so blocks carry no iterator. Erase never rebalances:
+// a leaf leaves the tree only when it is empty, which keeps every operation simple and
+// the tree no deeper than its fullest past.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <vector>
+
+#include "block.h"
+#include "errors.h"
+
+namespace mtia {
+
+// Recycles the tree nodes, so the fast path never calls malloc. Not thread-safe: each
+// DeviceAllocator owns one and uses it under its lock.
+class NodeArena {
+ public:
+  static constexpr size_t kNodeSize = 576;  // >= BinTree's nodes, whole cache lines
+  void* get() {
+    if (!head_) grow();
+    void* p = head_;
+    head_ = *static_cast<void**>(p);
+    return p;
+  }
+  void put(void* p) {
+    *static_cast<void**>(p) = head_;
+    head_ = p;
+  }
+
+ private:
+  static constexpr size_t kChunk = 64;
+  void grow() {
+    chunks_.emplace_back(new Node[kChunk]);
+    for (size_t i = 0; i < kChunk; ++i) put(&chunks_.back()[i]);
+  }
+  struct alignas(64) Node {
+    char bytes[kNodeSize];
+  };
+  void* head_ = nullptr;
+  std::vector<std::unique_ptr<Node[]>> chunks_;
+};
+
+// Best-fit order: (size, segment order, address), as PyTorch's std::set compares blocks.
+struct FreeKey {
+  size_t size;
+  uint64_t order;
+  uintptr_t ptr;
+  bool operator<(const FreeKey& o) const {
+    if (size != o.size) return size < o.size;
+    if (order != o.order) return order < o.order;
+    return ptr < o.ptr;
+  }
+  bool operator==(const FreeKey& o) const { return size == o.size && order == o.order && ptr == o.ptr; }
+};
+
+class BinTree {
+ public:
+  explicit BinTree(NodeArena* arena) : arena_(arena) {}
+  ~BinTree() { destroy(root_, height_); }
+  BinTree(const BinTree&) = delete;
+  BinTree& operator=(const BinTree&) = delete;
+
+  bool empty() const { return count_ == 0; }
+  size_t size() const { return count_; }
+  Block* first() const { return first_->e[0].block; }
+  Block* last() const { return last_->e[last_->count - 1].block; }
+
+  void insert(const FreeKey& key, Block* block) {
+    if (!root_) {
+      Leaf* leaf = new_leaf();
+      root_ = first_ = last_ = leaf;
+      height_ = 1;
+    }
+    Path path;
+    Leaf* leaf = descend(key, path);
+    int pos = leaf_lower_bound(leaf, key);
+    if (leaf->count == kLeafCap) {
+      Leaf* right = split_leaf(leaf);
+      insert_separator(path, height_ - 1, right->e[0].key, right);
+      if (pos > leaf->count) {
+        pos -= leaf->count;
+        leaf = right;
+      }
+    }
+    for (int i = leaf->count; i > pos; --i) leaf->e[i] = leaf->e[i - 1];
+    leaf->e[pos] = Entry{key, block};
+    ++leaf->count;
+    ++count_;
+  }
+
+  // Removes the entry with exactly this key; false if there is none.
+  bool erase(const FreeKey& key) {
+    if (!root_) return false;
+    Path path;
+    Leaf* leaf = descend(key, path);
+    int pos = leaf_lower_bound(leaf, key);
+    if (pos == leaf->count || !(leaf->e[pos].key == key)) return false;
+    for (int i = pos + 1; i < leaf->count; ++i) leaf->e[i - 1] = leaf->e[i];
+    --leaf->count;
+    --count_;
+    if (leaf->count == 0) remove_empty_leaf(leaf, path);
+    return true;
+  }
+
+  // First entry with key >= `key`, or nullptr.
+  Block* lower_bound(const FreeKey& key) const {
+    if (!root_) return nullptr;
+    Path path;
+    const Leaf* leaf = descend(key, path);
+    int pos = leaf_lower_bound(leaf, key);
+    if (pos < leaf->count) return leaf->e[pos].block;
+    return leaf->next ? leaf->next->e[0].block : nullptr;
+  }
+
+  // The entry after the one with exactly this key, or nullptr.
+  Block* successor(const FreeKey& key) const {
+    Path path;
+    const Leaf* leaf = descend(key, path);
+    int pos = leaf_lower_bound(leaf, key) + 1;
+    if (pos < leaf->count) return leaf->e[pos].block;
+    return leaf->next ? leaf->next->e[0].block : nullptr;
+  }
+
+  template <class F>
+  void for_each(F f) const {
+    for (const Leaf* l = first_; l; l = l->next)
+      for (int i = 0; i < l->count; ++i) f(l->e[i].block);
+  }
+
+ private:
+  static constexpr int kLeafCap = 16;   // entries per leaf
+  static constexpr int kInnerCap = 16;  // children per inner node
+  static constexpr int kMaxHeight = 24;
+
+  struct Entry {
+    FreeKey key;
+    Block* block;
+  };
+  struct Leaf {
+    int count = 0;
+    Leaf* prev = nullptr;
+    Leaf* next = nullptr;
+    Entry e[kLeafCap];
+  };
+  // keys[i] <= every key under children[i + 1]; every key under children[i] < keys[i].
+  struct Inner {
+    int count = 0;  // children
+    FreeKey keys[kInnerCap - 1];
+    void* children[kInnerCap];
+  };
+  struct Path {
+    Inner* node[kMaxHeight];
+    int slot[kMaxHeight];
+  };
+
+  static int leaf_lower_bound(const Leaf* l, const FreeKey& key) {
+    int lo = 0, hi = l->count;
+    while (lo < hi) {
+      int mid = (lo + hi) >> 1;
+      if (l->e[mid].key < key) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+  // The child whose range holds key: the number of separators <= key.
+  static int child_slot(const Inner* n, const FreeKey& key) {
+    int lo = 0, hi = n->count - 1;
+    while (lo < hi) {
+      int mid = (lo + hi) >> 1;
+      if (key < n->keys[mid]) hi = mid;
+      else lo = mid + 1;
+    }
+    return lo;
+  }
+
+  Leaf* descend(const FreeKey& key, Path& path) const {
+    void* node = root_;
+    for (int level = 0; level < height_ - 1; ++level) {
+      Inner* in = static_cast<Inner*>(node);
+      int slot = child_slot(in, key);
+      path.node[level] = in;
+      path.slot[level] = slot;
+      node = in->children[slot];
+    }
+    return static_cast<Leaf*>(node);
+  }
+
+  Leaf* split_leaf(Leaf* leaf) {
+    Leaf* right = new_leaf();
+    const int keep = leaf->count / 2, move = leaf->count - keep;
+    std::memcpy(right->e, &leaf->e[keep], sizeof(Entry) * size_t(move));
+    right->count = move;
+    leaf->count = keep;
+    right->prev = leaf;
+    right->next = leaf->next;
+    if (leaf->next) leaf->next->prev = right;
+    else last_ = right;
+    leaf->next = right;
+    return right;
+  }
+
+  // Adds `right` (whose keys are >= sep) just after the child path.slot[level] of
+  // path.node[level]; level -1 means the root itself split.
+  void insert_separator(Path& path, int level, FreeKey sep, void* right) {
+    if (level == 0) {  // the root split: grow a level
+      if (height_ >= kMaxHeight) throw_too_deep();
+      Inner* root = new_inner();
+      root->count = 2;
+      root->children[0] = root_;
+      root->children[1] = right;
+      root->keys[0] = sep;
+      root_ = root;
+      ++height_;
+      return;
+    }
+    Inner* parent = path.node[level - 1];
+    int slot = path.slot[level - 1] + 1;  // right goes here
+    if (parent->count == kInnerCap) {
+      Inner* sibling = new_inner();
+      const int keep = kInnerCap / 2, move = kInnerCap - keep;
+      FreeKey up = parent->keys[keep - 1];
+      std::memcpy(sibling->children, &parent->children[keep], sizeof(void*) * size_t(move));
+      std::memcpy(sibling->keys, &parent->keys[keep], sizeof(FreeKey) * size_t(move - 1));
+      sibling->count = move;
+      parent->count = keep;
+      insert_separator(path, level - 1, up, sibling);
+      if (slot > keep) {
+        parent = sibling;
+        slot -= keep;
+      }
+    }
+    std::memmove(&parent->children[slot + 1], &parent->children[slot], sizeof(void*) * size_t(parent->count - slot));
+    std::memmove(&parent->keys[slot], &parent->keys[slot - 1], sizeof(FreeKey) * size_t(parent->count - slot));
+    parent->children[slot] = right;
+    parent->keys[slot - 1] = sep;
+    ++parent->count;
+  }
+
+  void remove_empty_leaf(Leaf* leaf, Path& path) {
+    if (height_ == 1) return;  // an empty root leaf stays
+    (leaf->prev ? leaf->prev->next : first_) = leaf->next;
+    (leaf->next ? leaf->next->prev : last_) = leaf->prev;
+    arena_->put(leaf);
+    for (int level = height_ - 2; level >= 0; --level) {
+      Inner* n = path.node[level];
+      int slot = path.slot[level];
+      std::memmove(&n->children[slot], &n->children[slot + 1], sizeof(void*) * size_t(n->count - slot - 1));
+      int k = slot > 0 ? slot - 1 : 0;  // the separator that bounded the removed child
+      if (n->count - 2 - k > 0) std::memmove(&n->keys[k], &n->keys[k + 1], sizeof(FreeKey) * size_t(n->count - 2 - k));
+      --n->count;
+      if (n->count > 0) break;
+      if (level == 0) break;  // cannot happen: the root keeps a child while the tree is non-empty
+      arena_->put(n);
+    }
+    while (height_ > 1 && static_cast<Inner*>(root_)->count == 1) {  // a root with one child steps down
+      Inner* old = static_cast<Inner*>(root_);
+      root_ = old->children[0];
+      arena_->put(old);
+      --height_;
+    }
+  }
+
+  static_assert(sizeof(Leaf) <= NodeArena::kNodeSize && sizeof(Inner) <= NodeArena::kNodeSize, "node size");
+  Leaf* new_leaf() { return new (arena_->get()) Leaf(); }
+  Inner* new_inner() { return new (arena_->get()) Inner(); }
+  [[noreturn]] static void throw_too_deep() { throw InvalidState("free index bin tree grew too deep"); }
+
+  void destroy(void* node, int height) {
+    if (!node) return;
+    if (height > 1) {
+      Inner* in = static_cast<Inner*>(node);
+      for (int i = 0; i < in->count; ++i) destroy(in->children[i], height - 1);
+    }
+    arena_->put(node);
+  }
+
+  NodeArena* arena_;
+  void* root_ = nullptr;
+  Leaf* first_ = nullptr;
+  Leaf* last_ = nullptr;
+  int height_ = 0;
+  size_t count_ = 0;
+};
+
+}  // namespace mtia

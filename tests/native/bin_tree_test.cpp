@@ -1,0 +1,105 @@
+// bin_tree_test.cpp: BinTree (the B+ tree behind crowded free-index bins) against
+// std::set as the model, over random inserts, erases and queries that grow the tree to
+// several levels and shrink it back to empty. Run under the sanitizers by .ci/run.
+// Exit code 0 = pass.
+#include <cstdio>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "bin_tree.h"
+
+using namespace mtia;
+
+namespace {
+
+int failures = 0;
+#define CHECK(cond, ...)                                          \
+  do {                                                            \
+    if (!(cond)) {                                                \
+      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::fprintf(stderr, __VA_ARGS__);                          \
+      std::fprintf(stderr, "\n");                                 \
+      if (++failures > 20) std::exit(1);                          \
+    }                                                             \
+  } while (0)
+
+// Blocks are only carried as values: the key decides the order.
+struct Item {
+  FreeKey key;
+  Block* block;
+  bool operator<(const Item& o) const { return key < o.key; }
+};
+
+Block* block_for(const FreeKey& k) { return reinterpret_cast<Block*>(uintptr_t(k.ptr) * 64 + 64); }
+
+void run(uint64_t seed, size_t max_live, size_t steps, int size_kinds) {
+  std::mt19937_64 rng(seed);
+  NodeArena arena;
+  BinTree tree(&arena);
+  std::set<Item> model;
+  std::vector<FreeKey> live;
+  auto random_key = [&] {
+    // Few sizes and orders, so ties on the first fields are common.
+    return FreeKey{size_t(rng() % size_kinds) * 512 + 512, rng() % 50, (rng() % (1u << 20)) * 512};
+  };
+  for (size_t step = 0; step < steps; ++step) {
+    // Grow towards max_live, then drain to empty, then grow again.
+    const bool growing = (step / (max_live * 3)) % 2 == 0;
+    const int op = int(rng() % 100);
+    if ((growing ? op < 60 : op < 25) && model.size() < max_live) {
+      FreeKey k = random_key();
+      if (model.count(Item{k, nullptr})) continue;
+      model.insert(Item{k, block_for(k)});
+      live.push_back(k);
+      tree.insert(k, block_for(k));
+    } else if (!live.empty() && op < 90) {
+      size_t i = rng() % live.size();
+      FreeKey k = live[i];
+      live[i] = live.back();
+      live.pop_back();
+      model.erase(Item{k, nullptr});
+      CHECK(tree.erase(k), "erase of a present key failed (seed %llu step %zu)", (unsigned long long)seed, step);
+      CHECK(!tree.erase(k), "second erase succeeded");
+    } else {
+      FreeKey q = random_key();
+      auto it = model.lower_bound(Item{q, nullptr});
+      Block* want = it == model.end() ? nullptr : it->block;
+      CHECK(tree.lower_bound(q) == want, "lower_bound differs (seed %llu step %zu)", (unsigned long long)seed, step);
+      if (!live.empty()) {
+        FreeKey k = live[rng() % live.size()];
+        auto at = model.find(Item{k, nullptr});
+        auto next = std::next(at);
+        CHECK(tree.successor(k) == (next == model.end() ? nullptr : next->block), "successor differs");
+      }
+    }
+    CHECK(tree.size() == model.size(), "size %zu, model %zu", tree.size(), model.size());
+    CHECK(tree.empty() == model.empty(), "empty() differs");
+    if (!model.empty()) {
+      CHECK(tree.first() == model.begin()->block, "first differs (step %zu)", step);
+      CHECK(tree.last() == model.rbegin()->block, "last differs (step %zu)", step);
+    }
+    if (step % 997 == 0) {
+      std::vector<Block*> walked;
+      tree.for_each([&](Block* b) { walked.push_back(b); });
+      std::vector<Block*> expected;
+      for (const Item& it : model) expected.push_back(it.block);
+      CHECK(walked == expected, "for_each order differs (step %zu)", step);
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  run(1, 40, 20000, 4);        // one or two levels
+  run(2, 3000, 200000, 3);     // three levels, heavy ties
+  run(3, 20000, 300000, 200);  // four levels, then drained to empty and regrown
+  for (uint64_t seed = 10; seed < 20; ++seed) run(seed, 300, 20000, 8);
+  if (failures) {
+    std::fprintf(stderr, "bin_tree_test: %d failures\n", failures);
+    return 1;
+  }
+  std::printf("bin_tree_test: ok\n");
+  return 0;
+}
