@@ -70,34 +70,41 @@ struct StreamUse {
   bool during_capture;  // recorded while a capture was underway (dropped when deferred)
 };
 
-// Field order matters: the first cache line holds everything best fit, split and the
-// merge test read, so walking neighbours and bins touches one line per block.
+// Field order matters: the first cache line holds everything malloc, free, split and
+// merge touch, so a block costs one cache line on the fast path. The segment order and
+// the flags share one word (2^40 device allocations before the order wraps, which would
+// only change best-fit tie breaks).
 struct alignas(64) Block {
+  Block()
+      : order(0), event_count(0), allocated(false), deferred(false), in_index(false), has_stream_uses(false),
+        mapped(true), expandable(false), oversize(false), has_frames(false) {}
   // --- hot: line 1 ---
   uintptr_t ptr = 0;
   size_t size = 0;
-  uint64_t order = 0;                 // == seg->order, kept here for the index comparator
+  uint64_t order : 40;                // == seg->order, kept here for the index key
+  uint64_t event_count : 16;          // cross-stream events still pending
+  bool allocated : 1;
+  bool deferred : 1;                  // freed during a capture with stream uses
+  bool in_index : 1;
+  bool has_stream_uses : 1;           // == !stream_uses.empty()
+  bool mapped : 1;                    // false: unmapped address space of an expandable segment
+  bool expandable : 1;                // lives in an expandable segment
+  bool oversize : 1;                  // counted in oversize_allocations while allocated
+  bool has_frames : 1;                // == (frames != nullptr)
   Block* prev = nullptr;              // neighbours in the segment, address order
   Block* next = nullptr;
-  BlockPool* pool = nullptr;
-  int16_t event_count = 0;
-  bool allocated = false;
-  bool deferred = false;              // freed during a capture with stream uses
-  bool in_index = false;
-  bool has_stream_uses = false;       // == !stream_uses.empty()
-  bool mapped = true;                 // false: unmapped address space of an expandable segment
-  bool expandable = false;            // lives in an expandable segment
-  // --- line 2 ---
-  size_t requested_size = 0;
-  StreamId stream = 0;
+  FreeIndex* index = nullptr;         // == seg->index: where it goes when free (gives its pool)
   Segment* seg = nullptr;
+  size_t requested_size = 0;
+  // --- line 2 ---
+  StreamId stream = 0;
   uint64_t gc_count_base = 0;
-  bool oversize = false;              // counted in oversize_allocations while allocated
   FramesPtr frames;                   // stack at the last hand-out
   std::vector<StreamUse> stream_uses;
 
   bool is_split() const { return prev != nullptr || next != nullptr; }
 };
+static_assert(sizeof(Block) == 128, "Block: two cache lines");
 
 inline bool BlockLess::operator()(const Block* a, const Block* b) const {
   if (a->size != b->size) return a->size < b->size;

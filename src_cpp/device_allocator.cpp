@@ -14,6 +14,15 @@ namespace mtia {
 void FreeIndex::throw_corrupt() { throw InvalidState("free index corrupted: a free block was not where its key says"); }
 
 namespace {
+BlockPool* pool_of(const Block* b) { return b->index->pool; }
+
+// The GC clock at the time b became free. The clock only runs while garbage collection
+// is on; while it reads 0, every block's base is 0 already (new_block clears it), so the
+// write, to the block's second cache line, is skipped.
+inline void set_gc_count_base(Block* b, const BlockPool* pool) {
+  if (pool->get_free_blocks_call_count) b->gc_count_base = pool->get_free_blocks_call_count;
+}
+
 void stat_update(StatArray& s, bool small, int64_t delta) {
   if (delta > 0) stat_add(s, small, delta);
   else if (delta < 0) stat_sub(s, small, -delta);
@@ -45,12 +54,15 @@ Block* DeviceAllocator::new_block() {
   }
   Block* b = block_free_list_.back();
   block_free_list_.pop_back();
+  b->gc_count_base = 0;
   return b;
 }
 
 void DeviceAllocator::delete_block(Block* b) {
-  b->stream_uses.clear();
-  b->frames.reset();
+  // Freed blocks have no stream uses and no frames left: the second line stays untouched.
+  if (b->has_stream_uses) b->stream_uses.clear();
+  if (b->has_frames) b->frames.reset();
+  b->has_frames = false;
   b->prev = b->next = nullptr;
   b->allocated = b->deferred = b->in_index = b->has_stream_uses = b->expandable = b->oversize = false;
   b->mapped = true;
@@ -60,9 +72,9 @@ void DeviceAllocator::delete_block(Block* b) {
 }
 
 bool DeviceAllocator::should_split(const Block* b, size_t size) const {
-  if (b->pool->owner && b->pool->owner->no_split) return false;
+  if (pool_of(b)->owner && pool_of(b)->owner->no_split) return false;
   size_t remaining = b->size - size;
-  if (b->pool->is_small || config_->expandable_segments) return remaining >= kMinBlockSize;
+  if (pool_of(b)->is_small || config_->expandable_segments) return remaining >= kMinBlockSize;
   return size < max_split() && remaining > kSmallSize;
 }
 
@@ -181,7 +193,7 @@ Block* DeviceAllocator::alloc_block(const Request& r, bool is_retry) {
   b->requested_size = 0;
   b->stream = r.stream;
   b->order = seg->order;
-  b->pool = r.pool;
+  b->index = seg->index;
   b->seg = seg;
   seg->first = b;
   if (owner) owner->segment_count += 1;
@@ -268,7 +280,7 @@ void DeviceAllocator::garbage_collect_cached_blocks() {
 
 // §3.4: take `block` (not in any index), split off the request if the rules say so.
 uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
-  BlockPool* pool = block->pool;
+  BlockPool* pool = pool_of(block);
   const bool small = pool->is_small;
   const bool already_split = block->is_split();
   Block* result = block;
@@ -277,9 +289,9 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
     result = new_block();
     result->ptr = block->ptr;
     result->size = r.size;
-    result->stream = block->stream;
+    result->stream = r.stream;  // == block->stream: the block came from r.stream's index
     result->order = block->order;
-    result->pool = pool;
+    result->index = block->index;
     result->seg = block->seg;
     result->expandable = block->expandable;
     result->prev = block->prev;
@@ -290,8 +302,8 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
     block->ptr += r.size;
     block->size = remaining;
     block->requested_size = 0;
-    block->gc_count_base = pool->get_free_blocks_call_count;
-    block->seg->index->insert(block);
+    set_gc_count_base(block, pool);
+    block->index->insert(block);
     if (block->expandable) {
       // expandable blocks are left out of the inactive_split stats on purpose
     } else if (already_split) {
@@ -306,7 +318,10 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
   }
   result->allocated = true;
   result->requested_size = r.orig_size;
-  result->frames = r.frames;
+  if (r.frames || result->has_frames) {  // without history, the second line stays untouched
+    result->frames = r.frames;
+    result->has_frames = r.frames != nullptr;
+  }
   allocated_.insert(result->ptr, result);
   stat_add(stats_.allocation, small, 1);
   stat_add(stats_.allocated_bytes, small, int64_t(result->size));
@@ -334,7 +349,7 @@ bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames) {
   Lock lock(mu_, std::adopt_lock);
   Block* b = allocated_.erase(ptr);
   if (!b) return false;
-  const bool small = b->pool->is_small;
+  const bool small = pool_of(b)->is_small;
   b->allocated = false;
   stat_sub(stats_.allocation, small, 1);
   stat_sub(stats_.allocated_bytes, small, int64_t(b->size));
@@ -343,7 +358,7 @@ bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames) {
   if (history_on_) {
     const FramesPtr& frames = record_context_ < RecordContext::kAll || !free_frames ? b->frames : free_frames;
     record_trace(TraceAction::kFreeRequested, b->ptr, b->requested_size, b->stream,
-                 b->pool->owner ? b->pool->owner->id : MempoolId{}, frames);
+                 pool_of(b)->owner ? pool_of(b)->owner->id : MempoolId{}, frames);
   }
   if (b->has_stream_uses) {
     if (!captures_underway_.empty()) {
@@ -411,7 +426,7 @@ void DeviceAllocator::synchronize_and_free_events(Lock& lock, PrivatePool* only)
   std::vector<EventMark> marks;
   for (auto& [s, fifo] : stream_events_)
     for (auto& [mark, b] : fifo)
-      if (!only || b->pool->owner == only) marks.push_back(mark);
+      if (!only || pool_of(b)->owner == only) marks.push_back(mark);
   if (marks.empty()) return;
   lock.unlock();
   {
@@ -425,12 +440,15 @@ void DeviceAllocator::synchronize_and_free_events(Lock& lock, PrivatePool* only)
 
 // §3.5: return a freed block to its pool, merging with free neighbours.
 void DeviceAllocator::free_block(Block* b) {
-  BlockPool* pool = b->pool;
+  BlockPool* pool = pool_of(b);
   const bool small = pool->is_small;
   if (history_on_)
     record_trace(TraceAction::kFreeCompleted, b->ptr, b->requested_size, b->stream,
                  pool->owner ? pool->owner->id : MempoolId{}, b->frames);
-  b->frames.reset();
+  if (b->has_frames) {
+    b->frames.reset();
+    b->has_frames = false;
+  }
   const size_t original_size = b->size;
   int64_t net_split_blocks = 0, net_split_bytes = 0;
   for (Block* neighbour : {b->prev, b->next}) {
@@ -451,15 +469,15 @@ void DeviceAllocator::free_block(Block* b) {
     stat_update(stats_.inactive_split, small, net_split_blocks);
     stat_update(stats_.inactive_split_bytes, small, net_split_bytes);
   }
-  b->gc_count_base = pool->get_free_blocks_call_count;
-  b->seg->index->insert(b);
+  set_gc_count_base(b, pool);
+  b->index->insert(b);
 }
 
 // Merges free neighbour `src` into `dst`; returns the bytes taken over (0 if not mergeable).
 size_t DeviceAllocator::try_merge(Block* dst, Block* src) {
   if (!src || src->allocated || src->event_count > 0 || src->has_stream_uses || src->deferred || !src->in_index)
     return 0;
-  dst->seg->index->erase(src);  // neighbours share the segment's index
+  dst->index->erase(src);  // neighbours share the segment's index
   size_t subsumed = src->size;
   absorb(dst, src);
   return subsumed;
@@ -571,7 +589,7 @@ void DeviceAllocator::forget_segment(Segment* seg) {
 // Gives a whole free segment back to the device.
 void DeviceAllocator::release_block(Block* b) {
   Segment* seg = b->seg;
-  BlockPool* pool = b->pool;
+  BlockPool* pool = pool_of(b);
   seg->index->erase(b);
   seg->raw->free(reinterpret_cast<void*>(seg->base), seg->size, device_, seg->stream);
   total_allocated_memory_ -= seg->size;
@@ -600,7 +618,7 @@ Block* DeviceAllocator::split_off(Block* b, size_t offset, bool mapped) {
   tail->size = b->size - offset;
   tail->stream = b->stream;
   tail->order = b->order;
-  tail->pool = b->pool;
+  tail->index = b->index;
   tail->seg = b->seg;
   tail->expandable = b->expandable;
   tail->mapped = mapped;
@@ -614,7 +632,7 @@ Block* DeviceAllocator::split_off(Block* b, size_t offset, bool mapped) {
 
 void DeviceAllocator::merge_unmapped(Block* dst, Block* src) {
   if (!src || src->mapped) return;
-  dst->pool->unmapped.erase(src);
+  pool_of(dst)->unmapped.erase(src);
   absorb(dst, src);
 }
 
@@ -661,7 +679,7 @@ Block* DeviceAllocator::find_expandable_block(const Request& r) {
   b->size = size;
   b->stream = r.stream;
   b->order = seg->order;
-  b->pool = pool;
+  b->index = seg->index;
   b->seg = seg;
   b->expandable = true;
   b->mapped = false;
@@ -680,7 +698,7 @@ bool DeviceAllocator::map_block(Block* to_map, size_t size, const Request& r) {
   if (allowed_memory_maximum_ && total_allocated_memory_ + bytes > allowed_memory_maximum_) return false;
   DeviceMemory& mem = emulator_->device(device_).memory();
   if (!mem.map_pages(reinterpret_cast<void*>(to_map->ptr), bytes)) return false;
-  BlockPool* pool = to_map->pool;
+  BlockPool* pool = pool_of(to_map);
   pool->unmapped.erase(to_map);
   if (bytes < to_map->size) pool->unmapped.insert(split_off(to_map, bytes, false));
   to_map->mapped = true;
@@ -721,7 +739,7 @@ void DeviceAllocator::unmap_block(Block* b) {
   if (last <= first) return;
   const uintptr_t uptr = seg->base + first * page;
   const size_t usize = (last - first) * page;
-  BlockPool* pool = b->pool;
+  BlockPool* pool = pool_of(b);
   seg->index->erase(b);
   const size_t before = uptr - b->ptr, after = b->size - before - usize;
   if (after > 0) {
@@ -752,9 +770,9 @@ void DeviceAllocator::unmap_block(Block* b) {
 // A wholly unmapped expandable segment gives back its address space.
 void DeviceAllocator::release_expandable_segment(Block* b) {
   Segment* seg = b->seg;
-  b->pool->unmapped.erase(b);
+  pool_of(b)->unmapped.erase(b);
   emulator_->device(device_).memory().release_range(reinterpret_cast<void*>(seg->base), seg->size);
-  if (b->pool->owner) b->pool->owner->segment_count -= 1;
+  if (pool_of(b)->owner) pool_of(b)->owner->segment_count -= 1;
   forget_segment(seg);
   delete_block(b);
 }
@@ -1055,14 +1073,16 @@ std::string DeviceAllocator::check_invariants() {
     for (Block* b = seg->first; b; prev = b, b = b->next) {
       if (b->ptr != expect) fail("blocks do not tile segment at " + std::to_string(seg->base));
       if (b->prev != prev) fail("broken prev link");
-      if (b->seg != seg || b->pool != seg->pool || b->stream != seg->stream) fail("block/segment mismatch");
+      if (b->seg != seg || b->index != seg->index || pool_of(b) != seg->pool || b->stream != seg->stream)
+        fail("block/segment mismatch");
+      if (b->has_frames != (b->frames != nullptr)) fail("has_frames out of step with frames");
       if (b->size == 0 || b->size % kMinBlockSize) fail("block size not a positive multiple of 512");
       expect += b->size;
       if (b->expandable != seg->expandable) fail("block/segment expandable mismatch");
       if (!b->mapped) {
         unmapped_blocks += 1;
         if (!seg->expandable || b->allocated || b->in_index) fail("unmapped block in use or indexed");
-        if (!b->pool->unmapped.count(b)) fail("unmapped block missing from the pool's unmapped set");
+        if (!pool_of(b)->unmapped.count(b)) fail("unmapped block missing from the pool's unmapped set");
         if (prev && !prev->mapped) fail("two adjacent unmapped blocks were not merged");
         continue;
       }

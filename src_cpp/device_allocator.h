@@ -58,7 +58,7 @@ struct BlockPool {
   }
   FreeIndex* index_or_create(StreamId s) {
     if (FreeIndex* idx = index(s)) return idx;
-    by_stream.emplace_back(s, std::make_unique<FreeIndex>(arena));
+    by_stream.emplace_back(s, std::make_unique<FreeIndex>(arena, this));
     return by_stream.back().second.get();
   }
 };

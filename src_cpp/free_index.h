@@ -21,7 +21,9 @@ namespace mtia {
 
 class FreeIndex {
  public:
-  explicit FreeIndex(NodeArena* arena) : arena_(arena), bins_(new Bin[kBins]) {}
+  FreeIndex(NodeArena* arena, BlockPool* pool) : pool(pool), arena_(arena), bins_(new Bin[kBins]) {}
+
+  BlockPool* const pool;  // whose free blocks these are
 
   bool empty() const { return count_ == 0; }
   size_t size() const { return count_; }
