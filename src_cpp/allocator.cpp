@@ -10,8 +10,11 @@ Allocator::Allocator(int device_count, size_t memory_per_device, const std::stri
     : emulator_(device_count, memory_per_device) {
   config_.parse(conf);
   if (!raw) raw = std::make_shared<DeviceRawAllocator>(&emulator_);
-  for (int d = 0; d < device_count; ++d)
+  for (int d = 0; d < device_count; ++d) {
     devices_.push_back(std::make_unique<DeviceAllocator>(d, &emulator_, raw, &config_));
+    DeviceMemory& mem = emulator_.device(d).memory();
+    device_ranges_.push_back(Range{mem.base(), mem.capacity()});
+  }
 }
 
 Allocator::~Allocator() {
@@ -39,15 +42,7 @@ DeviceIndex Allocator::device_of(uintptr_t ptr) {
   return -1;
 }
 
-void Allocator::free(uintptr_t ptr, const FramesPtr& frames) {
-  if (ptr == 0) return;
-  // Fast path: the device whose address range holds ptr.
-  for (int d = 0; d < device_count(); ++d) {
-    if (emulator_.device(d).memory().contains(reinterpret_cast<void*>(ptr))) {
-      if (devices_[size_t(d)]->free(ptr, frames)) return;
-      break;
-    }
-  }
+void Allocator::free_elsewhere(uintptr_t ptr, const FramesPtr& frames) {
   for (int d = 0; d < device_count(); ++d)
     if (!emulator_.device(d).memory().contains(reinterpret_cast<void*>(ptr)) && devices_[size_t(d)]->free(ptr, frames))
       return;

@@ -44,8 +44,16 @@ class Allocator {
     if (size >= kOneExaByte) throw_exabyte();
     return devices_[size_t(device)]->malloc(size, stream, frames);
   }
-  // Throws InvalidArgument("invalid device pointer: ...") for unknown pointers; 0 is a no-op.
-  void free(uintptr_t ptr, const FramesPtr& frames = kNoFrames);
+  // Throws InvalidState("invalid device pointer: ...") for unknown pointers; 0 is a no-op.
+  void free(uintptr_t ptr, const FramesPtr& frames = kNoFrames) {
+    if (ptr == 0) return;
+    for (size_t d = 0; d < device_ranges_.size(); ++d)  // fast path: the device whose range holds ptr
+      if (ptr - device_ranges_[d].base < device_ranges_[d].size) {
+        if (devices_[d]->free(ptr, frames)) return;
+        break;
+      }
+    free_elsewhere(ptr, frames);
+  }
   static inline const FramesPtr kNoFrames{};
   // The device whose allocator owns allocated block `ptr`, or -1.
   DeviceIndex device_of(uintptr_t ptr);
@@ -61,9 +69,15 @@ class Allocator {
 
  private:
   [[noreturn]] static void throw_exabyte();
+  void free_elsewhere(uintptr_t ptr, const FramesPtr& frames);  // expandable or pluggable memory
+  struct Range {
+    uintptr_t base;
+    size_t size;
+  };
   AllocatorConfig config_;  // written only by set_config, which the binding serialises
   Emulator emulator_;
   std::vector<std::unique_ptr<DeviceAllocator>> devices_;
+  std::vector<Range> device_ranges_;  // each device's memory range, for free()'s dispatch
   std::atomic<uint64_t> next_user_pool_{1}, next_graph_pool_{1};
 };
 

@@ -37,6 +37,7 @@ class DeviceMemory {
   bool map_pages(void* ptr, size_t size);  // false = out of memory (or an injected fault)
   void unmap_pages(void* ptr, size_t size);
   size_t capacity() const { return capacity_; }
+  uintptr_t base() const { return base_; }
   size_t used() const;
   bool contains(const void* p) const {
     auto a = reinterpret_cast<uintptr_t>(p);

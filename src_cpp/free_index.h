@@ -28,45 +28,47 @@ class FreeIndex {
   bool empty() const { return count_ == 0; }
   size_t size() const { return count_; }
 
-  void insert(Block* b) {
-    size_t bin = bin_of(b->size);
+  // The bitmap says which bins are non-empty; a bin with one block keeps it inline
+  // (`solo`, and then its tree is empty), so the common cases never touch a tree.
+  MTIA_INLINE void insert(Block* b) {
+    const size_t bin = bin_of(b->size);
     Bin& slot = bins_[bin];
-    if (slot.empty()) {
-      slot.solo = b;  // most bins hold one block: no tree node at all
+    uint64_t& word = words_[bin >> 6];
+    const uint64_t bit = uint64_t(1) << (bin & 63);
+    if (!(word & bit)) {
+      slot.solo = b;
+      word |= bit;
+      summary_[bin >> 12] |= uint64_t(1) << ((bin >> 6) & 63);
     } else {
-      if (!slot.tree) slot.tree = new BinTree(arena_);
-      if (slot.solo) {
-        slot.tree->insert(key_of(slot.solo), slot.solo);
-        slot.solo = nullptr;
-      }
-      slot.tree->insert(key_of(b), b);
+      insert_crowded(slot, b);
     }
     b->in_index = true;
-    words_[bin >> 6] |= uint64_t(1) << (bin & 63);
-    summary_[bin >> 12] |= uint64_t(1) << ((bin >> 6) & 63);
     ++count_;
   }
 
-  void erase(Block* b) {
-    size_t bin = bin_of(b->size);
+  MTIA_INLINE void erase(Block* b) {
+    const size_t bin = bin_of(b->size);
     Bin& slot = bins_[bin];
-    if (slot.solo == b) slot.solo = nullptr;
-    else if (!slot.tree->erase(key_of(b))) throw_corrupt();
     b->in_index = false;
-    if (slot.empty()) {
-      words_[bin >> 6] &= ~(uint64_t(1) << (bin & 63));
-      if (!words_[bin >> 6]) summary_[bin >> 12] &= ~(uint64_t(1) << ((bin >> 6) & 63));
-    }
     --count_;
+    if (slot.solo == b) {
+      slot.solo = nullptr;
+    } else {
+      if (!slot.tree->erase(key_of(b))) throw_corrupt();
+      if (!slot.tree->empty()) return;
+    }
+    uint64_t& word = words_[bin >> 6];
+    word &= ~(uint64_t(1) << (bin & 63));
+    if (!word) summary_[bin >> 12] &= ~(uint64_t(1) << ((bin >> 6) & 63));
   }
 
   // Smallest block with size >= `size` (by size, order, address), or nullptr.
-  Block* lower_bound(size_t size) const {
+  MTIA_INLINE Block* lower_bound(size_t size) const {
     if (!count_) return nullptr;
     size_t bin = bin_of(size);
     if (bin >= kBins) return nullptr;
     const Bin& slot = bins_[bin];
-    if (!slot.empty()) {
+    if (words_[bin >> 6] & (uint64_t(1) << (bin & 63))) {
       Block* first = slot.first();
       if (first->size >= size) return first;  // exact bins always take this path
       if (slot.tree)
@@ -114,6 +116,13 @@ class FreeIndex {
   FreeIndex& operator=(const FreeIndex&) = delete;
 
  private:
+  // A bin holds one block inline (`solo`) or, from two blocks on, a B+ tree.
+  struct Bin {
+    Block* solo = nullptr;
+    BinTree* tree = nullptr;
+    Block* first() const { return solo ? solo : tree->first(); }
+  };
+
   static constexpr size_t kExactBins = 4096;     // 512 B .. 2 MiB, one bin per size
   static constexpr int kExactLimitLog2 = 21;      // 2 MiB
   static constexpr int kSubBits = 6;              // then 64 bins per power of two
@@ -124,6 +133,16 @@ class FreeIndex {
 
   static FreeKey key_of(const Block* b) { return FreeKey{b->size, b->order, b->ptr}; }
   [[noreturn]] static void throw_corrupt();
+
+  // A second block for a non-empty bin: from here on the bin's blocks live in its tree.
+  __attribute__((noinline)) void insert_crowded(Bin& slot, Block* b) {
+    if (!slot.tree) slot.tree = new BinTree(arena_);
+    if (slot.solo) {
+      slot.tree->insert(key_of(slot.solo), slot.solo);
+      slot.solo = nullptr;
+    }
+    slot.tree->insert(key_of(b), b);
+  }
 
   static size_t bin_of(size_t size) {
     if (size <= (size_t(1) << kExactLimitLog2)) return size <= kMinBlockSize ? 0 : (size - 1) / kMinBlockSize;
@@ -149,14 +168,6 @@ class FreeIndex {
     }
     return kBins;
   }
-
-  // A bin holds one block inline (`solo`) or, from two blocks on, a B+ tree.
-  struct Bin {
-    Block* solo = nullptr;
-    BinTree* tree = nullptr;
-    bool empty() const { return !solo && (!tree || tree->empty()); }
-    Block* first() const { return solo ? solo : tree->first(); }
-  };
 
   NodeArena* arena_;
   std::unique_ptr<Bin[]> bins_;

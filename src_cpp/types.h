@@ -5,6 +5,8 @@
 #include <functional>
 #include <utility>
 
+#define MTIA_INLINE inline __attribute__((always_inline))  // hot-path helpers
+
 namespace mtia {
 
 using DeviceIndex = int;
