@@ -269,8 +269,9 @@ class BinTree {
   }
 
   static_assert(sizeof(Leaf) <= NodeArena::kNodeSize && sizeof(Inner) <= NodeArena::kNodeSize, "node size");
-  Leaf* new_leaf() { return new (arena_->get()) Leaf(); }
-  Inner* new_inner() { return new (arena_->get()) Inner(); }
+  // Default-initialised: only the header fields are written, not the entry arrays.
+  Leaf* new_leaf() { return new (arena_->get()) Leaf; }
+  Inner* new_inner() { return new (arena_->get()) Inner; }
   [[noreturn]] static void throw_too_deep() { throw InvalidState("free index bin tree grew too deep"); }
 
   void destroy(void* node, int height) {

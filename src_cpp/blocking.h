@@ -84,12 +84,17 @@ class SpinMutex {
   int depth_ = 0;  // written only by the owner
 };
 
-// Locks `mu`, leaving a blocking scope only if the lock is contended.
 template <class Mutex>
-inline void lock_blocking(Mutex& mu) {
-  if (mu.try_lock()) return;
+__attribute__((noinline)) void lock_contended(Mutex& mu) {
   BlockingScope scope;
   mu.lock();
+}
+
+// Locks `mu`, leaving a blocking scope only if the lock is contended.
+template <class Mutex>
+__attribute__((always_inline)) inline void lock_blocking(Mutex& mu) {
+  if (__builtin_expect(mu.try_lock(), 1)) return;
+  lock_contended(mu);
 }
 
 // A unique_lock-like guard that takes the lock through lock_blocking.

@@ -1,7 +1,7 @@
 // stats.h: PyTorch's allocator statistics (allocator_core.md §7).
 // Invariants (checked by DeviceAllocator::check_invariants):
 //   for every StatArray s and field f: s[ALL].f == s[SMALL].f + s[LARGE].f
-//   current == allocated - freed, until reset_accumulated()
+//   current == current_at_reset + allocated - freed (freed is derived from it)
 #pragma once
 #include <algorithm>
 #include <array>
@@ -11,17 +11,21 @@ namespace mtia {
 
 struct Stat {
   int64_t current = 0, peak = 0, allocated = 0, freed = 0;
+  int64_t current_at_reset = 0;  // current when the accumulated counts were last reset
   void increase(int64_t n) {
     current += n;
     allocated += n;
     peak = current > peak ? current : peak;  // branch-free
   }
-  void decrease(int64_t n) {
-    current -= n;
-    freed += n;
-  }
+  // `freed` is not counted on the hot path: fill_freed() derives it from
+  // current == current_at_reset + allocated - freed.
+  void decrease(int64_t n) { current -= n; }
+  void fill_freed() { freed = current_at_reset + allocated - current; }
   void reset_peak() { peak = current; }
-  void reset_accumulated() { allocated = freed = 0; }
+  void reset_accumulated() {
+    allocated = freed = 0;
+    current_at_reset = current;
+  }
 };
 
 enum StatType { kAggregate = 0, kSmallPool = 1, kLargePool = 2, kNumStatTypes = 3 };
@@ -54,12 +58,17 @@ struct DeviceStats {
     f(allocation); f(segment); f(active); f(inactive_split); f(allocated_bytes);
     f(reserved_bytes); f(active_bytes); f(inactive_split_bytes); f(requested_bytes);
   }
-  // Fills the aggregate's allocated/freed (see stat_add). Call on a copy before reading.
+  // Fills every `freed` and the aggregate's allocated/freed (see stat_add). Call on a
+  // copy before reading.
   void finalize() {
     for_each_array([](StatArray& a) {
+      a[kSmallPool].fill_freed();
+      a[kLargePool].fill_freed();
       a[kAggregate].allocated = a[kSmallPool].allocated + a[kLargePool].allocated;
       a[kAggregate].freed = a[kSmallPool].freed + a[kLargePool].freed;
     });
+    oversize_allocations.fill_freed();
+    oversize_segments.fill_freed();
   }
   void reset_peak() {
     for_each_array([](StatArray& a) { for (auto& s : a) s.reset_peak(); });
