@@ -73,6 +73,10 @@ def _row(name, ours, unit, peer=None, peer_name="torch", note=""):
     print(f"{name:<42} {ours:10.1f} {unit:<9} {peer_s} {ratio}  {note}")
 
 
+def _min(best, x):
+    return x if best is None or (x is not None and x < best) else best
+
+
 def _peer_synthetic(build, size, n):
     import subprocess
     out = subprocess.run([os.path.join(build, "bin", "harness"), "synthetic", "--n", str(n), "--size", str(size)],
@@ -95,9 +99,14 @@ def run_bench(quick=False, torch_build=None, traces_dir=None):
     print("-" * 90)
 
     # Cached-hit pair (4 KiB): native loop, Python pair, glibc, PyTorch.
-    wall, cpu = _C.native_pair(0, 4096, n)
-    g_wall, g_cpu = _C.glibc_pair(4096, n)
-    torch_pair = _peer_synthetic(peer, 4096, n) if peer else None
+    # Best of interleaved runs per side, as for the traces below.
+    rounds = 1 if quick else 3
+    cpu = g_cpu = torch_pair = None
+    for _ in range(rounds):
+        cpu = _min(cpu, _C.native_pair(0, 4096, n)[1])
+        g_cpu = _min(g_cpu, _C.glibc_pair(4096, n)[1])
+        if peer:
+            torch_pair = _min(torch_pair, _peer_synthetic(peer, 4096, n))
     _row("cached 4 KiB alloc+free, native loop", cpu, "ns/pair", torch_pair, note=f"glibc {g_cpu:.1f} ns/pair "
          f"({cpu / g_cpu:.1f}x glibc)")
     alloc, free = mtia.caching_allocator_alloc, mtia.caching_allocator_delete
@@ -127,8 +136,8 @@ def run_bench(quick=False, torch_build=None, traces_dir=None):
     _row("1 thread, 1 device", one / 1e6, "Mpairs/s")
     _row("2 threads, 2 devices", two / 1e6, "Mpairs/s", note=f"{two / one:.2f}x one thread")
 
-    # Traces: generated, then the shared ones (warm pass = pass 2 of 2), in the default
-    # config and with expandable segments.
+    # Traces: generated, then the shared ones, in the default config and with expandable
+    # segments; each side's best warm pass over interleaved runs (see ROUNDS).
     traces = [("generated random 20k", random_trace(num=5000 if quick else 20000), None)]
     traces += [(p.name.replace(".csv.gz", ""), None, p) for p in _find_traces(traces_dir)]
     for conf in ("", "expandable_segments:True"):
@@ -138,11 +147,13 @@ def run_bench(quick=False, torch_build=None, traces_dir=None):
         for name, trace, path in traces:
             if trace is None:
                 trace = read_trace(path)
-            _trace_row(name, trace, path, peer, conf)
+            _trace_row(name, trace, path, peer, conf, 1 if quick else ROUNDS)
     return 0
 
 
-PASSES = 4  # pass 1 is cold; the table shows the best warm pass of each side (this VM is noisy)
+PASSES = 5  # per run; pass 1 is cold
+ROUNDS = 3  # runs of each side, interleaved: the table shows each side's best warm pass of all
+            # its runs, so slow drift and bursts of host noise hit both sides alike
 
 
 def _best_warm(passes):
@@ -166,20 +177,26 @@ def _replay_fresh(path, conf):
     return rows
 
 
-def _trace_row(name, trace, path, peer, conf):
+def _trace_row(name, trace, path, peer, conf, rounds):
     if path is None:
         import tempfile
         path = Path(tempfile.mkdtemp()) / "generated.csv"
         write_trace_csv(trace, path)
-    ours = _replay_fresh(path, conf)
-    cold, warm = ours[0], _best_warm(ours)
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours.append(_replay_fresh(path, conf))
+        if peer:
+            try:
+                theirs.append(_replay.run_peer(peer, path, PASSES, 80 << 30, conf or None))
+            except RuntimeError as e:
+                print(f"  peer failed on {name}: {e}")
+                peer = None
+    cold = ours[0][0]
+    warm = min((_best_warm(run) for run in ours), key=lambda r: r["thread_cpu_ns_per_op"])
     p_cold = p_warm = None
-    if peer:
-        try:
-            theirs = _replay.run_peer(peer, path, PASSES, 80 << 30, conf or None)
-            p_cold, p_warm = theirs[0], _best_warm(theirs)
-        except RuntimeError as e:
-            print(f"  peer failed on {name}: {e}")
+    if theirs:
+        p_cold = theirs[0][0]
+        p_warm = min((_best_warm(run) for run in theirs), key=lambda r: r["thread_cpu_ns_per_op"])
     note = f"peak reserved {_replay.fmt_bytes(cold['peak_reserved_bytes'])}"
     if p_cold:
         same = (p_cold["peak_reserved_bytes"] == cold["peak_reserved_bytes"]
