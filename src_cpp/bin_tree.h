@@ -90,7 +90,7 @@ class BinTree {
         leaf = right;
       }
     }
-    for (int i = leaf->count; i > pos; --i) leaf->e[i] = leaf->e[i - 1];
+    shift_right(leaf, pos);
     leaf->e[pos] = Entry{key, block};
     ++leaf->count;
     ++count_;
@@ -99,12 +99,18 @@ class BinTree {
   // Removes the entry with exactly this key; false if there is none.
   bool erase(const FreeKey& key) {
     if (!root_) return false;
+    // Best fit mostly takes a bin's first block: no search for that one unless its
+    // leaf empties (then the path is needed to unlink it).
+    if (first_->count > 1 && first_->e[0].key == key) {
+      shift_left(first_, 0);
+      --count_;
+      return true;
+    }
     Path path;
     Leaf* leaf = descend(key, path);
     int pos = leaf_lower_bound(leaf, key);
     if (pos == leaf->count || !(leaf->e[pos].key == key)) return false;
-    for (int i = pos + 1; i < leaf->count; ++i) leaf->e[i - 1] = leaf->e[i];
-    --leaf->count;
+    shift_left(leaf, pos);
     --count_;
     if (leaf->count == 0) remove_empty_leaf(leaf, path);
     return true;
@@ -160,6 +166,16 @@ class BinTree {
     Inner* node[kMaxHeight];
     int slot[kMaxHeight];
   };
+
+  // Entry moves inside a leaf, as plain loops: a libc memmove call costs more than
+  // moving the few entries a leaf holds.
+  __attribute__((optimize("no-tree-loop-distribute-patterns"))) static void shift_right(Leaf* l, int pos) {
+    for (int i = l->count; i > pos; --i) l->e[i] = l->e[i - 1];
+  }
+  __attribute__((optimize("no-tree-loop-distribute-patterns"))) static void shift_left(Leaf* l, int pos) {
+    for (int i = pos + 1; i < l->count; ++i) l->e[i - 1] = l->e[i];
+    --l->count;
+  }
 
   static int leaf_lower_bound(const Leaf* l, const FreeKey& key) {
     int lo = 0, hi = l->count;

@@ -145,7 +145,7 @@ class FreeIndex {
   }
 
   static size_t bin_of(size_t size) {
-    if (size <= (size_t(1) << kExactLimitLog2)) return size <= kMinBlockSize ? 0 : (size - 1) / kMinBlockSize;
+    if (size <= (size_t(1) << kExactLimitLog2)) return (size - 1) / kMinBlockSize;  // size >= 1
     int log2 = 63 - __builtin_clzll(size);
     if (log2 > kMaxLog2) return kBins;  // beyond any device
     size_t sub = (size >> (log2 - kSubBits)) & ((size_t(1) << kSubBits) - 1);
