@@ -79,6 +79,15 @@ class BinTree {
       root_ = first_ = last_ = leaf;
       height_ = 1;
     }
+    // A block that sorts first (the block best fit just took, coming back) goes straight
+    // into the first leaf while it has room.
+    if (first_->count > 0 && first_->count < kLeafCap && key < first_->e[0].key) {
+      shift_right(first_, 0);
+      first_->e[0] = Entry{key, block};
+      ++first_->count;
+      ++count_;
+      return;
+    }
     Path path;
     Leaf* leaf = descend(key, path);
     int pos = leaf_lower_bound(leaf, key);

@@ -46,7 +46,8 @@ uint64_t threaded_pair_loop(Allocator& a, int threads, size_t size, uint64_t n);
 
 // Lookup cost against cache size: fills the cache with `cached` free blocks (sizes
 // 512 B..8 KiB kept apart by live neighbours), then times `pairs` malloc+free pairs of
-// random sizes from the same range. Returns CPU ns per pair. Frees everything after.
+// random sizes from the same range. Returns CPU ns per pair of the fastest of 10
+// slices. Frees everything after.
 double cached_blocks_pair_ns(Allocator& a, int device, size_t cached, uint64_t pairs, uint64_t seed);
 
 uint64_t thread_cpu_ns();
