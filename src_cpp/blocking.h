@@ -97,6 +97,35 @@ __attribute__((always_inline)) inline void lock_blocking(Mutex& mu) {
   lock_contended(mu);
 }
 
+// A held SpinMutex, adopted from lock_blocking: released at scope exit, or earlier by
+// unlock() (a wait that must not hold it) and then re-adopted by assignment. Leaner than
+// std::unique_lock, whose checks cost more than the uncontended lock itself.
+class AdoptedLock {
+ public:
+  AdoptedLock(SpinMutex& mu, std::adopt_lock_t) : mu_(&mu) {}
+  ~AdoptedLock() {
+    if (mu_) mu_->unlock();
+  }
+  AdoptedLock(AdoptedLock&& o) noexcept : mu_(o.mu_) { o.mu_ = nullptr; }
+  AdoptedLock& operator=(AdoptedLock&& o) noexcept {
+    if (this != &o) {
+      if (mu_) mu_->unlock();
+      mu_ = o.mu_;
+      o.mu_ = nullptr;
+    }
+    return *this;
+  }
+  AdoptedLock(const AdoptedLock&) = delete;
+  AdoptedLock& operator=(const AdoptedLock&) = delete;
+  void unlock() {
+    mu_->unlock();
+    mu_ = nullptr;
+  }
+
+ private:
+  SpinMutex* mu_;
+};
+
 // A unique_lock-like guard that takes the lock through lock_blocking.
 template <class Mutex>
 class BlockingLock {

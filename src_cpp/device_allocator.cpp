@@ -475,8 +475,7 @@ void DeviceAllocator::free_block(Block* b) {
 
 // Merges free neighbour `src` into `dst`; returns the bytes taken over (0 if not mergeable).
 size_t DeviceAllocator::try_merge(Block* dst, Block* src) {
-  if (!src || src->allocated || src->event_count > 0 || src->has_stream_uses || src->deferred || !src->in_index)
-    return 0;
+  if (!src || !src->in_index) return 0;  // indexed == free: not allocated, nothing pending
   dst->index->erase(src);  // neighbours share the segment's index
   size_t subsumed = src->size;
   absorb(dst, src);
@@ -787,8 +786,8 @@ void DeviceAllocator::raise_oom(Lock& lock, const Request& r) {
     record_trace(TraceAction::kOom, device_free, r.size, r.stream,
                  r.pool->owner ? r.pool->owner->id : MempoolId{}, r.frames);
   }
-  const int64_t A = stats_.allocated_bytes[kAggregate].current;
-  const int64_t R = stats_.reserved_bytes[kAggregate].current;
+  const int64_t A = stats_.allocated_bytes[kSmallPool].current + stats_.allocated_bytes[kLargePool].current;
+  const int64_t R = stats_.reserved_bytes[kSmallPool].current + stats_.reserved_bytes[kLargePool].current;
   int64_t P = 0;
   size_t largest = 0;
   for (auto& [id, p] : pools_)
@@ -1160,7 +1159,7 @@ std::string DeviceAllocator::check_invariants() {
   check("inactive_split", st.inactive_split, split_count);
   check("inactive_split_bytes", st.inactive_split_bytes, split_bytes);
   check("requested_bytes", st.requested_bytes, requested);
-  if (int64_t(total_allocated_memory_) != stats_.reserved_bytes[kAggregate].current)
+  if (int64_t(total_allocated_memory_) != st.reserved_bytes[kAggregate].current)
     fail("total_allocated_memory != reserved_bytes");
   return err.str();
 }

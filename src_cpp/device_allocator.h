@@ -146,7 +146,7 @@ class alignas(64) DeviceAllocator {
   std::string check_invariants();  // "" when all hold
 
  private:
-  using Lock = std::unique_lock<SpinMutex>;
+  using Lock = AdoptedLock;
   struct Request {
     size_t orig_size, size, alloc_size;
     StreamId stream;

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "types.h"
+
 namespace mtia {
 
 struct Block;
@@ -14,7 +16,7 @@ class PtrMap {
   PtrMap() { slots_.resize(1024); }
   size_t size() const { return count_; }
 
-  void insert(uintptr_t key, Block* value) {
+  MTIA_INLINE void insert(uintptr_t key, Block* value) {
     if ((count_ + 1) * 2 > slots_.size()) grow();
     size_t mask = slots_.size() - 1;
     for (size_t i = hash(key) & mask;; i = (i + 1) & mask) {
@@ -35,7 +37,7 @@ class PtrMap {
   }
 
   // Removes key and returns its value, or nullptr if absent.
-  Block* erase(uintptr_t key) {
+  MTIA_INLINE Block* erase(uintptr_t key) {
     size_t mask = slots_.size() - 1;
     size_t i = hash(key) & mask;
     while (slots_[i].key != key) {
@@ -69,7 +71,7 @@ class PtrMap {
     Block* value;
   };
   static size_t hash(uintptr_t key) { return size_t((key >> 9) * 0x9E3779B97F4A7C15ull >> 20); }
-  void grow() {
+  __attribute__((noinline)) void grow() {
     std::vector<Slot> old(slots_.size() * 2);
     old.swap(slots_);
     count_ = 0;

@@ -31,18 +31,16 @@ struct Stat {
 enum StatType { kAggregate = 0, kSmallPool = 1, kLargePool = 2, kNumStatTypes = 3 };
 using StatArray = std::array<Stat, kNumStatTypes>;
 
-// Adds n to one pool kind's stat and to the aggregate. On the hot path the aggregate
-// keeps only current and peak; its allocated/freed are the sums of the two kinds and
-// are filled in by DeviceStats::finalize() when stats are read.
+// Adds n to one pool kind's stat. On the hot path the aggregate keeps only its peak
+// (of small + large current); its current, allocated and freed are the sums of the two
+// kinds and are filled in by DeviceStats::finalize() when stats are read.
 __attribute__((always_inline)) inline void stat_add(StatArray& s, bool small, int64_t n) {
   s[small ? kSmallPool : kLargePool].increase(n);
-  Stat& all = s[kAggregate];
-  all.current += n;
-  all.peak = all.current > all.peak ? all.current : all.peak;
+  const int64_t all = s[kSmallPool].current + s[kLargePool].current;
+  s[kAggregate].peak = all > s[kAggregate].peak ? all : s[kAggregate].peak;
 }
 __attribute__((always_inline)) inline void stat_sub(StatArray& s, bool small, int64_t n) {
   s[small ? kSmallPool : kLargePool].decrease(n);
-  s[kAggregate].current -= n;
 }
 
 struct DeviceStats {
@@ -58,12 +56,13 @@ struct DeviceStats {
     f(allocation); f(segment); f(active); f(inactive_split); f(allocated_bytes);
     f(reserved_bytes); f(active_bytes); f(inactive_split_bytes); f(requested_bytes);
   }
-  // Fills every `freed` and the aggregate's allocated/freed (see stat_add). Call on a
-  // copy before reading.
+  // Fills every `freed` and the aggregate's current/allocated/freed (see stat_add).
+  // Call on a copy before reading.
   void finalize() {
     for_each_array([](StatArray& a) {
       a[kSmallPool].fill_freed();
       a[kLargePool].fill_freed();
+      a[kAggregate].current = a[kSmallPool].current + a[kLargePool].current;
       a[kAggregate].allocated = a[kSmallPool].allocated + a[kLargePool].allocated;
       a[kAggregate].freed = a[kSmallPool].freed + a[kLargePool].freed;
     });
@@ -71,7 +70,10 @@ struct DeviceStats {
     oversize_segments.fill_freed();
   }
   void reset_peak() {
-    for_each_array([](StatArray& a) { for (auto& s : a) s.reset_peak(); });
+    for_each_array([](StatArray& a) {
+      a[kAggregate].current = a[kSmallPool].current + a[kLargePool].current;
+      for (auto& s : a) s.reset_peak();
+    });
     oversize_allocations.reset_peak();
     oversize_segments.reset_peak();
   }
