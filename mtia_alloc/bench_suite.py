@@ -171,7 +171,7 @@ def _best_warm(passes):
 
 
 def _replay_fresh(path, conf):
-    """Both passes of `python -m mtia_alloc replay` in a fresh process, as the peer runs:
+    """All passes of `python -m mtia_alloc replay` in a fresh process, as the peer runs:
     what earlier benchmarks left in this process's caches must not colour the figures."""
     import json
     import subprocess
