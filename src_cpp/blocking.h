@@ -65,7 +65,7 @@ class SpinMutex {
       else std::this_thread::yield();
     }
   }
-  void unlock() {
+  __attribute__((always_inline)) void unlock() {
     if (--depth_ > 0) return;
     owner_.store(nullptr, std::memory_order_release);
   }
@@ -103,7 +103,7 @@ __attribute__((always_inline)) inline void lock_blocking(Mutex& mu) {
 class AdoptedLock {
  public:
   AdoptedLock(SpinMutex& mu, std::adopt_lock_t) : mu_(&mu) {}
-  ~AdoptedLock() {
+  __attribute__((always_inline)) ~AdoptedLock() {
     if (mu_) mu_->unlock();
   }
   AdoptedLock(AdoptedLock&& o) noexcept : mu_(o.mu_) { o.mu_ = nullptr; }

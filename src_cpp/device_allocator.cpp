@@ -94,7 +94,7 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
   r.pool = captures_underway_.empty() ? (r.size <= kSmallSize ? &small_blocks_ : &large_blocks_)
                                       : choose_pool(r.size, stream);
   r.alloc_size = segment_size_for(r.size);
-  if (frames && history_on_ && record_context_ >= RecordContext::kState) r.frames = frames;
+  r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
   // 3. Best fit among cached blocks of this pool and stream.
   Block* block = get_free_block(r, r.pool);
   if (!block) {
@@ -184,7 +184,7 @@ Block* DeviceAllocator::alloc_block(const Request& r, bool is_retry) {
   seg->index = r.pool->index_or_create(r.stream);
   seg->order = ++segment_order_;
   seg->raw = raw;
-  seg->frames = r.frames;
+  seg->frames = *r.frames;
   seg->list_index = segments_.size();
   segments_.push_back(seg);
   Block* b = new_block();
@@ -204,7 +204,7 @@ Block* DeviceAllocator::alloc_block(const Request& r, bool is_retry) {
   stats_.num_device_alloc += 1;
   if (history_on_)
     record_trace(TraceAction::kSegmentAlloc, seg->base, seg->size, r.stream,
-                 owner ? owner->id : MempoolId{}, r.frames);
+                 owner ? owner->id : MempoolId{}, *r.frames);
   return b;
 }
 
@@ -318,9 +318,9 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
   }
   result->allocated = true;
   result->requested_size = r.orig_size;
-  if (r.frames || result->has_frames) {  // without history, the second line stays untouched
-    result->frames = r.frames;
-    result->has_frames = r.frames != nullptr;
+  if (*r.frames || result->has_frames) {  // without history, the second line stays untouched
+    result->frames = *r.frames;
+    result->has_frames = *r.frames != nullptr;
   }
   allocated_.insert(result->ptr, result);
   stat_add(stats_.allocation, small, 1);
@@ -332,7 +332,7 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
   if (result->oversize) stats_.oversize_allocations.increase(1);
   if (history_on_)
     record_trace(TraceAction::kAlloc, result->ptr, r.orig_size, r.stream,
-                 pool->owner ? pool->owner->id : MempoolId{}, r.frames);
+                 pool->owner ? pool->owner->id : MempoolId{}, *r.frames);
   return result->ptr;
 }
 
@@ -669,7 +669,7 @@ Block* DeviceAllocator::find_expandable_block(const Request& r) {
   seg->order = ++segment_order_;
   seg->expandable = true;
   seg->page_size = page;
-  seg->frames = r.frames;
+  seg->frames = *r.frames;
   seg->list_index = segments_.size();
   segments_.push_back(seg);
   if (pool->owner) pool->owner->segment_count += 1;
@@ -711,7 +711,7 @@ bool DeviceAllocator::map_block(Block* to_map, size_t size, const Request& r) {
   stats_.num_device_alloc += 1;
   if (history_on_)
     record_trace(TraceAction::kSegmentMap, mapped_ptr, bytes, seg->stream,
-                 pool->owner ? pool->owner->id : MempoolId{}, r.frames);
+                 pool->owner ? pool->owner->id : MempoolId{}, *r.frames);
   return true;
 }
 
@@ -784,7 +784,7 @@ void DeviceAllocator::raise_oom(Lock& lock, const Request& r) {
   stats_.num_ooms += 1;
   if (history_on_) {
     record_trace(TraceAction::kOom, device_free, r.size, r.stream,
-                 r.pool->owner ? r.pool->owner->id : MempoolId{}, r.frames);
+                 r.pool->owner ? r.pool->owner->id : MempoolId{}, *r.frames);
   }
   const int64_t A = stats_.allocated_bytes[kSmallPool].current + stats_.allocated_bytes[kLargePool].current;
   const int64_t R = stats_.reserved_bytes[kSmallPool].current + stats_.reserved_bytes[kLargePool].current;

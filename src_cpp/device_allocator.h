@@ -151,8 +151,9 @@ class alignas(64) DeviceAllocator {
     size_t orig_size, size, alloc_size;
     StreamId stream;
     BlockPool* pool;
-    FramesPtr frames;
+    const FramesPtr* frames;  // the caller's stack to record, or kNoFrames (no refcounting per malloc)
   };
+  static inline const FramesPtr kNoFrames{};
 
   void lock() { lock_blocking(mu_); }
   BlockPool* choose_pool(size_t size, StreamId stream);
