@@ -18,7 +18,7 @@ class PtrMap {
 
   MTIA_INLINE void insert(uintptr_t key, Block* value) {
     if ((count_ + 1) * 2 > slots_.size()) grow();
-    size_t mask = slots_.size() - 1;
+    const size_t mask = mask_;
     for (size_t i = hash(key) & mask;; i = (i + 1) & mask) {
       if (!slots_[i].key) {
         slots_[i] = {key, value};
@@ -29,7 +29,7 @@ class PtrMap {
   }
 
   Block* find(uintptr_t key) const {
-    size_t mask = slots_.size() - 1;
+    const size_t mask = mask_;
     for (size_t i = hash(key) & mask;; i = (i + 1) & mask) {
       if (slots_[i].key == key) return slots_[i].value;
       if (!slots_[i].key) return nullptr;
@@ -38,7 +38,7 @@ class PtrMap {
 
   // Removes key and returns its value, or nullptr if absent.
   MTIA_INLINE Block* erase(uintptr_t key) {
-    size_t mask = slots_.size() - 1;
+    const size_t mask = mask_;
     size_t i = hash(key) & mask;
     while (slots_[i].key != key) {
       if (!slots_[i].key) return nullptr;
@@ -74,11 +74,13 @@ class PtrMap {
   __attribute__((noinline)) void grow() {
     std::vector<Slot> old(slots_.size() * 2);
     old.swap(slots_);
+    mask_ = slots_.size() - 1;
     count_ = 0;
     for (const Slot& s : old)
       if (s.key) insert(s.key, s.value);
   }
   std::vector<Slot> slots_;
+  size_t mask_ = 1023;  // slots_.size() - 1
   size_t count_ = 0;
 };
 
