@@ -35,8 +35,7 @@ void Allocator::throw_exabyte() {
 
 DeviceIndex Allocator::device_of(uintptr_t ptr) {
   for (int d = 0; d < device_count(); ++d)
-    if (emulator_.device(d).memory().contains(reinterpret_cast<void*>(ptr)) && devices_[size_t(d)]->owns(ptr))
-      return d;
+    if (in_device_range(size_t(d), ptr) && devices_[size_t(d)]->owns(ptr)) return d;
   for (int d = 0; d < device_count(); ++d)  // memory from a pluggable allocator lies anywhere
     if (devices_[size_t(d)]->owns(ptr)) return d;
   return -1;
@@ -44,8 +43,7 @@ DeviceIndex Allocator::device_of(uintptr_t ptr) {
 
 void Allocator::free_elsewhere(uintptr_t ptr, const FramesPtr& frames) {
   for (int d = 0; d < device_count(); ++d)
-    if (!emulator_.device(d).memory().contains(reinterpret_cast<void*>(ptr)) && devices_[size_t(d)]->free(ptr, frames))
-      return;
+    if (!in_device_range(size_t(d), ptr) && devices_[size_t(d)]->free(ptr, frames)) return;
   char buf[64];
   snprintf(buf, sizeof buf, "%p", reinterpret_cast<void*>(ptr));
   throw InvalidState(std::string("invalid device pointer: ") + buf);

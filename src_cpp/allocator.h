@@ -48,7 +48,7 @@ class Allocator {
   void free(uintptr_t ptr, const FramesPtr& frames = kNoFrames) {
     if (ptr == 0) return;
     for (size_t d = 0; d < device_ranges_.size(); ++d)  // fast path: the device whose range holds ptr
-      if (ptr - device_ranges_[d].base < device_ranges_[d].size) {
+      if (in_device_range(d, ptr)) {
         if (devices_[d]->free(ptr, frames)) return;
         break;
       }
@@ -70,6 +70,9 @@ class Allocator {
  private:
   [[noreturn]] static void throw_exabyte();
   void free_elsewhere(uintptr_t ptr, const FramesPtr& frames);  // expandable or pluggable memory
+  bool in_device_range(size_t d, uintptr_t ptr) const {
+    return ptr - device_ranges_[d].base < device_ranges_[d].size;
+  }
   struct Range {
     uintptr_t base;
     size_t size;

@@ -126,26 +126,4 @@ class AdoptedLock {
   SpinMutex* mu_;
 };
 
-// A unique_lock-like guard that takes the lock through lock_blocking.
-template <class Mutex>
-class BlockingLock {
- public:
-  explicit BlockingLock(Mutex& mu) : mu_(mu) { lock(); }
-  ~BlockingLock() {
-    if (owns_) mu_.unlock();
-  }
-  void lock() {
-    lock_blocking(mu_);
-    owns_ = true;
-  }
-  void unlock() {
-    mu_.unlock();
-    owns_ = false;
-  }
-
- private:
-  Mutex& mu_;
-  bool owns_ = false;
-};
-
 }  // namespace mtia

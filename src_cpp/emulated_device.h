@@ -39,10 +39,6 @@ class DeviceMemory {
   size_t capacity() const { return capacity_; }
   uintptr_t base() const { return base_; }
   size_t used() const;
-  bool contains(const void* p) const {
-    auto a = reinterpret_cast<uintptr_t>(p);
-    return a >= base_ && a < base_ + capacity_;
-  }
   // Fault injection: after `after_n` more successful allocations the next one fails;
   // then (if every > 0) every `every`-th allocation fails. after_n < 0 turns it off.
   void fail_allocations(int64_t after_n, int64_t every);
