@@ -8,21 +8,11 @@
 #include <vector>
 
 #include "bin_tree.h"
+#include "check.h"
 
 using namespace mtia;
 
 namespace {
-
-int failures = 0;
-#define CHECK(cond, ...)                                          \
-  do {                                                            \
-    if (!(cond)) {                                                \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                          \
-      std::fprintf(stderr, "\n");                                 \
-      if (++failures > 20) std::exit(1);                          \
-    }                                                             \
-  } while (0)
 
 // Blocks are only carried as values: the key decides the order.
 struct Item {
@@ -97,7 +87,7 @@ int main() {
   run(3, 20000, 300000, 200);  // four levels, then drained to empty and regrown
   for (uint64_t seed = 10; seed < 20; ++seed) run(seed, 300, 20000, 8);
   if (failures) {
-    std::fprintf(stderr, "bin_tree_test: %d failures\n", failures);
+    std::fprintf(stderr, "bin_tree_test: %d failures\n", failures.load());
     return 1;
   }
   std::printf("bin_tree_test: ok\n");

@@ -12,22 +12,12 @@
 #include <vector>
 
 #include "allocator.h"
+#include "check.h"
 #include "errors.h"
 
 using namespace mtia;
 
 namespace {
-
-std::atomic<int> failures{0};
-#define CHECK(cond, ...)                         \
-  do {                                           \
-    if (!(cond)) {                               \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);         \
-      std::fprintf(stderr, "\n");                \
-      failures++;                                \
-    }                                            \
-  } while (0)
 
 struct Live {
   uintptr_t ptr;
