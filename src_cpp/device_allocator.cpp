@@ -325,8 +325,7 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
   allocated_.insert(result->ptr, result);
   stat_add(stats_.allocation, small, 1);
   stat_add(stats_.allocated_bytes, small, int64_t(result->size));
-  stat_add(stats_.active, small, 1);
-  stat_add(stats_.active_bytes, small, int64_t(result->size));
+  if (pending_.count[kAggregate]) note_active_peaks(small);  // else active == allocation
   stat_add(stats_.requested_bytes, small, int64_t(r.orig_size));
   result->oversize = result->size >= max_split();
   if (result->oversize) stats_.oversize_allocations.increase(1);
@@ -361,6 +360,7 @@ bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames) {
                  pool_of(b)->owner ? pool_of(b)->owner->id : MempoolId{}, frames);
   }
   if (b->has_stream_uses) {
+    begin_pending(b);
     if (!captures_underway_.empty()) {
       b->deferred = true;  // no event may be recorded or queried during a capture
       deferred_.push_back(b);
@@ -402,8 +402,12 @@ void DeviceAllocator::process_events() {
                                           [](const StreamUse& u) { return u.during_capture; }),
                            b->stream_uses.end());
       b->has_stream_uses = !b->stream_uses.empty();
-      if (!b->has_stream_uses) free_block(b);
-      else insert_events(b);
+      if (!b->has_stream_uses) {
+        end_pending(b);
+        free_block(b);
+      } else {
+        insert_events(b);
+      }
     }
   }
   for (auto it = stream_events_.begin(); it != stream_events_.end();) {
@@ -412,10 +416,29 @@ void DeviceAllocator::process_events() {
       Block* b = fifo.front().second;
       fifo.pop_front();
       pending_event_count_ -= 1;
-      if (--b->event_count == 0) free_block(b);
+      if (--b->event_count == 0) {
+        end_pending(b);
+        free_block(b);
+      }
     }
     it = fifo.empty() ? stream_events_.erase(it) : std::next(it);
   }
+}
+
+void DeviceAllocator::begin_pending(Block* b) { pending_.add(pool_of(b)->is_small, int64_t(b->size), 1); }
+void DeviceAllocator::end_pending(Block* b) { pending_.add(pool_of(b)->is_small, int64_t(b->size), -1); }
+
+// A malloc while frees are pending: active (allocation + pending) may reach a new peak
+// that the allocation's own peak does not show.
+void DeviceAllocator::note_active_peaks(bool small) {
+  const int k = small ? kSmallPool : kLargePool;
+  auto raise = [&](StatArray& active, const StatArray& alloc, const int64_t* extra) {
+    active[k].peak = std::max(active[k].peak, alloc[k].current + extra[k]);
+    const int64_t all = alloc[kSmallPool].current + alloc[kLargePool].current + extra[kAggregate];
+    active[kAggregate].peak = std::max(active[kAggregate].peak, all);
+  };
+  raise(stats_.active, stats_.allocation, pending_.count);
+  raise(stats_.active_bytes, stats_.allocated_bytes, pending_.bytes);
 }
 
 // Waits (with mu_ released, so kernels that allocate can finish) for every outstanding
@@ -449,7 +472,6 @@ void DeviceAllocator::free_block(Block* b) {
     b->frames.reset();
     b->has_frames = false;
   }
-  const size_t original_size = b->size;
   int64_t net_split_blocks = 0, net_split_bytes = 0;
   for (Block* neighbour : {b->prev, b->next}) {
     size_t subsumed = try_merge(b, neighbour);
@@ -458,8 +480,6 @@ void DeviceAllocator::free_block(Block* b) {
       net_split_bytes -= int64_t(subsumed);
     }
   }
-  stat_sub(stats_.active, small, 1);
-  stat_sub(stats_.active_bytes, small, int64_t(original_size));
   stat_sub(stats_.requested_bytes, small, int64_t(b->requested_size));
   if (b->is_split()) {
     net_split_blocks += 1;
@@ -841,6 +861,7 @@ DeviceStats DeviceAllocator::stats() {
   lock();
   Lock lock(mu_, std::adopt_lock);
   DeviceStats out = stats_;
+  out.derive_active(pending_);
   out.finalize();
   return out;
 }
@@ -848,12 +869,14 @@ DeviceStats DeviceAllocator::stats() {
 void DeviceAllocator::reset_peak_stats() {
   lock();
   Lock lock(mu_, std::adopt_lock);
+  stats_.derive_active(pending_);
   stats_.reset_peak();
 }
 
 void DeviceAllocator::reset_accumulated_stats() {
   lock();
   Lock lock(mu_, std::adopt_lock);
+  stats_.derive_active(pending_);
   stats_.reset_accumulated();
 }
 
@@ -1136,6 +1159,7 @@ std::string DeviceAllocator::check_invariants() {
   if (in_indexes != indexed) fail("free indexes hold " + std::to_string(in_indexes) + " blocks, expected " +
                                   std::to_string(indexed));
   DeviceStats st = stats_;
+  st.derive_active(pending_);
   st.finalize();
   auto check = [&](const char* name, StatArray& s, int64_t* expect) {
     for (int k : {kSmallPool, kLargePool})

@@ -169,6 +169,9 @@ class alignas(64) DeviceAllocator {
   void garbage_collect_cached_blocks();
   uintptr_t alloc_found_block(const Request& r, Block* block);
   void free_block(Block* b);
+  void begin_pending(Block* b);  // a user free that must wait (events or a capture)
+  void end_pending(Block* b);    // ... and its wait is over
+  void note_active_peaks(bool small);
   size_t try_merge(Block* dst, Block* src);
   void absorb(Block* dst, Block* src);
   void insert_events(Block* b);
@@ -215,6 +218,7 @@ class alignas(64) DeviceAllocator {
   // Cross-stream frees waiting for events: per recorded stream, FIFO of (event, block).
   std::vector<std::pair<Stream*, std::deque<std::pair<EventMark, Block*>>>> stream_events_;
   size_t pending_event_count_ = 0;
+  PendingFrees pending_;  // blocks waiting for events or deferred (active, not allocated)
   std::vector<Block*> deferred_;  // freed during capture with stream uses
 
   std::unordered_map<MempoolId, std::unique_ptr<PrivatePool>, MempoolIdHash> pools_;

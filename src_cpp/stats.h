@@ -2,6 +2,7 @@
 // Invariants (checked by DeviceAllocator::check_invariants):
 //   for every StatArray s and field f: s[ALL].f == s[SMALL].f + s[LARGE].f
 //   current == current_at_reset + allocated - freed (freed is derived from it)
+//   active(_bytes) == allocation(_bytes) + frees waiting for events (derived from it)
 #pragma once
 #include <algorithm>
 #include <array>
@@ -43,6 +44,20 @@ __attribute__((always_inline)) inline void stat_sub(StatArray& s, bool small, in
   s[small ? kSmallPool : kLargePool].decrease(n);
 }
 
+// Blocks the user freed that still wait for events (record_stream), per pool kind.
+// Active memory is allocated memory plus these, so the hot path never counts `active`:
+// DeviceStats::derive_active() rebuilds it when stats are read. Only its peak needs care,
+// and only while something is pending (see DeviceAllocator::note_active_peaks).
+struct PendingFrees {
+  int64_t count[kNumStatTypes] = {}, bytes[kNumStatTypes] = {};  // [kAggregate] = both kinds
+  void add(bool small, int64_t size, int64_t sign) {
+    for (int k : {int(kAggregate), small ? int(kSmallPool) : int(kLargePool)}) {
+      count[k] += sign;
+      bytes[k] += sign * size;
+    }
+  }
+};
+
 struct DeviceStats {
   StatArray allocation, segment, active, inactive_split;
   StatArray allocated_bytes, reserved_bytes, active_bytes, inactive_split_bytes, requested_bytes;
@@ -55,6 +70,23 @@ struct DeviceStats {
   void for_each_array(F f) {
     f(allocation); f(segment); f(active); f(inactive_split); f(allocated_bytes);
     f(reserved_bytes); f(active_bytes); f(inactive_split_bytes); f(requested_bytes);
+  }
+  // Rebuilds active and active_bytes from allocation(_bytes) and the pending frees. Their
+  // stored peak and current_at_reset are the only fields kept between calls: active only
+  // grows when allocation grows, by the same amount, so its cumulative count equals the
+  // allocation's, and its peak is the larger of the stored peak (raised by mallocs made
+  // while frees were pending) and the allocation's peak (active == allocation otherwise).
+  void derive_active(const PendingFrees& pending) {
+    auto derive = [&](StatArray& active, const StatArray& alloc, const int64_t* extra) {
+      for (int k : {kSmallPool, kLargePool}) {
+        active[k].current = alloc[k].current + extra[k];
+        active[k].allocated = alloc[k].allocated;
+        active[k].peak = std::max(active[k].peak, alloc[k].peak);
+      }
+      active[kAggregate].peak = std::max(active[kAggregate].peak, alloc[kAggregate].peak);
+    };
+    derive(active, allocation, pending.count);
+    derive(active_bytes, allocated_bytes, pending.bytes);
   }
   // Fills every `freed` and the aggregate's current/allocated/freed (see stat_add).
   // Call on a copy before reading.

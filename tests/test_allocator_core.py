@@ -439,6 +439,36 @@ def test_mh12_record_stream_defers_the_free_until_the_event_completes(
         assert d["reserved_bytes.all.current"] == -20 * MiB
 
 
+def test_mh12_active_stats_count_pending_frees_in_peaks_and_accumulated_counts(blocks, side_streams):
+    """active = allocated + frees waiting for events: its peak can exceed allocated's, and
+    its freed count grows when the wait ends, not when the user frees."""
+    side = side_streams[0]
+    mtia.empty_cache()
+    size = 4 * MiB
+    first = blocks.alloc(size)
+    mtia.emulator.sleep(SLEEP_MS, stream=side)
+    mtia.record_stream(first, side)
+    blocks.free(first)  # pending: still active
+    mtia.reset_peak_memory_stats()
+    mtia.reset_accumulated_memory_stats()
+    second = blocks.alloc(size)
+    s = stats()
+    assert s["active_bytes.all.current"] == s["active_bytes.all.peak"] == 2 * size
+    assert s["active_bytes.large_pool.peak"] == 2 * size
+    assert s["active.all.peak"] == s["active.large_pool.peak"] == 2
+    assert s["allocated_bytes.all.peak"] == size
+    assert s["active.all.allocated"] == s["allocation.all.allocated"] == 1
+    blocks.free(second)
+    side.synchronize()
+    blocks.free(blocks.alloc(512))  # processes the completed event
+    s = stats()
+    assert s["active_bytes.large_pool.current"] == 0
+    assert s["active_bytes.all.peak"] == 2 * size  # the peak outlives the pending free
+    assert s["active.large_pool.freed"] == 2  # the pending one and the second
+    assert s["allocation.large_pool.freed"] == 1
+    assert_all_is_small_plus_large(s)
+
+
 def test_mh13_record_stream_on_the_allocation_stream_is_ignored(blocks):
     mtia.empty_cache()
     own = mtia.current_stream(0)
