@@ -96,15 +96,14 @@ struct alignas(64) Block {
   FreeIndex* index = nullptr;         // == seg->index: where it goes when free (gives its pool)
   Segment* seg = nullptr;
   size_t requested_size = 0;
-  // --- line 2 ---
-  StreamId stream = 0;
+  // --- line 2 --- (its stream is seg->stream)
   uint64_t gc_count_base = 0;
   FramesPtr frames;                   // stack at the last hand-out
   std::vector<StreamUse> stream_uses;
 
   bool is_split() const { return prev != nullptr || next != nullptr; }
 };
-static_assert(sizeof(Block) == 128, "Block: two cache lines");
+static_assert(sizeof(Block) <= 128, "Block: two cache lines");
 
 inline bool BlockLess::operator()(const Block* a, const Block* b) const {
   if (a->size != b->size) return a->size < b->size;

@@ -46,23 +46,29 @@ class BlockingScope {
 // device, e.g. when the garbage collector runs inside it.
 class SpinMutex {
  public:
-  bool try_lock() {
+  // One compare-and-swap when the lock is free; a failed one tells who holds it.
+  __attribute__((always_inline)) bool try_lock() {
     const void* me = self();
-    const void* holder = owner_.load(std::memory_order_relaxed);
+    const void* holder = nullptr;
+    if (__builtin_expect(owner_.compare_exchange_strong(holder, me, std::memory_order_acquire,
+                                                         std::memory_order_relaxed), 1)) {
+      depth_ = 1;
+      return true;
+    }
     if (holder == me) {  // only this thread can have stored `me`
       ++depth_;
       return true;
     }
-    if (holder) return false;
-    if (!owner_.compare_exchange_strong(holder, me, std::memory_order_acquire, std::memory_order_relaxed))
-      return false;
-    depth_ = 1;
-    return true;
+    return false;
   }
   void lock() {
     for (int spins = 0; !try_lock(); ++spins) {
-      if (spins < 64) MTIA_CPU_RELAX();
-      else std::this_thread::yield();
+      // Wait with plain loads until the lock looks free: a CAS per spin would keep
+      // stealing the holder's cache line.
+      while (owner_.load(std::memory_order_relaxed)) {
+        if (++spins < 64) MTIA_CPU_RELAX();
+        else std::this_thread::yield();
+      }
     }
   }
   __attribute__((always_inline)) void unlock() {

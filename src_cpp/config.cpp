@@ -161,6 +161,8 @@ void AllocatorConfig::parse(const std::string& conf) {
       throw InvalidState("Error parsing CachingAllocator settings, expected , at index " +
                          std::to_string(i + 1) + " but got '" + tk[i + 1] + "'");
   }
+  c.any_roundup_divisions = false;
+  for (size_t d : c.roundup_power2_divisions) c.any_roundup_divisions |= d > 1;
   c.last_settings = conf;
   *this = c;
 }

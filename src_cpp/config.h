@@ -16,6 +16,7 @@ struct AllocatorConfig {
   size_t max_split_size = kUnlimited;                 // M; "unlimited" shows as -1
   size_t max_non_split_rounding_size = 20971520;      // R
   std::array<size_t, kRoundupIntervals> roundup_power2_divisions{};  // 0 = plain 512 rounding
+  bool any_roundup_divisions = false;  // some entry > 1 (else rounding skips the table)
   double garbage_collection_threshold = 0.0;          // 0 = off
   bool expandable_segments = false;
   bool release_lock_on_cudamalloc = false;

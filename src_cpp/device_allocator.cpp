@@ -16,14 +16,7 @@ void FreeIndex::throw_corrupt() { throw InvalidState("free index corrupted: a fr
 namespace {
 BlockPool* pool_of(const Block* b) { return b->index->pool; }
 
-// The GC clock at the time b became free. The clock only runs while garbage collection
-// is on; while it reads 0, every block's base is 0 already (new_block clears it), so the
-// write, to the block's second cache line, is skipped.
-inline void set_gc_count_base(Block* b, const BlockPool* pool) {
-  if (pool->get_free_blocks_call_count) b->gc_count_base = pool->get_free_blocks_call_count;
-}
-
-void stat_update(StatArray& s, bool small, int64_t delta) {
+MTIA_INLINE void stat_update(StatArray& s, bool small, int64_t delta) {
   if (delta > 0) stat_add(s, small, delta);
   else if (delta < 0) stat_sub(s, small, -delta);
 }
@@ -47,6 +40,17 @@ DeviceAllocator::~DeviceAllocator() {
   pools_.clear();
 }
 
+// The GC clock at the time b became free. The clock only runs while garbage collection
+// is on; while a pool's clock reads 0, its blocks' bases are 0 already (new_block clears
+// recycled ones once any base was written), so the write, to the block's second cache
+// line, is skipped.
+void DeviceAllocator::set_gc_count_base(Block* b, const BlockPool* pool) {
+  if (pool->get_free_blocks_call_count) {
+    b->gc_count_base = pool->get_free_blocks_call_count;
+    gc_bases_written_ = true;
+  }
+}
+
 Block* DeviceAllocator::new_block() {
   if (block_free_list_.empty()) {  // blocks come in chunks, for locality
     block_chunks_.emplace_back(new Block[kBlockChunk]);
@@ -54,7 +58,7 @@ Block* DeviceAllocator::new_block() {
   }
   Block* b = block_free_list_.back();
   block_free_list_.pop_back();
-  b->gc_count_base = 0;
+  if (gc_bases_written_) b->gc_count_base = 0;
   return b;
 }
 
@@ -93,11 +97,12 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
   r.stream = stream;
   r.pool = captures_underway_.empty() ? (r.size <= kSmallSize ? &small_blocks_ : &large_blocks_)
                                       : choose_pool(r.size, stream);
-  r.alloc_size = segment_size_for(r.size);
+  r.alloc_size = 0;  // sized on a miss
   r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
   // 3. Best fit among cached blocks of this pool and stream.
   Block* block = get_free_block(r, r.pool);
   if (!block) {
+    r.alloc_size = segment_size_for(r.size);
     // 4a. Garbage-collect old cached blocks when a fraction and a threshold are set.
     if (allowed_memory_maximum_ && config_->garbage_collection_threshold > 0) garbage_collect_cached_blocks();
     // 4b. A new segment from the device.
@@ -191,7 +196,6 @@ Block* DeviceAllocator::alloc_block(const Request& r, bool is_retry) {
   b->ptr = seg->base;
   b->size = r.alloc_size;
   b->requested_size = 0;
-  b->stream = r.stream;
   b->order = seg->order;
   b->index = seg->index;
   b->seg = seg;
@@ -289,7 +293,6 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
     result = new_block();
     result->ptr = block->ptr;
     result->size = r.size;
-    result->stream = r.stream;  // == block->stream: the block came from r.stream's index
     result->order = block->order;
     result->index = block->index;
     result->seg = block->seg;
@@ -356,7 +359,7 @@ bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames) {
   b->oversize = false;
   if (history_on_) {
     const FramesPtr& frames = record_context_ < RecordContext::kAll || !free_frames ? b->frames : free_frames;
-    record_trace(TraceAction::kFreeRequested, b->ptr, b->requested_size, b->stream,
+    record_trace(TraceAction::kFreeRequested, b->ptr, b->requested_size, b->seg->stream,
                  pool_of(b)->owner ? pool_of(b)->owner->id : MempoolId{}, frames);
   }
   if (b->has_stream_uses) {
@@ -466,19 +469,20 @@ void DeviceAllocator::free_block(Block* b) {
   BlockPool* pool = pool_of(b);
   const bool small = pool->is_small;
   if (history_on_)
-    record_trace(TraceAction::kFreeCompleted, b->ptr, b->requested_size, b->stream,
+    record_trace(TraceAction::kFreeCompleted, b->ptr, b->requested_size, b->seg->stream,
                  pool->owner ? pool->owner->id : MempoolId{}, b->frames);
   if (b->has_frames) {
     b->frames.reset();
     b->has_frames = false;
   }
   int64_t net_split_blocks = 0, net_split_bytes = 0;
-  for (Block* neighbour : {b->prev, b->next}) {
-    size_t subsumed = try_merge(b, neighbour);
-    if (subsumed) {
-      net_split_blocks -= 1;
-      net_split_bytes -= int64_t(subsumed);
-    }
+  if (size_t subsumed = try_merge(b, b->prev)) {
+    net_split_blocks -= 1;
+    net_split_bytes -= int64_t(subsumed);
+  }
+  if (size_t subsumed = try_merge(b, b->next)) {
+    net_split_blocks -= 1;
+    net_split_bytes -= int64_t(subsumed);
   }
   stat_sub(stats_.requested_bytes, small, int64_t(b->requested_size));
   if (b->is_split()) {
@@ -523,7 +527,7 @@ void DeviceAllocator::record_stream(uintptr_t ptr, StreamId stream) {
   Lock lock(mu_, std::adopt_lock);
   Block* b = allocated_.find(ptr);
   if (!b) throw InvalidState("invalid device pointer: " + std::to_string(ptr));
-  if (stream == b->stream) return;  // its own stream: nothing to wait for
+  if (stream == b->seg->stream) return;  // its own stream: nothing to wait for
   for (const StreamUse& u : b->stream_uses)
     if (u.stream == stream) return;
   b->stream_uses.push_back(StreamUse{stream, !captures_underway_.empty()});
@@ -635,7 +639,6 @@ Block* DeviceAllocator::split_off(Block* b, size_t offset, bool mapped) {
   Block* tail = new_block();
   tail->ptr = b->ptr + offset;
   tail->size = b->size - offset;
-  tail->stream = b->stream;
   tail->order = b->order;
   tail->index = b->index;
   tail->seg = b->seg;
@@ -665,10 +668,12 @@ Block* DeviceAllocator::find_expandable_block(const Request& r) {
     for (; b && bytes < r.size && (allocatable(b) || (b && !b->mapped)); b = b->next) bytes += b->size;
     return bytes >= r.size;
   };
+  Segment key_seg;  // a probe for the (stream, address) order
+  key_seg.stream = r.stream;
   Block key;
-  key.stream = r.stream;
-  key.ptr = 0;
-  for (auto it = pool->unmapped.lower_bound(&key); it != pool->unmapped.end() && (*it)->stream == r.stream; ++it) {
+  key.seg = &key_seg;
+  for (auto it = pool->unmapped.lower_bound(&key); it != pool->unmapped.end() && (*it)->seg->stream == r.stream;
+       ++it) {
     Block* c = *it;
     if (allocatable(c->prev)) c = c->prev;  // a free block right before the hole helps
     if (room(c)) return c;
@@ -696,7 +701,6 @@ Block* DeviceAllocator::find_expandable_block(const Request& r) {
   Block* b = new_block();
   b->ptr = seg->base;
   b->size = size;
-  b->stream = r.stream;
   b->order = seg->order;
   b->index = seg->index;
   b->seg = seg;
@@ -724,7 +728,7 @@ bool DeviceAllocator::map_block(Block* to_map, size_t size, const Request& r) {
   const uintptr_t mapped_ptr = to_map->ptr;
   try_merge(to_map, to_map->prev);
   try_merge(to_map, to_map->next);
-  to_map->gc_count_base = pool->get_free_blocks_call_count;
+  set_gc_count_base(to_map, pool);
   seg->index->insert(to_map);
   total_allocated_memory_ += bytes;
   stat_add(stats_.reserved_bytes, pool->is_small, int64_t(bytes));
@@ -763,12 +767,12 @@ void DeviceAllocator::unmap_block(Block* b) {
   const size_t before = uptr - b->ptr, after = b->size - before - usize;
   if (after > 0) {
     Block* tail = split_off(b, before + usize, true);
-    tail->gc_count_base = pool->get_free_blocks_call_count;
+    set_gc_count_base(tail, pool);
     seg->index->insert(tail);
   }
   if (before > 0) {
     Block* middle = split_off(b, before, true);  // b keeps the mapped head
-    b->gc_count_base = pool->get_free_blocks_call_count;
+    set_gc_count_base(b, pool);
     seg->index->insert(b);
     b = middle;
   }
@@ -1095,7 +1099,7 @@ std::string DeviceAllocator::check_invariants() {
     for (Block* b = seg->first; b; prev = b, b = b->next) {
       if (b->ptr != expect) fail("blocks do not tile segment at " + std::to_string(seg->base));
       if (b->prev != prev) fail("broken prev link");
-      if (b->seg != seg || b->index != seg->index || pool_of(b) != seg->pool || b->stream != seg->stream)
+      if (b->seg != seg || b->index != seg->index || pool_of(b) != seg->pool)
         fail("block/segment mismatch");
       if (b->has_frames != (b->frames != nullptr)) fail("has_frames out of step with frames");
       if (b->size == 0 || b->size % kMinBlockSize) fail("block size not a positive multiple of 512");

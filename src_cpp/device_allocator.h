@@ -37,7 +37,7 @@ namespace mtia {
 // Unmapped ranges of expandable segments, ordered by (stream, address).
 struct UnmappedLess {
   bool operator()(const Block* a, const Block* b) const {
-    return a->stream != b->stream ? a->stream < b->stream : a->ptr < b->ptr;
+    return a->seg->stream != b->seg->stream ? a->seg->stream < b->seg->stream : a->ptr < b->ptr;
   }
 };
 
@@ -49,9 +49,12 @@ struct BlockPool {
   NodeArena* arena;
   uint64_t get_free_blocks_call_count = 0;  // the GC clock
   std::vector<std::pair<StreamId, std::unique_ptr<FreeIndex>>> by_stream;
+  static constexpr StreamId kDirectStreams = 8;
+  FreeIndex* direct[kDirectStreams] = {};  // by_stream's entries for stream ids 0..7, one load away
   std::set<Block*, UnmappedLess> unmapped;  // expandable address space not backed by pages
 
-  FreeIndex* index(StreamId s) {
+  MTIA_INLINE FreeIndex* index(StreamId s) {
+    if (uint64_t(s) < uint64_t(kDirectStreams)) return direct[s];
     for (auto& [id, idx] : by_stream)
       if (id == s) return idx.get();
     return nullptr;
@@ -59,6 +62,7 @@ struct BlockPool {
   FreeIndex* index_or_create(StreamId s) {
     if (FreeIndex* idx = index(s)) return idx;
     by_stream.emplace_back(s, std::make_unique<FreeIndex>(arena, this));
+    if (uint64_t(s) < uint64_t(kDirectStreams)) direct[s] = by_stream.back().second.get();
     return by_stream.back().second.get();
   }
 };
@@ -155,10 +159,10 @@ class alignas(64) DeviceAllocator {
   };
   static inline const FramesPtr kNoFrames{};
 
-  void lock() { lock_blocking(mu_); }
+  MTIA_INLINE void lock() { lock_blocking(mu_); }
   BlockPool* choose_pool(size_t size, StreamId stream);
   bool filter_matches(const AllocationFilter& f, StreamId stream);
-  Block* get_free_block(const Request& r, BlockPool* pool);
+  MTIA_INLINE Block* get_free_block(const Request& r, BlockPool* pool);
   Block* alloc_block(const Request& r, bool is_retry);
   Block* try_use_on_oom_pools(const Request& r);
   bool release_available_cached_blocks(const Request& r);
@@ -167,20 +171,21 @@ class alignas(64) DeviceAllocator {
   void release_block(Block* b);
   void forget_segment(Segment* seg);
   void garbage_collect_cached_blocks();
-  uintptr_t alloc_found_block(const Request& r, Block* block);
-  void free_block(Block* b);
+  MTIA_INLINE uintptr_t alloc_found_block(const Request& r, Block* block);
+  MTIA_INLINE void free_block(Block* b);
   void begin_pending(Block* b);  // a user free that must wait (events or a capture)
   void end_pending(Block* b);    // ... and its wait is over
   void note_active_peaks(bool small);
-  size_t try_merge(Block* dst, Block* src);
-  void absorb(Block* dst, Block* src);
+  MTIA_INLINE size_t try_merge(Block* dst, Block* src);
+  MTIA_INLINE void absorb(Block* dst, Block* src);
   void insert_events(Block* b);
   void synchronize_and_free_events(Lock& lock, PrivatePool* only);
   [[noreturn]] void raise_oom(Lock& lock, const Request& r);
   void record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
                     const FramesPtr& frames);
-  Block* new_block();
-  void delete_block(Block* b);
+  MTIA_INLINE Block* new_block();
+  MTIA_INLINE void set_gc_count_base(Block* b, const BlockPool* pool);
+  MTIA_INLINE void delete_block(Block* b);
   PrivatePool* find_pool(MempoolId id);
   bool should_split(const Block* b, size_t size) const;
   // Expandable segments (allocator_core.md §11).
@@ -209,6 +214,7 @@ class alignas(64) DeviceAllocator {
   static constexpr size_t kBlockChunk = 256;
   std::vector<std::unique_ptr<Block[]>> block_chunks_;  // owns every Block
   std::vector<Block*> block_free_list_;
+  bool gc_bases_written_ = false;  // some block's gc_count_base was set (new blocks need a reset)
   uint64_t segment_order_ = 0;
   DeviceStats stats_;
   size_t total_allocated_memory_ = 0;  // bytes held from the device (all pools)

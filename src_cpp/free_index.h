@@ -144,7 +144,7 @@ class FreeIndex {
     slot.tree->insert(key_of(b), b);
   }
 
-  static size_t bin_of(size_t size) {
+  MTIA_INLINE static size_t bin_of(size_t size) {
     if (size <= (size_t(1) << kExactLimitLog2)) return (size - 1) / kMinBlockSize;  // size >= 1
     int log2 = 63 - __builtin_clzll(size);
     if (log2 > kMaxLog2) return kBins;  // beyond any device

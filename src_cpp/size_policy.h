@@ -19,9 +19,10 @@ inline size_t roundup_power2_next_division(size_t size, size_t divisions) {
 
 inline size_t round_size(size_t size, const AllocatorConfig& cfg) {
   if (size < kMinBlockSize) return kMinBlockSize;
-  size_t divisions = cfg.roundup_power2_divisions_for(size);
-  if (divisions > 1 && size > kMinBlockSize * divisions)
-    return roundup_power2_next_division(size, divisions);
+  if (cfg.any_roundup_divisions) {
+    size_t divisions = cfg.roundup_power2_divisions_for(size);
+    if (divisions > 1 && size > kMinBlockSize * divisions) return roundup_power2_next_division(size, divisions);
+  }
   return kMinBlockSize * ((size + kMinBlockSize - 1) / kMinBlockSize);
 }
 
