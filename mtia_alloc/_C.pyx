@@ -761,7 +761,7 @@ def alloc_array(cls, tuple shape, dtype, Py_ssize_t itemsize, device=None, strea
         device = getattr(stream, "device_index", None)
     d = _device(device)
     s = _stream_of(stream, d)
-    a = cls.__new__(cls)
+    a = ArrayBase.__new__(cls)  # cls subclasses ArrayBase: a direct tp_new call, no lookup
     a.shape = shape
     a.dtype = dtype
     a.nbytes = n
@@ -770,3 +770,31 @@ def alloc_array(cls, tuple shape, dtype, Py_ssize_t itemsize, device=None, strea
     if n:
         a._ptr = _malloc(n, d, s)
     return a
+
+
+# mtia_alloc.empty: its common case (an int length and a dtype name seen before) runs here
+# in C; everything else goes to the Python implementation in array.py, which also fills
+# the dtype cache. configure_empty() wires the two together at import.
+cdef object _empty_cls = None
+cdef dict _empty_dtypes = {}  # dtype name -> (numpy dtype, itemsize)
+cdef object _empty_general = None
+
+
+def configure_empty(cls, general):
+    global _empty_cls, _empty_general
+    _empty_cls = cls
+    _empty_general = general
+
+
+def cache_dtype(str name, dtype):
+    _empty_dtypes[name] = (dtype, dtype.itemsize)
+
+
+def empty(shape, dtype="float32", device=None, stream=None):
+    """An uninitialised DeviceArray allocated through the caching allocator on `stream`."""
+    cdef object entry
+    if type(shape) is int and type(dtype) is str and shape >= 0 and shape < (1 << 40):
+        entry = _empty_dtypes.get(dtype)
+        if entry is not None:
+            return alloc_array(_empty_cls, (shape,), entry[0], entry[1], device, stream)
+    return _empty_general(shape, dtype, device, stream)

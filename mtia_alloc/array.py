@@ -94,27 +94,21 @@ def _shape_arg(shape):
     return tuple(int(s) for s in shape)
 
 
-_dtype_cache = {}
 _MAX_NBYTES = 1 << 63
 
 
-def empty(shape, dtype="float32", device=None, stream=None):
-    """An uninitialised DeviceArray allocated through the caching allocator on `stream`."""
-    dt = _dtype_cache.get(dtype) if type(dtype) is str else None
-    if dt is not None and type(shape) is int and shape >= 0:  # the common case, kept short
-        return _C.alloc_array(DeviceArray, (shape,), dt, dt.itemsize, device, stream)
+def _empty_general(shape, dtype="float32", device=None, stream=None):
+    """mtia_alloc.empty beyond its fast path (in _C): any shape, any dtype argument."""
     if dtype is None:
         dtype = "float32"  # np.dtype(None) would be float64
-    dt = _dtype_cache.get(dtype) if isinstance(dtype, str) else None
-    if dt is None:
-        try:
-            dt = np.dtype(dtype)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"invalid dtype {dtype!r}: {e}") from None
-        if dt.hasobject or dt.itemsize == 0:
-            raise TypeError(f"invalid dtype {dtype!r}: device arrays hold plain numeric data")
-        if isinstance(dtype, str):
-            _dtype_cache[dtype] = dt
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"invalid dtype {dtype!r}: {e}") from None
+    if dt.hasobject or dt.itemsize == 0:
+        raise TypeError(f"invalid dtype {dtype!r}: device arrays hold plain numeric data")
+    if isinstance(dtype, str):
+        _C.cache_dtype(dtype, dt)  # the next empty() with this name takes the fast path
     shape = _shape_arg(shape)
     nbytes = dt.itemsize
     for s in shape:
@@ -125,3 +119,7 @@ def empty(shape, dtype="float32", device=None, stream=None):
     if not nbytes and any(s >= _MAX_NBYTES for s in shape):
         raise ValueError(f"shape entries must be less than 2**63, got {shape}")
     return _C.alloc_array(DeviceArray, shape, dt, dt.itemsize, device, stream)
+
+
+_C.configure_empty(DeviceArray, _empty_general)
+empty = _C.empty
