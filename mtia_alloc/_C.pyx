@@ -639,6 +639,15 @@ def set_stream_capture(int device, int64_t sid, uint64_t capture_id):
 
 # ------------------------------------------------------------------ benchmarks
 
+cdef int _bench_device(int device) except -1:
+    """The allocator is set up and `device` is one of its devices (the loops below run
+    without the GIL and trust their arguments)."""
+    _ensure_init()
+    if not 0 <= device < _ndev:
+        raise ValueError(f"device must be in [0, {_ndev}), got {device}")
+    return device
+
+
 def replay(int device, const uint64_t[:] sizes, const unsigned int[:] slots, const unsigned int[:] streams,
            unsigned int nslots, list stream_ids, cbool latency=False, size_t prefix=0):
     """Replays a parsed trace natively (size 0 = free). The first `prefix` events run
@@ -654,7 +663,13 @@ def replay(int device, const uint64_t[:] sizes, const unsigned int[:] slots, con
         e.slot = slots[i]
         e.stream = streams[i]
         ev.push_back(e)
+    cdef Py_ssize_t nstreams = len(stream_ids)
+    _bench_device(device)
+    for i in range(n):
+        if slots[i] >= nslots or streams[i] >= nstreams:
+            raise ValueError(f"event {i}: slot {slots[i]} or stream index {streams[i]} out of range")
     for s in stream_ids:
+        _alloc.emulator().stream(device, s)  # validates the id
         sids.push_back(s)
     with nogil:
         r = replay_trace(_alloc[0], device, ev, nslots, sids, latency, prefix)
@@ -676,6 +691,9 @@ def replay(int device, const uint64_t[:] sizes, const unsigned int[:] slots, con
 def native_pair(int device, size_t size, uint64_t n):
     """(wall ns, CPU ns) per malloc+free pair in a native loop."""
     cdef pair[uint64_t, uint64_t] r
+    _bench_device(device)
+    if n == 0:
+        raise ValueError("n must be positive")
     with nogil:
         r = native_pair_loop(_alloc[0], device, size, n)
     return r.first / n, r.second / n
@@ -683,6 +701,8 @@ def native_pair(int device, size_t size, uint64_t n):
 
 def glibc_pair(size_t size, uint64_t n):
     cdef pair[uint64_t, uint64_t] r
+    if n == 0:
+        raise ValueError("n must be positive")
     with nogil:
         r = glibc_pair_loop(size, n)
     return r.first / n, r.second / n
@@ -691,6 +711,9 @@ def glibc_pair(size_t size, uint64_t n):
 def threaded_pairs(int threads, size_t size, uint64_t n):
     """Pairs per second of `threads` threads (thread t on device t % devices), n pairs each."""
     cdef uint64_t wall
+    _ensure_init()
+    if threads < 1 or n == 0:
+        raise ValueError("threads and n must be positive")
     with nogil:
         wall = threaded_pair_loop(_alloc[0], threads, size, n)
     return threads * n / (wall / 1e9)
@@ -699,6 +722,9 @@ def threaded_pairs(int threads, size_t size, uint64_t n):
 def cached_blocks_pair(int device, size_t cached, uint64_t pairs, uint64_t seed=1):
     """CPU ns per malloc+free pair with `cached` free blocks in the cache."""
     cdef double ns
+    _bench_device(device)
+    if pairs == 0:
+        raise ValueError("pairs must be positive")
     with nogil:
         ns = cached_blocks_pair_ns(_alloc[0], device, cached, pairs, seed)
     return ns

@@ -145,3 +145,26 @@ def test_bad_fraction(fraction, exc, message):
     with state_unchanged(), pytest.raises(exc, match=message):
         mtia.set_per_process_memory_fraction(fraction, 0)
     assert mtia.get_per_process_memory_fraction(0) == 1.0
+
+
+# ----------------------------------------------------------------------------- benchmark loops
+
+def test_benchmark_loops_reject_bad_arguments_before_running():
+    """The native loops run without the GIL and trust their arguments: the binding checks them."""
+    import numpy as np
+    from mtia_alloc import _C
+
+    bad_calls = [
+        lambda: _C.native_pair(mtia.device_count(), 4096, 10),
+        lambda: _C.native_pair(0, 4096, 0),
+        lambda: _C.glibc_pair(4096, 0),
+        lambda: _C.threaded_pairs(0, 4096, 10),
+        lambda: _C.cached_blocks_pair(-1, 10, 10),
+        lambda: _C.replay(0, np.array([512], np.uint64), np.array([3], np.uintc), np.array([0], np.uintc), 1, [0]),
+        lambda: _C.replay(0, np.array([512], np.uint64), np.array([0], np.uintc), np.array([1], np.uintc), 1, [0]),
+    ]
+    for call in bad_calls:
+        with state_unchanged(), pytest.raises(ValueError):
+            call()
+    with state_unchanged(), pytest.raises(ValueError, match="unknown stream 12345"):
+        _C.replay(0, np.array([512], np.uint64), np.array([0], np.uintc), np.array([0], np.uintc), 1, [12345])
