@@ -52,27 +52,40 @@ void DeviceAllocator::set_gc_count_base(Block* b, const BlockPool* pool) {
 }
 
 Block* DeviceAllocator::new_block() {
-  if (block_free_list_.empty()) {  // blocks come in chunks, for locality
-    block_chunks_.emplace_back(new Block[kBlockChunk]);
-    for (size_t i = 0; i < kBlockChunk; ++i) block_free_list_.push_back(&block_chunks_.back()[kBlockChunk - 1 - i]);
-  }
-  Block* b = block_free_list_.back();
-  block_free_list_.pop_back();
+  if (!spare_blocks_) add_block_chunk();
+  Block* b = spare_blocks_;
+  spare_blocks_ = b->next;
+  b->next = nullptr;
   if (gc_bases_written_) b->gc_count_base = 0;
   return b;
 }
 
+// Blocks come in chunks, for locality; spare ones are linked through `next`.
+void DeviceAllocator::add_block_chunk() {
+  block_chunks_.emplace_back(new Block[kBlockChunk]);
+  for (size_t i = kBlockChunk; i-- > 0;) recycle_clean_block(&block_chunks_.back()[i]);
+}
+
+// A spare block must look new: no links, flags cleared, nothing on its second line.
 void DeviceAllocator::delete_block(Block* b) {
-  // Freed blocks have no stream uses and no frames left: the second line stays untouched.
   if (b->has_stream_uses) b->stream_uses.clear();
   if (b->has_frames) b->frames.reset();
   b->has_frames = false;
-  b->prev = b->next = nullptr;
+  b->prev = nullptr;
   b->allocated = b->deferred = b->in_index = b->has_stream_uses = b->expandable = b->oversize = false;
   b->mapped = true;
   b->requested_size = 0;
   b->event_count = 0;
-  block_free_list_.push_back(b);
+  recycle_clean_block(b);
+}
+
+// For a block that is clean already but for its links (a free block of a plain segment
+// just taken out of the index: not allocated, no events, stream uses or frames, mapped,
+// not oversize). check_invariants verifies that every spare block is clean.
+void DeviceAllocator::recycle_clean_block(Block* b) {
+  b->prev = nullptr;
+  b->next = spare_blocks_;
+  spare_blocks_ = b;
 }
 
 bool DeviceAllocator::should_split(const Block* b, size_t size) const {
@@ -88,17 +101,22 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
   lock_blocking(mu_);
   Lock lock(mu_, std::adopt_lock);
 
-  // 1. Reclaim blocks whose cross-stream events completed (never during a capture).
-  if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty())) process_events();
-  // 2. Round, choose the pool, size a possible new segment.
+  // 1. Round; choose the pool (a capture may route it to a private one).
   Request r;
   r.orig_size = orig_size;
   r.size = round_size(orig_size, *config_);
   r.stream = stream;
-  r.pool = captures_underway_.empty() ? (r.size <= kSmallSize ? &small_blocks_ : &large_blocks_)
-                                      : choose_pool(r.size, stream);
   r.alloc_size = 0;  // sized on a miss
-  r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
+  if (plain_) {
+    r.pool = r.size <= kSmallSize ? &small_blocks_ : &large_blocks_;
+    r.frames = &kNoFrames;
+  } else {
+    // 2. Reclaim blocks whose cross-stream events completed (never during a capture).
+    if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty())) process_events();
+    r.pool = captures_underway_.empty() ? (r.size <= kSmallSize ? &small_blocks_ : &large_blocks_)
+                                        : choose_pool(r.size, stream);
+    r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
+  }
   // 3. Best fit among cached blocks of this pool and stream.
   Block* block = get_free_block(r, r.pool);
   if (!block) {
@@ -367,6 +385,7 @@ bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames) {
     if (!captures_underway_.empty()) {
       b->deferred = true;  // no event may be recorded or queried during a capture
       deferred_.push_back(b);
+      update_plain();
     } else {
       insert_events(b);
     }
@@ -392,6 +411,7 @@ void DeviceAllocator::insert_events(Block* b) {
   }
   b->stream_uses.clear();
   b->has_stream_uses = false;
+  update_plain();
 }
 
 // §5.3: free the blocks whose events completed, in per-stream FIFO order.
@@ -426,6 +446,7 @@ void DeviceAllocator::process_events() {
     }
     it = fifo.empty() ? stream_events_.erase(it) : std::next(it);
   }
+  update_plain();
 }
 
 void DeviceAllocator::begin_pending(Block* b) { pending_.add(pool_of(b)->is_small, int64_t(b->size), 1); }
@@ -518,7 +539,8 @@ void DeviceAllocator::absorb(Block* dst, Block* src) {
     if (dst->next) dst->next->prev = dst;
   }
   dst->size += src->size;
-  delete_block(src);
+  if (src->mapped && !src->expandable) recycle_clean_block(src);  // out of the free index: clean
+  else delete_block(src);
 }
 
 void DeviceAllocator::record_stream(uintptr_t ptr, StreamId stream) {
@@ -953,6 +975,7 @@ void DeviceAllocator::begin_allocate_to_pool(MempoolId id, AllocationFilter filt
   for (auto& [cid, f] : captures_underway_)
     if (cid == id) throw InvalidState("beginAllocateToPool: already recording to mempool_id");
   captures_underway_.emplace_back(id, filter);
+  update_plain();
 }
 
 void DeviceAllocator::end_allocate_to_pool(MempoolId id) {
@@ -961,6 +984,7 @@ void DeviceAllocator::end_allocate_to_pool(MempoolId id) {
   for (auto it = captures_underway_.begin(); it != captures_underway_.end(); ++it) {
     if (it->first == id) {
       captures_underway_.erase(it);
+      update_plain();
       return;
     }
   }
@@ -1012,12 +1036,14 @@ void DeviceAllocator::set_history(bool enabled, RecordContext context, size_t ma
     history_on_ = false;
     record_context_ = RecordContext::kNever;
     trace_.clear();
+    update_plain();
     return;
   }
   if (!history_on_ || clear) trace_.set_capacity(max_entries);
   else trace_.resize(max_entries);  // PyTorch applies a new size without clearing
   history_on_ = true;
   record_context_ = context;
+  update_plain();
 }
 
 std::vector<TraceEntry> DeviceAllocator::trace() {
@@ -1143,6 +1169,15 @@ std::string DeviceAllocator::check_invariants() {
     if (expect != seg->base + seg->size) fail("blocks do not cover segment at " + std::to_string(seg->base));
   }
   if (allocated_blocks != allocated_.size()) fail("pointer map holds blocks that are not allocated");
+  const bool plain = plain_;
+  update_plain();
+  if (plain != plain_) fail("plain_ is out of date");
+  for (Block* b = spare_blocks_; b; b = b->next)
+    if (b->prev || b->allocated || b->deferred || b->in_index || b->has_stream_uses || !b->mapped ||
+        b->expandable || b->oversize || b->has_frames || b->event_count || b->frames || !b->stream_uses.empty()) {
+      fail("a spare block is not clean");
+      break;
+    }
   size_t in_indexes = 0;
   auto count_pool = [&](BlockPool& bp) {
     for (auto& [s, idx] : bp.by_stream) in_indexes += idx->size();

@@ -186,6 +186,8 @@ class alignas(64) DeviceAllocator {
   MTIA_INLINE Block* new_block();
   MTIA_INLINE void set_gc_count_base(Block* b, const BlockPool* pool);
   MTIA_INLINE void delete_block(Block* b);
+  MTIA_INLINE void recycle_clean_block(Block* b);
+  void add_block_chunk();
   PrivatePool* find_pool(MempoolId id);
   bool should_split(const Block* b, size_t size) const;
   // Expandable segments (allocator_core.md §11).
@@ -213,7 +215,7 @@ class alignas(64) DeviceAllocator {
   std::vector<Segment*> segments_;
   static constexpr size_t kBlockChunk = 256;
   std::vector<std::unique_ptr<Block[]>> block_chunks_;  // owns every Block
-  std::vector<Block*> block_free_list_;
+  Block* spare_blocks_ = nullptr;  // recycled blocks, linked through `next`
   bool gc_bases_written_ = false;  // some block's gc_count_base was set (new blocks need a reset)
   uint64_t segment_order_ = 0;
   DeviceStats stats_;
@@ -233,6 +235,12 @@ class alignas(64) DeviceAllocator {
   std::vector<std::pair<StreamId, uint64_t>> stream_capture_;
 
   bool history_on_ = false;
+  // No capture, pending free or history: malloc skips those checks. Every change to
+  // captures_underway_, pending_event_count_, deferred_ or history_on_ calls update_plain().
+  bool plain_ = true;
+  void update_plain() {
+    plain_ = captures_underway_.empty() && !pending_event_count_ && deferred_.empty() && !history_on_;
+  }
   RecordContext record_context_ = RecordContext::kNever;
   TraceRing trace_;
 };
