@@ -7,6 +7,11 @@
 // cached. Entries are found by key, so blocks carry no iterator. Erase never rebalances:
 // a leaf leaves the tree only when it is empty, which keeps every operation simple and
 // the tree no deeper than its fullest past.
+//
+// A leaf keeps its entries at e[begin .. end), not from e[0]: best fit takes a bin's
+// first block and the block mostly comes back as the first again, so the hot operations
+// are erase and insert at the front of the first leaf, and with the offset those are
+// ++begin and --begin instead of moving the whole leaf by one entry.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -70,59 +75,34 @@ class BinTree {
 
   bool empty() const { return count_ == 0; }
   size_t size() const { return count_; }
-  Block* first() const { return first_->e[0].block; }
-  Block* last() const { return last_->e[last_->count - 1].block; }
+  Block* first() const { return first_->e[first_->begin].block; }
+  Block* last() const { return last_->e[last_->end - 1].block; }
 
+  // insert and erase are split: the inline part is the hot front-of-first-leaf case
+  // (a few instructions, no stack frame), the searching part stays out of line.
   void insert(const FreeKey& key, Block* block) {
-    if (!root_) {
-      Leaf* leaf = new_leaf();
-      root_ = first_ = last_ = leaf;
-      height_ = 1;
-    }
     // A block that sorts first (the block best fit just took, coming back) goes straight
-    // into the first leaf while it has room.
-    if (first_->count > 0 && first_->count < kLeafCap && key < first_->e[0].key) {
-      shift_right(first_, 0);
-      first_->e[0] = Entry{key, block};
-      ++first_->count;
+    // into the free slot before the first leaf's entries.
+    Leaf* first = first_;
+    if (first && first->begin > 0 && first->end > first->begin && key < first->e[first->begin].key) {
+      first->e[--first->begin] = Entry{key, block};
       ++count_;
       return;
     }
-    Path path;
-    Leaf* leaf = descend(key, path);
-    int pos = leaf_lower_bound(leaf, key);
-    if (leaf->count == kLeafCap) {
-      Leaf* right = split_leaf(leaf);
-      insert_separator(path, height_ - 1, right->e[0].key, right);
-      if (pos > leaf->count) {
-        pos -= leaf->count;
-        leaf = right;
-      }
-    }
-    shift_right(leaf, pos);
-    leaf->e[pos] = Entry{key, block};
-    ++leaf->count;
-    ++count_;
+    insert_searched(key, block);
   }
 
   // Removes the entry with exactly this key; false if there is none.
   bool erase(const FreeKey& key) {
-    if (!root_) return false;
     // Best fit mostly takes a bin's first block: no search for that one unless its
     // leaf empties (then the path is needed to unlink it).
-    if (first_->count > 1 && first_->e[0].key == key) {
-      shift_left(first_, 0);
+    Leaf* first = first_;
+    if (first && first->end - first->begin > 1 && first->e[first->begin].key == key) {
+      ++first->begin;
       --count_;
       return true;
     }
-    Path path;
-    Leaf* leaf = descend(key, path);
-    int pos = leaf_lower_bound(leaf, key);
-    if (pos == leaf->count || !(leaf->e[pos].key == key)) return false;
-    shift_left(leaf, pos);
-    --count_;
-    if (leaf->count == 0) remove_empty_leaf(leaf, path);
-    return true;
+    return erase_searched(key);
   }
 
   // First entry with key >= `key`, or nullptr.
@@ -131,8 +111,8 @@ class BinTree {
     Path path;
     const Leaf* leaf = descend(key, path);
     int pos = leaf_lower_bound(leaf, key);
-    if (pos < leaf->count) return leaf->e[pos].block;
-    return leaf->next ? leaf->next->e[0].block : nullptr;
+    if (pos < leaf->end) return leaf->e[pos].block;
+    return leaf->next ? leaf->next->e[leaf->next->begin].block : nullptr;
   }
 
   // The entry after the one with exactly this key, or nullptr.
@@ -140,14 +120,14 @@ class BinTree {
     Path path;
     const Leaf* leaf = descend(key, path);
     int pos = leaf_lower_bound(leaf, key) + 1;
-    if (pos < leaf->count) return leaf->e[pos].block;
-    return leaf->next ? leaf->next->e[0].block : nullptr;
+    if (pos < leaf->end) return leaf->e[pos].block;
+    return leaf->next ? leaf->next->e[leaf->next->begin].block : nullptr;
   }
 
   template <class F>
   void for_each(F f) const {
     for (const Leaf* l = first_; l; l = l->next)
-      for (int i = 0; i < l->count; ++i) f(l->e[i].block);
+      for (int i = l->begin; i < l->end; ++i) f(l->e[i].block);
   }
 
  private:
@@ -160,7 +140,7 @@ class BinTree {
     Block* block;
   };
   struct Leaf {
-    int count = 0;
+    int begin = 0, end = 0;  // the entries are e[begin .. end)
     Leaf* prev = nullptr;
     Leaf* next = nullptr;
     Entry e[kLeafCap];
@@ -177,17 +157,51 @@ class BinTree {
   };
 
   // Entry moves inside a leaf, as plain loops: a libc memmove call costs more than
-  // moving the few entries a leaf holds.
-  __attribute__((optimize("no-tree-loop-distribute-patterns"))) static void shift_right(Leaf* l, int pos) {
-    for (int i = l->count; i > pos; --i) l->e[i] = l->e[i - 1];
+  // moving the few entries a leaf holds (the empty asm keeps the compiler from turning
+  // a loop into a memmove call). Both move the shorter side of `pos`, if it has room; a
+  // leaf that is not full always has room on one side.
+
+  static void move(Entry& to, const Entry& from) {
+    asm volatile("");
+    to = from;
   }
-  __attribute__((optimize("no-tree-loop-distribute-patterns"))) static void shift_left(Leaf* l, int pos) {
-    for (int i = pos + 1; i < l->count; ++i) l->e[i - 1] = l->e[i];
-    --l->count;
+  // Makes room for an entry before e[pos] (begin <= pos <= end, leaf not full) and
+  // returns the index the new entry goes to.
+  static int open_slot(Leaf* l, int pos) {
+    const int b = l->begin, e = l->end;
+    if (pos == b && b == 0) {
+      // Front of a leaf with no room there: move it to the end of the array, so the
+      // next front inserts (the common ones) find room.
+      const int to = kLeafCap - (e - b);
+      for (int i = e - 1; i >= b; --i) move(l->e[i + to], l->e[i]);
+      l->end = kLeafCap;
+      l->begin = to - 1;
+      return to - 1;
+    }
+    if (pos - b < e - pos ? b > 0 : e == kLeafCap) {
+      for (int i = b; i < pos; ++i) move(l->e[i - 1], l->e[i]);
+      l->begin = b - 1;
+      return pos - 1;
+    }
+    for (int i = e; i > pos; --i) move(l->e[i], l->e[i - 1]);
+    l->end = e + 1;
+    return pos;
+  }
+  // Removes e[pos].
+  static void close_slot(Leaf* l, int pos) {
+    const int b = l->begin, e = l->end;
+    if (pos - b < e - pos - 1) {
+      for (int i = pos; i > b; --i) move(l->e[i], l->e[i - 1]);
+      l->begin = b + 1;
+    } else {
+      for (int i = pos + 1; i < e; ++i) move(l->e[i - 1], l->e[i]);
+      l->end = e - 1;
+    }
   }
 
+  // The first index in [begin, end] whose key is >= key.
   static int leaf_lower_bound(const Leaf* l, const FreeKey& key) {
-    int lo = 0, hi = l->count;
+    int lo = l->begin, hi = l->end;
     while (lo < hi) {
       int mid = (lo + hi) >> 1;
       if (l->e[mid].key < key) lo = mid + 1;
@@ -218,12 +232,55 @@ class BinTree {
     return static_cast<Leaf*>(node);
   }
 
+  __attribute__((noinline)) void insert_searched(const FreeKey& key, Block* block) {
+    if (!root_) {
+      Leaf* leaf = new_leaf();
+      root_ = first_ = last_ = leaf;
+      height_ = 1;
+    }
+    // Sorts first, but the first leaf has no free slot before its entries (insert took
+    // any other front insert): still no search while the leaf has room.
+    Leaf* first = first_;
+    if (first->begin == 0 && first->end > 0 && first->end < kLeafCap && key < first->e[0].key) {
+      first->e[open_slot(first, 0)] = Entry{key, block};
+      ++count_;
+      return;
+    }
+    Path path;
+    Leaf* leaf = descend(key, path);
+    int pos = leaf_lower_bound(leaf, key);
+    if (leaf->end - leaf->begin == kLeafCap) {
+      Leaf* right = split_leaf(leaf);
+      insert_separator(path, height_ - 1, right->e[0].key, right);
+      if (pos > leaf->end) {
+        pos -= leaf->end;
+        leaf = right;
+      }
+    }
+    leaf->e[open_slot(leaf, pos)] = Entry{key, block};
+    ++count_;
+  }
+
+  __attribute__((noinline)) bool erase_searched(const FreeKey& key) {
+    if (!root_) return false;
+    Path path;
+    Leaf* leaf = descend(key, path);
+    int pos = leaf_lower_bound(leaf, key);
+    if (pos == leaf->end || !(leaf->e[pos].key == key)) return false;
+    close_slot(leaf, pos);
+    --count_;
+    if (leaf->begin == leaf->end) remove_empty_leaf(leaf, path);
+    return true;
+  }
+
+  // Splits a full leaf (begin 0, end kLeafCap): it keeps e[0 .. keep), the new right
+  // leaf gets the rest at its e[0 ..).
   Leaf* split_leaf(Leaf* leaf) {
     Leaf* right = new_leaf();
-    const int keep = leaf->count / 2, move = leaf->count - keep;
+    const int keep = kLeafCap / 2, move = kLeafCap - keep;
     std::memcpy(right->e, &leaf->e[keep], sizeof(Entry) * size_t(move));
-    right->count = move;
-    leaf->count = keep;
+    right->end = move;
+    leaf->end = keep;
     right->prev = leaf;
     right->next = leaf->next;
     if (leaf->next) leaf->next->prev = right;

@@ -79,6 +79,78 @@ void run(uint64_t seed, size_t max_live, size_t steps, int size_kinds) {
   }
 }
 
+// Best fit's pattern: mostly erase the first entry and insert keys that sort first (the
+// leaf offset's fast paths: free slots before the first leaf's entries, or none), mixed
+// with inserts and erases anywhere, so leaves split and empty with every offset.
+void run_front(uint64_t seed, size_t max_live, size_t steps, int front_percent) {
+  std::mt19937_64 rng(seed);
+  NodeArena arena;
+  BinTree tree(&arena);
+  std::set<Item> model;
+  std::vector<FreeKey> live;  // may hold erased keys: checked against the model
+  auto random_key = [&] { return FreeKey{size_t(rng() % 6) * 512 + 512, rng() % 8, (rng() % (1u << 20)) * 512}; };
+  auto add = [&](const FreeKey& k) {
+    if (model.count(Item{k, nullptr})) return;
+    model.insert(Item{k, block_for(k)});
+    live.push_back(k);
+    tree.insert(k, block_for(k));
+  };
+  auto remove = [&](FreeKey k) {  // by value: k may live in a model node
+    const bool present = model.erase(Item{k, nullptr}) > 0;
+    CHECK(tree.erase(k) == present, "erase result differs (seed %llu)", (unsigned long long)seed);
+  };
+  for (size_t step = 0; step < steps; ++step) {
+    const bool growing = (step / (max_live * 4)) % 2 == 0;
+    const int op = int(rng() % 100);
+    if (op < front_percent) {
+      if (rng() % 2 == 0 || model.empty()) {
+        // A key just before the first one (or a random one while the tree is empty).
+        FreeKey k = random_key();
+        if (!model.empty()) {
+          k = model.begin()->key;
+          const uint64_t back = 1 + rng() % 3;
+          if (k.ptr >= back * 512) k.ptr -= back * 512;
+          else if (k.order > 0) --k.order;
+          else if (k.size > 512) k.size -= 512;
+        }
+        if (growing || model.size() < max_live / 4) add(k);
+      }
+      if (!model.empty() && (!growing || rng() % 2 == 0)) remove(model.begin()->key);
+    } else if (op < front_percent + (100 - front_percent) / 2) {
+      if (model.size() < max_live && (growing || rng() % 3 == 0)) add(random_key());
+    } else if (!model.empty()) {
+      // Erase anywhere: a random live key, or the last one.
+      if (rng() % 4 == 0) {
+        remove(model.rbegin()->key);
+      } else if (!live.empty()) {
+        size_t i = rng() % live.size();
+        FreeKey k = live[i];
+        live[i] = live.back();
+        live.pop_back();
+        remove(k);
+      }
+    }
+    CHECK(tree.size() == model.size(), "size %zu, model %zu (seed %llu step %zu)", tree.size(), model.size(),
+          (unsigned long long)seed, step);
+    if (!model.empty()) {
+      CHECK(tree.first() == model.begin()->block, "first differs (seed %llu step %zu)", (unsigned long long)seed, step);
+      CHECK(tree.last() == model.rbegin()->block, "last differs (seed %llu step %zu)", (unsigned long long)seed, step);
+      FreeKey q = random_key();
+      auto it = model.lower_bound(Item{q, nullptr});
+      CHECK(tree.lower_bound(q) == (it == model.end() ? nullptr : it->block), "lower_bound differs (step %zu)", step);
+      auto at = model.begin();
+      CHECK(tree.successor(at->key) == (std::next(at) == model.end() ? nullptr : std::next(at)->block),
+            "successor of first differs (step %zu)", step);
+    }
+    if (step % 61 == 0) {
+      std::vector<Block*> walked, expected;
+      tree.for_each([&](Block* b) { walked.push_back(b); });
+      for (const Item& it : model) expected.push_back(it.block);
+      CHECK(walked == expected, "for_each order differs (seed %llu step %zu)", (unsigned long long)seed, step);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -86,6 +158,9 @@ int main() {
   run(2, 3000, 200000, 3);     // three levels, heavy ties
   run(3, 20000, 300000, 200);  // four levels, then drained to empty and regrown
   for (uint64_t seed = 10; seed < 20; ++seed) run(seed, 300, 20000, 8);
+  for (uint64_t seed = 30; seed < 36; ++seed) run_front(seed, 200, 30000, 70);   // front-heavy, two levels
+  run_front(40, 3000, 150000, 50);                                               // three levels
+  run_front(41, 40, 20000, 90);                                                  // one leaf to a few
   if (failures) {
     std::fprintf(stderr, "bin_tree_test: %d failures\n", failures.load());
     return 1;
