@@ -103,7 +103,7 @@ struct alignas(64) Block {
 
   bool is_split() const { return prev != nullptr || next != nullptr; }
 };
-static_assert(sizeof(Block) <= 128, "Block: two cache lines");
+static_assert(sizeof(Block) == 128, "Block: two cache lines");
 
 inline bool BlockLess::operator()(const Block* a, const Block* b) const {
   if (a->size != b->size) return a->size < b->size;
