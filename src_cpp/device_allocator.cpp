@@ -1212,6 +1212,8 @@ std::string DeviceAllocator::check_invariants() {
       if (f != 1 && field(s[kAggregate]) != field(s[kSmallPool]) + field(s[kLargePool]))
         fail(std::string(name) + ": all != small_pool + large_pool");
     }
+    for (int k : {kAggregate, kSmallPool, kLargePool})
+      if (s[k].peak < s[k].current) fail(std::string(name) + ": peak below current");
   };
   check("segment", st.segment, seg_count);
   check("reserved_bytes", st.reserved_bytes, reserved);
