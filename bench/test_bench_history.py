@@ -41,6 +41,12 @@ def no_history():
     mtia.empty_cache()
 
 
+def _times(benchmark):
+    """The timing statistics, or None under --benchmark-disable (each body then runs once,
+    as a smoke test, and there is nothing to report)."""
+    return benchmark.stats.stats if benchmark.stats is not None else None
+
+
 def test_snapshot_of_100k_blocks(benchmark, no_history):
     ptrs = [mtia.caching_allocator_alloc(512) for _ in range(N_BLOCKS)]
     try:
@@ -48,8 +54,9 @@ def test_snapshot_of_100k_blocks(benchmark, no_history):
         n = sum(len(s["blocks"]) for s in snap["segments"])
         assert n >= N_BLOCKS
         benchmark.extra_info.update(blocks=n, segments=len(snap["segments"]))
-        print(f"\nsnapshot() of {n} blocks in {len(snap['segments'])} segments: "
-              f"min {benchmark.stats.stats.min * 1e3:.1f} ms, mean {benchmark.stats.stats.mean * 1e3:.1f} ms")
+        if t := _times(benchmark):
+            print(f"\nsnapshot() of {n} blocks in {len(snap['segments'])} segments: "
+                  f"min {t.min * 1e3:.1f} ms, mean {t.mean * 1e3:.1f} ms")
     finally:
         for p in ptrs:
             mtia.caching_allocator_delete(p)
@@ -66,8 +73,9 @@ def test_snapshot_view_of_100k_blocks(benchmark, no_history):
             return s.fragmentation()
 
         benchmark.pedantic(view, rounds=3, iterations=1)
-        print(f"\nSnapshot(raw) + repr + fragmentation() over {N_BLOCKS} blocks: "
-              f"mean {benchmark.stats.stats.mean * 1e3:.1f} ms")
+        if t := _times(benchmark):
+            print(f"\nSnapshot(raw) + repr + fragmentation() over {N_BLOCKS} blocks: "
+                  f"mean {t.mean * 1e3:.1f} ms")
     finally:
         for p in ptrs:
             mtia.caching_allocator_delete(p)
@@ -82,7 +90,10 @@ def test_alloc_free_pair_ns(benchmark, no_history, mode):
                                    stacks="python", max_entries=100_000)
     _pairs(1000)  # warm the cache: one small segment, then pure reuse
     benchmark.pedantic(_at_depth, args=(DEPTH, _pairs, PAIRS), rounds=5, iterations=1, warmup_rounds=1)
-    ns = benchmark.stats.stats.min / PAIRS * 1e9
+    t = _times(benchmark)
+    if t is None:
+        return
+    ns = t.min / PAIRS * 1e9
     frames = 0
     if mode != "off":
         trace = mtia.snapshot()["device_traces"][0]
