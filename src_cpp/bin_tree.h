@@ -178,7 +178,9 @@ class BinTree {
       l->begin = to - 1;
       return to - 1;
     }
-    if (pos - b < e - pos ? b > 0 : e == kLeafCap) {
+    // Left if that side is shorter or the right one is full (then, not being full, the
+    // leaf has room on the left: b > 0, which is spelled out for the compiler's sake).
+    if (b > 0 && (pos - b < e - pos || e == kLeafCap)) {
       for (int i = b; i < pos; ++i) move(l->e[i - 1], l->e[i]);
       l->begin = b - 1;
       return pos - 1;
