@@ -819,7 +819,7 @@ def cache_dtype(str name, dtype):
 def empty(shape, dtype="float32", device=None, stream=None):
     """An uninitialised DeviceArray allocated through the caching allocator on `stream`."""
     cdef object entry
-    if type(shape) is int and type(dtype) is str and shape >= 0 and shape < (1 << 40):
+    if type(shape) is int and type(dtype) is str and shape >= 0:
         entry = _empty_dtypes.get(dtype)
         if entry is not None:
             return alloc_array(_empty_cls, (shape,), entry[0], entry[1], device, stream)

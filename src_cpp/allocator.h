@@ -54,7 +54,6 @@ class Allocator {
       }
     free_elsewhere(ptr, frames);
   }
-  static inline const FramesPtr kNoFrames{};
   // The device whose allocator owns allocated block `ptr`, or -1.
   DeviceIndex device_of(uintptr_t ptr);
 

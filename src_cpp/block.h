@@ -27,6 +27,7 @@ struct Frame {
 };
 using Frames = std::vector<Frame>;
 using FramesPtr = std::shared_ptr<const Frames>;
+inline const FramesPtr kNoFrames{};  // "no stack", passed by reference without refcounting
 
 // Raw device memory under the cache: the emulated device, or a user's allocator.
 // alloc returns nullptr for "out of memory" (and must not throw).

@@ -108,13 +108,12 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
   r.stream = stream;
   r.alloc_size = 0;  // sized on a miss
   if (plain_) {
-    r.pool = r.size <= kSmallSize ? &small_blocks_ : &large_blocks_;
+    r.pool = default_pool(r.size);
     r.frames = &kNoFrames;
   } else {
     // 2. Reclaim blocks whose cross-stream events completed (never during a capture).
     if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty())) process_events();
-    r.pool = captures_underway_.empty() ? (r.size <= kSmallSize ? &small_blocks_ : &large_blocks_)
-                                        : choose_pool(r.size, stream);
+    r.pool = choose_pool(r.size, stream);
     r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
   }
   // 3. Best fit among cached blocks of this pool and stream.
@@ -146,9 +145,9 @@ BlockPool* DeviceAllocator::choose_pool(size_t size, StreamId stream) {
   for (auto it = captures_underway_.rbegin(); it != captures_underway_.rend(); ++it) {
     if (!filter_matches(it->second, stream)) continue;
     PrivatePool* p = find_pool(it->first);
-    return size <= kSmallSize ? &p->small_blocks : &p->large_blocks;
+    return p->blocks_for(size);
   }
-  return size <= kSmallSize ? &small_blocks_ : &large_blocks_;
+  return default_pool(size);
 }
 
 bool DeviceAllocator::filter_matches(const AllocationFilter& f, StreamId stream) {
@@ -235,8 +234,7 @@ Block* DeviceAllocator::try_use_on_oom_pools(const Request& r) {
   for (MempoolId id : use_on_oom_pools_) {
     PrivatePool* p = find_pool(id);
     if (!p || p->use_count <= 0) continue;
-    BlockPool* pool = r.size <= kSmallSize ? &p->small_blocks : &p->large_blocks;
-    if (Block* b = get_free_block(r, pool)) return b;
+    if (Block* b = get_free_block(r, p->blocks_for(r.size))) return b;
   }
   return nullptr;
 }
@@ -458,7 +456,7 @@ void DeviceAllocator::note_active_peaks(bool small) {
   const int k = small ? kSmallPool : kLargePool;
   auto raise = [&](StatArray& active, const StatArray& alloc, const int64_t* extra) {
     active[k].peak = std::max(active[k].peak, alloc[k].current + extra[k]);
-    const int64_t all = alloc[kSmallPool].current + alloc[kLargePool].current + extra[kAggregate];
+    const int64_t all = both_kinds_current(alloc) + extra[kAggregate];
     active[kAggregate].peak = std::max(active[kAggregate].peak, all);
   };
   raise(stats_.active, stats_.allocation, pending_.count);
@@ -832,8 +830,8 @@ void DeviceAllocator::raise_oom(Lock& lock, const Request& r) {
     record_trace(TraceAction::kOom, device_free, r.size, r.stream,
                  r.pool->owner ? r.pool->owner->id : MempoolId{}, *r.frames);
   }
-  const int64_t A = stats_.allocated_bytes[kSmallPool].current + stats_.allocated_bytes[kLargePool].current;
-  const int64_t R = stats_.reserved_bytes[kSmallPool].current + stats_.reserved_bytes[kLargePool].current;
+  const int64_t A = both_kinds_current(stats_.allocated_bytes);
+  const int64_t R = both_kinds_current(stats_.reserved_bytes);
   int64_t P = 0;
   size_t largest = 0;
   for (auto& [id, p] : pools_)

@@ -76,6 +76,7 @@ struct PrivatePool {
   int64_t segment_count = 0;  // device allocations made for this pool and not yet freed
   bool no_split = false;
   BlockPool small_blocks, large_blocks;
+  BlockPool* blocks_for(size_t rounded) { return rounded <= kSmallSize ? &small_blocks : &large_blocks; }
 };
 
 // Who a routing context (use_mem_pool, graph capture) applies to.
@@ -157,10 +158,10 @@ class alignas(64) DeviceAllocator {
     BlockPool* pool;
     const FramesPtr* frames;  // the caller's stack to record, or kNoFrames (no refcounting per malloc)
   };
-  static inline const FramesPtr kNoFrames{};
 
   MTIA_INLINE void lock() { lock_blocking(mu_); }
-  BlockPool* choose_pool(size_t size, StreamId stream);
+  BlockPool* default_pool(size_t rounded) { return rounded <= kSmallSize ? &small_blocks_ : &large_blocks_; }
+  BlockPool* choose_pool(size_t size, StreamId stream);  // the default pool unless a capture routes it
   bool filter_matches(const AllocationFilter& f, StreamId stream);
   MTIA_INLINE Block* get_free_block(const Request& r, BlockPool* pool);
   Block* alloc_block(const Request& r, bool is_retry);

@@ -46,7 +46,7 @@ ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEven
       return true;
     }
     if (!ptrs[e.slot]) return false;
-    if (!dev.free(ptrs[e.slot], Allocator::kNoFrames)) a.free(ptrs[e.slot]);  // the device that made it
+    if (!dev.free(ptrs[e.slot], kNoFrames)) a.free(ptrs[e.slot]);  // the device that made it
     ptrs[e.slot] = 0;
     return true;
   };

@@ -32,12 +32,15 @@ struct Stat {
 enum StatType { kAggregate = 0, kSmallPool = 1, kLargePool = 2, kNumStatTypes = 3 };
 using StatArray = std::array<Stat, kNumStatTypes>;
 
+// current of small + large: the aggregate's current, which the hot path does not keep.
+inline int64_t both_kinds_current(const StatArray& s) { return s[kSmallPool].current + s[kLargePool].current; }
+
 // Adds n to one pool kind's stat. On the hot path the aggregate keeps only its peak
 // (of small + large current); its current, allocated and freed are the sums of the two
 // kinds and are filled in by DeviceStats::finalize() when stats are read.
 __attribute__((always_inline)) inline void stat_add(StatArray& s, bool small, int64_t n) {
   s[small ? kSmallPool : kLargePool].increase(n);
-  const int64_t all = s[kSmallPool].current + s[kLargePool].current;
+  const int64_t all = both_kinds_current(s);
   s[kAggregate].peak = all > s[kAggregate].peak ? all : s[kAggregate].peak;
 }
 __attribute__((always_inline)) inline void stat_sub(StatArray& s, bool small, int64_t n) {
@@ -94,7 +97,7 @@ struct DeviceStats {
     for_each_array([](StatArray& a) {
       a[kSmallPool].fill_freed();
       a[kLargePool].fill_freed();
-      a[kAggregate].current = a[kSmallPool].current + a[kLargePool].current;
+      a[kAggregate].current = both_kinds_current(a);
       a[kAggregate].allocated = a[kSmallPool].allocated + a[kLargePool].allocated;
       a[kAggregate].freed = a[kSmallPool].freed + a[kLargePool].freed;
     });
@@ -103,7 +106,7 @@ struct DeviceStats {
   }
   void reset_peak() {
     for_each_array([](StatArray& a) {
-      a[kAggregate].current = a[kSmallPool].current + a[kLargePool].current;
+      a[kAggregate].current = both_kinds_current(a);
       for (auto& s : a) s.reset_peak();
     });
     oversize_allocations.reset_peak();
