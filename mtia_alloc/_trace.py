@@ -28,7 +28,8 @@ FLUSH_SIZE = 1 << 59
 @dataclass
 class Trace:
     sizes: np.ndarray      # uint64, 0 = free
-    slots: np.ndarray      # uint32 dense allocation ids
+    slots: np.ndarray      # uint32 allocation handles; a freed one is reused (LIFO), so the
+                           # replay's pointer table stays as small and as warm as the live set
     streams: np.ndarray    # uint32 index into stream_values
     nslots: int
     stream_values: list = field(default_factory=list)  # the trace's own stream numbers
@@ -72,6 +73,7 @@ class _Builder:
     def __init__(self):
         self.sizes, self.slots, self.streams = [], [], []
         self.live = {}        # trace id -> slot
+        self.free_slots = []  # slots of freed allocations, reused last-freed first
         self.stream_index = {}
         self.nslots = 0
         self.skipped = 0
@@ -87,8 +89,7 @@ class _Builder:
         if key in self.live or size <= 0:
             self.skipped += 1
             return
-        slot = self.nslots
-        self.nslots += 1
+        slot = self.new_slot()
         self.live[key] = slot
         self.sizes.append(size)
         self.slots.append(slot)
@@ -102,12 +103,18 @@ class _Builder:
         self.sizes.append(0)
         self.slots.append(slot)
         self.streams.append(self.streams[-1] if stream is None else self.stream(stream))
+        self.free_slots.append(slot)
+
+    def new_slot(self):
+        if self.free_slots:
+            return self.free_slots.pop()
+        self.nslots += 1
+        return self.nslots - 1
 
     def flush(self, stream):
         """A cache-flush event (see FLUSH_SIZE); its allocation fails and is never freed."""
         self.flushes.append(len(self.sizes))
-        slot = self.nslots
-        self.nslots += 1
+        slot = self.new_slot()  # never freed: the slot stays taken
         self.sizes.append(FLUSH_SIZE)
         self.slots.append(slot)
         self.streams.append(self.stream(stream))

@@ -23,14 +23,19 @@ def random_trace(num=20000, max_size=4 << 20, max_live=4 << 30, streams=1, seed=
     sizes, slots, strm = [], [], []
     live, live_bytes, made = [], 0, 0
     size_of, stream_of = {}, {}
+    free_slots, nslots = [], 0  # freed slots are reused, as _trace does
     while made < num or live:
         if made < num and (not live or rng.random() < 0.73):
             size = int(rng.integers(1, max_size + 1))
             if live_bytes + size <= max_live:
                 s = int(rng.integers(0, streams))
-                sizes.append(size), slots.append(made), strm.append(s)
-                size_of[made], stream_of[made] = size, s
-                live.append(made)
+                if free_slots:
+                    slot = free_slots.pop()
+                else:
+                    slot, nslots = nslots, nslots + 1
+                sizes.append(size), slots.append(slot), strm.append(s)
+                size_of[slot], stream_of[slot] = size, s
+                live.append(slot)
                 live_bytes += size
                 made += 1
                 continue
@@ -41,8 +46,9 @@ def random_trace(num=20000, max_size=4 << 20, max_live=4 << 30, streams=1, seed=
         slot = live.pop()
         live_bytes -= size_of.pop(slot)
         sizes.append(0), slots.append(slot), strm.append(stream_of.pop(slot))
+        free_slots.append(slot)
     return Trace(np.asarray(sizes, np.uint64), np.asarray(slots, np.uint32), np.asarray(strm, np.uint32),
-                 made, list(range(streams)), 0, "generated")
+                 nslots, list(range(streams)), 0, "generated")
 
 
 def write_trace_csv(trace, path):

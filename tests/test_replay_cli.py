@@ -205,7 +205,9 @@ def test_rmm_log_csv(tmp_path):
         "1,00:00:00.000009,free,0x7f0000400000,100,0x0\n"
         "2,00:00:00.000010,free,0x7f0000000000,2000000,0x1234\n")
     trace = read_trace(path)
-    assert (trace.events, trace.nslots, trace.skipped, trace.stream_values) == (8, 4, 1, [0, 0x1234])
+    # 4 allocations, at most 3 live at once: the 2 MB one reuses the freed 3 MB one's slot
+    assert (trace.events, trace.nslots, trace.skipped, trace.stream_values) == (8, 3, 1, [0, 0x1234])
+    assert trace.slots[4] == trace.slots[0] and trace.sizes[4] == 2000000
     out = ok(path)
     assert "(rmm)" in out and "events: 8  allocations: 4  streams: 2" in out and "skipped lines: 1" in out
     assert figure(out, "peak_requested_bytes") == 3000000 + 100 + 5000000
