@@ -8,7 +8,8 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 sanitize = os.environ.get("MTIA_ALLOC_SANITIZE") == "1"
-compile_args = ["-std=c++17", "-O2" if sanitize else "-O3", "-fno-plt", "-Wall", "-Wno-unused-function"]
+compile_args = ["-std=c++17", "-O2" if sanitize else "-O3", "-fno-plt", "-fvisibility=hidden", "-fno-semantic-interposition",
+                "-Wall", "-Wno-unused-function"]
 link_args = ["-lpthread"]
 if sanitize:
     flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
