@@ -1,0 +1,18 @@
+"""The extension's build: the core's symbols stay inside it.
+
+setup.py compiles with -fvisibility=hidden -fno-semantic-interposition. Without them, every
+call between core functions inside the -fPIC shared object goes through the GOT, as if
+another library could replace the function, and the cached alloc+free pair costs about a
+quarter more. A build that lost the flags would still pass every other test, so this
+one looks at what the shared object exports."""
+import ctypes
+
+import mtia_alloc._C as C
+
+
+def test_only_the_module_init_is_exported():
+    lib = ctypes.CDLL(C.__file__)
+    assert hasattr(lib, "PyInit__C")
+    # mtia::thread_cpu_ns() and mtia::native_pair_loop(...): plain core functions.
+    for core_symbol in ("_ZN4mtia13thread_cpu_nsEv", "_ZN4mtia16native_pair_loopERNS_9AllocatorEimm"):
+        assert not hasattr(lib, core_symbol), f"{core_symbol} is exported: built without -fvisibility=hidden?"
