@@ -8,6 +8,9 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 sanitize = os.environ.get("MTIA_ALLOC_SANITIZE") == "1"
+# Hidden visibility and no semantic interposition: the extension exports only its module
+# init, so calls between core functions are direct (or inlined) instead of going through
+# the GOT as if another library could replace them (tests/test_build.py checks).
 compile_args = ["-std=c++17", "-O2" if sanitize else "-O3", "-fno-plt", "-fvisibility=hidden", "-fno-semantic-interposition",
                 "-Wall", "-Wno-unused-function"]
 link_args = ["-lpthread"]
