@@ -28,8 +28,7 @@ FLUSH_SIZE = 1 << 59
 @dataclass
 class Trace:
     sizes: np.ndarray      # uint64, 0 = free
-    slots: np.ndarray      # uint32 allocation handles; a freed one is reused (LIFO), so the
-                           # replay's pointer table stays as small and as warm as the live set
+    slots: np.ndarray      # uint32 allocation handles, from a SlotPool (freed ones are reused)
     streams: np.ndarray    # uint32 index into stream_values
     nslots: int
     stream_values: list = field(default_factory=list)  # the trace's own stream numbers
@@ -69,13 +68,30 @@ class Trace:
         return peak
 
 
+class SlotPool:
+    """Allocation handles for a trace: a freed one is handed out again, last freed first,
+    so the replay's pointer table stays as small and as warm as the live set."""
+
+    def __init__(self):
+        self.count = 0  # slots ever handed out: the size of the replay's table
+        self._freed = []
+
+    def take(self):
+        if self._freed:
+            return self._freed.pop()
+        self.count += 1
+        return self.count - 1
+
+    def give_back(self, slot):
+        self._freed.append(slot)
+
+
 class _Builder:
     def __init__(self):
         self.sizes, self.slots, self.streams = [], [], []
         self.live = {}        # trace id -> slot
-        self.free_slots = []  # slots of freed allocations, reused last-freed first
+        self.slot_pool = SlotPool()
         self.stream_index = {}
-        self.nslots = 0
         self.skipped = 0
         self.flushes = []
 
@@ -89,7 +105,7 @@ class _Builder:
         if key in self.live or size <= 0:
             self.skipped += 1
             return
-        slot = self.new_slot()
+        slot = self.slot_pool.take()
         self.live[key] = slot
         self.sizes.append(size)
         self.slots.append(slot)
@@ -103,18 +119,12 @@ class _Builder:
         self.sizes.append(0)
         self.slots.append(slot)
         self.streams.append(self.streams[-1] if stream is None else self.stream(stream))
-        self.free_slots.append(slot)
-
-    def new_slot(self):
-        if self.free_slots:
-            return self.free_slots.pop()
-        self.nslots += 1
-        return self.nslots - 1
+        self.slot_pool.give_back(slot)
 
     def flush(self, stream):
         """A cache-flush event (see FLUSH_SIZE); its allocation fails and is never freed."""
         self.flushes.append(len(self.sizes))
-        slot = self.new_slot()  # never freed: the slot stays taken
+        slot = self.slot_pool.take()  # never freed: the slot stays taken
         self.sizes.append(FLUSH_SIZE)
         self.slots.append(slot)
         self.streams.append(self.stream(stream))
@@ -124,7 +134,7 @@ class _Builder:
             self.stream(0)
         values = sorted(self.stream_index, key=self.stream_index.get)
         return Trace(np.asarray(self.sizes, dtype=np.uint64), np.asarray(self.slots, dtype=np.uint32),
-                     np.asarray(self.streams, dtype=np.uint32), self.nslots, values, self.skipped, source,
+                     np.asarray(self.streams, dtype=np.uint32), self.slot_pool.count, values, self.skipped, source,
                      prefix, info or {}, self.flushes)
 
 

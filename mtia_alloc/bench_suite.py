@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _C, _replay
-from ._trace import Trace, read_trace
+from ._trace import SlotPool, Trace, read_trace
 
 PEER_DEFAULT = "/tmp/torch_caching_allocator_peer"
 
@@ -23,16 +23,13 @@ def random_trace(num=20000, max_size=4 << 20, max_live=4 << 30, streams=1, seed=
     sizes, slots, strm = [], [], []
     live, live_bytes, made = [], 0, 0
     size_of, stream_of = {}, {}
-    free_slots, nslots = [], 0  # freed slots are reused, as _trace does
+    slot_pool = SlotPool()
     while made < num or live:
         if made < num and (not live or rng.random() < 0.73):
             size = int(rng.integers(1, max_size + 1))
             if live_bytes + size <= max_live:
                 s = int(rng.integers(0, streams))
-                if free_slots:
-                    slot = free_slots.pop()
-                else:
-                    slot, nslots = nslots, nslots + 1
+                slot = slot_pool.take()
                 sizes.append(size), slots.append(slot), strm.append(s)
                 size_of[slot], stream_of[slot] = size, s
                 live.append(slot)
@@ -46,9 +43,9 @@ def random_trace(num=20000, max_size=4 << 20, max_live=4 << 30, streams=1, seed=
         slot = live.pop()
         live_bytes -= size_of.pop(slot)
         sizes.append(0), slots.append(slot), strm.append(stream_of.pop(slot))
-        free_slots.append(slot)
+        slot_pool.give_back(slot)
     return Trace(np.asarray(sizes, np.uint64), np.asarray(slots, np.uint32), np.asarray(strm, np.uint32),
-                 nslots, list(range(streams)), 0, "generated")
+                 slot_pool.count, list(range(streams)), 0, "generated")
 
 
 def write_trace_csv(trace, path):
