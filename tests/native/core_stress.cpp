@@ -1,9 +1,10 @@
 // core_stress.cpp: a native test driver for the C++ core, meant to run under
-// AddressSanitizer + UndefinedBehaviorSanitizer (see .ci/run). Several threads on two
-// devices interleave malloc, free, record_stream with busy streams, private pools,
-// empty_cache, snapshots, history and injected device-allocation failures; every
-// block carries a fill pattern that must survive until it is freed. Afterwards every
-// invariant must hold and all memory must be back. Exit code 0 = pass.
+// AddressSanitizer + UndefinedBehaviorSanitizer and, in a second build, ThreadSanitizer
+// (see .ci/run). Several threads on two devices interleave malloc, free, record_stream
+// with busy streams, private pools, empty_cache, snapshots, history and injected
+// device-allocation failures; every block carries a fill pattern that must survive until
+// it is freed. Afterwards every invariant must hold and all memory must be back.
+// Exit code 0 = pass.
 #include <atomic>
 #include <cstdio>
 #include <cstring>
@@ -88,6 +89,8 @@ void worker(Allocator& a, int id, int steps, std::atomic<uint64_t>& ops) {
         for (auto& b : s.blocks) sum += b.size;
         CHECK(sum == s.total_size, "snapshot blocks do not tile a segment");
       }
+      DeviceStats st = a.device(device).stats();  // read while other threads allocate
+      CHECK(st.allocated_bytes[0].current <= st.reserved_bytes[0].current, "allocated exceeds reserved");
     } else if (op < 97) {
       a.emulator().device(device).memory().fail_allocations(int64_t(rng() % 3), 0);
     } else {
