@@ -6,9 +6,10 @@ import gc
 import pickle
 import sys
 import threading
+import warnings
 
 from . import _C
-from ._state import OutOfMemoryError, _settings, device_index, is_initialized, lazy_call, lazy_init
+from ._state import OutOfMemoryError, _settings, device_index, is_initialized, lazy_init
 
 caching_allocator_alloc = _C.caching_allocator_alloc
 caching_allocator_delete = _C.caching_allocator_delete
@@ -76,14 +77,13 @@ def memory_stats(device=None):
             flat[prefix] = obj
 
     flatten("", nested)
-    out = dict(sorted(flat.items()))
-    out["dram"] = {
+    flat["dram"] = {
         "allocated_bytes": flat["allocated_bytes.all.current"],
         "peak_bytes": flat["allocated_bytes.all.peak"],
         "reserved_bytes": flat["reserved_bytes.all.current"],
         "peak_reserved_bytes": flat["reserved_bytes.all.peak"],
     }
-    return out
+    return dict(sorted(flat.items()))  # every key sorted, "dram" too
 
 
 def _stat(device, name, field):
@@ -423,16 +423,47 @@ _CONTEXTS = {None: 0, "state": 1, "alloc": 2, "all": 3}
 
 def record_memory_history(enabled="all", context="all", stacks="python", max_entries=sys.maxsize, device=None,
                           clear_history=False, **legacy):
-    """torch.cuda.memory._record_memory_history: enabled None/'state'/'all', context
-    None/'state'/'alloc'/'all', stacks 'python'/'all', max_entries = ring buffer size.
-    Applies to every device (`device` is ignored, as in PyTorch). enabled=None stops
+    """Records alloc/free history for snapshots: enabled None/'state'/'all', context
+    None/'state'/'alloc'/'all', stacks 'python'/'all', max_entries = ring buffer size
+    (the signature of torch.cuda.memory._record_memory_history). torch.mtia's positional
+    form record_memory_history(enabled, stacks, max_entries) is understood too.
+
+    As torch.mtia.record_memory_history, it does nothing before the device is initialised
+    (it warns here, as that is easy to trip over): call mtia_alloc.init() first, or use
+    mtia_alloc.memory._record_memory_history, which initialises the device as torch.cuda's
+    does. Applies to every device (`device` is ignored, as in PyTorch). enabled=None stops
     recording and clears the history; clear_history=True clears it when (re)enabling.
     The legacy form record_memory_history(True/False, record_context=True,
     trace_alloc_max_entries=1, trace_alloc_record_context=False) is understood too."""
+    apply = _history_setter(enabled, context, stacks, max_entries, clear_history, legacy)
+    if not is_initialized():
+        warnings.warn("record_memory_history() before the device is initialised is ignored, as in torch.mtia; "
+                      "call mtia_alloc.init() first (or use mtia_alloc.memory._record_memory_history, which "
+                      "initialises the device as torch.cuda's does)", stacklevel=2)
+        return
+    apply()
+
+
+def _record_memory_history(enabled="all", context="all", stacks="python", max_entries=sys.maxsize, device=None,
+                           clear_history=False, **legacy):
+    """torch.cuda.memory._record_memory_history: as record_memory_history, but it initialises
+    the device first (as torch.cuda's does), so it may be the first call of a program. The
+    legacy form (enabled: bool, record_context, trace_alloc_max_entries, ...) works too."""
+    apply = _history_setter(enabled, context, stacks, max_entries, clear_history, legacy)
+    lazy_init()
+    apply()
+
+
+def _history_setter(enabled, context, stacks, max_entries, clear_history, legacy):
+    """Validates record_memory_history's arguments; returns the call that applies them."""
     if isinstance(enabled, bool):
-        return _record_memory_history_legacy(enabled, **legacy)
+        return _legacy_history_setter(enabled, context, stacks, max_entries, legacy)
     if legacy:
         raise TypeError(f"record_memory_history() got unexpected keyword arguments {sorted(legacy)}")
+    if isinstance(stacks, int) and not isinstance(stacks, bool) and max_entries == sys.maxsize:
+        # torch.mtia's positional order (enabled, stacks, max_entries): a stacks value is
+        # never an int in torch.cuda's order, so the two cannot be confused.
+        context, stacks, max_entries = "all", context, stacks
     if enabled not in (None, "state", "all"):
         raise ValueError("expected state to be 'state', 'all', or None")
     if context not in _CONTEXTS:
@@ -443,28 +474,29 @@ def record_memory_history(enabled="all", context="all", stacks="python", max_ent
         raise TypeError(f"max_entries must be an int, got {type(max_entries).__name__}")
     if max_entries < 0:  # PyTorch's binding takes a size_t
         raise ValueError(f"max_entries must be non-negative, got {max_entries}")
-    entries = 1 if enabled == "state" else max(1, min(max_entries, 1 << 62))
+    entries = 1 if enabled == "state" else max(1, min(max_entries, 1 << 62))  # 0 means one, as in PyTorch
     level = _CONTEXTS[context] if enabled is not None else 0
     clear = bool(clear_history)
-    lazy_call(lambda: _C.set_history(enabled is not None, level, entries, clear))
+    return lambda: _C.set_history(enabled is not None, level, entries, clear)
 
 
-def _record_memory_history_legacy(enabled, record_context=True, trace_alloc_max_entries=1,
-                                  trace_alloc_record_context=False, device=None, record_context_cpp=False, **extra):
-    if extra:
-        raise TypeError(f"record_memory_history() got unexpected keyword arguments {sorted(extra)}")
+def _legacy_history_setter(enabled, context, stacks, max_entries, legacy):
+    """The legacy signature (enabled: bool, record_context=True, trace_alloc_max_entries=1,
+    trace_alloc_record_context=False, device=None, record_context_cpp=False), whose
+    positional arguments arrive in the new form's slots; a slot still at its new-form
+    default means the legacy default."""
+    record_context = legacy.pop("record_context", True if context == "all" else context)
+    max_entries_ = legacy.pop("trace_alloc_max_entries", 1 if stacks == "python" else stacks)
+    alloc_context = legacy.pop("trace_alloc_record_context", False if max_entries == sys.maxsize else max_entries)
+    legacy.pop("record_context_cpp", None)
+    if legacy:
+        raise TypeError(f"record_memory_history() got unexpected keyword arguments {sorted(legacy)}")
+    if not isinstance(max_entries_, int):
+        raise TypeError(f"trace_alloc_max_entries must be an int, got {type(max_entries_).__name__}")
     if not enabled:
-        return record_memory_history(None)
-    context = "alloc" if trace_alloc_record_context else ("state" if record_context else None)
-    return record_memory_history("all", context, "python", max(1, int(trace_alloc_max_entries)))
-
-
-def _record_memory_history(enabled="all", *args, **kwargs):
-    """torch.cuda.memory._record_memory_history: the new signature, or the legacy one
-    (enabled: bool, record_context, trace_alloc_max_entries, trace_alloc_record_context, ...)."""
-    if isinstance(enabled, bool):
-        return _record_memory_history_legacy(enabled, *args, **kwargs)
-    return record_memory_history(enabled, *args, **kwargs)
+        return _history_setter(None, "all", "python", sys.maxsize, False, {})
+    context = "alloc" if alloc_context else ("state" if record_context else None)
+    return _history_setter("all", context, "python", max(1, max_entries_), False, {})
 
 
 def _set_memory_metadata(metadata):

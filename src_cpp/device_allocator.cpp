@@ -131,8 +131,7 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
     // 4e. Empty the whole cache (not during a capture) and retry once more.
     if (!block && captures_underway_.empty()) {
       release_cached_blocks(lock, MempoolId{});
-      block = get_free_block(r, r.pool);  // events completed while we waited may have freed one
-      if (!block) block = alloc_block(r, true);
+      block = alloc_block(r, true);
     }
   }
   // 5. Out of memory.
@@ -265,36 +264,40 @@ bool DeviceAllocator::release_available_cached_blocks(const Request& r) {
   return total >= key;
 }
 
-// §4.4: release unsplit default large-pool blocks older than the mean until the
-// reserved memory is back under threshold * allowed.
+// §4.4: release unsplit default large-pool blocks whose age is at least the mean, in
+// passes, until the reserved memory is back under threshold * allowed. As in PyTorch a
+// pass does not stop at the target (so the GC does not run again at once), and the mean
+// counts expandable blocks, which are never released.
 void DeviceAllocator::garbage_collect_cached_blocks() {
   size_t threshold = size_t(config_->garbage_collection_threshold * double(allowed_memory_maximum_));
   if (total_allocated_memory_ <= threshold) return;
-  size_t target = total_allocated_memory_ - threshold, reclaimed = 0;
+  const size_t target = total_allocated_memory_ - threshold;
   const uint64_t now = large_blocks_.get_free_blocks_call_count;
-  while (reclaimed < target) {
-    std::vector<Block*> candidates;
-    uint64_t age_sum = 0;
-    for (auto& [s, idx] : large_blocks_.by_stream)
-      idx->for_each([&](Block* b) {
-        if (!b->is_split() && !b->expandable) {
-          candidates.push_back(b);
-          age_sum += now - b->gc_count_base;
-        }
-      });
-    if (candidates.empty()) break;
-    double mean_age = double(age_sum) / double(candidates.size());
-    size_t freed_now = 0;
-    for (Block* b : candidates) {
-      if (reclaimed >= target) break;
-      if (double(now - b->gc_count_base) >= mean_age && b->in_index && !b->is_split()) {
-        size_t sz = b->size;
-        release_block(b);
-        reclaimed += sz;
-        freed_now += sz;
+  std::vector<std::pair<Block*, uint64_t>> candidates;  // (block, age); block nulled once released
+  uint64_t age_sum = 0;
+  for (auto& [s, idx] : large_blocks_.by_stream)
+    idx->for_each([&](Block* b) {
+      if (!b->is_split()) {
+        candidates.emplace_back(b, now - b->gc_count_base);
+        age_sum += now - b->gc_count_base;
       }
+    });
+  size_t reclaimed = 0, remaining = candidates.size();
+  bool freed_any = true;
+  while (reclaimed < target && freed_any && remaining > 0) {
+    const double mean_age = double(age_sum) / double(remaining);
+    freed_any = false;
+    for (auto& [b, age] : candidates) {
+      if (!b || b->expandable || double(age) < mean_age) continue;
+      if (b->in_index && !b->is_split()) {  // a Python raw free may have re-entered
+        reclaimed += b->size;
+        release_block(b);
+      }
+      freed_any = true;
+      age_sum -= age;
+      remaining -= 1;
+      b = nullptr;
     }
-    if (!freed_now) break;
   }
 }
 
@@ -833,22 +836,18 @@ void DeviceAllocator::raise_oom(Lock& lock, const Request& r) {
   const int64_t A = both_kinds_current(stats_.allocated_bytes);
   const int64_t R = both_kinds_current(stats_.reserved_bytes);
   int64_t P = 0;
-  size_t largest = 0;
   for (auto& [id, p] : pools_)
     for (BlockPool* bp : {&p->small_blocks, &p->large_blocks})
       for (auto& [s, idx] : bp->by_stream) idx->for_each([&](Block* b) { P += int64_t(b->size); });
-  for (BlockPool* bp : {&small_blocks_, &large_blocks_})
-    for (auto& [s, idx] : bp->by_stream) idx->for_each([&](Block* b) { largest = std::max(largest, b->size); });
   std::ostringstream msg;
   msg << "MTIA out of memory. Tried to allocate " << format_size(r.alloc_size) << ". Device " << device_
       << " has a total capacity of " << format_size(total) << " of which " << format_size(device_free)
       << " is free. ";
   if (allowed_memory_maximum_) msg << format_size(allowed_memory_maximum_) << " allowed; ";
   msg << "Of the allocated memory " << format_size(uint64_t(A + P)) << " is allocated by PyTorch, ";
-  if (P > 0) msg << "with " << format_size(uint64_t(P)) << " allocated in private pools (e.g., CUDA Graphs), ";
+  if (P > 0) msg << "with " << format_size(uint64_t(P)) << " allocated in private pools (e.g., MTIA Graphs), ";
   msg << "and " << format_size(uint64_t(std::max<int64_t>(0, R - A - P)))
-      << " is reserved by PyTorch but unallocated. The largest free cached block is " << format_size(largest)
-      << ". If reserved but unallocated memory is large try setting "
+      << " is reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
          "MTIA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for Memory "
          "Management  (https://docs.pytorch.org/docs/stable/notes/cuda.html#optimizing-memory-usage-with-"
          "pytorch-cuda-alloc-conf)";

@@ -221,6 +221,7 @@ def test_context_all_captures_the_free_stack(history):
 def test_stack_starts_at_the_direct_caller(tmp_path):
     script = textwrap.dedent("""
         import mtia_alloc as m
+        m.init()
         m.record_memory_history()
         p = m.caching_allocator_alloc(4096)  # module level: a one-frame stack
         m.caching_allocator_delete(p)
@@ -236,22 +237,62 @@ def test_stack_starts_at_the_direct_caller(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_history_enabled_before_initialisation(tmp_path):
-    script = textwrap.dedent("""
+def _run(script):
+    r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", textwrap.dedent(script)],
+                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_mh34_record_memory_history_before_initialisation_is_ignored():
+    # pools_graphs_streams_api.md §15.34, as torch.mtia: no effect, no initialisation;
+    # both signatures (torch.cuda's keywords, torch.mtia's positional order); a warning says why
+    _run("""
+        import warnings
         import mtia_alloc as m
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m.record_memory_history(max_entries=100)
+            m.record_memory_history("all", "python", 0)
+        assert len(caught) == 2 and "ignored" in str(caught[0].message), caught
         assert not m.is_initialized()
-        m.record_memory_history(max_entries=100)
+        m.caching_allocator_delete(m.caching_allocator_alloc(4096))
+        assert m.snapshot()["device_traces"] == [[], []], m.snapshot()["device_traces"]
+        print("ok")
+    """)
+
+
+def test_private_record_memory_history_initialises_like_torch_cuda():
+    # torch.cuda.memory._record_memory_history initialises the device, so it may come first
+    _run("""
+        import mtia_alloc as m
+        m.memory._record_memory_history(max_entries=100)
+        assert m.is_initialized()
         def a(): return b()
         def b(): return c()
         def c(): return m.caching_allocator_alloc(4096)
         p = a()
         t = m.snapshot()["device_traces"][0]
         assert [e["action"] for e in t][-3:] == ["segment_alloc", "alloc", "snapshot"], t
+        assert [f["name"] for f in t[-2]["frames"][:3]] == ["c", "b", "a"], t[-2]["frames"]
         print("ok")
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_torch_mtia_positional_form_after_initialisation():
+    # (enabled, stacks, max_entries): max_entries=0 keeps one entry, as the CUDA allocator does
+    _run("""
+        import mtia_alloc as m
+        m.init()
+        m.record_memory_history("all", "python", 0)
+        for _ in range(3):
+            m.caching_allocator_delete(m.caching_allocator_alloc(4096))
+        assert [e["action"] for e in m.snapshot()["device_traces"][0]] == ["snapshot"]
+        m.record_memory_history("all", "all", 5)
+        for _ in range(3):
+            m.caching_allocator_delete(m.caching_allocator_alloc(4096))
+        assert len(m.snapshot()["device_traces"][0]) == 5
+        print("ok")
+    """)
 
 
 # ----------------------------------------------------------------------------- §15.25 ring buffer
