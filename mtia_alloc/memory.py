@@ -408,8 +408,10 @@ def snapshot(device=None):
     if not is_initialized():
         return {"segments": [], "device_traces": [], "allocator_settings": {}, "external_annotations": []}
     with _gc_paused():
-        segments = _C.snapshot_segments(None)
+        # As PyTorch: the traces are read first, so the "snapshot" entry this snapshot
+        # records shows up in the next one.
         traces = [_C.device_trace(d) for d in range(_C.device_count())]
+        segments = _C.snapshot_segments(None)
     return {
         "segments": segments,
         "device_traces": traces,
