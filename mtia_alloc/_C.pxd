@@ -104,6 +104,8 @@ cdef extern from "emulated_device.h" namespace "mtia":
     cdef cppclass DeviceMemory:
         size_t capacity()
         size_t used()
+        void reserve_for_runtime(size_t bytes) except +
+        size_t runtime_reserved()
         void fail_allocations(int64_t after_n, int64_t every)
         uint64_t malloc_calls()
         uint64_t free_calls()

@@ -344,7 +344,11 @@ def mem_get_info(int device):
 def device_memory_counters(int device):
     cdef DeviceMemory* m = &_alloc.emulator().device(device).memory()
     return {"used": m.used(), "capacity": m.capacity(), "malloc_calls": m.malloc_calls(),
-            "free_calls": m.free_calls()}
+            "free_calls": m.free_calls(), "runtime_reserved": m.runtime_reserved()}
+
+
+def reserve_for_runtime(int device, size_t nbytes):
+    _alloc.emulator().device(device).memory().reserve_for_runtime(nbytes)
 
 
 def fail_device_allocations(int device, int64_t after_n, int64_t every):

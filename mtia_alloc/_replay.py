@@ -42,8 +42,9 @@ def setup_allocator(memory=None, conf=None):
     if conf is not None:
         os.environ["MTIA_ALLOC_CONF"] = conf
     if not _C.is_initialized():
+        # runtime_reserved=0: the whole capacity goes to the allocator, as in the peer's fake runtime
         emulator.configure(memory_per_device=memory or os.environ.get("MTIA_EMULATOR_MEMORY")
-                           or DEFAULT_REPLAY_MEMORY)
+                           or DEFAULT_REPLAY_MEMORY, runtime_reserved=0)
     lazy_init()
 
 

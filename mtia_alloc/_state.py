@@ -24,7 +24,7 @@ _in_bad_fork = False
 _init_lock = threading.Lock()
 _tls = threading.local()
 _queued_calls = []  # (callable, traceback of the queueing site)
-_settings = {"device_count": None, "memory_per_device": None, "raw_allocator": None}
+_settings = {"device_count": None, "memory_per_device": None, "runtime_reserved": None, "raw_allocator": None}
 
 
 def _env_device_count():
@@ -42,6 +42,11 @@ def _env_device_count():
 
 _MIN_MEMORY = 1 << 20
 _MAX_MEMORY = 64 << 40
+
+
+def default_runtime_reserved(memory):
+    """1/256 of a device (64 MiB of 16 GiB) in whole pages: what its runtime keeps."""
+    return memory // 256 // 4096 * 4096
 
 
 def parse_memory(value, what="memory_per_device"):
@@ -95,6 +100,11 @@ def lazy_init():
             memory = parse_memory(os.environ.get("MTIA_EMULATOR_MEMORY", _DEFAULT_MEMORY) or _DEFAULT_MEMORY,
                                   "MTIA_EMULATOR_MEMORY")
         conf = os.environ.get("MTIA_ALLOC_CONF", "")
+        reserve = _settings["runtime_reserved"]
+        reserve = default_runtime_reserved(memory) if reserve is None else reserve
+        if reserve >= memory:
+            raise ValueError(f"emulator.configure(runtime_reserved={reserve}) must be less than the device "
+                             f"memory ({memory} bytes)")
         if not _C.is_initialized():
             try:
                 _C.init(count, memory, conf, _settings["raw_allocator"])
@@ -108,6 +118,8 @@ def lazy_init():
                     raise type(e)(f"cannot create {count} emulated devices of {memory} bytes each "
                                   f"({source}): {e}") from None
                 raise type(e)(f"MTIA_ALLOC_CONF={conf!r}: {e}") from None
+            for d in range(count):  # what a real device's runtime context takes (emulator.configure)
+                _C.reserve_for_runtime(d, reserve)
         _tls.is_initializing = True
         try:
             for call, origin in _queued_calls:

@@ -8,13 +8,16 @@ from . import _C
 from ._state import _settings, device_index, is_initialized, parse_memory
 from .streams import Stream, _record_kernel_error, current_stream
 
-__all__ = ["configure", "launch", "sleep", "copy_", "fill_", "fail_device_allocations"]
+__all__ = ["configure", "runtime_reserved", "launch", "sleep", "copy_", "fill_", "fail_device_allocations"]
 
 
-def configure(device_count=None, memory_per_device=None):
-    """Sets the emulated devices before initialisation: device_count (1..64) and
-    memory_per_device (bytes, or a string such as '512MiB'). Overrides the environment
-    variables MTIA_EMULATOR_DEVICES and MTIA_EMULATOR_MEMORY."""
+def configure(device_count=None, memory_per_device=None, runtime_reserved=None):
+    """Sets the emulated devices before initialisation: device_count (1..64),
+    memory_per_device (bytes, or a string such as '512MiB'; overrides the environment
+    variables MTIA_EMULATOR_DEVICES and MTIA_EMULATOR_MEMORY) and runtime_reserved: the
+    bytes of each device its runtime keeps for itself, as a real device's context does, so
+    that mem_get_info() starts with free < total (default: 1/256 of the device; 0 gives
+    the allocator every byte, as `replay` does to match PyTorch's fake-runtime peer)."""
     if is_initialized() or _C.is_initialized():
         raise RuntimeError("emulator.configure() must be called before mtia_alloc is initialized")
     if device_count is not None:
@@ -22,9 +25,28 @@ def configure(device_count=None, memory_per_device=None):
             raise TypeError(f"device_count must be an int, got {type(device_count).__name__}")
         if not 1 <= device_count <= 64:
             raise ValueError(f"device_count must be between 1 and 64, got {device_count}")
+    memory = parse_memory(memory_per_device) if memory_per_device is not None else None
+    if runtime_reserved is not None:
+        if isinstance(runtime_reserved, bool) or not isinstance(runtime_reserved, (int, str)):
+            raise TypeError(f"runtime_reserved must be an int number of bytes or a string like '64MiB', "
+                            f"got {type(runtime_reserved).__name__}")
+        reserved = (_C.parse_memory_size(runtime_reserved, "runtime_reserved")
+                    if isinstance(runtime_reserved, str) else runtime_reserved)
+        if reserved < 0:
+            raise ValueError(f"runtime_reserved must be >= 0, got {runtime_reserved!r}")
+        if memory is not None and reserved >= memory:
+            raise ValueError(f"runtime_reserved ({reserved} bytes) must be less than memory_per_device "
+                             f"({memory} bytes)")
+        _settings["runtime_reserved"] = reserved
+    if device_count is not None:
         _settings["device_count"] = device_count
-    if memory_per_device is not None:
-        _settings["memory_per_device"] = parse_memory(memory_per_device)
+    if memory is not None:
+        _settings["memory_per_device"] = memory
+
+
+def runtime_reserved(device=None):
+    """Bytes of the device its emulated runtime keeps (counted as used by mem_get_info)."""
+    return _C.device_memory_counters(device_index(device))["runtime_reserved"]
 
 
 def _stream_arg(stream, device=None):

@@ -29,6 +29,18 @@ size_t DeviceMemory::used() const {
   return used_;
 }
 
+void DeviceMemory::reserve_for_runtime(size_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (used_ != 0 || runtime_reserved_ != 0)
+    throw InvalidState("the runtime reservation is made before the device's first allocation");
+  if (bytes >= capacity_)
+    throw InvalidArgument("a runtime reservation of " + std::to_string(bytes) + " bytes leaves nothing of a " +
+                          std::to_string(capacity_) + "-byte device");
+  if (bytes == 0) return;
+  free_.begin()->second -= bytes;  // the one free range [0, capacity) loses its top
+  used_ = runtime_reserved_ = bytes;
+}
+
 void DeviceMemory::fail_allocations(int64_t after_n, int64_t every) {
   std::lock_guard<std::mutex> lock(mu_);
   fail_countdown_ = after_n;

@@ -7,6 +7,9 @@
 //    memory" is distinct from every other error (those throw).
 //  - Memory is one anonymous MAP_NORESERVE mapping per device: a 16 GiB device costs
 //    nothing until touched; freed ranges are given back to the OS (MADV_DONTNEED).
+//  - Like a real device, whose runtime context takes some memory before the first
+//    allocation, a device may keep the top of its range for its "runtime"
+//    (reserve_for_runtime): it counts as used, so mem_get_info's free < total from the start.
 //  - Streams are created once and live until shutdown(); id 0 is each device's default
 //    stream; new ids come from one process-wide counter starting at 1.
 #pragma once
@@ -39,6 +42,9 @@ class DeviceMemory {
   size_t capacity() const { return capacity_; }
   uintptr_t base() const { return base_; }
   size_t used() const;
+  // Keeps the top `bytes` of the range as used by the runtime; only before any allocation.
+  void reserve_for_runtime(size_t bytes);
+  size_t runtime_reserved() const { return runtime_reserved_; }
   // Fault injection: after `after_n` more successful allocations the next one fails;
   // then (if every > 0) every `every`-th allocation fails. after_n < 0 turns it off.
   void fail_allocations(int64_t after_n, int64_t every);
@@ -53,6 +59,7 @@ class DeviceMemory {
   mutable std::mutex mu_;                 // guards everything below
   std::map<uintptr_t, size_t> free_;      // offset -> length, address-ordered, coalesced
   size_t used_ = 0;
+  size_t runtime_reserved_ = 0;
   int64_t fail_countdown_ = -1, fail_every_ = 0;
   uint64_t malloc_calls_ = 0, free_calls_ = 0;
 };

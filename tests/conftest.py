@@ -26,9 +26,10 @@ def leaks():
     out = []
     for device in range(mtia.device_count()):
         free, total = mtia_alloc._C.mem_get_info(device)
+        used = total - free - mtia.emulator.runtime_reserved(device)
         allocated, reserved = mtia.memory_allocated(device), mtia.memory_reserved(device)
-        if allocated or reserved or free != total:
-            out.append((device, allocated, reserved, total - free))
+        if allocated or reserved or used:
+            out.append((device, allocated, reserved, used))
     return out
 
 

@@ -679,6 +679,16 @@ ENV_CASES = {
                                    "ValueError", r"memory_per_device must be at least 1 MiB, got '100'"),
     "configure-memory-1PiB-int": ({}, "import mtia_alloc as m\nm.emulator.configure(memory_per_device=1 << 50)\n",
                                   "ValueError", r"memory_per_device must be at most 64 TiB"),
+    "configure-runtime-reserved-bool": ({}, "import mtia_alloc as m\nm.emulator.configure(runtime_reserved=True)\n",
+                                        "TypeError", r"runtime_reserved must be an int number of bytes or a string"),
+    "configure-runtime-reserved-negative": ({}, "import mtia_alloc as m\nm.emulator.configure(runtime_reserved=-1)\n",
+                                            "ValueError", r"runtime_reserved must be >= 0, got -1"),
+    "configure-runtime-reserved-whole-device": (
+        {}, "import mtia_alloc as m\nm.emulator.configure(memory_per_device='8MiB', runtime_reserved='8MiB')\n",
+        "ValueError", r"runtime_reserved \(8388608 bytes\) must be less than memory_per_device \(8388608 bytes\)"),
+    "configure-runtime-reserved-over-env-memory": (
+        {"MTIA_EMULATOR_MEMORY": "4MiB"}, "import mtia_alloc as m\nm.emulator.configure(runtime_reserved='4MiB')\n" + PROBE,
+        "ValueError", r"emulator.configure\(runtime_reserved=4194304\) must be less than the device memory"),
     "deferred-set_rng_state-bad-device": (
         {}, "import numpy, mtia_alloc as m\nm.set_rng_state(numpy.zeros(40, numpy.uint8), 9)\n" + PROBE,
         "DeferredMtiaCallError", r"MTIA call failed lazily at initialization with error: Invalid device index 9"),

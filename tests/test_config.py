@@ -16,7 +16,7 @@ import pytest
 import mtia_alloc as mtia
 import mtia_alloc.memory
 
-MiB = 1 << 20
+MiB, GiB = 1 << 20, 1 << 30
 set_settings = mtia.memory._set_allocator_settings
 round_size = mtia.memory._round_size
 
@@ -174,6 +174,29 @@ def test_env_emulator_memory_sets_device_capacity(value, expected):
     result = run_python(code, MTIA_EMULATOR_MEMORY=value)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.split()[-1]) == expected
+
+
+@pytest.mark.parametrize("configure, free_at_start", [
+    ("", 16 * GiB - 64 * MiB),                                       # default: 1/256 of the device
+    ("m.emulator.configure(runtime_reserved='1GiB')", 15 * GiB),
+    ("m.emulator.configure(runtime_reserved=0)", 16 * GiB),          # what `replay` uses
+])
+def test_runtime_reservation_makes_free_less_than_total(configure, free_at_start):
+    # Like a real device's context: the runtime holds some memory before the first allocation,
+    # so "half of the device, twice" does not fit (PyTorch's test_out_of_memory_retry).
+    code = ("import mtia_alloc as m\n" + configure + "\n"
+            "free, total = m.mem_get_info()\n"
+            "half = m.caching_allocator_alloc(total // 2)\n"
+            "try:\n    m.caching_allocator_alloc(total // 2)\n    print('fits')\n"
+            "except m.OutOfMemoryError:\n    print('oom')\n"
+            "print(free, total, m.emulator.runtime_reserved(), m.memory_reserved())\n")
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    verdict, numbers = result.stdout.split("\n")[:2]
+    free, total, runtime, reserved = map(int, numbers.split())
+    assert (free, total, runtime) == (free_at_start, 16 * GiB, 16 * GiB - free_at_start)
+    assert verdict == ("fits" if runtime == 0 else "oom")
+    assert reserved == (16 * GiB if runtime == 0 else 8 * GiB)
 
 
 def test_env_emulator_memory_malformed_fails_clearly():

@@ -29,7 +29,7 @@ PRELUDE = textwrap.dedent("""
         mtia.empty_cache()
         for d in range(mtia.device_count()):
             free, total = _C.mem_get_info(d)
-            held = (mtia.memory_allocated(d), mtia.memory_reserved(d), total - free)
+            held = (mtia.memory_allocated(d), mtia.memory_reserved(d), total - free - mtia.emulator.runtime_reserved(d))
             assert held == (0, 0, 0), f"device {d}: allocated, reserved, device bytes used = {held}"
             check_invariants(d)
         assert mtia.memory_snapshot() == [], mtia.memory_snapshot()
