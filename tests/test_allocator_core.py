@@ -99,6 +99,45 @@ def _record_oom(device, alloc_size, allowed_or_total, device_free):
                            num_ooms=num_ooms))
 
 
+# Two more observers for the "once each, without the lock" test: attached once like the one
+# above, and inert (no call recorded, no thread started) unless the `two_observers` fixture arms them.
+_TWO_OBSERVERS = {"armed": False, "first": [], "second": [], "other_thread": []}
+
+
+def _first_observer(*args):
+    if not _TWO_OBSERVERS["armed"]:
+        return
+    _TWO_OBSERVERS["first"].append(args)
+
+    def allocate_on_the_same_device():  # blocks on the device lock if the caller still holds it
+        mtia.caching_allocator_delete(mtia.caching_allocator_alloc(4096, args[0]))
+
+    t = threading.Thread(target=allocate_on_the_same_device, daemon=True)
+    t.start()
+    t.join(timeout=5)
+    _TWO_OBSERVERS["other_thread"].append("blocked" if t.is_alive() else "finished")
+
+
+def _second_observer(*args):
+    if _TWO_OBSERVERS["armed"]:
+        _TWO_OBSERVERS["second"].append(args)
+
+
+@pytest.fixture
+def two_observers(oom_calls):
+    if not _TWO_OBSERVERS.get("attached"):
+        mtia.attach_out_of_memory_observer(_first_observer)
+        mtia.attach_out_of_memory_observer(_second_observer)
+        _TWO_OBSERVERS["attached"] = True
+    for key in ("first", "second", "other_thread"):
+        _TWO_OBSERVERS[key].clear()
+    _TWO_OBSERVERS["armed"] = True
+    try:
+        yield _TWO_OBSERVERS
+    finally:
+        _TWO_OBSERVERS["armed"] = False
+
+
 @pytest.fixture
 def oom_calls():
     global _observer_attached
@@ -641,6 +680,35 @@ def test_mh18_oom_message_and_observers(blocks, side_streams, oom_calls, device,
     assert delta(before, after)["num_ooms"] == 1
     assert oom_calls == [dict(device=device, alloc_size=alloc_size, allowed_or_total=limit,
                               device_free=free, num_ooms=before["num_ooms"] + 1)]
+
+
+def test_mh18_every_observer_is_called_once_without_the_allocator_lock(blocks, oom_calls, two_observers):
+    # §15.18, §4.6 step 6: every observer is called once, with the lock released (another thread allocates)
+    mtia.empty_cache()
+    free, total = mtia.mem_get_info(0)
+    with pytest.raises(mtia.OutOfMemoryError):
+        blocks.alloc(1 << 40, 0)
+    call = (0, 1 << 40, total, free)
+    assert two_observers["first"] == [call]
+    assert two_observers["second"] == [call]
+    assert [(c["device"], c["alloc_size"], c["allowed_or_total"], c["device_free"]) for c in oom_calls] == [call]
+    assert two_observers["other_thread"] == ["finished"]
+
+
+def test_oversize_cached_blocks_are_released_before_the_full_flush(blocks):
+    # §4.1 step 4d, §4.5: a cached oversize block is released before the full flush (no retry, no sync)
+    mtia.empty_cache()
+    total = mtia.mem_get_info(0)[1]
+    mtia.memory._set_allocator_settings("max_split_size_mb:100")
+    mtia.set_per_process_memory_fraction(280 * MiB / total, 0)
+    blocks.alloc(5 * MiB)                            # a 20 MiB segment that stays
+    blocks.free(blocks.alloc(150 * MiB))             # a cached oversize block
+    before = stats()
+    blocks.alloc(125 * MiB)                          # 150 >= 125 + 20: no reuse; 20 + 150 + 126 > 280
+    d = delta(before, stats())
+    assert (d["num_device_free"], d["num_device_alloc"]) == (1, 1)
+    assert (d["num_alloc_retries"], d["num_sync_all_streams"], d["num_ooms"]) == (0, 0, 0)
+    assert stats()["reserved_bytes.all.current"] == (20 + 126) * MiB
 
 
 def test_flush_is_followed_by_a_device_retry_not_a_cache_lookup(blocks, side_streams):

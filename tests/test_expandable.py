@@ -27,25 +27,31 @@ def stats():
 
 
 def test_growing_allocations_map_pages_into_one_segment():
+    # §11, §15.31: 20 MiB pages mapped on demand at the lowest fitting address; maps are not segments
     before = stats()
-    ptrs = [mtia.caching_allocator_alloc(n * MiB, device=0) for n in (3, 5, 7, 11, 13)]
+    ptrs, mapped, maps = [], [], []
+    for n in (3, 5, 7, 11, 13):
+        ptrs.append(mtia.caching_allocator_alloc(n * MiB, device=0))
+        s = stats()
+        mapped.append(s["reserved_bytes.large_pool.current"] - before["reserved_bytes.large_pool.current"])
+        maps.append(s["num_device_alloc"] - before["num_device_alloc"])
+    assert mapped == [20 * MiB, 20 * MiB, 20 * MiB, 40 * MiB, 40 * MiB]
+    assert maps == [1, 1, 1, 2, 2]
     after = stats()
-    mapped = after["reserved_bytes.large_pool.current"] - before["reserved_bytes.large_pool.current"]
-    assert mapped % (20 * MiB) == 0 and mapped >= 39 * MiB
-    assert after["segment.all.current"] == before["segment.all.current"]  # maps are not segments
-    assert after["num_device_alloc"] - before["num_device_alloc"] >= 1
+    keys = [f"segment.{p}.{m}" for p in ("all", "small_pool", "large_pool") for m in ("current", "allocated")]
+    for key in keys + ["oversize_segments.current", "oversize_segments.allocated"]:
+        assert after[key] == before[key], key  # map/unmap never count as segments
+    assert [p - ptrs[0] for p in ptrs] == [0, 3 * MiB, 8 * MiB, 15 * MiB, 26 * MiB]  # packed in order
     segs = [s for s in mtia.memory_snapshot() if s["is_expandable"] and s["device"] == 0]
     assert len(segs) == 1 and segs[0]["segment_type"] == "large"  # one contiguous mapped range
-    assert segs[0]["total_size"] == mapped
-    addrs = sorted(ptrs)
-    assert all(b - a < 40 * MiB for a, b in zip(addrs, addrs[1:]))  # packed into one range
+    assert segs[0]["total_size"] == 40 * MiB and len(segs[0]["blocks"]) == 6  # 5 blocks + a 1 MiB tail
     for p in ptrs:
         mtia.caching_allocator_delete(p)
     check_invariants()
     freed_before = stats()["num_device_free"]
     mtia.empty_cache()
     assert stats()["reserved_bytes.large_pool.current"] == before["reserved_bytes.large_pool.current"]
-    assert stats()["num_device_free"] > freed_before
+    assert stats()["num_device_free"] - freed_before == 1  # the whole free range in one unmap
     assert not [s for s in mtia.memory_snapshot() if s["is_expandable"]]
 
 
@@ -54,6 +60,7 @@ def test_small_pool_pages_are_2mib_and_requests_split_at_512_bytes():
     ptrs = [mtia.caching_allocator_alloc(300 * 1024, device=0) for _ in range(10)]  # 3 MB in all
     grew = stats()["reserved_bytes.small_pool.current"] - before["reserved_bytes.small_pool.current"]
     assert grew == 4 * MiB  # two 2 MiB pages, not one 2 MiB segment per overflow
+    assert stats()["num_device_alloc"] - before["num_device_alloc"] == 2  # one map per page
     for p in ptrs:
         mtia.caching_allocator_delete(p)
     mtia.empty_cache()

@@ -35,6 +35,7 @@ kSmallBuffer = 2 * MiB
 kLargeBuffer = 20 * MiB
 kMinLargeAlloc = 10 * MiB
 kRoundLarge = 2 * MiB
+BUSY_MS = 300  # how long a side stream is kept busy in the deferred-free tests
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -430,6 +431,56 @@ def test_graph_record_stream(clean):
     g.replay()
     mtia.synchronize()
     del a, c, g
+
+
+def test_mh20_stream_uses_recorded_during_capture_are_dropped(clean, blocks):
+    # §3.1 (deferred blocks, step 1), §6.20: uses recorded during capture are dropped, earlier ones kept
+    cap, s2, s3 = mtia.Stream(), mtia.Stream(), mtia.Stream()
+    during, before = blocks.alloc(3 * MiB, stream=cap), blocks.alloc(3 * MiB, stream=cap)
+    mtia.record_stream(before, s3)  # a pre-capture use: kept
+    g = mtia.MTIAGraph()
+    with mtia.stream(cap):
+        g.capture_begin()
+        s2.wait_stream(cap)
+        mtia.record_stream(during, s2)  # a use recorded during the capture: dropped
+        mtia.emulator.launch(lambda: None, stream=s2)
+        blocks.free(during)
+        blocks.free(before)
+        assert block_state_at(during) == block_state_at(before) == "active_pending_free"  # deferred
+        cap.wait_stream(s2)
+        g.capture_end()
+    mtia.emulator.sleep(BUSY_MS, stream=s2)  # both streams are busy when the deferred frees run
+    mtia.emulator.sleep(BUSY_MS, stream=s3)
+    blocks.free(blocks.alloc(512))  # processes the deferred frees
+    assert block_state_at(during) == "inactive"
+    assert block_state_at(before) == "active_pending_free"
+    s3.synchronize()
+    blocks.free(blocks.alloc(512))
+    assert block_state_at(before) == "inactive"
+    mtia.synchronize()
+    del g
+
+
+def test_mh20_routing_defers_frees_with_stream_uses_and_polls_no_events(clean, blocks):
+    # §3.1: under a routing context malloc polls no event and a free with stream uses is deferred
+    s2, s3 = mtia.Stream(), mtia.Stream()
+    early, x = blocks.alloc(3 * MiB), blocks.alloc(3 * MiB)
+    mtia.record_stream(early, s3)
+    mtia.record_stream(x, s2)
+    blocks.free(early)  # an event on the idle s3: complete, but not yet processed
+    pool = MemPool()
+    with use_mem_pool(pool):
+        blocks.free(x)  # deferred: no event yet
+        mtia.emulator.sleep(BUSY_MS, stream=s2)  # s2 is busy from now on
+        blocks.free(blocks.alloc(512))  # routed to the pool: no event is polled
+        assert block_state_at(early) == block_state_at(x) == "active_pending_free"
+    blocks.free(blocks.alloc(512))
+    assert block_state_at(early) == "inactive"
+    assert block_state_at(x) == "active_pending_free"  # its event was recorded behind the sleep
+    s2.synchronize()
+    blocks.free(blocks.alloc(512))
+    assert block_state_at(x) == "inactive"
+    del pool
 
 
 def test_cuda_graph_allocator_propagates_stream(clean):

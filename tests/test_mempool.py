@@ -171,6 +171,28 @@ def test_mempool_id():
     del graphs, g, pool
 
 
+def test_mh01_both_id_counters_start_at_1_in_a_fresh_process():
+    # §1.1, §6.1: user ids (0, n) and graph ids (m, 0) come from two counters that start at 1
+    script = textwrap.dedent("""
+        import mtia_alloc as mtia
+        h = mtia.graph_pool_handle()
+        p = mtia.MemPool()
+        graphs = [mtia.MTIAGraph(), mtia.MTIAGraph()]
+        with mtia.stream(mtia.Stream()):
+            for g in graphs:
+                g.capture_begin()
+                mtia.emulator.launch(lambda: None)
+                g.capture_end()
+        ids = [h, p.id, mtia.graph_pool_handle(), graphs[0].pool(), graphs[1].pool()]
+        assert ids == [(0, 1), (0, 2), (0, 3), (1, 0), (2, 0)], ids
+        print("ok")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True,
+                       cwd=root, env=dict(os.environ, PYTHONPATH=root), timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 def test_mempool_with_allocator(empty_device):
     d = empty_device
     assert MemPool().allocator is None  # no allocator by default
@@ -350,6 +372,25 @@ def test_mempool_routed_allocation_never_falls_back(empty_device):
     y = mtia.empty(20 * NELEM_1MB)  # the default pool may fall back
     assert segment_of(y.data_ptr())["segment_pool_id"] == fallback.id
     del y, fallback, target
+
+
+def test_mh08_use_on_oom_fallback_only_takes_a_block_of_the_same_stream(empty_device):
+    # §1.5 step 2, §6.8: the fallback only takes a block cached for the request's stream
+    pool = MemPool(use_on_oom=True)
+    s1 = mtia.Stream()
+    limit_device_memory(40 * MiB)
+    with use_mem_pool(pool):
+        x = mtia.empty(40 * NELEM_1MB, stream=s1)
+    x_ptr = x.data_ptr()
+    del x  # cached in the use_on_oom pool, on stream s1
+    before = mtia.memory_stats()
+    with pytest.raises(mtia.OutOfMemoryError):
+        mtia.empty(20 * NELEM_1MB)  # the default stream: s1's cached block is not eligible
+    assert mtia.memory_stats()["num_ooms"] == before["num_ooms"] + 1
+    y = mtia.empty(20 * NELEM_1MB, stream=s1)  # the same stream: served by the fallback
+    assert y.data_ptr() == x_ptr and segment_of(x_ptr)["segment_pool_id"] == pool.id
+    assert mtia.memory_stats()["num_device_alloc"] == before["num_device_alloc"]
+    del y, pool
 
 
 def test_deleted_mempool_not_used_on_oom(empty_device):
@@ -754,6 +795,25 @@ def test_mh10_pool_memory_returns_only_when_freeable_and_fully_free(empty_device
     assert use_count(pid) == 0
 
 
+def test_mh10_pool_object_disappears_once_its_last_segment_is_freed(empty_device):
+    # §2.3, §6.10: a freeable pool cannot be revived, and is erased with its last segment
+    pool = MemPool()
+    pid = pool.id
+    with use_mem_pool(pool):
+        x = mtia.empty(NELEM_1MB)
+    del pool  # freeable; x keeps its segment, so the pool object stays
+    with pytest.raises(RuntimeError, match="was released and cannot be used again"):
+        _C.create_or_incref_pool(0, pid, None)
+    del x
+    with pytest.raises(RuntimeError, match="was released"):  # a cached segment still holds it
+        _C.create_or_incref_pool(0, pid, None)
+    mtia.empty_cache()
+    assert segments(pid) == []
+    _C.create_or_incref_pool(0, pid, None)  # no pool left under this id: a new one
+    assert use_count(pid) == 1
+    _C.release_pool(0, pid)
+
+
 def test_mh13_empty_cache_during_routing_keeps_default_blocks_but_frees_dead_pools(empty_device):
     dead = MemPool()
     with use_mem_pool(dead):
@@ -774,6 +834,43 @@ def test_mh13_empty_cache_during_routing_keeps_default_blocks_but_frees_dead_poo
     mtia.empty_cache()
     assert not segments(device=0)
     del live
+
+
+def test_mh13_empty_cache_during_a_capture_releases_nothing_and_syncs_nothing(empty_device):
+    # §2.3, §6.13: empty_cache() during a capture frees no default block and syncs nothing (dead pools go)
+    dead = MemPool()
+    with use_mem_pool(dead):
+        x = mtia.empty(NELEM_1MB)
+    dead_id = dead.id
+    del dead, x  # a fully free segment in a freeable pool
+    d = mtia.empty(5 * NELEM_1MB)
+    d_ptr = d.data_ptr()
+    del d  # a cached default-pool segment
+    side, other = mtia.Stream(), mtia.Stream()
+    pend = mtia.empty(3 * NELEM_1MB, stream=other)
+    pend_ptr = pend.data_ptr()
+    mtia.emulator.sleep(50, stream=side)
+    pend.record_stream(side)
+    del pend  # pending on side's event
+    side.synchronize()  # the event is complete; only a sync or process_events would notice
+    g = mtia.MTIAGraph()
+    with mtia.stream(mtia.Stream()):
+        g.capture_begin()
+        mtia.emulator.launch(lambda: None)
+        before = mtia.memory_stats()
+        mtia.empty_cache()
+        after = mtia.memory_stats()
+        g.capture_end()
+    assert after["reserved_bytes.all.current"] - before["reserved_bytes.all.current"] == -kSmallBuffer
+    assert after["num_sync_all_streams"] == before["num_sync_all_streams"]
+    assert after["active.all.current"] == before["active.all.current"]
+    assert segments(dead_id) == []
+    assert segment_of(d_ptr)["segment_pool_id"] == (0, 0)
+    pending = [b for b in segment_of(pend_ptr)["blocks"] if b["address"] == pend_ptr]
+    assert [b["state"] for b in pending] == ["active_pending_free"]
+    del g
+    mtia.empty_cache()  # no capture now: the default pool's segments go
+    assert not segments(device=0)
 
 
 def test_mh14_snapshot_reports_segment_pool_ids(empty_device):

@@ -588,6 +588,29 @@ def test_record_stream_block_is_pending_until_the_stream_is_done_and_a_malloc_pr
     assert blocks.alloc(3 * MiB, stream=alloc_stream) == ptr
 
 
+def test_mh16_pending_frees_wait_per_stream_and_for_every_recorded_stream(blocks):
+    # §4.1 process_events, §6.16: per-stream FIFOs (slow does not block fast); two streams: wait for both
+    slow, fast = mtia.Stream(), mtia.Stream()
+    a, b, c, d = (blocks.alloc(4 * MiB) for _ in range(4))
+    emulator.sleep(3 * BUSY_MS, stream=slow)
+    emulator.sleep(10, stream=fast)
+    mtia.record_stream(a, slow)
+    mtia.record_stream(b, fast)
+    mtia.record_stream(c, slow)
+    mtia.record_stream(c, fast)
+    mtia.record_stream(d, fast)
+    mtia.record_stream(d, slow)
+    for ptr in (a, b, c, d):  # a's event is queued first
+        blocks.free(ptr)
+    fast.synchronize()
+    blocks.free(blocks.alloc(512))  # processes the completed events
+    assert [find_block(p)["state"] for p in (a, b, c, d)] == [
+        "active_pending_free", "inactive", "active_pending_free", "active_pending_free"]
+    slow.synchronize()
+    blocks.free(blocks.alloc(512))
+    assert [find_block(p)["state"] for p in (a, b, c, d)] == ["inactive"] * 4
+
+
 def test_record_stream_on_the_allocation_stream_or_null_is_a_no_op(blocks):
     s = mtia.Stream()
     ptr = blocks.alloc(KiB, stream=s)
