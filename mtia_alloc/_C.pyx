@@ -226,10 +226,12 @@ cdef _notify_oom(e):
         observer(info[0], info[1], info[2], info[3])
 
 
-def attach_out_of_memory_observer(observer):
-    if not callable(observer):
-        raise TypeError("observer must be callable")
-    _oom_observers.append(observer)
+def attach_out_of_memory_observer(fn):
+    """fn(device, alloc_size, device_total_or_allowed, device_free) runs on every OOM,
+    outside the allocator lock, before the OutOfMemoryError is raised."""
+    if not callable(fn):
+        raise TypeError(f"the OOM observer must be callable, got {type(fn).__name__}")
+    _oom_observers.append(fn)
 
 
 def caching_allocator_delete(ptr):

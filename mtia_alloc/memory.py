@@ -213,19 +213,21 @@ def _summary_table(stats, device, abbreviated=False):
         ("allocated_bytes", "Allocated memory", fmt_size),
         ("active_bytes", "Active memory", fmt_size),
         ("requested_bytes", "Requested memory", fmt_size),
-        ("reserved_bytes", "MTIA reserved memory", fmt_size),
+        ("reserved_bytes", "Device reserved memory", fmt_size),
         ("inactive_split_bytes", "Non-releasable memory", fmt_size),
         ("allocation", "Allocations", fmt_count),
         ("active", "Active allocs", fmt_count),
-        ("segment", "Reserved segments", fmt_count),
+        ("segment", "Device reserved segments", fmt_count),
         ("inactive_split", "Non-releasable allocs", fmt_count),
     ]
-    lines = ["=" * 75, f" {'':16} MTIA memory summary, device ID {device:<25d} ", "-" * 75,
+    # PyTorch's layout, with the metric column widened from 21 to 24 for "Device reserved memory"
+    width = 78
+    lines = ["=" * width, f" {'':16} PyTorch MTIA memory summary, device ID {device:<20d} ", "-" * width,
              f"  {'':9} MTIA OOMs: {stats.get('num_ooms', 0):<12d} | {'':6} "
-             f"device alloc retries: {stats.get('num_alloc_retries', 0):<6d}  ",
-             "=" * 75, "        Metric         | Cur Usage  | Peak Usage | Tot Alloc  | Tot Freed  "]
+             f"device alloc retries: {stats.get('num_alloc_retries', 0):<9d}  ",
+             "=" * width, "        Metric            | Cur Usage  | Peak Usage | Tot Alloc  | Tot Freed  "]
     for key, name, fmt in metrics:
-        lines.append("-" * 75)
+        lines.append("-" * width)
         subs = [("all", name)]
         if not abbreviated:
             subs += [("large_pool", "      from large pool"), ("small_pool", "      from small pool")]
@@ -234,12 +236,12 @@ def _summary_table(stats, device, abbreviated=False):
             vals = [stats.get(f"{key}.{sub}.{f}", 0) for f in ("current", "peak", "allocated", "freed")]
             ref = ref or vals
             cells = " | ".join(fmt(v, r) for v, r in zip(vals, ref))
-            lines.append(f" {sub_name:<21} | {cells} ")
-    for key, name in (("oversize_allocations", "Oversize allocations"), ("oversize_segments", "Oversize segments")):
-        lines.append("-" * 75)
+            lines.append(f" {sub_name:<24} | {cells} ")
+    for key, name in (("oversize_allocations", "Oversize allocations"), ("oversize_segments", "Oversize Device segments")):
+        lines.append("-" * width)
         vals = [stats.get(f"{key}.{f}", 0) for f in ("current", "peak", "allocated", "freed")]
-        lines.append(f" {name:<21.21} | " + " | ".join(fmt_count(v, v) for v in vals) + " ")
-    lines.append("=" * 75)
+        lines.append(f" {name:<24} | " + " | ".join(fmt_count(v, v) for v in vals) + " ")
+    lines.append("=" * width)
     return "|" + "|\n|".join(lines) + "|\n"
 
 

@@ -76,10 +76,12 @@ def get_rng_state(device="mtia"):
     return _encode(_gen(device_index(device)).bit_generator.state)
 
 
-def set_rng_state(new_state, device="mtia"):
+def set_rng_state(state=None, device="mtia", *, new_state=None):
     """Sets a device's generator state; validated now, applied at initialisation if
-    mtia_alloc is not initialised yet."""
-    state = _decode(new_state)  # a copy: later changes to new_state do not matter
+    mtia_alloc is not initialised yet. `new_state=` (torch.mtia's keyword) works too."""
+    if state is not None and new_state is not None:
+        raise TypeError("set_rng_state() got the state twice (state and new_state)")
+    state = _decode(state if new_state is None else new_state)  # a copy: later changes do not matter
 
     def apply():
         _gen(device_index(device)).bit_generator.state = state
@@ -97,21 +99,21 @@ def set_rng_state_all(new_states):
         set_rng_state(state, d)
 
 
-def _check_seed(seed_value):
-    if isinstance(seed_value, bool) or not isinstance(seed_value, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed_value).__name__}")
-    return int(seed_value) & ((1 << 64) - 1)
+def _check_seed(seed):
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return int(seed) & ((1 << 64) - 1)
 
 
-def manual_seed(seed_value):
+def manual_seed(seed):
     """Seeds the current device's generator (at initialisation if not yet initialised)."""
-    s = _check_seed(seed_value)
+    s = _check_seed(seed)
     lazy_call(lambda: _reseed(_C.current_device(), s))
 
 
-def manual_seed_all(seed_value):
+def manual_seed_all(seed):
     """Seeds every device's generator (at initialisation if not yet initialised)."""
-    s = _check_seed(seed_value)
+    s = _check_seed(seed)
 
     def apply():
         for d in range(_C.device_count()):

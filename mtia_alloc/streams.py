@@ -7,7 +7,7 @@ import threading
 import traceback
 
 from . import _C
-from ._state import device_index, lazy_init
+from ._state import _env_device_count, _settings, device_index, is_initialized, lazy_init
 
 DEVICE_TYPE_MTIA = 19  # PyTorch's DeviceType value for MTIA
 _MIN_PRIORITY, _MAX_PRIORITY = -(1 << 31), (1 << 31) - 1  # the emulator takes any C int
@@ -48,6 +48,7 @@ def _raise_kernel_errors(keys):
 
 
 def is_available():
+    """True (there is always at least one emulated device); does not initialise."""
     return device_count() > 0
 
 
@@ -56,8 +57,12 @@ def init():
 
 
 def device_count():
-    lazy_init()
-    return _C.device_count()
+    """Number of emulated devices. Like torch.mtia's, it does not initialise: before
+    initialisation it is the count initialisation will use (emulator.configure or
+    MTIA_EMULATOR_DEVICES), so configure() may still follow."""
+    if is_initialized():
+        return _C.device_count()
+    return _settings["device_count"] or _env_device_count()
 
 
 def current_device():

@@ -132,6 +132,20 @@ def test_summary_cur_usage_column_matches_memory_summary(mixed_state):
     assert "Allocated memory" in snap.summary(abbreviated=True)
 
 
+def test_memory_summary_has_pytorch_rows_with_device_wording():
+    # torch.cuda.memory_summary's rows; API.md: read "Device" where PyTorch says "GPU"
+    table = mtia.memory_summary(0)
+    for label in ("PyTorch MTIA memory summary, device ID 0", "MTIA OOMs", "Allocated memory", "Active memory",
+                  "Requested memory", "Device reserved memory", "Non-releasable memory", "Allocations",
+                  "Active allocs", "Device reserved segments", "Non-releasable allocs", "Oversize allocations",
+                  "Oversize Device segments", "from large pool", "from small pool"):
+        assert label in table, label
+    lines = table.splitlines()
+    assert len({len(line) for line in lines}) == 1  # a rectangle
+    assert len(lines) == 6 + 9 * 4 + 2 * 2 + 1
+    assert len(mtia.memory_summary(0, abbreviated=True).splitlines()) == 6 + 9 * 2 + 2 * 2 + 1
+
+
 def test_repr_segments_and_blocks(mixed_state):
     mtia.record_memory_history(context="state")
     try:
