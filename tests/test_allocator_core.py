@@ -1036,10 +1036,10 @@ def test_out_of_memory(blocks):
 
 def test_out_of_memory_retry(blocks):
     mtia.empty_cache()
-    total = mtia.mem_get_info(0)[1]
-    size = int(total * 0.75)
+    total = mtia.get_device_properties(0)["total_memory"]
+    size = int(total * 0.5)  # as PyTorch's test: the runtime's share makes the second half not fit
     first = blocks.alloc(size, 0)
-    with pytest.raises(mtia.OutOfMemoryError, match="MTIA out of memory"):
+    with pytest.raises(mtia.OutOfMemoryError, match="Tried to allocate"):
         blocks.alloc(size, 0)
     blocks.free(first)
     blocks.free(blocks.alloc(size, 0))  # the cached block serves it

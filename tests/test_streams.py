@@ -55,9 +55,23 @@ def find_block(ptr, device=0):
 def test_device_count_and_is_available():
     assert mtia.is_available()
     assert mtia.device_count() == 2
-    assert mtia.is_initialized()
     mtia.init()  # idempotent
     assert mtia.is_initialized()
+
+
+def test_device_count_and_is_available_do_not_initialise():
+    # as torch.mtia's: they only ask for the count, so emulator.configure() may still follow
+    out = _run_fresh("""
+        import mtia_alloc as mtia
+        assert mtia.is_available() and mtia.device_count() == 2
+        assert not mtia.is_initialized()
+        mtia.emulator.configure(device_count=3)
+        assert mtia.device_count() == 3 and not mtia.is_initialized()
+        mtia.init()
+        assert mtia.device_count() == 3
+        print("ok")
+    """)
+    assert out.strip() == "ok"
 
 
 def test_device_context():
@@ -689,6 +703,25 @@ def test_manual_seed_seed_and_initial_seed():
     assert mtia.initial_seed() != first or mtia.initial_seed() != 99
     with pytest.raises(TypeError):
         mtia.manual_seed("7")
+
+
+def test_rng_functions_take_the_api_md_keywords():
+    # API.md: manual_seed(seed), manual_seed_all(seed), set_rng_state(state, device); torch.mtia's
+    # new_state= keyword works too
+    mtia.manual_seed(seed=5)
+    assert mtia.initial_seed() == 5
+    mtia.manual_seed_all(seed=6)
+    assert mtia.initial_seed() == 6
+    state = mtia.get_rng_state(device=0)
+    draws = mtia.rng.generator(0).random(3)
+    mtia.set_rng_state(state=state, device=0)
+    assert np.array_equal(mtia.rng.generator(0).random(3), draws)
+    mtia.set_rng_state(new_state=state, device="mtia:0")
+    assert np.array_equal(mtia.rng.generator(0).random(3), draws)
+    with pytest.raises(TypeError, match="got the state twice"):
+        mtia.set_rng_state(state, new_state=state)
+    with pytest.raises(TypeError, match="RNG state must be a uint8 array"):
+        mtia.set_rng_state(None)
 
 
 # ----------------------------------------------------------------------------- lazy init (must-have 32)
