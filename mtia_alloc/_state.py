@@ -151,11 +151,23 @@ def device_index(device, optional=True):
     """Index of a device argument: None/'mtia' (current), int, 'mtia:N', or an object with
     .type == 'mtia' and .index (a torch.device). Raises ValueError otherwise."""
     lazy_init()
-    n = _C.device_count()
+    return _parse_device(device, optional, _C.device_count(), _C.current_device)
+
+
+def check_device_arg(device):
+    """Validates a device argument as device_index does, without initialising (for the
+    functions that answer 0 or {} before initialisation, as torch's do)."""
+    if is_initialized():
+        device_index(device)
+    else:
+        _parse_device(device, True, _settings["device_count"] or _env_device_count(), lambda: 0)
+
+
+def _parse_device(device, optional, n, current):
     if device is None:
         if not optional:
             raise ValueError("Expected a mtia device with a specified index or an integer, but got: None")
-        return _C.current_device()
+        return current()
     if isinstance(device, bool):
         raise ValueError(f"Expected a mtia device, but got: {device!r}")
     if isinstance(device, int):
@@ -163,7 +175,7 @@ def device_index(device, optional=True):
     elif isinstance(device, str):
         text = device.strip()
         if text == "mtia":
-            return _C.current_device()
+            return current()
         if not text.startswith("mtia:"):
             raise ValueError(f"Expected a mtia device, but got: {device!r}")
         try:
@@ -174,7 +186,7 @@ def device_index(device, optional=True):
         if device.type != "mtia":
             raise ValueError(f"Expected a mtia device, but got: {device!r}")
         if device.index is None:
-            return _C.current_device()
+            return current()
         index = device.index
         if not isinstance(index, int) or isinstance(index, bool):
             raise ValueError(f"Invalid device index {index!r}")

@@ -9,7 +9,7 @@ import threading
 import warnings
 
 from . import _C
-from ._state import OutOfMemoryError, _settings, device_index, is_initialized, lazy_init
+from ._state import OutOfMemoryError, _settings, check_device_arg, device_index, is_initialized, lazy_init
 
 caching_allocator_alloc = _C.caching_allocator_alloc
 caching_allocator_delete = _C.caching_allocator_delete
@@ -48,6 +48,7 @@ def record_stream(ptr, stream):
 
 def memory_stats_as_nested_dict(device=None):
     if not is_initialized():
+        check_device_arg(device)
         return {}
     return _C.memory_stats_nested(device_index(device))
 
@@ -58,6 +59,7 @@ def memory_stats(device=None):
     cached free block) and fragmentation.{all,small_pool,large_pool} (inactive_split_bytes
     / reserved_bytes: the share of reserved memory stuck in free pieces of split segments)."""
     if not is_initialized():
+        check_device_arg(device)
         return {}
     d = device_index(device)
     nested = _C.memory_stats_nested(d)
@@ -88,6 +90,7 @@ def memory_stats(device=None):
 
 def _stat(device, name, field):
     if not is_initialized():
+        check_device_arg(device)
         return 0
     return _C.memory_stats_nested(device_index(device))[name]["all"][field]
 
@@ -111,11 +114,15 @@ def max_memory_reserved(device=None):
 def reset_peak_memory_stats(device=None):
     if is_initialized():
         _C.reset_peak_memory_stats(device_index(device))
+    else:
+        check_device_arg(device)
 
 
 def reset_accumulated_memory_stats(device=None):
     if is_initialized():
         _C.reset_accumulated_memory_stats(device_index(device))
+    else:
+        check_device_arg(device)
 
 
 def empty_cache():

@@ -71,10 +71,11 @@ def current_device():
 
 
 def set_device(device):
-    """Makes `device` current for this thread; negative indices are ignored."""
+    """Makes `device` current for this thread; negative indices are ignored, and None (as
+    every device argument in API.md) means the current device, so it changes nothing."""
     if isinstance(device, int) and not isinstance(device, bool) and device < 0:
         return
-    _C.set_current_device(device_index(device, optional=False))
+    _C.set_current_device(device_index(device))
 
 
 class device:
@@ -108,12 +109,19 @@ def synchronize(device=None):
 
 class Stream:
     """An emulated stream (torch.Stream semantics). Stream(device=None, *, priority=0)
-    makes a new one; Stream(stream_id=..., device_index=..., device_type=...) is a handle
-    to an existing one."""
+    makes a new one; Stream(stream_id=..., device_index=..., device_type=...), or the same
+    three positionally as torch.Stream takes them, is a handle to an existing one."""
 
     __slots__ = ("stream_id", "device_index", "device_type", "priority")
 
-    def __init__(self, device=None, *, priority=0, stream_id=None, device_index=None, device_type=None):
+    def __init__(self, device=None, *rebuild, priority=0, stream_id=None, device_index=None, device_type=None):
+        if rebuild:  # Stream(stream_id, device_index, device_type)
+            if len(rebuild) != 2 or stream_id is not None or device_index is not None or device_type is not None:
+                raise TypeError("Stream() takes (device=None, *, priority=0) or (stream_id, device_index, "
+                                "device_type) positionally, not a mix")
+            (stream_id, (device_index, device_type)), device = (device, rebuild), None
+            if stream_id is None:
+                raise TypeError("stream_id must be an int, got NoneType")
         lazy_init()
         if stream_id is not None:
             d = _device_index_of(device_index if device_index is not None else device)

@@ -52,6 +52,13 @@ def find_block(ptr, device=0):
 
 # ----------------------------------------------------------------------------- devices
 
+def test_set_device_none_keeps_the_current_device():
+    mtia.set_device(1)
+    mtia.set_device(None)
+    assert mtia.current_device() == 1
+    mtia.set_device(0)
+
+
 def test_device_count_and_is_available():
     assert mtia.is_available()
     assert mtia.device_count() == 2
@@ -69,6 +76,27 @@ def test_device_count_and_is_available_do_not_initialise():
         assert mtia.device_count() == 3 and not mtia.is_initialized()
         mtia.init()
         assert mtia.device_count() == 3
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_memory_functions_check_the_device_before_initialisation():
+    # they answer 0 / {} before init (as torch's do) but still reject a bad device argument
+    out = _run_fresh("""
+        import mtia_alloc as mtia
+        for f in (mtia.memory_allocated, mtia.max_memory_allocated, mtia.memory_reserved, mtia.max_memory_reserved,
+                  mtia.memory_stats, mtia.memory_stats_as_nested_dict, mtia.reset_peak_memory_stats,
+                  mtia.reset_accumulated_memory_stats):
+            assert f(1) in (0, {}, None) and f("mtia:0") in (0, {}, None)
+            for bad in ("cuda:0", 2, [0]):
+                try:
+                    f(bad)
+                except ValueError:
+                    pass
+                else:
+                    raise AssertionError((f.__name__, bad))
+        assert not mtia.is_initialized()
         print("ok")
     """)
     assert out.strip() == "ok"
@@ -121,7 +149,7 @@ def test_set_device():
     assert mtia.current_device() == 0
     mtia.set_device(TorchDevice("mtia:1"))
     assert mtia.current_device() == 1
-    for bad in (2, "mtia:7", "cuda:0", TorchDevice("cuda:0"), 1.0, None):
+    for bad in (2, "mtia:7", "cuda:0", TorchDevice("cuda:0"), 1.0):
         with pytest.raises(ValueError):
             mtia.set_device(bad)
     assert mtia.current_device() == 1
@@ -227,6 +255,19 @@ def test_stream_context_different_device():
         assert mtia.current_device() == device_1.index
         assert current_stream == mtia_stream_1, f"current_stream {current_stream} should be {mtia_stream_1}"
     assert mtia.current_device() == orig_current_device
+
+
+def test_stream_rebuilt_from_positional_ids():
+    # torch.Stream(stream_id, device_index, device_type), as test_generic_stream_event rebuilds one
+    s = mtia.Stream(1)
+    t = mtia.Stream(s.stream_id, s.device_index, s.device_type)
+    assert t == s and hash(t) == hash(s)
+    with pytest.raises(TypeError, match="not a mix"):
+        mtia.Stream(s.stream_id, s.device_index)
+    with pytest.raises(ValueError, match="device_type must be 19"):
+        mtia.Stream(s.stream_id, s.device_index, 1)
+    with pytest.raises(ValueError, match="unknown stream"):
+        mtia.Stream(1 << 40, 0, 19)
 
 
 def test_stream_ids_equality_hash_and_repr():
