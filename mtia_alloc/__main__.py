@@ -16,6 +16,8 @@ def _replay_cmd(args):
         raise ValueError("--fail-every needs --fail-after")
     if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
         raise ValueError(f"--plot: no directory for {args.plot}")
+    if args.plot and os.path.splitext(args.plot)[1].lower() not in ("", ".html", ".htm"):
+        raise ValueError(f"--plot writes an HTML page with an inline SVG picture; name it .html, not {args.plot!r}")
     try:
         _replay.setup_allocator(args.memory, args.conf)
     except ValueError as e:

@@ -872,6 +872,10 @@ def summary_main(path):
 
 def plot_main(path, out):
     """`python -m mtia_alloc plot SNAPSHOT -o FILE`: writes the HTML view. Returns the exit status."""
+    if os.path.splitext(out)[1].lower() not in ("", ".html", ".htm"):
+        print(f"mtia_alloc: plot writes an HTML page with inline SVG pictures; name it .html, not {out!r} "
+              "(raster formats would need an image library, which mtia_alloc does not depend on)", file=sys.stderr)
+        return 2
     snap = _open(path)
     if snap is None:
         return 1

@@ -358,6 +358,9 @@ def test_cli_summary_and_plot_on_a_pytorch_pickle(tmp_path, capsys):
     assert snapmod.summary_main(str(tmp_path / "missing.pickle")) == 1
     assert "cannot read snapshot" in capsys.readouterr().err
     assert snapmod.plot_main(str(path), str(tmp_path / "no" / "such" / "dir.html")) == 1
+    capsys.readouterr()
+    assert snapmod.plot_main(str(path), str(tmp_path / "out.png")) == 2  # not HTML under a .png name
+    assert "name it .html" in capsys.readouterr().err and not (tmp_path / "out.png").exists()
 
 
 def test_cli_on_our_dump(mixed_state, tmp_path, capsys):
