@@ -471,10 +471,11 @@ def _history_setter(enabled, context, stacks, max_entries, clear_history, legacy
         return _legacy_history_setter(enabled, context, stacks, max_entries, legacy)
     if legacy:
         raise TypeError(f"record_memory_history() got unexpected keyword arguments {sorted(legacy)}")
-    if isinstance(stacks, int) and not isinstance(stacks, bool) and max_entries == sys.maxsize:
-        # torch.mtia's positional order (enabled, stacks, max_entries): a stacks value is
-        # never an int in torch.cuda's order, so the two cannot be confused.
-        context, stacks, max_entries = "all", context, stacks
+    int_stacks = isinstance(stacks, int) and not isinstance(stacks, bool)
+    if context in ("python", "cpp") or (int_stacks and max_entries == sys.maxsize):
+        # torch.mtia's positional order (enabled, stacks, max_entries=0): in torch.cuda's
+        # order a context is never "python"/"cpp" and stacks never an int.
+        context, stacks, max_entries = "all", context, stacks if int_stacks else 0
     if enabled not in (None, "state", "all"):
         raise ValueError("expected state to be 'state', 'all', or None")
     if context not in _CONTEXTS:

@@ -295,6 +295,10 @@ def test_torch_mtia_positional_form_after_initialisation():
         for _ in range(3):
             m.caching_allocator_delete(m.caching_allocator_alloc(4096))
         assert len(m.snapshot()["device_traces"][0]) == 5
+        m.record_memory_history("all", "python")  # torch.mtia's default max_entries=0: one entry
+        for _ in range(3):
+            m.caching_allocator_delete(m.caching_allocator_alloc(4096))
+        assert len(m.snapshot()["device_traces"][0]) == 1
         print("ok")
     """)
 
