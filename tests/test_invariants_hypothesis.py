@@ -136,3 +136,76 @@ AllocatorMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestAllocatorInvariants = AllocatorMachine.TestCase
+
+
+# Under a memory limit the malloc ladder's other steps run: garbage collection, the release
+# of oversize blocks, the full flush and retry, OOMs (64-256 MiB allowed against requests
+# of up to 60 MiB). check_invariants after every step, and no malloc takes reserved memory past
+# the allowed share.
+LIMITED_CONFS = ["", "garbage_collection_threshold:0.5", "garbage_collection_threshold:0.8,max_split_size_mb:40",
+                 "max_split_size_mb:20", "garbage_collection_threshold:0.6,expandable_segments:True"]
+
+
+class LimitedAllocatorMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.total = mtia.mem_get_info(0)[1]
+        mtia.memory._set_allocator_settings("")
+        mtia.set_per_process_memory_fraction(1.0, 0)
+        mtia.empty_cache()
+        self.live = []
+
+    @rule(conf=st.sampled_from(LIMITED_CONFS), allowed_mib=st.sampled_from([64, 128, 256]))
+    def configure(self, conf, allowed_mib):
+        mtia.memory._set_allocator_settings(conf)
+        mtia.set_per_process_memory_fraction(allowed_mib * MiB / self.total, 0)
+
+    @rule(size=st.one_of(st.integers(1, 4096), st.integers(1, 2 * MiB), st.integers(8 * MiB, 60 * MiB)),
+          stream=st.sampled_from([0, 1]))
+    def alloc(self, size, stream):
+        before = mtia.memory_reserved(0)
+        try:
+            self.live.append(mtia.caching_allocator_alloc(size, 0, streams_of(0)[stream]))
+        except mtia.OutOfMemoryError:
+            pass
+        # a lowered limit frees nothing by itself (as in PyTorch), but no malloc grows past it
+        allowed = mtia.get_per_process_memory_fraction(0) * self.total
+        assert mtia.memory_reserved(0) <= max(before, allowed + 1)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), record=st.booleans())
+    def free(self, data, record):
+        ptr = self.live.pop(data.draw(st.integers(0, len(self.live) - 1), label="index"))
+        if record:
+            mtia.emulator.sleep(1, stream=streams_of(0)[1])
+            mtia.record_stream(ptr, streams_of(0)[1])
+        mtia.caching_allocator_delete(ptr)
+
+    @rule()
+    def empty_cache(self):
+        mtia.empty_cache()
+
+    @invariant()
+    def consistent(self):
+        mtia.memory.check_invariants(0)
+
+    def teardown(self):
+        try:
+            for ptr in self.live:
+                mtia.caching_allocator_delete(ptr)
+        finally:
+            mtia.memory._set_allocator_settings("")
+            mtia.set_per_process_memory_fraction(1.0, 0)
+            mtia.empty_cache()
+        mtia.memory.check_invariants(0)
+        assert mtia.memory_reserved(0) == 0
+
+
+LimitedAllocatorMachine.TestCase.settings = settings(
+    max_examples=30,
+    stateful_step_count=50,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestLimitedAllocatorInvariants = LimitedAllocatorMachine.TestCase
