@@ -12,6 +12,9 @@ per device (the default stream and one side stream). After every step, on every 
     freed after a record_stream may still be pending;
 and live blocks never overlap. At teardown everything is freed and, after empty_cache, the
 current stats are back to where the example started.
+
+A second machine runs device 0 under a memory limit and changing allocator settings, so the
+rest of the malloc ladder (garbage collection, oversize release, flush and retry, OOM) runs.
 """
 from dataclasses import dataclass
 
