@@ -49,7 +49,7 @@ def _nothing_leaked_at_the_end():
 def _restore_allocator_state():
     """After each test: default allocator config, no memory fraction, empty cache."""
     yield
-    mtia.memory._set_allocator_settings("")
+    mtia.memory._set_allocator_settings("expandable_segments:False")  # "" would keep it (PyTorch semantics)
     for device in range(mtia.device_count()):
         mtia.set_per_process_memory_fraction(1.0, device)
     mtia.empty_cache()

@@ -153,7 +153,7 @@ class LimitedAllocatorMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.total = mtia.mem_get_info(0)[1]
-        mtia.memory._set_allocator_settings("")
+        mtia.memory._set_allocator_settings("expandable_segments:False")  # "" would keep it
         mtia.set_per_process_memory_fraction(1.0, 0)
         mtia.empty_cache()
         self.live = []
@@ -197,7 +197,7 @@ class LimitedAllocatorMachine(RuleBasedStateMachine):
             for ptr in self.live:
                 mtia.caching_allocator_delete(ptr)
         finally:
-            mtia.memory._set_allocator_settings("")
+            mtia.memory._set_allocator_settings("expandable_segments:False")  # "" would keep it
             mtia.set_per_process_memory_fraction(1.0, 0)
             mtia.empty_cache()
         mtia.memory.check_invariants(0)
