@@ -248,7 +248,7 @@ def _run(script):
 
 
 def test_mh34_record_memory_history_before_initialisation_is_ignored():
-    # pools_graphs_streams_api.md §15.34, as torch.mtia: no effect, no initialisation;
+    # pools_graphs_streams_api.md §6.34, as torch.mtia: no effect, no initialisation;
     # both signatures (torch.cuda's keywords, torch.mtia's positional order); a warning says why
     _run("""
         import warnings
