@@ -8,6 +8,7 @@ import sys
 def _replay_cmd(args):
     from . import _replay
     from ._trace import read_trace
+    from .snapshot import is_html_name
     for name, v, low in (("--repeat", args.repeat, 1), ("--fail-after", args.fail_after, 0),
                          ("--fail-every", args.fail_every, 0), ("--device", args.device, 0)):
         if v is not None and v < low:
@@ -16,7 +17,7 @@ def _replay_cmd(args):
         raise ValueError("--fail-every needs --fail-after")
     if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
         raise ValueError(f"--plot: no directory for {args.plot}")
-    if args.plot and os.path.splitext(args.plot)[1].lower() not in ("", ".html", ".htm"):
+    if args.plot and not is_html_name(args.plot):
         raise ValueError(f"--plot writes an HTML page with an inline SVG picture; name it .html, not {args.plot!r}")
     try:
         _replay.setup_allocator(args.memory, args.conf)

@@ -40,6 +40,11 @@ def _env_device_count():
     return n
 
 
+def configured_device_count():
+    """The device count initialisation uses: emulator.configure's, else MTIA_EMULATOR_DEVICES."""
+    return _settings["device_count"] or _env_device_count()
+
+
 _MIN_MEMORY = 1 << 20
 _MAX_MEMORY = 64 << 40
 
@@ -94,7 +99,7 @@ def lazy_init():
             raise RuntimeError(
                 "Cannot re-initialize MTIA in forked subprocess. To use MTIA with multiprocessing, "
                 "you must use the 'spawn' start method")
-        count = _settings["device_count"] or _env_device_count()
+        count = configured_device_count()
         memory = _settings["memory_per_device"]
         if memory is None:
             memory = parse_memory(os.environ.get("MTIA_EMULATOR_MEMORY", _DEFAULT_MEMORY) or _DEFAULT_MEMORY,
@@ -160,7 +165,7 @@ def check_device_arg(device):
     if is_initialized():
         device_index(device)
     else:
-        _parse_device(device, True, _settings["device_count"] or _env_device_count(), lambda: 0)
+        _parse_device(device, True, configured_device_count(), lambda: 0)
 
 
 def _parse_device(device, optional, n, current):

@@ -870,9 +870,14 @@ def summary_main(path):
     return 0
 
 
+def is_html_name(path):
+    """True for a file name the HTML plots may be written under (.html, .htm or none)."""
+    return os.path.splitext(path)[1].lower() in ("", ".html", ".htm")
+
+
 def plot_main(path, out):
     """`python -m mtia_alloc plot SNAPSHOT -o FILE`: writes the HTML view. Returns the exit status."""
-    if os.path.splitext(out)[1].lower() not in ("", ".html", ".htm"):
+    if not is_html_name(out):
         print(f"mtia_alloc: plot writes an HTML page with inline SVG pictures; name it .html, not {out!r} "
               "(raster formats would need an image library, which mtia_alloc does not depend on)", file=sys.stderr)
         return 2

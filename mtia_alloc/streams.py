@@ -7,7 +7,7 @@ import threading
 import traceback
 
 from . import _C
-from ._state import _env_device_count, _settings, device_index, is_initialized, lazy_init
+from ._state import configured_device_count, device_index, is_initialized, lazy_init
 
 DEVICE_TYPE_MTIA = 19  # PyTorch's DeviceType value for MTIA
 _MIN_PRIORITY, _MAX_PRIORITY = -(1 << 31), (1 << 31) - 1  # the emulator takes any C int
@@ -62,7 +62,7 @@ def device_count():
     MTIA_EMULATOR_DEVICES), so configure() may still follow."""
     if is_initialized():
         return _C.device_count()
-    return _settings["device_count"] or _env_device_count()
+    return configured_device_count()
 
 
 def current_device():
