@@ -119,7 +119,8 @@ class Stream:
             if len(rebuild) != 2 or stream_id is not None or device_index is not None or device_type is not None:
                 raise TypeError("Stream() takes (device=None, *, priority=0) or (stream_id, device_index, "
                                 "device_type) positionally, not a mix")
-            (stream_id, (device_index, device_type)), device = (device, rebuild), None
+            stream_id, device = device, None
+            device_index, device_type = rebuild
             if stream_id is None:
                 raise TypeError("stream_id must be an int, got NoneType")
         lazy_init()
