@@ -46,6 +46,8 @@ def test_cache_size_independence(benchmark, cached):
 def test_two_device_scaling(benchmark, threads):
     rate = benchmark.pedantic(lambda: _C.threaded_pairs(threads, 4096, 1_000_000), rounds=1, iterations=1)
     benchmark.extra_info["pairs_per_second"] = rate
+    # The host's own scaling for the same thread count (busy work sharing nothing).
+    benchmark.extra_info["host_compute_rounds_per_second"] = _C.threaded_compute(threads, 100_000_000)
 
 
 def _replay_warm(trace):

@@ -33,6 +33,7 @@ cdef extern from "replay.h" namespace "mtia":
     pair[uint64_t, uint64_t] native_pair_loop(Allocator& a, int device, size_t size, uint64_t n) except + nogil
     pair[uint64_t, uint64_t] glibc_pair_loop(size_t size, uint64_t n) nogil
     uint64_t threaded_pair_loop(Allocator& a, int threads, size_t size, uint64_t n) except + nogil
+    uint64_t threaded_compute_loop(int threads, uint64_t n) except + nogil
     double cached_blocks_pair_ns(Allocator& a, int device, size_t cached, uint64_t pairs, uint64_t seed) except + nogil
 
 
@@ -722,6 +723,17 @@ def threaded_pairs(int threads, size_t size, uint64_t n):
         raise ValueError("threads and n must be positive")
     with nogil:
         wall = threaded_pair_loop(_alloc[0], threads, size, n)
+    return threads * n / (wall / 1e9)
+
+
+def threaded_compute(int threads, uint64_t n):
+    """Rounds per second of `threads` threads of busy integer work sharing nothing: how
+    far this host lets threads scale at all (threaded_pairs' yardstick)."""
+    cdef uint64_t wall
+    if threads < 1 or n == 0:
+        raise ValueError("threads and n must be positive")
+    with nogil:
+        wall = threaded_compute_loop(threads, n)
     return threads * n / (wall / 1e9)
 
 

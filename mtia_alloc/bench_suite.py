@@ -154,15 +154,21 @@ def run_bench(quick=False, torch_build=None, traces_dir=None):
 
     # Threads on two devices.
     # Rounds of one-thread then two-thread runs, back to back; medians, and the median of
-    # the per-round ratios (a lone thread sometimes gets a faster core than two do).
-    ones, twos = [], []
-    for _ in range(1 if quick else 5):
+    # the per-round ratios (a lone thread sometimes gets a faster core than two do). Each
+    # round also times the host's own scaling: the same threads doing busy integer work
+    # that shares nothing. On a VM whose vCPUs share a physical core at times, that
+    # yardstick drops below 2x as well, and the two figures are read together.
+    ones, twos, host = [], [], []
+    for _ in range(1 if quick else 9):
         ones.append(_C.threaded_pairs(1, 4096, n // 2))
         twos.append(_C.threaded_pairs(2, 4096, n // 2))
+        host.append(_C.threaded_compute(2, 40 * n) / _C.threaded_compute(1, 40 * n))
     scaling = statistics.median(t / o for o, t in zip(ones, twos))
     _row("1 thread, 1 device (median)", statistics.median(ones) / 1e6, "Mpairs/s")
     _row("2 threads, 2 devices (median)", statistics.median(twos) / 1e6, "Mpairs/s",
-         note=f"{scaling:.2f}x one thread (median of per-round ratios)")
+         note=f"{scaling:.2f}x one thread (median of per-round ratios); "
+              f"host: busy threads sharing nothing scale {statistics.median(host):.2f}x "
+              f"({min(host):.2f}-{max(host):.2f})")
 
     # Traces: generated, then the shared ones, in the default config and with expandable
     # segments; each side's best warm pass over interleaved runs (see ROUNDS).

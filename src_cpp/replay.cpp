@@ -122,6 +122,35 @@ uint64_t threaded_pair_loop(Allocator& a, int threads, size_t size, uint64_t n) 
   return worst;
 }
 
+namespace {
+__attribute__((noinline)) uint64_t busy_work(uint64_t n) {
+  uint64_t a = 1, b = 2, c = 3, d = 4, e = 5, f = 6;
+  for (uint64_t i = 0; i < n; ++i) {
+    a += i;
+    b ^= a;
+    c += b >> 1;
+    d += i * 3;
+    e ^= d;
+    f += e + c;
+    asm volatile("" : "+r"(a), "+r"(b), "+r"(c), "+r"(d), "+r"(e), "+r"(f));  // keep every chain
+  }
+  return a + b + c + d + e + f;
+}
+}  // namespace
+
+uint64_t threaded_compute_loop(int threads, uint64_t n) {
+  std::vector<std::thread> pool;
+  std::vector<uint64_t> wall(size_t(threads), 0);
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      const uint64_t t0 = wall_ns();
+      busy_work(n);
+      wall[size_t(t)] = wall_ns() - t0;
+    });
+  for (auto& th : pool) th.join();
+  return *std::max_element(wall.begin(), wall.end());
+}
+
 double cached_blocks_pair_ns(Allocator& a, int device, size_t cached, uint64_t pairs, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<size_t> size_dist(1, 16);  // x 512 B

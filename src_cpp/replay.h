@@ -43,6 +43,11 @@ std::pair<uint64_t, uint64_t> glibc_pair_loop(size_t size, uint64_t n);
 // Throughput scaling: `threads` threads, thread t on device t % devices, each doing `n`
 // cached malloc+free pairs of `size`. Returns the wall time of the slowest thread (ns).
 uint64_t threaded_pair_loop(Allocator& a, int threads, size_t size, uint64_t n);
+// The yardstick for that scaling: the same threads doing `n` rounds each of busy integer
+// work (several independent chains, so it keeps a core as full as the allocator does)
+// with no shared data. A VM's two vCPUs may sit on one physical core, and then this
+// scales below 2x too. Returns the wall time of the slowest thread (ns).
+uint64_t threaded_compute_loop(int threads, uint64_t n);
 
 // Lookup cost against cache size: fills the cache with `cached` free blocks (sizes
 // 512 B..8 KiB kept apart by live neighbours), then times `pairs` malloc+free pairs of

@@ -159,6 +159,8 @@ def test_benchmark_loops_reject_bad_arguments_before_running():
         lambda: _C.native_pair(0, 4096, 0),
         lambda: _C.glibc_pair(4096, 0),
         lambda: _C.threaded_pairs(0, 4096, 10),
+        lambda: _C.threaded_compute(0, 10),
+        lambda: _C.threaded_compute(2, 0),
         lambda: _C.cached_blocks_pair(-1, 10, 10),
         lambda: _C.replay(0, np.array([512], np.uint64), np.array([3], np.uintc), np.array([0], np.uintc), 1, [0]),
         lambda: _C.replay(0, np.array([512], np.uint64), np.array([0], np.uintc), np.array([1], np.uintc), 1, [0]),
