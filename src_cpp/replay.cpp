@@ -33,21 +33,27 @@ ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEven
   ReplayResult res;
   DeviceAllocator& dev = a.device(device);
   std::vector<uintptr_t> ptrs(slots, 0);
+  // Plain pointers, as the peer harness's loop has: the vectors' members would otherwise be
+  // reloaded after every call into the allocator.
+  const ReplayEvent* const ev = events.data();
+  uintptr_t* const live = ptrs.data();
+  const StreamId* const stream_of = streams.data();
   // One event: true if it ran (a free of a slot that is not live is skipped).
   auto apply = [&](size_t i) {
-    const ReplayEvent& e = events[i];
+    const ReplayEvent& e = ev[i];
+    uintptr_t& p = live[e.slot];
     if (e.size) {
       try {
-        ptrs[e.slot] = a.malloc(device, e.size, streams[e.stream]);
+        p = a.malloc(device, e.size, stream_of[e.stream]);
       } catch (const OutOfMemory&) {
-        ptrs[e.slot] = 0;
+        p = 0;
         if (res.first_failure < 0) res.first_failure = int64_t(i);
       }
       return true;
     }
-    if (!ptrs[e.slot]) return false;
-    if (!dev.free(ptrs[e.slot], kNoFrames)) a.free(ptrs[e.slot]);  // the device that made it
-    ptrs[e.slot] = 0;
+    if (!p) return false;
+    if (!dev.free(p, kNoFrames)) a.free(p);  // the device that made it
+    p = 0;
     return true;
   };
   prefix = std::min(prefix, events.size());
@@ -59,15 +65,16 @@ ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEven
     res.free_latency_ns.reserve(events.size() - prefix);
   }
   // Two copies of the timed loop, so the common one has no latency bookkeeping at all.
+  const size_t n = events.size();
   auto timed = [&](auto with_latency) {
-    for (size_t i = prefix; i < events.size(); ++i) {
+    for (size_t i = prefix; i < n; ++i) {
       if constexpr (decltype(with_latency)::value) {
         const uint64_t l0 = wall_ns();
         if (!apply(i)) {
           ++res.skipped;
           continue;
         }
-        (events[i].size ? res.alloc_latency_ns : res.free_latency_ns).push_back(uint32_t(wall_ns() - l0));
+        (ev[i].size ? res.alloc_latency_ns : res.free_latency_ns).push_back(uint32_t(wall_ns() - l0));
       } else if (!apply(i)) {
         ++res.skipped;
       }
