@@ -104,6 +104,9 @@ SCENARIOS = ["churn", "no-history", "ring-buffer-truncated", "state-only", "pool
 
 @pytest.fixture(scope="module")
 def snapshots():
+    # History recording needs an initialised device (before init it is ignored, as in
+    # torch.mtia); this module may run first, or alone.
+    mtia.init()
     return {name: _scenario(name) for name in SCENARIOS}
 
 
