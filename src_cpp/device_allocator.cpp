@@ -245,7 +245,10 @@ bool DeviceAllocator::release_available_cached_blocks(const Request& r) {
   FreeIndex* idx = r.pool->index(r.stream);
   if (!idx || idx->empty()) return false;
   size_t key = std::max(r.size, M);
-  if (Block* b = idx->lower_bound(key); b && !b->expandable) {
+  // A block of a split segment is never released. Blocks >= max_split_size are whole
+  // segments while the setting stays put, but a lower max_split_size set at run time makes
+  // older split blocks oversize: those fall to the loop, which skips them.
+  if (Block* b = idx->lower_bound(key); b && !b->expandable && !b->is_split()) {
     release_block(b);
     return true;
   }

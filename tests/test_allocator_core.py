@@ -711,6 +711,30 @@ def test_oversize_cached_blocks_are_released_before_the_full_flush(blocks):
     assert stats()["reserved_bytes.all.current"] == (20 + 126) * MiB
 
 
+def test_lowering_max_split_size_at_run_time_never_releases_a_split_segment(blocks, side_streams):
+    # A 40 MiB remainder of a split 90 MiB segment becomes "oversize" when max_split_size_mb
+    # drops to 40 at run time. The oversize release (§4.5) must not give that segment back
+    # to the device while its other block is live: the request fails with OOM instead, and
+    # no address is handed out twice.
+    mtia.empty_cache()
+    total = mtia.mem_get_info(0)[1]
+    mtia.set_per_process_memory_fraction(128 * MiB / total, 0)
+    blocks.free(blocks.alloc(90 * MiB))
+    a = blocks.alloc(50 * MiB)                       # [a 50 | free 40] in the 90 MiB segment
+    blocks.alloc(36 * MiB, 0, side_streams[0])       # another stream's segment: 126 of 128 MiB reserved
+    mtia.memory._set_allocator_settings("max_split_size_mb:40")
+    before = stats()
+    with pytest.raises(mtia.OutOfMemoryError):
+        blocks.alloc(3 * MiB)                        # may not take the oversize remainder; no room
+    d = delta(before, stats())
+    assert (d["num_device_free"], d["num_device_alloc"]) == (0, 0)
+    assert stats()["reserved_bytes.all.current"] == 126 * MiB
+    mtia.memory.check_invariants()
+    blocks.free(a)                                   # the segment is whole again and can go
+    blocks.alloc(3 * MiB)
+    mtia.memory.check_invariants()
+
+
 def test_flush_is_followed_by_a_device_retry_not_a_cache_lookup(blocks, side_streams):
     # §4.1 step 4e: after the full flush comes alloc_block(isRetry=true), as in PyTorch, even
     # when the event sync freed a cached block that would fit (it sits in a split segment,
