@@ -5,6 +5,8 @@ only; argument policy lives in the Python façade. The hot calls
 (caching_allocator_alloc/delete) resolve the current device and stream here, in C."""
 import sys
 
+cimport cython
+
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint64_t, uintptr_t
 from libcpp cimport bool as cbool
@@ -759,15 +761,17 @@ def _mark_shut_down():
     _shut_down = True
 
 
+@cython.auto_pickle(False)  # a pickled or copied _ptr would free the block twice
 cdef class ArrayBase:
     """Owns one allocated block and gives it back to the cache when the object dies.
-    mtia_alloc.DeviceArray subclasses it with the array API."""
-    cdef public uintptr_t _ptr
-    cdef public object shape
-    cdef public object dtype
-    cdef public Py_ssize_t nbytes
-    cdef public int _device
-    cdef public int64_t _stream_id
+    mtia_alloc.DeviceArray subclasses it with the array API. The fields are read-only
+    from Python: the native kernels and the host view trust them."""
+    cdef readonly uintptr_t _ptr
+    cdef readonly object shape
+    cdef readonly object dtype
+    cdef readonly Py_ssize_t nbytes
+    cdef readonly int _device
+    cdef readonly int64_t _stream_id
     cdef object __weakref__
 
     def data_ptr(self):

@@ -19,6 +19,14 @@ class DeferredMtiaCallError(Exception):
     """A call queued before initialisation failed when initialisation ran it."""
 
 
+def refuse_copy(self, protocol=None):
+    """`__reduce_ex__` of objects that own a reference to allocator state (a pool, a graph):
+    a copy would release it a second time when it dies. As for PyTorch's MemPool and
+    CUDAGraph (pybind objects), copy, deepcopy and pickle raise TypeError."""
+    raise TypeError(f"cannot pickle or copy '{type(self).__name__}' object: it owns allocator state; "
+                    f"share the object itself")
+
+
 _initialized = False
 _in_bad_fork = False
 _init_lock = threading.Lock()

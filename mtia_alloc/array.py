@@ -65,6 +65,23 @@ class DeviceArray(_C.ArrayBase):
     def __dlpack_device__(self):
         return (1, 0)  # kDLCPU: the emulated device's memory is host-addressable
 
+    def __copy__(self):
+        """A new array, on its own block, holding a copy of this one's data (queued on this
+        array's stream), as copy.copy does for a numpy array: two arrays never share a block."""
+        from .emulator import copy_
+        out = _empty_general(self.shape, self.dtype, self._device, self.stream)
+        if self.nbytes:
+            copy_(out, self, stream=self.stream)
+        return out
+
+    def __deepcopy__(self, memo):
+        out = memo[id(self)] = self.__copy__()
+        return out
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("cannot pickle a DeviceArray: it owns a block of device memory; "
+                        "pickle a host copy instead (array.numpy().copy())")
+
     def __len__(self):
         if not self.shape:
             raise TypeError("len() of a 0-d DeviceArray")

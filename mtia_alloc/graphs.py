@@ -9,7 +9,7 @@ import threading
 import warnings
 
 from . import _C
-from ._state import lazy_init
+from ._state import lazy_init, refuse_copy
 
 __all__ = ["MTIAGraph", "graph", "graph_pool_handle", "is_current_stream_capturing"]
 
@@ -94,6 +94,8 @@ def _detach_kernel(kernel):
 
 class MTIAGraph:
     """A captured sequence of kernels: MTIAGraph(keep_graph=False)."""
+
+    __reduce_ex__ = refuse_copy  # it holds one reference to its pool
 
     def __init__(self, keep_graph=False):
         lazy_init()

@@ -9,7 +9,8 @@ import threading
 import warnings
 
 from . import _C
-from ._state import OutOfMemoryError, _settings, check_device_arg, device_index, is_initialized, lazy_init
+from ._state import (OutOfMemoryError, _settings, check_device_arg, device_index, is_initialized, lazy_init,
+                     refuse_copy)
 
 caching_allocator_alloc = _C.caching_allocator_alloc
 caching_allocator_delete = _C.caching_allocator_delete
@@ -322,6 +323,8 @@ def _pool_id_of(pool):
 
 class MemPool:
     """A private memory pool: MemPool(allocator=None, use_on_oom=False, no_split=False)."""
+
+    __reduce_ex__ = refuse_copy  # it holds one reference to the pool
 
     def __init__(self, allocator=None, use_on_oom=False, no_split=False):
         if allocator is not None and not isinstance(allocator, (PythonAllocator, PluggableAllocator)):

@@ -362,3 +362,35 @@ def test_array_freed_by_a_kernel_or_at_module_level_with_memory_history_on():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_copy_gives_a_new_block_with_the_data_and_pickle_is_refused():
+    # A copy sharing the block would free it twice (and hand it to a third array meanwhile).
+    import copy
+    import pickle
+    s = mtia.Stream()
+    a = mtia.empty((4, 256), "uint8", stream=s)
+    emulator.fill_(a, 7, stream=s)
+    b, (c, c_again) = copy.copy(a), copy.deepcopy([a, a])
+    assert c is c_again  # deepcopy's memo
+    s.synchronize()
+    for x in (b, c):
+        assert x.data_ptr() not in (0, a.data_ptr())
+        assert (x.shape, x.dtype, x.stream) == (a.shape, a.dtype, s)
+        assert x.numpy().sum() == 7 * 1024
+    allocated = mtia.memory_allocated()
+    del a, b, c, c_again, x  # three blocks, each freed once
+    assert mtia.memory_allocated() == allocated - 3 * 1024
+    assert copy.copy(mtia.empty(0)).shape == (0,)
+    with pytest.raises(TypeError, match="cannot pickle a DeviceArray"):
+        pickle.dumps(mtia.empty(16))
+    mtia.memory.check_invariants()
+
+
+def test_the_fields_native_kernels_trust_are_read_only():
+    a = mtia.empty(4, "uint8")
+    for name, value in [("nbytes", 64 << 20), ("shape", (64 << 20,)), ("_ptr", 8), ("dtype", np.dtype("f8")),
+                        ("_device", 1), ("_stream_id", 3)]:
+        with pytest.raises(AttributeError, match="not writable"):
+            setattr(a, name, value)
+    assert (a.nbytes, a.shape) == (4, (4,))

@@ -1200,3 +1200,12 @@ PoolsGraphsThreads.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestPoolsGraphsThreads = PoolsGraphsThreads.TestCase
+
+
+def test_a_graph_cannot_be_copied_or_pickled():
+    import copy
+    import pickle
+    g = mtia.MTIAGraph()
+    for f in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot pickle or copy 'MTIAGraph'"):
+            f(g)

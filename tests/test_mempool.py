@@ -1075,3 +1075,17 @@ def test_python_allocator_that_frees_device_memory_does_not_deadlock():
                      "device lock held, and a DeviceArray freed inside it waits for that lock "
                      "(src_cpp/device_allocator.cpp, mtia_alloc/_binding.h PyRawAllocator)")
     assert r.returncode == 0 and "done" in r.stdout, r.stderr
+
+
+def test_a_pool_cannot_be_copied_or_pickled():
+    # A copy's death would release the original's reference (as a pybind MemPool, it raises).
+    import copy
+    import pickle
+    pool = mtia.MemPool()
+    for f in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot pickle or copy 'MemPool'"):
+            f(pool)
+    assert pool.use_count() == 1
+    with mtia.use_mem_pool(pool):
+        x = mtia.empty(1024)
+    del x
