@@ -154,7 +154,10 @@ cdef inline int _device(object device) except -1:
     if device is None:
         return tls_current_device()
     if type(device) is int:
-        d = device
+        try:
+            d = device
+        except OverflowError:  # beyond a C int: the parser's ValueError names the valid range
+            return _device_parser(device)
         if 0 <= d < _ndev:
             return d
     return _device_parser(device)

@@ -151,6 +151,6 @@ def fail_device_allocations(after_n=None, every=0, device=None):
         _C.fail_device_allocations(d, -1, 0)
         return
     for name, v in (("after_n", after_n), ("every", every)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 63:
+            raise ValueError(f"{name} must be a non-negative int below 2**63, got {v!r}")
     _C.fail_device_allocations(d, after_n, every)

@@ -153,14 +153,16 @@ def format_size(size):
     """PyTorch's format_size: '1024 bytes', '1.00 KiB', '2.00 MiB', '3.00 GiB'."""
     if not isinstance(size, int) or size < 0:
         raise ValueError(f"size must be a non-negative int, got {size!r}")
+    if size >= 1 << 64:  # beyond the native uint64: the same format, in Python
+        return f"{size / (1 << 30):.2f} GiB"
     return _C.format_size_(size)
 
 
 def _round_size(size):
     """The block size a request of `size` bytes gets under the current settings."""
     lazy_init()
-    if not isinstance(size, int) or size <= 0:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+    if not isinstance(size, int) or not 0 < size < 1 << 64:
+        raise ValueError(f"size must be a positive int below 2**64, got {size!r}")
     return _C.round_size_(size)
 
 

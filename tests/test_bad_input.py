@@ -106,6 +106,8 @@ BAD_DEVICES = [
     pytest.param("mtia:7", True, id="mtia-7-out-of-range"),
     pytest.param(7, True, id="int-7-out-of-range"),
     pytest.param(-5, True, id="negative-int"),
+    pytest.param(2**63, True, id="int-2**63-beyond-a-C-long"),
+    pytest.param(2**64, True, id="int-2**64"),
     pytest.param(2.5, False, id="float"),
     pytest.param(object(), False, id="object"),
 ]
@@ -116,6 +118,7 @@ CALLS = {
     "memory_allocated": lambda d: mtia.memory_allocated(d),
     "set_per_process_memory_fraction": lambda d: mtia.set_per_process_memory_fraction(0.5, d),
     "mem_get_info": lambda d: mtia.mem_get_info(d),
+    "empty": lambda d: mtia.empty(4, "float32", d),
 }
 
 
@@ -130,6 +133,16 @@ def test_bad_device(call, device, out_of_range):
         assert _names_valid_range(message, mtia.device_count()), message
     for d in DEVICES:
         assert mtia.get_per_process_memory_fraction(d) == 1.0
+
+
+def test_counts_and_sizes_beyond_64_bits_get_value_errors_or_a_format():
+    with state_unchanged():
+        for after_n, every in [(2**63, 0), (1, 2**64)]:
+            with pytest.raises(ValueError, match="below 2\\*\\*63"):
+                mtia.emulator.fail_device_allocations(after_n, every)
+        with pytest.raises(ValueError, match="below 2\\*\\*64"):
+            mtia.memory._round_size(2**64)
+    assert mtia.memory.format_size(2**64) == "17179869184.00 GiB" == mtia.memory.format_size(2**64 - 1)
 
 
 # ----------------------------------------------------------------------------- fractions
