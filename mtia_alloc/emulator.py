@@ -89,11 +89,8 @@ def _run_kernel(stream, kernel):
 
 
 def _submit(stream, kernel):
-    from .graphs import _capture_of_stream
-    graph = _capture_of_stream(stream.device_index, stream.stream_id)
-    if graph is not None:
-        graph._record_kernel(kernel)
-    else:
+    from .graphs import _record_if_capturing
+    if not _record_if_capturing(stream.device_index, stream.stream_id, kernel):
         _run_kernel(stream, kernel)
 
 

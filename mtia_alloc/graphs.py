@@ -5,6 +5,7 @@ by waiting on an event recorded on it, are recorded instead of run, and their al
 come from the graph's private pool. replay() queues the recorded kernels, in order, on the
 current stream; it changes no allocator state."""
 import itertools
+import sys
 import threading
 import warnings
 
@@ -22,18 +23,34 @@ def _capture_of_stream(device, stream_id):
     return _stream_capture.get((device, stream_id))
 
 
+def _record_if_capturing(device, stream_id, kernel):
+    """Records `kernel` into the capture running on the stream and returns True, or returns
+    False (no capture: the caller runs it). Under the lock, so a kernel that another thread
+    launches while the capture ends is either in the graph or run, never lost."""
+    if not _stream_capture:  # no capture anywhere: the common case takes no lock
+        return False
+    with _lock:
+        g = _stream_capture.get((device, stream_id))
+        if g is None:
+            return False
+        g._record_kernel(kernel)
+        return True
+
+
 def _note_event_record(event, stream):
     event._capture = _stream_capture.get((stream.device_index, stream.stream_id))
 
 
 def _note_event_wait(event, stream):
-    """A stream waiting on an event recorded inside a capture joins that capture."""
+    """A stream waiting on an event recorded inside a capture joins that capture, if the
+    capture still runs (checked under the lock: one ending meanwhile must not get a stream
+    back that it will never release)."""
     g = getattr(event, "_capture", None)
-    if g is None or not g._capturing:
+    if g is None:
         return
     key = (stream.device_index, stream.stream_id)
     with _lock:
-        if key not in _stream_capture:
+        if g._joinable and key not in _stream_capture:
             _stream_capture[key] = g
             g._streams.append(key)
             _C.set_stream_capture(key[0], key[1], g._capture_id)
@@ -104,6 +121,7 @@ class MTIAGraph:
 
     def _reset_state(self):
         self._capturing = False
+        self._joinable = False  # other streams may join the capture (written under _lock)
         self._capture_ended = False
         self._instantiated = False
         self._kernels = []
@@ -137,6 +155,7 @@ class MTIAGraph:
                 raise
             _C.set_stream_capture(d, stream.stream_id, capture_id)
             _stream_capture[key] = self
+            self._joinable = True
         self._device, self._pool, self._capture_id = d, pool_id, capture_id
         self._capture_stream = stream
         self._streams = [key]
@@ -149,6 +168,7 @@ class MTIAGraph:
 
     def _stop_capture(self):
         with _lock:
+            self._joinable = False
             for key in self._streams:
                 if _stream_capture.get(key) is self:
                     del _stream_capture[key]
@@ -219,7 +239,8 @@ class MTIAGraph:
             if getattr(self, "_pool", None) is not None and _C.is_initialized():
                 self.reset()
         except Exception as e:  # a destructor warns instead of raising
-            warnings.warn(f"MTIAGraph reset failed during destruction: {e}")
+            if not sys.is_finalizing():  # at exit the module's globals may be gone already
+                warnings.warn(f"MTIAGraph reset failed during destruction: {e}")
 
     def __repr__(self):
         state = "capturing" if self._capturing else "captured" if self._capture_ended else "empty"

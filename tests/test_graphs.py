@@ -1209,3 +1209,42 @@ def test_a_graph_cannot_be_copied_or_pickled():
     for f in (copy.copy, copy.deepcopy, pickle.dumps):
         with pytest.raises(TypeError, match="cannot pickle or copy 'MTIAGraph'"):
             f(g)
+
+
+def test_a_stream_joining_a_capture_as_it_ends_is_not_left_capturing():
+    # Threads make their default stream wait on events recorded inside captures, while the
+    # captures end. A join that raced the end used to leave the stream marked capturing for
+    # good, so its later kernels were recorded into a dead graph instead of running.
+    import sys
+    side = mtia.Stream()
+    last, stop = [None], threading.Event()
+
+    def waiter():
+        while not stop.is_set():
+            e = last[0]
+            if e is not None:
+                mtia.default_stream().wait_event(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=waiter) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(5000):
+            g = mtia.MTIAGraph()
+            with mtia.graph(g, stream=side):
+                last[0] = side.record_event()
+                mtia.emulator.launch(lambda: None)
+            last[0] = None
+            del g
+            assert not mtia.default_stream().is_capturing()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(interval)
+    ran = []
+    mtia.emulator.launch(ran.append, 1)
+    mtia.synchronize()
+    assert ran == [1]
