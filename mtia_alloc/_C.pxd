@@ -85,18 +85,18 @@ cdef extern from "stream.h" namespace "mtia":
         uint64_t enqueued()
         uint64_t completed()
         cbool query()
-        void synchronize() nogil
+        void synchronize() except + nogil
     cdef cppclass EventMark:
         cbool query()
     cdef cppclass Event:
         Event(cbool enable_timing)
         void record(Stream* s)
         cbool query()
-        void synchronize() nogil
+        void synchronize() except + nogil
         cbool recorded()
         cbool timing()
         const EventMark& mark()
-        double elapsed_ms(const Event& end) nogil
+        double elapsed_ms(const Event& end) except + nogil
     void stream_wait_mark(Stream* s, const EventMark& mark)
 
 
@@ -112,7 +112,7 @@ cdef extern from "emulated_device.h" namespace "mtia":
     cdef cppclass EmulatedDevice:
         DeviceMemory& memory()
         Stream* default_stream()
-        void synchronize() nogil
+        void synchronize() except + nogil
     cdef cppclass Emulator:
         int device_count()
         EmulatedDevice& device(int d) nogil

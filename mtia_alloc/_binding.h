@@ -4,6 +4,7 @@
 #pragma once
 #include <Python.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -152,10 +153,12 @@ inline mtia::Task make_fill_task(uintptr_t dst, size_t n, const char* pattern, s
                     release_fill};
 }
 inline void run_sleep(void* a) {
+  // Sleeps in slices of at most 10 ms, so a stream shutting down (interpreter exit) does
+  // not wait out a long sleep.
   int64_t until = mtia::now_ns() + *static_cast<int64_t*>(a);
-  while (mtia::now_ns() < until) {
+  while (mtia::now_ns() < until && !mtia::worker_stopping()) {
     int64_t left = until - mtia::now_ns();
-    if (left > 200000) std::this_thread::sleep_for(std::chrono::nanoseconds(left - 100000));
+    if (left > 200000) std::this_thread::sleep_for(std::chrono::nanoseconds(std::min<int64_t>(left - 100000, 10000000)));
   }
 }
 inline void release_sleep(void* a) { delete static_cast<int64_t*>(a); }

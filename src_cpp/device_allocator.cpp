@@ -475,9 +475,11 @@ void DeviceAllocator::synchronize_and_free_events(Lock& lock, PrivatePool* only)
   if (!only) stats_.num_sync_all_streams += 1;
   process_events();  // also turns deferred blocks into events
   std::vector<EventMark> marks;
-  for (auto& [s, fifo] : stream_events_)
+  for (auto& [s, fifo] : stream_events_) {
+    if (s->is_current_worker()) continue;  // called from a kernel of s: its marks wait for that kernel
     for (auto& [mark, b] : fifo)
       if (!only || pool_of(b)->owner == only) marks.push_back(mark);
+  }
   if (marks.empty()) return;
   lock.unlock();
   {
@@ -578,9 +580,17 @@ void DeviceAllocator::empty_cache(MempoolId pool) {
 void DeviceAllocator::release_cached_blocks(Lock& lock, MempoolId id) {
   // Unmapping does not wait for the device: first let the streams of expandable segments
   // finish (with the lock dropped, as for events).
+  // Called from a kernel on one of those streams (the worker thread), that stream cannot
+  // be waited for: its expandable pages stay mapped, since kernels queued after this one
+  // may still use them.
   std::vector<Stream*> expandable_streams;
+  StreamId busy_stream = -1;
   for (Segment* seg : segments_)
-    if (seg->expandable) expandable_streams.push_back(emulator_->device(device_).stream(seg->stream));
+    if (seg->expandable) {
+      Stream* st = emulator_->device(device_).stream(seg->stream);
+      if (st && st->is_current_worker()) busy_stream = seg->stream;
+      else expandable_streams.push_back(st);
+    }
   if (!expandable_streams.empty() && captures_underway_.empty()) {
     lock.unlock();
     {
@@ -594,8 +604,8 @@ void DeviceAllocator::release_cached_blocks(Lock& lock, MempoolId id) {
   if (id.is_default()) {
     if (captures_underway_.empty()) {
       synchronize_and_free_events(lock, nullptr);
-      release_pool_blocks(large_blocks_);
-      release_pool_blocks(small_blocks_);
+      release_pool_blocks(large_blocks_, busy_stream);
+      release_pool_blocks(small_blocks_, busy_stream);
     }
   } else if (PrivatePool* p = find_pool(id); p && p->use_count == 0 && captures_underway_.empty()) {
     synchronize_and_free_events(lock, p);
@@ -604,19 +614,22 @@ void DeviceAllocator::release_cached_blocks(Lock& lock, MempoolId id) {
   std::vector<MempoolId> gone;
   for (auto& [pid, p] : pools_) {
     if (p->use_count > 0 || (!id.is_default() && pid != id)) continue;
-    release_pool_blocks(p->large_blocks);
-    release_pool_blocks(p->small_blocks);
+    release_pool_blocks(p->large_blocks, busy_stream);
+    release_pool_blocks(p->small_blocks, busy_stream);
     if (p->segment_count == 0) gone.push_back(pid);
   }
   for (MempoolId pid : gone) pools_.erase(pid);
 }
 
-void DeviceAllocator::release_pool_blocks(BlockPool& pool) {
+void DeviceAllocator::release_pool_blocks(BlockPool& pool, StreamId keep_mapped) {
   std::vector<Block*> whole, to_unmap;
   for (auto& [s, idx] : pool.by_stream)
     idx->for_each([&](Block* b) {
-      if (b->expandable) to_unmap.push_back(b);
-      else if (!b->is_split()) whole.push_back(b);
+      if (b->expandable) {
+        if (b->seg->stream != keep_mapped) to_unmap.push_back(b);
+      } else if (!b->is_split()) {
+        whole.push_back(b);
+      }
     });
   for (Block* b : whole)
     if (b->in_index && !b->is_split()) release_block(b);  // a Python raw free may have re-entered

@@ -156,8 +156,12 @@ void EmulatedDevice::synchronize() {
   for (Stream* s : streams()) s->synchronize();
 }
 
-void EmulatedDevice::shutdown() {
-  for (Stream* s : streams()) s->shutdown();
+void EmulatedDevice::begin_shutdown() {
+  for (Stream* s : streams()) s->begin_shutdown();
+}
+
+void EmulatedDevice::finish_shutdown() {
+  for (Stream* s : streams()) s->finish_shutdown();
 }
 
 size_t parse_memory_size(const std::string& text, const std::string& what) {
@@ -202,7 +206,10 @@ Stream* Emulator::stream(DeviceIndex d, StreamId id) {
 
 void Emulator::shutdown() {
   if (shut_down_.exchange(true)) return;
-  for (auto& d : devices_) d->shutdown();
+  // Every stream stops before any worker is joined, so no task is left waiting for a
+  // stream that has not been told to stop yet.
+  for (auto& d : devices_) d->begin_shutdown();
+  for (auto& d : devices_) d->finish_shutdown();
 }
 
 }  // namespace mtia

@@ -74,7 +74,8 @@ class EmulatedDevice {
   Stream* new_stream(StreamId id, int priority);
   std::vector<Stream*> streams();
   void synchronize();  // waits for every stream of the device
-  void shutdown();
+  void begin_shutdown();   // see Stream::begin_shutdown
+  void finish_shutdown();
 
  private:
   DeviceIndex index_;

@@ -3,9 +3,23 @@
 
 #include <chrono>
 
+#include <string>
+
 #include "blocking.h"
+#include "errors.h"
 
 namespace mtia {
+
+namespace {
+thread_local const Stream* t_worker_stream = nullptr;  // the stream whose worker this thread is
+}  // namespace
+
+bool Stream::is_current_worker() const { return t_worker_stream == this; }
+
+bool worker_stopping() {
+  const Stream* s = t_worker_stream;
+  return s && s->stopping();
+}
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -30,6 +44,7 @@ uint64_t Stream::enqueue(Task task) {
 }
 
 void Stream::worker_loop() {
+  t_worker_stream = this;
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
     work_cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
@@ -46,6 +61,10 @@ void Stream::worker_loop() {
 }
 
 void Stream::wait_until(uint64_t seq) {
+  if (!reached(seq) && is_current_worker())
+    throw InvalidState("cannot wait for stream " + std::to_string(id_) + " of device " + std::to_string(device_) +
+                       " from one of its own kernels: the stream runs one kernel at a time, so the wait would "
+                       "never end (synchronize from the host, or from a kernel on another stream)");
   for (int spin = 0; spin < 4000; ++spin) {
     if (reached(seq)) return;
     if (spin > 100) std::this_thread::yield();
@@ -57,15 +76,20 @@ void Stream::wait_until(uint64_t seq) {
   waiters_.fetch_sub(1, std::memory_order_acq_rel);
 }
 
-void Stream::shutdown() {
-  std::deque<std::pair<uint64_t, Task>> dropped;
+void Stream::begin_shutdown() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_) return;
     stopping_ = true;
   }
   work_cv_.notify_all();
-  if (worker_.joinable()) {
+  done_cv_.notify_all();  // waiters for this stream (other streams' tasks among them) return
+}
+
+void Stream::finish_shutdown() {
+  std::deque<std::pair<uint64_t, Task>> dropped;
+  if (worker_.joinable() && is_current_worker()) {
+    worker_.detach();  // shut down from one of its own tasks: the loop ends after it
+  } else if (worker_.joinable()) {
     BlockingScope blocking;
     worker_.join();
   }

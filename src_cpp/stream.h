@@ -29,6 +29,10 @@ struct Task {
 
 int64_t now_ns();  // steady clock
 
+// Inside a task: true once the stream running it is shutting down (long native tasks,
+// such as the emulated sleep, poll it and return early). False outside tasks.
+bool worker_stopping();
+
 class Stream {
  public:
   Stream(DeviceIndex device, StreamId id, int priority) : device_(device), id_(id), priority_(priority) {}
@@ -47,10 +51,22 @@ class Stream {
   bool query() const { return completed() >= enqueued(); }
   bool reached(uint64_t seq) const { return completed() >= seq; }
   // Blocks until task `seq` has run (spins briefly first: short kernels finish in microseconds).
+  // From inside one of this stream's own tasks a wait for a later task would wait for
+  // itself forever: that throws InvalidState instead.
   void wait_until(uint64_t seq);
   void synchronize() { wait_until(enqueued()); }
-  // Stops the worker after the running task; queued tasks are released unrun.
-  void shutdown();
+  // True on this stream's worker thread, i.e. while one of its own tasks runs.
+  bool is_current_worker() const;
+  bool stopping() const { return stopping_.load(std::memory_order_acquire); }
+  // Stops the worker after the running task; queued tasks are released unrun. In two
+  // steps, so the emulator can stop every stream before it joins any worker: a task
+  // waiting for another stream, or sleeping, then returns early (see worker_stopping()).
+  void begin_shutdown();
+  void finish_shutdown();
+  void shutdown() {
+    begin_shutdown();
+    finish_shutdown();
+  }
 
  private:
   void worker_loop();
@@ -63,7 +79,7 @@ class Stream {
   std::condition_variable done_cv_;
   std::deque<std::pair<uint64_t, Task>> queue_;
   std::thread worker_;
-  bool stopping_ = false;
+  std::atomic<bool> stopping_{false};  // written under mu_; read without it by tasks
   std::atomic<uint64_t> enqueued_{0};
   std::atomic<uint64_t> completed_{0};
   std::atomic<int> waiters_{0};

@@ -40,3 +40,110 @@ def test_exit_while_a_python_kernel_runs_is_clean():
               "time.sleep(0.1)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def _run(script, timeout=60):
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_exit_does_not_wait_out_a_long_native_sleep():
+    # Interpreter exit stops the streams: a running sleep ends early, and so does a stream
+    # waiting for the sleeping one (every stream is told to stop before any is joined).
+    proc = _run("""
+        import time, mtia_alloc as mtia
+        a, b = mtia.Stream(), mtia.Stream()
+        mtia.emulator.sleep(600_000, stream=a)           # ten minutes
+        b.wait_event(a.record_event())
+        mtia.emulator.sleep(10, stream=b)
+        time.sleep(0.1)
+        print("exiting", time.monotonic(), flush=True)
+    """, timeout=30)
+    assert "exiting" in proc.stdout
+
+
+def test_a_kernel_cannot_wait_for_its_own_stream():
+    # A kernel that synchronizes its own stream (or the device, or an event recorded after
+    # it on that stream) would wait for itself: RuntimeError, surfacing as a KernelError.
+    proc = _run("""
+        import mtia_alloc as mtia
+        from mtia_alloc.streams import KernelError
+        s = mtia.Stream()
+        for wait in (s.synchronize, mtia.synchronize, lambda: e.synchronize()):
+            mtia.emulator.sleep(20, stream=s)            # e is recorded while this runs
+            e = s.record_event()
+            mtia.emulator.launch(wait, stream=s)
+            e = s.record_event()
+            try:
+                s.synchronize()
+            except KernelError as err:
+                assert isinstance(err.__cause__, RuntimeError), err
+                assert "from one of its own kernels" in str(err.__cause__), err
+            else:
+                raise AssertionError("no error")
+        ran = []
+        mtia.emulator.launch(ran.append, 1, stream=s)    # the stream still works
+        s.synchronize()
+        assert ran == [1]
+        other = mtia.Stream()                            # waiting for another stream is fine
+        mtia.emulator.sleep(20, stream=other)
+        mtia.emulator.launch(other.synchronize, stream=s)
+        s.synchronize()
+        print("ok")
+    """)
+    assert "ok" in proc.stdout
+
+
+def test_a_kernel_whose_allocation_needs_its_own_pending_free_gets_oom_not_a_hang():
+    # The OOM retry waits for pending frees' events, but not for those on the kernel's own
+    # stream: they complete only after the kernel. The allocation fails instead.
+    proc = _run("""
+        import time, mtia_alloc as mtia
+        from mtia_alloc import emulator
+        from mtia_alloc.streams import KernelError
+        emulator.configure(memory_per_device="64MiB", runtime_reserved=0)
+        s = mtia.Stream()
+        def kernel():
+            time.sleep(0.2)
+            mtia.caching_allocator_alloc(40 << 20)       # only the pending 40 MiB would fit
+        emulator.launch(kernel, stream=s)
+        p = mtia.caching_allocator_alloc(40 << 20)
+        mtia.record_stream(p, s)
+        mtia.caching_allocator_delete(p)                 # pending until s passes the kernel
+        try:
+            s.synchronize()
+        except KernelError as err:
+            assert isinstance(err.__cause__, mtia.OutOfMemoryError), err
+        else:
+            raise AssertionError("no error")
+        q = mtia.caching_allocator_alloc(40 << 20)       # the free completed meanwhile
+        mtia.caching_allocator_delete(q)
+        mtia.memory.check_invariants()
+        print("ok")
+    """)
+    assert "ok" in proc.stdout
+
+
+def test_empty_cache_from_a_kernel_keeps_its_own_streams_expandable_pages():
+    # Kernels queued after this one on the same stream may still use those pages, and the
+    # stream cannot be waited for from inside it: they stay mapped until a later empty_cache.
+    proc = _run("""
+        import os
+        os.environ["MTIA_ALLOC_CONF"] = "expandable_segments:True"
+        import mtia_alloc as mtia
+        s = mtia.Stream()
+        with mtia.stream(s):
+            p = mtia.caching_allocator_alloc(4 << 20)
+        mtia.caching_allocator_delete(p)
+        reserved = mtia.memory_reserved()
+        mtia.emulator.launch(mtia.empty_cache, stream=s)
+        s.synchronize()
+        assert mtia.memory_reserved() == reserved > 0
+        mtia.empty_cache()                               # from the host: released
+        assert mtia.memory_reserved() == 0
+        mtia.memory.check_invariants()
+        print("ok")
+    """)
+    assert "ok" in proc.stdout
