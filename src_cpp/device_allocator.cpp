@@ -578,25 +578,25 @@ void DeviceAllocator::empty_cache(MempoolId pool) {
 }
 
 void DeviceAllocator::release_cached_blocks(Lock& lock, MempoolId id) {
-  // Unmapping does not wait for the device: first let the streams of expandable segments
-  // finish (with the lock dropped, as for events).
-  // Called from a kernel on one of those streams (the worker thread), that stream cannot
-  // be waited for: its expandable pages stay mapped, since kernels queued after this one
-  // may still use them.
-  std::vector<Stream*> expandable_streams;
+  // Memory goes back to the device only once the streams that own it are idle, as
+  // cudaFree (and unmapping) synchronizes the device: a kernel queued before a free on
+  // the same stream may still use the block. They are waited for with the lock dropped,
+  // as for events. Called from a kernel on one of those streams (its worker thread),
+  // that stream cannot be waited for: its segments and pages stay, since kernels queued
+  // after this one may still use them.
+  std::vector<Stream*> owners;
   StreamId busy_stream = -1;
-  for (Segment* seg : segments_)
-    if (seg->expandable) {
-      Stream* st = emulator_->device(device_).stream(seg->stream);
-      if (st && st->is_current_worker()) busy_stream = seg->stream;
-      else expandable_streams.push_back(st);
-    }
-  if (!expandable_streams.empty() && captures_underway_.empty()) {
+  for (Segment* seg : segments_) {
+    Stream* st = emulator_->device(device_).stream(seg->stream);
+    if (!st) continue;
+    if (st->is_current_worker()) busy_stream = seg->stream;
+    else if (std::find(owners.begin(), owners.end(), st) == owners.end()) owners.push_back(st);
+  }
+  if (!owners.empty() && captures_underway_.empty()) {
     lock.unlock();
     {
       BlockingScope blocking;
-      for (Stream* st : expandable_streams)
-        if (st) st->synchronize();
+      for (Stream* st : owners) st->synchronize();
     }
     lock_blocking(mu_);
     lock = Lock(mu_, std::adopt_lock);
@@ -621,16 +621,15 @@ void DeviceAllocator::release_cached_blocks(Lock& lock, MempoolId id) {
   for (MempoolId pid : gone) pools_.erase(pid);
 }
 
-void DeviceAllocator::release_pool_blocks(BlockPool& pool, StreamId keep_mapped) {
+void DeviceAllocator::release_pool_blocks(BlockPool& pool, StreamId keep) {
   std::vector<Block*> whole, to_unmap;
-  for (auto& [s, idx] : pool.by_stream)
+  for (auto& [s, idx] : pool.by_stream) {
+    if (s == keep) continue;
     idx->for_each([&](Block* b) {
-      if (b->expandable) {
-        if (b->seg->stream != keep_mapped) to_unmap.push_back(b);
-      } else if (!b->is_split()) {
-        whole.push_back(b);
-      }
+      if (b->expandable) to_unmap.push_back(b);
+      else if (!b->is_split()) whole.push_back(b);
     });
+  }
   for (Block* b : whole)
     if (b->in_index && !b->is_split()) release_block(b);  // a Python raw free may have re-entered
   for (Block* b : to_unmap) {

@@ -169,8 +169,8 @@ class alignas(64) DeviceAllocator {
   bool release_available_cached_blocks(const Request& r);
   void release_cached_blocks(Lock& lock, MempoolId pool);
   // Releases whole free segments and unmaps free expandable pages, except those of stream
-  // `keep_mapped` (-1: none).
-  void release_pool_blocks(BlockPool& pool, StreamId keep_mapped);
+  // `keep` (-1: none).
+  void release_pool_blocks(BlockPool& pool, StreamId keep);
   void release_block(Block* b);
   void forget_segment(Segment* seg);
   void garbage_collect_cached_blocks();

@@ -888,3 +888,19 @@ def test_failing_deferred_call_raises_DeferredMtiaCallError():
             raise AssertionError("no DeferredMtiaCallError")
     """)
     assert out.strip() == "ok"
+
+
+def test_empty_cache_waits_for_the_streams_that_own_the_memory_it_gives_back():
+    # As cudaFree synchronizes the device: a block freed in stream order may still be used
+    # by a kernel queued before the free, so its segment goes back to the device only once
+    # that stream is idle.
+    s = mtia.Stream()
+    done = []
+    for size in (1 << 20, 30 << 20):                     # a small-pool and a large-pool segment
+        p = mtia.caching_allocator_alloc(size, stream=s)
+        emulator.sleep(BUSY_MS, stream=s)                # "the kernel using p"
+        emulator.launch(done.append, size, stream=s)
+        mtia.caching_allocator_delete(p)                 # legal: later work on s is ordered after it
+        mtia.empty_cache()
+        assert done[-1:] == [size]                       # the kernel finished before the release
+        assert mtia.memory_reserved() == 0
