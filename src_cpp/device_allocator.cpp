@@ -578,37 +578,15 @@ void DeviceAllocator::empty_cache(MempoolId pool) {
 }
 
 void DeviceAllocator::release_cached_blocks(Lock& lock, MempoolId id) {
-  // Memory goes back to the device only once the streams that own it are idle, as
-  // cudaFree (and unmapping) synchronizes the device: a kernel queued before a free on
-  // the same stream may still use the block. They are waited for with the lock dropped,
-  // as for events. Called from a kernel on one of those streams (its worker thread),
-  // that stream cannot be waited for: its segments and pages stay, since kernels queued
-  // after this one may still use them.
-  std::vector<Stream*> owners;
-  StreamId busy_stream = -1;
-  for (Segment* seg : segments_) {
-    Stream* st = emulator_->device(device_).stream(seg->stream);
-    if (!st) continue;
-    if (st->is_current_worker()) busy_stream = seg->stream;
-    else if (std::find(owners.begin(), owners.end(), st) == owners.end()) owners.push_back(st);
-  }
-  if (!owners.empty() && captures_underway_.empty()) {
-    lock.unlock();
-    {
-      BlockingScope blocking;
-      for (Stream* st : owners) st->synchronize();
-    }
-    lock_blocking(mu_);
-    lock = Lock(mu_, std::adopt_lock);
-  }
   if (id.is_default()) {
-    if (captures_underway_.empty()) {
-      synchronize_and_free_events(lock, nullptr);
-      release_pool_blocks(large_blocks_, busy_stream);
-      release_pool_blocks(small_blocks_, busy_stream);
-    }
+    if (captures_underway_.empty()) synchronize_and_free_events(lock, nullptr);
   } else if (PrivatePool* p = find_pool(id); p && p->use_count == 0 && captures_underway_.empty()) {
     synchronize_and_free_events(lock, p);
+  }
+  const StreamId busy_stream = captures_underway_.empty() ? wait_for_segment_owners(lock) : -1;
+  if (id.is_default() && captures_underway_.empty()) {
+    release_pool_blocks(large_blocks_, busy_stream);
+    release_pool_blocks(small_blocks_, busy_stream);
   }
   // Freeable private pools (use count 0) give back their fully free segments.
   std::vector<MempoolId> gone;
@@ -619,6 +597,32 @@ void DeviceAllocator::release_cached_blocks(Lock& lock, MempoolId id) {
     if (p->segment_count == 0) gone.push_back(pid);
   }
   for (MempoolId pid : gone) pools_.erase(pid);
+}
+
+// Memory goes back to the device only once the streams that own it are idle, as cudaFree
+// (and unmapping) synchronizes the device: a kernel queued before a free on the same
+// stream may still use the block. They are waited for with the lock dropped, as for
+// events. Called from a kernel on one of those streams (its worker thread), that stream
+// cannot be waited for: it is returned, and its segments and pages stay, since kernels
+// queued after this one may still use them. Otherwise returns -1.
+StreamId DeviceAllocator::wait_for_segment_owners(Lock& lock) {
+  std::vector<Stream*> owners;
+  StreamId busy_stream = -1;
+  for (Segment* seg : segments_) {
+    Stream* st = emulator_->device(device_).stream(seg->stream);
+    if (!st) continue;
+    if (st->is_current_worker()) busy_stream = seg->stream;
+    else if (std::find(owners.begin(), owners.end(), st) == owners.end()) owners.push_back(st);
+  }
+  if (owners.empty()) return busy_stream;
+  lock.unlock();
+  {
+    BlockingScope blocking;
+    for (Stream* st : owners) st->synchronize();
+  }
+  lock_blocking(mu_);
+  lock = Lock(mu_, std::adopt_lock);
+  return busy_stream;
 }
 
 void DeviceAllocator::release_pool_blocks(BlockPool& pool, StreamId keep) {

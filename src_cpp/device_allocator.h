@@ -168,6 +168,7 @@ class alignas(64) DeviceAllocator {
   Block* try_use_on_oom_pools(const Request& r);
   bool release_available_cached_blocks(const Request& r);
   void release_cached_blocks(Lock& lock, MempoolId pool);
+  StreamId wait_for_segment_owners(Lock& lock);  // the calling kernel's stream, or -1
   // Releases whole free segments and unmaps free expandable pages, except those of stream
   // `keep` (-1: none).
   void release_pool_blocks(BlockPool& pool, StreamId keep);
