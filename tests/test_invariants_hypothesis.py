@@ -157,6 +157,7 @@ class LimitedAllocatorMachine(RuleBasedStateMachine):
         mtia.set_per_process_memory_fraction(1.0, 0)
         mtia.empty_cache()
         self.live = []
+        self.sizes = {}  # live ptr -> requested size
 
     @rule(conf=st.sampled_from(LIMITED_CONFS), allowed_mib=st.sampled_from([64, 128, 256]))
     def configure(self, conf, allowed_mib):
@@ -168,9 +169,14 @@ class LimitedAllocatorMachine(RuleBasedStateMachine):
     def alloc(self, size, stream):
         before = mtia.memory_reserved(0)
         try:
-            self.live.append(mtia.caching_allocator_alloc(size, 0, streams_of(0)[stream]))
+            ptr = mtia.caching_allocator_alloc(size, 0, streams_of(0)[stream])
         except mtia.OutOfMemoryError:
             pass
+        else:
+            for other, other_size in self.sizes.items():  # never memory that is handed out already
+                assert ptr + size <= other or other + other_size <= ptr, "overlapping blocks"
+            self.live.append(ptr)
+            self.sizes[ptr] = size
         # a lowered limit frees nothing by itself (as in PyTorch), but no malloc grows past it
         allowed = mtia.get_per_process_memory_fraction(0) * self.total
         assert mtia.memory_reserved(0) <= max(before, allowed + 1)
@@ -179,6 +185,7 @@ class LimitedAllocatorMachine(RuleBasedStateMachine):
     @rule(data=st.data(), record=st.booleans())
     def free(self, data, record):
         ptr = self.live.pop(data.draw(st.integers(0, len(self.live) - 1), label="index"))
+        del self.sizes[ptr]
         if record:
             mtia.emulator.sleep(1, stream=streams_of(0)[1])
             mtia.record_stream(ptr, streams_of(0)[1])
