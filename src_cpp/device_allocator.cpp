@@ -121,13 +121,13 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
   if (!block) {
     r.alloc_size = segment_size_for(r.size);
     // 4a. Garbage-collect old cached blocks when a fraction and a threshold are set.
-    if (allowed_memory_maximum_ && config_->garbage_collection_threshold > 0) garbage_collect_cached_blocks();
+    if (allowed_memory_maximum_ && config_->garbage_collection_threshold > 0) garbage_collect_cached_blocks(lock);
     // 4b. A new segment from the device.
     block = alloc_block(r, false);
     // 4c. Default-pool requests may take a cached block of a use_on_oom pool.
     if (!block && !r.pool->owner) block = try_use_on_oom_pools(r);
     // 4d. Release oversize cached blocks (only with max_split_size) and retry.
-    if (!block && release_available_cached_blocks(r)) block = alloc_block(r, false);
+    if (!block && release_available_cached_blocks(lock, r)) block = alloc_block(r, false);
     // 4e. Empty the whole cache (not during a capture) and retry once more.
     if (!block && captures_underway_.empty()) {
       release_cached_blocks(lock, MempoolId{});
@@ -239,11 +239,13 @@ Block* DeviceAllocator::try_use_on_oom_pools(const Request& r) {
 }
 
 // §4.5: with max_split_size set, give back oversize cached blocks of the request's pool.
-bool DeviceAllocator::release_available_cached_blocks(const Request& r) {
+bool DeviceAllocator::release_available_cached_blocks(Lock& lock, const Request& r) {
   const size_t M = max_split();
   if (M == AllocatorConfig::kUnlimited) return false;
   FreeIndex* idx = r.pool->index(r.stream);
   if (!idx || idx->empty()) return false;
+  // Blocks of the calling kernel's own stream stay (see wait_for_segment_owners).
+  if (wait_for_segment_owners(lock) == r.stream) return false;
   size_t key = std::max(r.size, M);
   // A block of a split segment is never released. Blocks >= max_split_size are whole
   // segments while the setting stays put, but a lower max_split_size set at run time makes
@@ -271,20 +273,24 @@ bool DeviceAllocator::release_available_cached_blocks(const Request& r) {
 // passes, until the reserved memory is back under threshold * allowed. As in PyTorch a
 // pass does not stop at the target (so the GC does not run again at once), and the mean
 // counts expandable blocks, which are never released.
-void DeviceAllocator::garbage_collect_cached_blocks() {
+void DeviceAllocator::garbage_collect_cached_blocks(Lock& lock) {
   size_t threshold = size_t(config_->garbage_collection_threshold * double(allowed_memory_maximum_));
   if (total_allocated_memory_ <= threshold) return;
+  const StreamId busy_stream = wait_for_segment_owners(lock);  // its blocks stay
+  if (total_allocated_memory_ <= threshold) return;  // the lock was dropped: look again
   const size_t target = total_allocated_memory_ - threshold;
   const uint64_t now = large_blocks_.get_free_blocks_call_count;
   std::vector<std::pair<Block*, uint64_t>> candidates;  // (block, age); block nulled once released
   uint64_t age_sum = 0;
-  for (auto& [s, idx] : large_blocks_.by_stream)
+  for (auto& [s, idx] : large_blocks_.by_stream) {
+    if (s == busy_stream) continue;
     idx->for_each([&](Block* b) {
       if (!b->is_split()) {
         candidates.emplace_back(b, now - b->gc_count_base);
         age_sum += now - b->gc_count_base;
       }
     });
+  }
   size_t reclaimed = 0, remaining = candidates.size();
   bool freed_any = true;
   while (reclaimed < target && freed_any && remaining > 0) {
@@ -612,7 +618,7 @@ StreamId DeviceAllocator::wait_for_segment_owners(Lock& lock) {
     Stream* st = emulator_->device(device_).stream(seg->stream);
     if (!st) continue;
     if (st->is_current_worker()) busy_stream = seg->stream;
-    else if (std::find(owners.begin(), owners.end(), st) == owners.end()) owners.push_back(st);
+    else if (!st->query() && std::find(owners.begin(), owners.end(), st) == owners.end()) owners.push_back(st);
   }
   if (owners.empty()) return busy_stream;
   lock.unlock();

@@ -166,7 +166,7 @@ class alignas(64) DeviceAllocator {
   MTIA_INLINE Block* get_free_block(const Request& r, BlockPool* pool);
   Block* alloc_block(const Request& r, bool is_retry);
   Block* try_use_on_oom_pools(const Request& r);
-  bool release_available_cached_blocks(const Request& r);
+  bool release_available_cached_blocks(Lock& lock, const Request& r);
   void release_cached_blocks(Lock& lock, MempoolId pool);
   StreamId wait_for_segment_owners(Lock& lock);  // the calling kernel's stream, or -1
   // Releases whole free segments and unmaps free expandable pages, except those of stream
@@ -174,7 +174,7 @@ class alignas(64) DeviceAllocator {
   void release_pool_blocks(BlockPool& pool, StreamId keep);
   void release_block(Block* b);
   void forget_segment(Segment* seg);
-  void garbage_collect_cached_blocks();
+  void garbage_collect_cached_blocks(Lock& lock);
   MTIA_INLINE uintptr_t alloc_found_block(const Request& r, Block* block);
   MTIA_INLINE void free_block(Block* b);
   void begin_pending(Block* b);  // a user free that must wait (events or a capture)

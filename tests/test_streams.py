@@ -904,3 +904,32 @@ def test_empty_cache_waits_for_the_streams_that_own_the_memory_it_gives_back():
         mtia.empty_cache()
         assert done[-1:] == [size]                       # the kernel finished before the release
         assert mtia.memory_reserved() == 0
+
+
+@pytest.mark.parametrize("conf, size, same_stream", [
+    ("max_split_size_mb:100", 125 * MiB, True),            # oversize release, step 4d
+    ("garbage_collection_threshold:0.5", 140 * MiB, False),  # garbage collection, step 4a
+    ("", 140 * MiB, False),                                 # the full flush, step 4e
+])
+def test_the_malloc_ladder_releases_a_segment_only_once_its_stream_is_idle(conf, size, same_stream):
+    # The oversize release (§4.5), the garbage collector (§4.4) and the flush give segments
+    # back to the device like empty_cache: after the owning stream's queued kernels have run.
+    mtia.empty_cache()
+    total = mtia.mem_get_info(0)[1]
+    s = mtia.Stream()
+    mtia.memory._set_allocator_settings(conf)
+    mtia.set_per_process_memory_fraction(280 * MiB / total, 0)
+    done = []
+    keep = mtia.caching_allocator_alloc(5 * MiB)        # a 20 MiB segment that stays
+    p = mtia.caching_allocator_alloc(150 * MiB, stream=s)
+    emulator.sleep(BUSY_MS, stream=s)                    # "the kernel using p"
+    emulator.launch(done.append, 1, stream=s)
+    mtia.caching_allocator_delete(p)                     # cached, in stream order
+    before = mtia.memory_stats(0)["num_device_free"]
+    q = mtia.caching_allocator_alloc(size, stream=s if same_stream else None)  # p's segment must go
+    try:
+        assert mtia.memory_stats(0)["num_device_free"] == before + 1
+        assert done == [1]                               # ... but only after the kernel ran
+    finally:
+        mtia.caching_allocator_delete(q)
+        mtia.caching_allocator_delete(keep)
