@@ -9,26 +9,33 @@ def _replay_cmd(args):
     from . import _replay
     from ._trace import read_trace
     from .snapshot import is_html_name
-    for name, v, low in (("--repeat", args.repeat, 1), ("--fail-after", args.fail_after, 0),
-                         ("--fail-every", args.fail_every, 0), ("--device", args.device, 0)):
-        if v is not None and v < low:
-            raise ValueError(f"{name} must be at least {low}, got {v}")
+    bounds = (("--repeat", args.repeat, 1, MAX_REPEAT), ("--fail-after", args.fail_after, 0, 2**63 - 1),
+              ("--fail-every", args.fail_every, 0, 2**63 - 1), ("--device", args.device, 0, 63))
+    for name, v, low, high in bounds:
+        if v is not None and not low <= v <= high:
+            raise ValueError(f"{name} must be between {low} and {high}, got {v}")
     if args.fail_every and args.fail_after is None:
         raise ValueError("--fail-every needs --fail-after")
-    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
-        raise ValueError(f"--plot: no directory for {args.plot}")
-    if args.plot and not is_html_name(args.plot):
-        raise ValueError(f"--plot writes an HTML page with an inline SVG picture; name it .html, not {args.plot!r}")
+    if args.plot:
+        _check_plot_path(args.plot, is_html_name)
     try:
         _replay.setup_allocator(args.memory, args.conf)
-    except ValueError as e:
-        raise ValueError(str(e).replace("memory_per_device", "--memory")) from None
+    except (ValueError, RuntimeError) as e:
+        # name the input the bad value came from: the flag, or else the environment
+        memory = "--memory" if args.memory else "MTIA_EMULATOR_MEMORY"
+        conf = "--conf " if args.conf is not None else "MTIA_ALLOC_CONF="
+        raise type(e)(str(e).replace("memory_per_device", memory).replace("MTIA_ALLOC_CONF=", conf)) from None
     try:
         trace = read_trace(args.trace, device=args.device, rebuild=not args.no_rebuild, flush=not args.no_flush)
     except OSError as e:
         raise OSError(f"cannot read the trace {args.trace}: {e.strerror or e}") from None
     if trace.trace_events == 0:
-        raise ValueError(f"{args.trace}: no allocation events to replay")
+        raise ValueError(f"{args.trace}: no allocation events to replay"
+                         + (f" ({trace.skipped} events skipped: sizes <= 0, frees of unknown ids, duplicate ids)"
+                            if trace.skipped else ""))
+    if trace.skipped and args.json:  # the text output reports them with the trace line
+        print(f"warning: {trace.skipped} events skipped (sizes <= 0, frees of unknown ids, duplicate ids)",
+              file=sys.stderr)
     merge = args.streams == "merge"
     results = _replay.replay(trace, repeat=args.repeat, latency=args.latency, merge_streams=merge,
                              fail_after=args.fail_after, fail_every=args.fail_every)
@@ -138,6 +145,26 @@ def _replay_cmd(args):
     return 0
 
 
+MAX_REPEAT = 100_000  # every pass's figures are kept until the end
+
+
+def _check_plot_path(path, is_html_name):
+    """Refuses a --plot file that cannot be written, before the replay runs."""
+    if not is_html_name(path):
+        raise ValueError(f"--plot writes an HTML page with an inline SVG picture; name it .html, not {path!r}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"--plot: no directory for {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"--plot: {path} is a directory")
+    existed = os.path.exists(path)
+    try:
+        open(path, "a").close()
+    except OSError as e:
+        raise ValueError(f"--plot: cannot write {path}: {e.strerror or e}") from None
+    if not existed:
+        os.remove(path)
+
+
 def _start_note(trace):
     from ._replay import fmt_bytes
     info = trace.info
@@ -166,6 +193,9 @@ def _peer(args, trace, _replay):
 
 def _bench_cmd(args):
     from .bench_suite import run_bench
+    for flag, path in (("--torch-build", args.torch_build), ("--traces", args.traces)):
+        if path is not None and not os.path.isdir(path):
+            raise ValueError(f"{flag}: no directory {path}")
     return run_bench(quick=args.quick, torch_build=args.torch_build, traces_dir=args.traces)
 
 

@@ -102,6 +102,8 @@ class _Builder:
         return idx
 
     def alloc(self, key, size, stream):
+        if size >= 1 << 64:
+            raise ValueError(f"size {size} does not fit in 64 bits")
         if key in self.live or size <= 0:
             self.skipped += 1
             return
@@ -141,9 +143,9 @@ class _Builder:
 def _open_text(path):
     with open(path, "rb") as f:
         magic = f.read(2)
-    if magic == b"\x1f\x8b":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+    if magic == b"\x1f\x8b":  # utf-8-sig: a byte-order mark is dropped
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def _head(path, n=64):
@@ -166,8 +168,10 @@ def read_trace(path, device=None, rebuild=True, flush=True):
     releases become cache flushes (trace_from_snapshot)."""
     path = str(path)
     head = _head(path)
-    stripped = head.lstrip()
-    if head[:1] == b"\x80" or stripped[:1] in (b"{", b"["):  # a pickle, or a JSON snapshot
+    stripped = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    # A pickle (protocol 2+ starts with PROTO; 0 and 1 with a mark or an empty container,
+    # which no CSV line does), or a JSON snapshot.
+    if head[:1] in (b"\x80", b"(", b"}", b"]") or stripped[:1] in (b"{", b"["):
         from .snapshot import load
         try:
             snap = load(path)
@@ -298,7 +302,7 @@ def round_size(size, divisions=None):
 def _as_int(v, default=0):
     try:
         return int(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
         return default
 
 

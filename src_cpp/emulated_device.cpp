@@ -178,10 +178,12 @@ size_t parse_memory_size(const std::string& text, const std::string& what) {
   else if (unit == "m" || unit == "mb" || unit == "mib") mult = 1024.0 * 1024;
   else if (unit == "g" || unit == "gb" || unit == "gib") mult = 1024.0 * 1024 * 1024;
   else if (unit == "t" || unit == "tb" || unit == "tib") mult = 1024.0 * 1024 * 1024 * 1024;
-  if (t.empty() || end == t.c_str() || mult == 0 || !std::isfinite(v) || v <= 0 || v * mult > 64.0 * (1ull << 40))
+  if (t.empty() || end == t.c_str() || mult == 0 || !std::isfinite(v))
     throw InvalidArgument(what + ": cannot parse '" + text +
                           "' as a memory size; expected a positive number with an optional unit "
                           "(B, KiB, MiB, GiB, TiB), e.g. 512MiB or 16GiB, at most 64TiB");
+  if (v <= 0 || v * mult > 64.0 * (1ull << 40))
+    throw InvalidArgument(what + ": '" + text + "' is out of range: a device holds more than 0 bytes and at most 64TiB");
   return size_t(v * mult) & ~size_t(4095);  // whole pages (callers require at least 1 MiB)
 }
 

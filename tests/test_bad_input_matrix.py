@@ -652,7 +652,7 @@ ENV_CASES = {
     "devices-1.5": ({"MTIA_EMULATOR_DEVICES": "1.5"}, PROBE, "ValueError",
                     r"MTIA_EMULATOR_DEVICES must be a whole number of devices, got '1\.5'"),
     "memory--1": ({"MTIA_EMULATOR_MEMORY": "-1"}, PROBE, "ValueError",
-                  r"MTIA_EMULATOR_MEMORY: cannot parse '-1' as a memory size"),
+                  r"MTIA_EMULATOR_MEMORY: '-1' is out of range"),
     "memory-abc": ({"MTIA_EMULATOR_MEMORY": "abc"}, PROBE, "ValueError",
                    r"MTIA_EMULATOR_MEMORY: cannot parse 'abc' as a memory size"),
     "memory-1PiB": ({"MTIA_EMULATOR_MEMORY": "1PiB"}, PROBE, "ValueError",

@@ -274,6 +274,13 @@ def bad_files(tmp_path_factory):
     (d / "truncated.pickle").write_bytes(pickle.dumps({"segments": [], "device_traces": [[]] * 3}, protocol=4)[:20])
     (d / "bad.csv.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
     (d / "bad_op.csv").write_text("op,id,size_bytes,stream\na,0,512,0\nx,0,512,0\n")
+    (d / "huge.csv").write_text("op,id,size_bytes,stream\na,0,18446744073709551616,0\nf,0,0,0\n")
+    (d / "huge.rmm.csv").write_text("Thread,Time,Action,Pointer,Size,Stream\n1,0.1,allocate,0x10,%d,0x0\n" % 2**64)
+    (d / "huge.pickle").write_bytes(pickle.dumps(
+        {"segments": [], "device_traces": [[{"action": "alloc", "addr": 1, "size": 2**64, "stream": 0}]]}))
+    (d / "inf.json").write_text('{"segments": [], "device_traces": [[{"action": "alloc", "addr": 1, '
+                                '"size": 1e30, "stream": 0}]]}')
+    (d / "only_bad.csv").write_text("op,id,size_bytes,stream\na,0,-5,0\nf,1,512,0\n")
     return d
 
 
@@ -286,8 +293,17 @@ def bad_files(tmp_path_factory):
     ("truncated.pickle", [], "not a snapshot pickle"),
     ("bad.csv.gz", [], "not a readable gzip file"),
     ("bad_op.csv", [], "unknown op 'x'"),
-    ("<csv>", ["--repeat", "0"], "--repeat must be at least 1"),
-    ("<csv>", ["--fail-after", "-2"], "--fail-after must be at least 0"),
+    ("huge.csv", [], "does not fit in 64 bits"),
+    ("huge.rmm.csv", [], "does not fit in 64 bits"),
+    ("huge.pickle", [], "does not fit in 64 bits"),
+    ("inf.json", [], "does not fit in 64 bits"),
+    ("only_bad.csv", [], "no allocation events to replay (2 events skipped"),
+    ("<csv>", ["--repeat", "0"], "--repeat must be between 1 and 100000"),
+    ("<csv>", ["--repeat", "99999999999999999999"], "--repeat must be between 1 and 100000"),
+    ("<csv>", ["--fail-after", "-2"], "--fail-after must be between 0 and"),
+    ("<csv>", ["--fail-after", str(2**64)], "--fail-after must be between 0 and"),
+    ("<csv>", ["--conf", "no_such_option:1"], "--conf 'no_such_option:1'"),
+    ("<csv>", ["--plot", "/tmp"], "--plot: /tmp is a directory"),
     ("<csv>", ["--fail-every", "2"], "--fail-every needs --fail-after"),
     ("<csv>", ["--conf", "no_such_option:1"], "no_such_option"),
     ("<csv>", ["--device", "1"], "--device applies to snapshot inputs only"),
@@ -307,6 +323,45 @@ def test_bad_inputs_exit_2_with_a_message(bad_files, csv_trace, name, extra, mes
 def test_bad_memory_size(csv_trace):
     p = replay(csv_trace[0], "--memory", "lots", memory=None)
     assert p.returncode == 2 and "--memory: cannot parse 'lots'" in p.stderr
+    p = replay(csv_trace[0], "--memory", "0", memory=None)
+    assert p.returncode == 2 and "--memory: '0' is out of range" in p.stderr
+
+
+def test_errors_name_the_environment_variable_the_bad_value_came_from(csv_trace):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MTIA_EMULATOR_MEMORY="garbage", MTIA_ALLOC_CONF="foo:1")
+    p = subprocess.run([sys.executable, "-m", "mtia_alloc", "replay", str(csv_trace[0])], capture_output=True,
+                       text=True, cwd=ROOT, env=env, timeout=120)
+    assert p.returncode == 2 and "MTIA_EMULATOR_MEMORY: cannot parse 'garbage'" in p.stderr
+    env["MTIA_EMULATOR_MEMORY"] = "4GiB"
+    p = subprocess.run([sys.executable, "-m", "mtia_alloc", "replay", str(csv_trace[0])], capture_output=True,
+                       text=True, cwd=ROOT, env=env, timeout=120)
+    assert p.returncode == 2 and "MTIA_ALLOC_CONF='foo:1'" in p.stderr
+
+
+def test_old_pickle_protocols_bom_and_skipped_events_are_handled(tmp_path):
+    snap = {"segments": [], "device_traces": [[{"action": "alloc", "addr": 4096, "size": 512, "stream": 0},
+                                               {"action": "free_completed", "addr": 4096, "size": 512,
+                                                "stream": 0}]]}
+    for protocol in (0, 1):
+        path = tmp_path / f"p{protocol}.pickle"
+        path.write_bytes(pickle.dumps(snap, protocol=protocol))
+        assert figure(ok(path), "events") == 2
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufeffop,id,size_bytes,stream\na,0,512,0\nf,0,512,0\n".encode())
+    assert figure(ok(bom), "events") == 2
+    skipped = tmp_path / "skipped.csv"
+    skipped.write_text("op,id,size_bytes,stream\na,0,512,0\na,1,-5,0\nf,7,512,0\nf,0,512,0\n")
+    p = replay(skipped, "--json")
+    assert p.returncode == 0 and "warning: 2 events skipped" in p.stderr
+    assert json.loads(p.stdout)["events"] == 2
+
+
+def test_bench_refuses_paths_that_do_not_exist():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for flag in ("--traces", "--torch-build"):
+        p = subprocess.run([sys.executable, "-m", "mtia_alloc", "bench", "--quick", flag, "/no/such/dir"],
+                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        assert p.returncode == 2 and f"{flag}: no directory /no/such/dir" in p.stderr
 
 
 def test_compare_torch_json(csv_trace):
