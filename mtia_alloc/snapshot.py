@@ -22,6 +22,8 @@ import gzip
 import html
 import io
 import json
+import math
+import operator
 import os
 import pickle
 import sys
@@ -77,6 +79,8 @@ def load(path):
         data = f.read()
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
+    if data[:3] == b"\xef\xbb\xbf":  # a UTF-8 BOM, as some Windows editors and tools write JSON
+        data = data[3:]
     head = data.lstrip()[:1]
     if head in (b"{", b"["):
         try:
@@ -130,16 +134,109 @@ def _normalize(obj):
         out["device_traces"] = traces if isinstance(traces, list) and all(isinstance(t, list) for t in traces) else []
     out.setdefault("allocator_settings", {})
     out.setdefault("external_annotations", [])
+    _validate(out)
     # the memory_viz page needs device_traces[d] for every device d that has a segment
-    devices = [s.get("device", 0) for s in out["segments"] if isinstance(s, dict)]
-    need = max((d for d in devices if type(d) is int), default=-1) + 1
-    if isinstance(out["device_traces"], list) and len(out["device_traces"]) < need:
+    need = max((int(s.get("device", 0)) for s in out["segments"]), default=-1) + 1
+    if len(out["device_traces"]) < need:
         out["device_traces"] = list(out["device_traces"]) + [[] for _ in range(need - len(out["device_traces"]))]
     return out
 
 
+_LIMIT = 1 << 64    # a device address or size fits in 64 bits
+_MAX_DEVICE = 1024  # device_traces is padded to one list per device: keep that list small
+# trace actions whose size moves the memory curves (memory_over_time): they must carry one
+_SIZED_ACTIONS = ("alloc", "free_requested", "free_completed", "free", "segment_alloc", "segment_free",
+                  "segment_map", "segment_unmap")
+
+
+def _uint(d, key, where, limit=_LIMIT):
+    """d[key] as an int in [0, limit), else a ValueError/TypeError saying where and what is wrong."""
+    if key not in d:
+        raise ValueError(f"{where}: no {key!r}")
+    return _uint_value(d[key], f"{where}: {key!r}", limit)
+
+
+def _uint_value(v, what, limit=_LIMIT):
+    """v as an int in [0, limit). Integral floats (JSON writers) and numpy integers are accepted,
+    as int() did before; NaN, infinities, bools, strings and values past 64 bits are not."""
+    if type(v) is int and 0 <= v < limit:  # the common case, kept fast for 100k-block snapshots
+        return v
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ValueError(f"{what} is {v}, not a finite number")
+        if not v.is_integer():
+            raise ValueError(f"{what} is {v}, not a whole number")
+        v = int(v)
+    elif isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{what} must be an integer, got {type(v).__name__} {v!r:.40}")
+    v = operator.index(v)
+    if v < 0:
+        raise ValueError(f"{what} is negative ({v})")
+    if v >= limit:
+        raise ValueError(f"{what} is {v}: out of range (must be below {limit:#x})")
+    return v
+
+
+def _validate(snap):
+    """Checks the structure every consumer (Segment, summary, plot, memory_over_time) relies on,
+    so that bad input fails here with a message naming the segment, block or trace entry, and
+    never later with an AttributeError/IndexError or with impossible figures."""
+    segments = snap["segments"]
+    if not isinstance(segments, (list, tuple)):
+        raise TypeError(f"'segments' must be a list of segment dicts, got {type(segments).__name__}")
+    for i, seg in enumerate(segments):
+        where = f"segment {i}"
+        if not isinstance(seg, dict):
+            raise TypeError(f"{where}: must be a dict, got {type(seg).__name__} {seg!r:.40}")
+        if "device" in seg:
+            _uint(seg, "device", where, _MAX_DEVICE)
+        _uint(seg, "address", where)
+        total = _uint(seg, "total_size", where)
+        stream = seg.get("stream")
+        if stream is not None:  # a stream handle: a 64-bit integer of either sign
+            _uint_value(abs(stream) if isinstance(stream, (int, float)) else stream, f"{where}: 'stream'")
+        pool = seg.get("segment_pool_id")
+        if isinstance(pool, (list, tuple)):
+            for x in pool:
+                _uint_value(x, f"{where}: 'segment_pool_id' item")
+        blocks = seg.get("blocks", ())
+        if not isinstance(blocks, (list, tuple)):
+            raise TypeError(f"{where}: 'blocks' must be a list of block dicts, got {type(blocks).__name__}")
+        used = 0
+        for j, b in enumerate(blocks):
+            bwhere = f"{where} block {j}"
+            if not isinstance(b, dict):
+                raise TypeError(f"{bwhere}: must be a dict, got {type(b).__name__} {b!r:.40}")
+            used += _uint(b, "size", bwhere)
+            if b.get("requested_size") is not None:
+                _uint(b, "requested_size", bwhere)
+            else:
+                history = b.get("history")
+                if history and isinstance(history, list) and isinstance(history[0], dict) \
+                        and "real_size" in history[0]:
+                    _uint(history[0], "real_size", f"{bwhere} history[0]")
+        # PyTorch's total_size is the sum of the block sizes (the blocks tile the segment)
+        if used > total:
+            raise ValueError(f"{where}: its blocks hold {used} bytes, more than its total_size {total}")
+    traces = snap["device_traces"]
+    if not isinstance(traces, (list, tuple)):
+        raise TypeError(f"'device_traces' must be a list (one trace per device), got {type(traces).__name__}")
+    for d, trace in enumerate(traces):
+        if not isinstance(trace, (list, tuple)):
+            raise TypeError(f"device_traces[{d}] must be a list of trace entries, got {type(trace).__name__}")
+        for k, e in enumerate(trace):
+            if not isinstance(e, dict):
+                raise TypeError(f"device_traces[{d}][{k}] must be a dict, got {type(e).__name__} {e!r:.40}")
+            action = e.get("action")
+            if isinstance(action, str) and action in _SIZED_ACTIONS:
+                _uint(e, "size", f"device_traces[{d}][{k}] ({action})")
+
+
 def _where(frames):
     """'file.py:12 in fn' for the innermost frame outside mtia_alloc itself, or ''."""
+    if not isinstance(frames, (list, tuple)):
+        return ""
+    frames = [fr for fr in frames if isinstance(fr, dict)]  # display only: skip what is not a frame
     if not frames:
         return ""
     chosen = frames[0]
@@ -448,6 +545,16 @@ class Snapshot:
             return self.segments
         return [s for s in self.segments if s.device == device]
 
+    def _check_device(self, device):
+        """`device` if this snapshot has it (a segment or a trace list; device 0 of an empty
+        snapshot), else a ValueError naming the devices it has: a table of zeros would mislead."""
+        known = sorted(set(self.devices) | set(range(len(self.device_traces)))) or [0]
+        if isinstance(device, bool) or not hasattr(device, "__index__"):
+            raise TypeError(f"device must be an integer, got {type(device).__name__} {device!r:.40}")
+        if operator.index(device) not in known:
+            raise ValueError(f"device {device} is not in this snapshot (devices: {known})")
+        return operator.index(device)
+
     @property
     def reserved(self):
         return sum(s.total_size for s in self.segments)
@@ -490,6 +597,8 @@ class Snapshot:
     def fragmentation(self, device=None):
         """Free bytes inside partly used segments, releasable bytes and the largest free block
         per pool kind and per pool id (all devices, or one)."""
+        if device is not None:
+            device = self._check_device(device)
         return Fragmentation(self._segments_of(device))
 
     def _max_split_size(self):
@@ -505,6 +614,8 @@ class Snapshot:
         counted from the segments; the snapshot holds no history of the counters, so "peak"
         and "allocated" equal "current" and "freed" is 0 (the state as if built from empty).
         num_ooms counts the `oom` entries in the device trace."""
+        if device is not None:
+            device = self._check_device(device)
         cur = {m: {"all": 0, "small_pool": 0, "large_pool": 0} for m in _POOL_METRICS}
         max_split = self._max_split_size()
         oversize_allocations = oversize_segments = 0
@@ -552,7 +663,7 @@ class Snapshot:
         """The memory_summary() table of this state, one per device (or of `device`). Only the
         "Cur Usage" column is measured; see stats() for the other columns."""
         from .memory import _summary_table
-        devices = [device] if device is not None else (self.devices or [0])
+        devices = [self._check_device(device)] if device is not None else (self.devices or [0])
         tables = [_summary_table(self.stats(d), d, abbreviated) for d in devices]
         return "\n".join(tables)
 
@@ -562,12 +673,13 @@ class Snapshot:
         allocations, as the memory_viz timeline) and "reserved" (segment bytes), plus "oom"
         (indices of oom entries). The values at the end equal this snapshot's state; the
         start is inferred by undoing the trace."""
+        device = self._check_device(device)
         traces = self.device_traces
-        entries = traces[device] if 0 <= device < len(traces) else []
+        entries = traces[device] if device < len(traces) else []
         d_alloc, d_res = [], []
         for e in entries:
             a = e.get("action")
-            size = int(e.get("size", 0) or 0)
+            size = int(e["size"]) if a in _SIZED_ACTIONS else 0  # validated for these actions only
             if a == "alloc":
                 d_alloc.append(size), d_res.append(0)
             elif a in ("free_completed", "free"):
@@ -609,6 +721,10 @@ class Snapshot:
         """Writes a self-contained HTML page (inline SVG, no script, no network): the summary,
         a map of the segments coloured by block state, and memory over time rebuilt from the
         trace, for every device (or `device`). Returns path."""
+        if not is_html_name(os.fspath(path)):
+            raise ValueError(_not_html_message(os.fspath(path)))
+        if device is not None:
+            device = self._check_device(device)
         text = _render_html(self, device)
         with open(os.fspath(path), "w", encoding="utf-8") as f:
             f.write(text)
@@ -865,7 +981,7 @@ def summary_main(path):
         print()
         print(snap.summary(), end="")
     except (KeyError, TypeError, ValueError) as e:
-        print(f"mtia_alloc: malformed snapshot {path}: {e!r}", file=sys.stderr)
+        print(f"mtia_alloc: malformed snapshot {path}: {e}", file=sys.stderr)
         return 1
     return 0
 
@@ -875,11 +991,15 @@ def is_html_name(path):
     return os.path.splitext(path)[1].lower() in ("", ".html", ".htm")
 
 
+def _not_html_message(path):
+    return (f"plot writes an HTML page with inline SVG pictures; name it .html, not {path!r} "
+            "(raster formats would need an image library, which mtia_alloc does not depend on)")
+
+
 def plot_main(path, out):
     """`python -m mtia_alloc plot SNAPSHOT -o FILE`: writes the HTML view. Returns the exit status."""
     if not is_html_name(out):
-        print(f"mtia_alloc: plot writes an HTML page with inline SVG pictures; name it .html, not {out!r} "
-              "(raster formats would need an image library, which mtia_alloc does not depend on)", file=sys.stderr)
+        print(f"mtia_alloc: {_not_html_message(out)}", file=sys.stderr)
         return 2
     snap = _open(path)
     if snap is None:
@@ -890,7 +1010,7 @@ def plot_main(path, out):
         print(f"mtia_alloc: cannot write {out}: {e}", file=sys.stderr)
         return 1
     except (KeyError, TypeError, ValueError) as e:
-        print(f"mtia_alloc: malformed snapshot {path}: {e!r}", file=sys.stderr)
+        print(f"mtia_alloc: malformed snapshot {path}: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0

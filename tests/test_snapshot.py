@@ -6,6 +6,8 @@ import importlib
 import json
 import os
 import pickle
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -392,3 +394,163 @@ def test_big_snapshot_is_fast_and_its_plot_small(tmp_path):
     finally:
         for p in ptrs[1::2]:
             mtia.caching_allocator_delete(p)
+
+
+
+# ----------------------------------------------------------------------------- bad snapshots
+
+def _seg(**kw):
+    """A valid 2 MiB segment with one free block; keyword arguments replace its keys."""
+    d = {"device": 0, "address": 0x7F0000000000, "total_size": 2 * MiB, "stream": 0,
+         "blocks": [{"size": 2 * MiB, "state": "inactive"}]}
+    d.update(kw)
+    return d
+
+
+BAD_SNAPSHOTS = {  # name: (snapshot, what the message must say)
+    "list-of-ints": ([1, 2, 3], r"segment 0: must be a dict, got int"),
+    "segment-not-dict": ({"segments": [5, "x"]}, r"segment 0: must be a dict"),
+    "segments-not-list": ({"segments": "abc"}, r"'segments' must be a list"),
+    "traces-str": ({"segments": [], "device_traces": "abc"}, r"'device_traces' must be a list"),
+    "traces-dict": ({"segments": [_seg()], "device_traces": {"0": []}}, r"'device_traces' must be a list"),
+    "trace-not-list": ({"segments": [], "device_traces": ["abc"]}, r"device_traces\[0\] must be a list"),
+    "trace-entry-not-dict": ({"segments": [], "device_traces": [[{"action": "alloc", "size": 1}, 7]]},
+                             r"device_traces\[0\]\[1\] must be a dict"),
+    "trace-alloc-no-size": ({"segments": [], "device_traces": [[{"action": "alloc", "addr": 0}]]},
+                            r"device_traces\[0\]\[0\] \(alloc\): no 'size'"),
+    "trace-size-str": ({"segments": [], "device_traces": [[{"action": "segment_alloc", "size": "2MiB"}]]},
+                       r"device_traces\[0\]\[0\] \(segment_alloc\): 'size' must be an integer"),
+    "no-address": ({"segments": [{"total_size": 2 * MiB, "blocks": []}]}, r"segment 0: no 'address'"),
+    "no-total-size": ({"segments": [_seg(), {"address": 0, "blocks": []}]}, r"segment 1: no 'total_size'"),
+    "block-no-size": ({"segments": [_seg(blocks=[{"state": "inactive"}])]}, r"segment 0 block 0: no 'size'"),
+    "block-not-dict": ({"segments": [_seg(blocks=[None])]}, r"segment 0 block 0: must be a dict"),
+    "blocks-not-list": ({"segments": [_seg(blocks=5)]}, r"segment 0: 'blocks' must be a list"),
+    "active-block-overflows": ({"segments": [_seg(blocks=[{"size": 8 * MiB, "state": "active_allocated"}])]},
+                               r"segment 0: its blocks hold 8388608 bytes, more than its total_size 2097152"),
+    "free-block-overflows": ({"segments": [_seg(blocks=[{"size": 8 * MiB, "state": "inactive"}])]},
+                             r"its blocks hold"),
+    "negative-total-size": ({"segments": [_seg(total_size=-2 * MiB, blocks=[])]},
+                            r"segment 0: 'total_size' is negative \(-2097152\)"),
+    "negative-block-size": ({"segments": [_seg(blocks=[{"size": -5, "state": "inactive"}])]},
+                            r"segment 0 block 0: 'size' is negative \(-5\)"),
+    "negative-requested": ({"segments": [_seg(blocks=[{"size": 2 * MiB, "requested_size": -1,
+                                                       "state": "active_allocated"}])]},
+                           r"'requested_size' is negative"),
+    "size-str": ({"segments": [_seg(total_size="2097152")]}, r"'total_size' must be an integer, got str"),
+    "size-bool": ({"segments": [_seg(total_size=True, blocks=[])]}, r"'total_size' must be an integer, got bool"),
+    "total-size-2**64": ({"segments": [_seg(total_size=2 ** 64, blocks=[])]}, r"'total_size' is \d+: out of range"),
+    "address-2**64": ({"segments": [_seg(address=2 ** 70)]}, r"'address' is \d+: out of range"),
+    "size-1e30": ({"segments": [_seg(blocks=[{"size": 1e30, "state": "inactive"}])]}, r"'size' is \d+: out of range"),
+    "total-size-inf": ({"segments": [_seg(total_size=float("inf"))]}, r"'total_size' is inf, not a finite number"),
+    "address-nan": ({"segments": [_seg(address=float("nan"))]}, r"'address' is nan, not a finite number"),
+    "size-fraction": ({"segments": [_seg(blocks=[{"size": 0.5, "state": "inactive"}])]}, r"not a whole number"),
+    "device-negative": ({"segments": [_seg(device=-1)]}, r"'device' is negative"),
+    "device-huge": ({"segments": [_seg(device=10 ** 9)]}, r"'device' is 1000000000: out of range"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_SNAPSHOTS))
+def test_bad_snapshot_is_refused_when_built(name):
+    """Validated once in Snapshot(): a clear ValueError/TypeError naming the key and the segment,
+    never an AttributeError/KeyError/IndexError later, nor impossible figures from summary/plot."""
+    bad, message = BAD_SNAPSHOTS[name]
+    with pytest.raises((ValueError, TypeError), match=message):
+        Snapshot(bad)
+
+
+@pytest.mark.parametrize("good", [
+    {"segments": [_seg(total_size=2 * MiB + 0.0, blocks=[{"size": float(2 * MiB), "state": "inactive"}])]},
+    {"segments": [_seg(address=np.uint64(4096), total_size=np.int64(2 * MiB))]},
+    {"segments": [{"address": 0, "total_size": 0}]},  # no device, stream or blocks
+    {"segments": [_seg(stream=-5, frames="not frames", blocks=[{"size": MiB, "state": "active_allocated",
+                                                                 "frames": [7]}, {"size": MiB}])]},
+    {"segments": [], "device_traces": [[{"action": "oom", "time_us": 1}, {"action": "user_defined"}]]},
+    [_seg(), _seg(device=1, address=0x7F0000200000)],
+], ids=["integral-floats", "numpy-ints", "minimal-segment", "odd-optional-keys", "unsized-trace-entries",
+        "segment-list"])
+def test_unusual_but_valid_snapshots_still_load(good, tmp_path):
+    snap = Snapshot(good)
+    repr(snap), snap.summary(), snap.fragmentation(), [repr(b) for b in snap.blocks]
+    snap.plot(tmp_path / "ok.html")
+
+
+def test_json_snapshot_with_utf8_bom(tmp_path):
+    path = tmp_path / "snap.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(pytorch_snapshot()).encode())
+    assert snapmod.load(path)["segments"][0]["total_size"] == 2 * MiB
+    assert Snapshot(str(path)).reserved == 22 * MiB
+
+
+def test_device_not_in_the_snapshot_is_refused(tmp_path):
+    snap = Snapshot(pytorch_snapshot())  # device 0 with segments, device 1 with an empty trace
+    assert "device ID 0" in snap.summary() and "device ID 1" in snap.summary(device=1)
+    for call in (lambda d: snap.summary(device=d), snap.stats, snap.fragmentation, snap.memory_over_time,
+                 lambda d: snap.plot(tmp_path / "d.html", device=d)):
+        for device in (-1, 2):
+            with pytest.raises(ValueError, match=rf"device {device} is not in this snapshot \(devices: \[0, 1\]\)"):
+                call(device)
+    with pytest.raises(TypeError, match="device must be an integer"):
+        snap.summary(device="0")
+    assert not (tmp_path / "d.html").exists()
+    assert "device ID 0" in Snapshot({"segments": []}).summary(device=0)  # as summary() of an empty snapshot
+
+
+def test_plot_refuses_a_non_html_name(tmp_path):
+    snap = Snapshot(pytorch_snapshot())
+    with pytest.raises(ValueError, match=r"name it \.html, not '.*x\.png'"):
+        snap.plot(tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+CLI_BAD_FILES = {  # file name: contents (JSON text, or data to pickle)
+    "ints.pickle": [1, 2, 3],
+    "ints.json": "[1, 2, 3]",
+    "segments.pickle": {"segments": [5, "x"]},
+    "traces-str.json": '{"segments": [], "device_traces": "abc"}',
+    "no-address.pickle": BAD_SNAPSHOTS["no-address"][0],
+    "traces-dict.pickle": BAD_SNAPSHOTS["traces-dict"][0],
+    "overflow.pickle": BAD_SNAPSHOTS["active-block-overflows"][0],
+    "negative.pickle": BAD_SNAPSHOTS["negative-total-size"][0],
+    "too-big-block.pickle": BAD_SNAPSHOTS["free-block-overflows"][0],
+    "huge.pickle": BAD_SNAPSHOTS["total-size-2**64"][0],
+    "inf.json": '{"segments": [{"address": 0, "total_size": Infinity, "blocks": []}]}',
+    "nan.json": '{"segments": [{"address": NaN, "total_size": 4096, "blocks": []}]}',
+    "1e30.json": '{"segments": [{"address": 0, "total_size": 4096, "blocks": [{"size": 1e30}]}]}',
+}
+
+
+def _write_bad(tmp_path, name):
+    data, path = CLI_BAD_FILES[name], tmp_path / name
+    if isinstance(data, str):
+        path.write_text(data)
+    else:
+        path.write_bytes(pickle.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["summary", "plot"])
+@pytest.mark.parametrize("name", list(CLI_BAD_FILES))
+def test_cli_on_a_bad_snapshot_fails_with_one_line(tmp_path, capsys, name, command):
+    from mtia_alloc.__main__ import main
+    path, out = _write_bad(tmp_path, name), tmp_path / "out.html"
+    argv = ["summary", path] if command == "summary" else ["plot", path, "-o", str(out)]
+    assert main(argv) != 0
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("mtia_alloc: ") and "\n" not in err and "Traceback" not in err, err
+    assert "segment" in err or "device_traces" in err  # names what was wrong
+    assert not out.exists() and "reserved" not in captured.out
+
+
+def test_cli_bad_snapshot_in_a_fresh_interpreter(tmp_path):
+    """The real command line: non-zero exit, one `mtia_alloc:` line, no traceback."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mtia.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+    for name, argv in (("ints.pickle", ["summary"]), ("traces-str.json", ["plot", "-o", str(tmp_path / "o.html")]),
+                       ("inf.json", ["summary"]), ("overflow.pickle", ["plot", "-o", str(tmp_path / "o.html")])):
+        path = _write_bad(tmp_path, name)
+        r = subprocess.run([sys.executable, "-m", "mtia_alloc", argv[0], path, *argv[1:]], env=env,
+                           capture_output=True, text=True, timeout=120)
+        err = r.stderr.strip()
+        assert r.returncode != 0 and err.startswith("mtia_alloc: ") and "\n" not in err, (name, r.stderr)
+        assert not (tmp_path / "o.html").exists()
