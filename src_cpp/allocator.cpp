@@ -13,7 +13,7 @@ Allocator::Allocator(int device_count, size_t memory_per_device, const std::stri
   for (int d = 0; d < device_count; ++d) {
     devices_.push_back(std::make_unique<DeviceAllocator>(d, &emulator_, raw, &config_));
     DeviceMemory& mem = emulator_.device(d).memory();
-    device_ranges_.push_back(Range{mem.base(), mem.capacity()});
+    device_ranges_.push_back(Range{mem.base(), mem.span()});
   }
 }
 

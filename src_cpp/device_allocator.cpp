@@ -729,8 +729,8 @@ Block* DeviceAllocator::find_expandable_block(const Request& r) {
   // A new reservation for this pool and stream.
   DeviceMemory& mem = emulator_->device(device_).memory();
   const size_t page = pool->is_small ? kSmallBuffer : kLargeBuffer;
-  const size_t pages = (mem.capacity() + page - 1) / page;
-  const size_t size = (pages + pages / 8) * page;
+  const size_t cap = mem.capacity();
+  const size_t size = (cap + cap / 8 + page - 1) / page * page;  // PyTorch: numSegments(total + total / 8)
   void* base = mem.reserve_range(size);
   if (!base) return nullptr;
   auto* seg = new Segment();
@@ -766,7 +766,8 @@ bool DeviceAllocator::map_block(Block* to_map, size_t size, const Request& r) {
   const size_t page = seg->page_size;
   const size_t offset = to_map->ptr - seg->base;  // unmapped blocks start on page boundaries
   const size_t bytes = ((offset + size + page - 1) / page) * page - offset;
-  if (allowed_memory_maximum_ && total_allocated_memory_ + bytes > allowed_memory_maximum_) return false;
+  // No fraction check here: as in PyTorch, alloc_block checked the request's size, and
+  // whole pages may take the total up to a page past the limit.
   DeviceMemory& mem = emulator_->device(device_).memory();
   if (!mem.map_pages(reinterpret_cast<void*>(to_map->ptr), bytes)) return false;
   BlockPool* pool = pool_of(to_map);

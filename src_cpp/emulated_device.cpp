@@ -11,18 +11,18 @@
 
 namespace mtia {
 
-DeviceMemory::DeviceMemory(DeviceIndex device, size_t capacity) : device_(device), capacity_(capacity) {
+DeviceMemory::DeviceMemory(DeviceIndex device, size_t capacity)
+    : device_(device), capacity_(capacity), span_(2 * capacity) {
   if (capacity == 0) throw InvalidArgument("device memory capacity must be positive");
-  void* p = mmap(nullptr, capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                 -1, 0);
+  void* p = mmap(nullptr, span_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED)
-    throw InvalidState("could not reserve " + std::to_string(capacity) + " bytes of address space for device " +
+    throw InvalidState("could not reserve " + std::to_string(span_) + " bytes of address space for device " +
                        std::to_string(device));
   base_ = reinterpret_cast<uintptr_t>(p);
-  free_.emplace(0, capacity);
+  free_.emplace(0, span_);
 }
 
-DeviceMemory::~DeviceMemory() { munmap(reinterpret_cast<void*>(base_), capacity_); }
+DeviceMemory::~DeviceMemory() { munmap(reinterpret_cast<void*>(base_), span_); }
 
 size_t DeviceMemory::used() const {
   std::lock_guard<std::mutex> lock(mu_);
@@ -37,7 +37,7 @@ void DeviceMemory::reserve_for_runtime(size_t bytes) {
     throw InvalidArgument("a runtime reservation of " + std::to_string(bytes) + " bytes leaves nothing of a " +
                           std::to_string(capacity_) + "-byte device");
   if (bytes == 0) return;
-  free_.begin()->second -= bytes;  // the one free range [0, capacity) loses its top
+  free_.begin()->second -= bytes;  // the one free range [0, span) loses its top
   used_ = runtime_reserved_ = bytes;
 }
 
@@ -70,7 +70,7 @@ void* DeviceMemory::malloc(size_t size) {
     used_ += size;
     return reinterpret_cast<void*>(base_ + off);
   }
-  return nullptr;  // enough bytes in total, but no range large enough
+  return nullptr;  // unreachable while the span is twice the capacity
 }
 
 void DeviceMemory::free(void* ptr, size_t size) {

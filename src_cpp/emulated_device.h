@@ -41,6 +41,7 @@ class DeviceMemory {
   void unmap_pages(void* ptr, size_t size);
   size_t capacity() const { return capacity_; }
   uintptr_t base() const { return base_; }
+  size_t span() const { return span_; }  // the address range: [base, base + span)
   size_t used() const;
   // Keeps the top `bytes` of the range as used by the runtime; only before any allocation.
   void reserve_for_runtime(size_t bytes);
@@ -54,7 +55,11 @@ class DeviceMemory {
  private:
   bool inject_failure();  // caller holds mu_
   DeviceIndex device_;
-  size_t capacity_;
+  size_t capacity_;  // bytes that can be in use at once
+  // Addresses: twice the capacity, as the peer harness's fake cudaMalloc has, so that only
+  // bytes run out, never contiguous addresses (a real cudaMalloc is not limited by the
+  // fragmentation of physical memory either). Placement stays first fit, lowest address.
+  size_t span_;
   uintptr_t base_ = 0;
   mutable std::mutex mu_;                 // guards everything below
   std::map<uintptr_t, size_t> free_;      // offset -> length, address-ordered, coalesced
