@@ -612,13 +612,16 @@ void DeviceAllocator::release_cached_blocks(Lock& lock, MempoolId id) {
 // cannot be waited for: it is returned, and its segments and pages stay, since kernels
 // queued after this one may still use them. Otherwise returns -1.
 StreamId DeviceAllocator::wait_for_segment_owners(Lock& lock) {
+  std::vector<StreamId> ids;  // few distinct streams, however many segments
+  for (Segment* seg : segments_)
+    if (std::find(ids.begin(), ids.end(), seg->stream) == ids.end()) ids.push_back(seg->stream);
   std::vector<Stream*> owners;
   StreamId busy_stream = -1;
-  for (Segment* seg : segments_) {
-    Stream* st = emulator_->device(device_).stream(seg->stream);
+  for (StreamId id : ids) {
+    Stream* st = emulator_->device(device_).stream(id);
     if (!st) continue;
-    if (st->is_current_worker()) busy_stream = seg->stream;
-    else if (!st->query() && std::find(owners.begin(), owners.end(), st) == owners.end()) owners.push_back(st);
+    if (st->is_current_worker()) busy_stream = id;
+    else if (!st->query()) owners.push_back(st);
   }
   if (owners.empty()) return busy_stream;
   lock.unlock();

@@ -2,7 +2,6 @@
 #include "stream.h"
 
 #include <chrono>
-
 #include <string>
 
 #include "blocking.h"
