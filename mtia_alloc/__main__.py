@@ -8,7 +8,6 @@ import sys
 def _replay_cmd(args):
     from . import _replay
     from ._trace import read_trace
-    from .snapshot import is_html_name
     bounds = (("--repeat", args.repeat, 1, MAX_REPEAT), ("--fail-after", args.fail_after, 0, 2**63 - 1),
               ("--fail-every", args.fail_every, 0, 2**63 - 1), ("--device", args.device, 0, 63))
     for name, v, low, high in bounds:
@@ -17,7 +16,7 @@ def _replay_cmd(args):
     if args.fail_every and args.fail_after is None:
         raise ValueError("--fail-every needs --fail-after")
     if args.plot:
-        _check_plot_path(args.plot, is_html_name)
+        _check_plot_path(args.plot)
     try:
         _replay.setup_allocator(args.memory, args.conf)
     except (ValueError, RuntimeError) as e:
@@ -29,13 +28,11 @@ def _replay_cmd(args):
         trace = read_trace(args.trace, device=args.device, rebuild=not args.no_rebuild, flush=not args.no_flush)
     except OSError as e:
         raise OSError(f"cannot read the trace {args.trace}: {e.strerror or e}") from None
+    skipped = f"{trace.skipped} events skipped (sizes <= 0, frees of unknown ids, duplicate ids)"
     if trace.trace_events == 0:
-        raise ValueError(f"{args.trace}: no allocation events to replay"
-                         + (f" ({trace.skipped} events skipped: sizes <= 0, frees of unknown ids, duplicate ids)"
-                            if trace.skipped else ""))
+        raise ValueError(f"{args.trace}: no allocation events to replay" + (f" ({skipped})" if trace.skipped else ""))
     if trace.skipped and args.json:  # the text output reports them with the trace line
-        print(f"warning: {trace.skipped} events skipped (sizes <= 0, frees of unknown ids, duplicate ids)",
-              file=sys.stderr)
+        print(f"warning: {skipped}", file=sys.stderr)
     merge = args.streams == "merge"
     results = _replay.replay(trace, repeat=args.repeat, latency=args.latency, merge_streams=merge,
                              fail_after=args.fail_after, fail_every=args.fail_every)
@@ -148,10 +145,11 @@ def _replay_cmd(args):
 MAX_REPEAT = 100_000  # every pass's figures are kept until the end
 
 
-def _check_plot_path(path, is_html_name):
+def _check_plot_path(path):
     """Refuses a --plot file that cannot be written, before the replay runs."""
+    from .snapshot import _not_html_message, is_html_name
     if not is_html_name(path):
-        raise ValueError(f"--plot writes an HTML page with an inline SVG picture; name it .html, not {path!r}")
+        raise ValueError(f"--plot: {_not_html_message(path)}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise ValueError(f"--plot: no directory for {path}")
     if os.path.isdir(path):

@@ -118,15 +118,25 @@ std::pair<uint64_t, uint64_t> glibc_pair_loop(size_t size, uint64_t n) {
   return {wall_ns() - t0, thread_cpu_ns() - c0};
 }
 
-uint64_t threaded_pair_loop(Allocator& a, int threads, size_t size, uint64_t n) {
+namespace {
+// Runs body(t) on `threads` threads at once; returns the wall ns of the slowest one.
+template <class Body>
+uint64_t slowest_thread_ns(int threads, Body body) {
   std::vector<std::thread> pool;
   std::vector<uint64_t> wall(size_t(threads), 0);
   for (int t = 0; t < threads; ++t)
-    pool.emplace_back([&, t] { wall[size_t(t)] = native_pair_loop(a, t % a.device_count(), size, n).first; });
+    pool.emplace_back([&, t] {
+      const uint64_t t0 = wall_ns();
+      body(t);
+      wall[size_t(t)] = wall_ns() - t0;
+    });
   for (auto& th : pool) th.join();
-  uint64_t worst = 0;
-  for (uint64_t w : wall) worst = std::max(worst, w);
-  return worst;
+  return *std::max_element(wall.begin(), wall.end());
+}
+}  // namespace
+
+uint64_t threaded_pair_loop(Allocator& a, int threads, size_t size, uint64_t n) {
+  return slowest_thread_ns(threads, [&](int t) { native_pair_loop(a, t % a.device_count(), size, n); });
 }
 
 namespace {
@@ -146,16 +156,7 @@ __attribute__((noinline)) uint64_t busy_work(uint64_t n) {
 }  // namespace
 
 uint64_t threaded_compute_loop(int threads, uint64_t n) {
-  std::vector<std::thread> pool;
-  std::vector<uint64_t> wall(size_t(threads), 0);
-  for (int t = 0; t < threads; ++t)
-    pool.emplace_back([&, t] {
-      const uint64_t t0 = wall_ns();
-      busy_work(n);
-      wall[size_t(t)] = wall_ns() - t0;
-    });
-  for (auto& th : pool) th.join();
-  return *std::max_element(wall.begin(), wall.end());
+  return slowest_thread_ns(threads, [&](int) { busy_work(n); });
 }
 
 double cached_blocks_pair_ns(Allocator& a, int device, size_t cached, uint64_t pairs, uint64_t seed) {
