@@ -71,15 +71,23 @@ struct StreamUse {
   bool during_capture;  // recorded while a capture was underway (dropped when deferred)
 };
 
-// Field order matters: the first cache line holds everything malloc, free, split and
-// merge touch, so a block costs one cache line on the fast path. The segment order and
-// the flags share one word (2^40 device allocations before the order wraps, which would
-// only change best-fit tie breaks).
+// What a block needs only off the fast path: history, stream uses, GC age.
+struct BlockCold {
+  uint64_t gc_count_base = 0;
+  FramesPtr frames;                   // stack at the last hand-out
+  std::vector<StreamUse> stream_uses;
+};
+
+// Field order matters: one cache line holds everything malloc, free, split and merge
+// touch, so a block costs one cache line on the fast path; the rest lives apart, in its
+// chunk's BlockCold array (cold()), so that the hardware's adjacent-line prefetch brings
+// in another block rather than this one's idle fields. The segment order and the flags
+// share one word (2^40 device allocations before the order wraps, which would only change
+// best-fit tie breaks). Every Block but a search key lives in a BlockChunk.
 struct alignas(64) Block {
   Block()
       : order(0), event_count(0), allocated(false), deferred(false), in_index(false), has_stream_uses(false),
         mapped(true), expandable(false), oversize(false), has_frames(false) {}
-  // --- hot: line 1 ---
   uintptr_t ptr = 0;
   size_t size = 0;
   uint64_t order : 40;                // == seg->order, kept here for the index key
@@ -87,24 +95,38 @@ struct alignas(64) Block {
   bool allocated : 1;
   bool deferred : 1;                  // freed during a capture with stream uses
   bool in_index : 1;
-  bool has_stream_uses : 1;           // == !stream_uses.empty()
+  bool has_stream_uses : 1;           // == !cold().stream_uses.empty()
   bool mapped : 1;                    // false: unmapped address space of an expandable segment
   bool expandable : 1;                // lives in an expandable segment
   bool oversize : 1;                  // counted in oversize_allocations while allocated
-  bool has_frames : 1;                // == (frames != nullptr)
+  bool has_frames : 1;                // == (cold().frames != nullptr)
   Block* prev = nullptr;              // neighbours in the segment, address order
   Block* next = nullptr;
   FreeIndex* index = nullptr;         // == seg->index: where it goes when free (gives its pool)
-  Segment* seg = nullptr;
+  Segment* seg = nullptr;             // (its stream is seg->stream)
   size_t requested_size = 0;
-  // --- line 2 --- (its stream is seg->stream)
-  uint64_t gc_count_base = 0;
-  FramesPtr frames;                   // stack at the last hand-out
-  std::vector<StreamUse> stream_uses;
 
   bool is_split() const { return prev != nullptr || next != nullptr; }
+  inline BlockCold& cold() const;
 };
-static_assert(sizeof(Block) == 128, "Block: two cache lines");
+static_assert(sizeof(Block) == 64, "Block: one cache line");
+
+// Blocks are made in chunks: the hot lines side by side, then their cold parts. A chunk
+// is aligned to its own (power-of-two) size, so a block finds its cold part from its
+// address alone.
+struct BlockChunk {
+  static constexpr size_t kBlocks = 256;
+  Block hot[kBlocks];
+  BlockCold cold[kBlocks];
+};
+constexpr size_t kBlockChunkAlign = 32768;
+static_assert(sizeof(BlockChunk) <= kBlockChunkAlign, "a chunk fits its alignment");
+struct alignas(kBlockChunkAlign) AlignedBlockChunk : BlockChunk {};
+
+inline BlockCold& Block::cold() const {
+  auto* chunk = reinterpret_cast<BlockChunk*>(uintptr_t(this) & ~uintptr_t(kBlockChunkAlign - 1));
+  return chunk->cold[this - chunk->hot];
+}
 
 inline bool BlockLess::operator()(const Block* a, const Block* b) const {
   if (a->size != b->size) return a->size < b->size;

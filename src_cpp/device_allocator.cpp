@@ -46,7 +46,7 @@ DeviceAllocator::~DeviceAllocator() {
 // line, is skipped.
 void DeviceAllocator::set_gc_count_base(Block* b, const BlockPool* pool) {
   if (pool->get_free_blocks_call_count) {
-    b->gc_count_base = pool->get_free_blocks_call_count;
+    b->cold().gc_count_base = pool->get_free_blocks_call_count;
     gc_bases_written_ = true;
   }
 }
@@ -56,20 +56,20 @@ Block* DeviceAllocator::new_block() {
   Block* b = spare_blocks_;
   spare_blocks_ = b->next;
   b->next = nullptr;
-  if (gc_bases_written_) b->gc_count_base = 0;
+  if (gc_bases_written_) b->cold().gc_count_base = 0;
   return b;
 }
 
 // Blocks come in chunks, for locality; spare ones are linked through `next`.
 void DeviceAllocator::add_block_chunk() {
-  block_chunks_.emplace_back(new Block[kBlockChunk]);
-  for (size_t i = kBlockChunk; i-- > 0;) recycle_clean_block(&block_chunks_.back()[i]);
+  block_chunks_.emplace_back(new AlignedBlockChunk);
+  for (size_t i = BlockChunk::kBlocks; i-- > 0;) recycle_clean_block(&block_chunks_.back()->hot[i]);
 }
 
 // A spare block must look new: no links, flags cleared, nothing on its second line.
 void DeviceAllocator::delete_block(Block* b) {
-  if (b->has_stream_uses) b->stream_uses.clear();
-  if (b->has_frames) b->frames.reset();
+  if (b->has_stream_uses) b->cold().stream_uses.clear();
+  if (b->has_frames) b->cold().frames.reset();
   b->has_frames = false;
   b->prev = nullptr;
   b->allocated = b->deferred = b->in_index = b->has_stream_uses = b->expandable = b->oversize = false;
@@ -286,8 +286,8 @@ void DeviceAllocator::garbage_collect_cached_blocks(Lock& lock) {
     if (s == busy_stream) continue;
     idx->for_each([&](Block* b) {
       if (!b->is_split()) {
-        candidates.emplace_back(b, now - b->gc_count_base);
-        age_sum += now - b->gc_count_base;
+        candidates.emplace_back(b, now - b->cold().gc_count_base);
+        age_sum += now - b->cold().gc_count_base;
       }
     });
   }
@@ -350,7 +350,7 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
   result->allocated = true;
   result->requested_size = r.orig_size;
   if (*r.frames || result->has_frames) {  // without history, the second line stays untouched
-    result->frames = *r.frames;
+    result->cold().frames = *r.frames;
     result->has_frames = *r.frames != nullptr;
   }
   allocated_.insert(result->ptr, result);
@@ -386,7 +386,7 @@ bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames) {
   if (b->oversize) stats_.oversize_allocations.decrease(1);
   b->oversize = false;
   if (history_on_) {
-    const FramesPtr& frames = record_context_ < RecordContext::kAll || !free_frames ? b->frames : free_frames;
+    const FramesPtr& frames = record_context_ < RecordContext::kAll || !free_frames ? b->cold().frames : free_frames;
     record_trace(TraceAction::kFreeRequested, b->ptr, b->requested_size, b->seg->stream,
                  pool_of(b)->owner ? pool_of(b)->owner->id : MempoolId{}, frames);
   }
@@ -406,7 +406,7 @@ bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames) {
 }
 
 void DeviceAllocator::insert_events(Block* b) {
-  for (const StreamUse& use : b->stream_uses) {
+  for (const StreamUse& use : b->cold().stream_uses) {
     Stream* s = emulator_->stream(device_, use.stream);
     auto it = std::find_if(stream_events_.begin(), stream_events_.end(),
                            [&](auto& e) { return e.first == s; });
@@ -419,7 +419,7 @@ void DeviceAllocator::insert_events(Block* b) {
     b->event_count += 1;
     pending_event_count_ += 1;
   }
-  b->stream_uses.clear();
+  b->cold().stream_uses.clear();
   b->has_stream_uses = false;
   update_plain();
 }
@@ -431,10 +431,10 @@ void DeviceAllocator::process_events() {
     deferred.swap(deferred_);
     for (Block* b : deferred) {
       b->deferred = false;
-      b->stream_uses.erase(std::remove_if(b->stream_uses.begin(), b->stream_uses.end(),
+      b->cold().stream_uses.erase(std::remove_if(b->cold().stream_uses.begin(), b->cold().stream_uses.end(),
                                           [](const StreamUse& u) { return u.during_capture; }),
-                           b->stream_uses.end());
-      b->has_stream_uses = !b->stream_uses.empty();
+                           b->cold().stream_uses.end());
+      b->has_stream_uses = !b->cold().stream_uses.empty();
       if (!b->has_stream_uses) {
         end_pending(b);
         free_block(b);
@@ -503,9 +503,9 @@ void DeviceAllocator::free_block(Block* b) {
   const bool small = pool->is_small;
   if (history_on_)
     record_trace(TraceAction::kFreeCompleted, b->ptr, b->requested_size, b->seg->stream,
-                 pool->owner ? pool->owner->id : MempoolId{}, b->frames);
+                 pool->owner ? pool->owner->id : MempoolId{}, b->cold().frames);
   if (b->has_frames) {
-    b->frames.reset();
+    b->cold().frames.reset();
     b->has_frames = false;
   }
   int64_t net_split_blocks = 0, net_split_bytes = 0;
@@ -562,9 +562,9 @@ void DeviceAllocator::record_stream(uintptr_t ptr, StreamId stream) {
   Block* b = allocated_.find(ptr);
   if (!b) throw InvalidState("invalid device pointer: " + std::to_string(ptr));
   if (stream == b->seg->stream) return;  // its own stream: nothing to wait for
-  for (const StreamUse& u : b->stream_uses)
+  for (const StreamUse& u : b->cold().stream_uses)
     if (u.stream == stream) return;
-  b->stream_uses.push_back(StreamUse{stream, !captures_underway_.empty()});
+  b->cold().stream_uses.push_back(StreamUse{stream, !captures_underway_.empty()});
   b->has_stream_uses = true;
 }
 
@@ -1113,7 +1113,7 @@ std::vector<SegmentInfo> DeviceAllocator::snapshot(MempoolId pool, bool all_pool
           s.requested_size += b->requested_size;
         }
         s.blocks.push_back(BlockInfo{b->ptr, b->size, b->requested_size, state,
-                                     state[0] == 'a' ? b->frames : FramesPtr()});
+                                     state[0] == 'a' ? b->cold().frames : FramesPtr()});
       }
       total_active += s.active_size;
       out.push_back(std::move(s));
@@ -1153,7 +1153,7 @@ std::string DeviceAllocator::check_invariants() {
       if (b->prev != prev) fail("broken prev link");
       if (b->seg != seg || b->index != seg->index || pool_of(b) != seg->pool)
         fail("block/segment mismatch");
-      if (b->has_frames != (b->frames != nullptr)) fail("has_frames out of step with frames");
+      if (b->has_frames != (b->cold().frames != nullptr)) fail("has_frames out of step with frames");
       if (b->size == 0 || b->size % kMinBlockSize) fail("block size not a positive multiple of 512");
       expect += b->size;
       if (b->expandable != seg->expandable) fail("block/segment expandable mismatch");
@@ -1169,7 +1169,7 @@ std::string DeviceAllocator::check_invariants() {
         if ((b->ptr - seg->base) % seg->page_size && prev && !prev->mapped)
           fail("mapped range does not start on a page boundary");
       }
-      bool pending = !b->allocated && (b->event_count > 0 || !b->stream_uses.empty() || b->deferred);
+      bool pending = !b->allocated && (b->event_count > 0 || !b->cold().stream_uses.empty() || b->deferred);
       if (b->allocated) {
         alloc_count[k] += 1;
         alloc_bytes[k] += int64_t(b->size);
@@ -1200,7 +1200,7 @@ std::string DeviceAllocator::check_invariants() {
   if (plain != plain_) fail("plain_ is out of date");
   for (Block* b = spare_blocks_; b; b = b->next)
     if (b->prev || b->allocated || b->deferred || b->in_index || b->has_stream_uses || !b->mapped ||
-        b->expandable || b->oversize || b->has_frames || b->event_count || b->frames || !b->stream_uses.empty()) {
+        b->expandable || b->oversize || b->has_frames || b->event_count || b->cold().frames || !b->cold().stream_uses.empty()) {
       fail("a spare block is not clean");
       break;
     }
