@@ -95,7 +95,7 @@ cdef extern from "stream.h" namespace "mtia":
         void synchronize() except + nogil
         cbool recorded()
         cbool timing()
-        const EventMark& mark()
+        EventMark mark()
         double elapsed_ms(const Event& end) except + nogil
     void stream_wait_mark(Stream* s, const EventMark& mark)
 

@@ -42,7 +42,8 @@ cdef extern from "replay.h" namespace "mtia":
 cdef extern from "_binding.h" namespace "mtia_binding":
     void raise_py_error()
     void set_oom_error_type(object t)
-    void install_gil_hooks()
+    void install_gil_hooks(unsigned long main_ident)
+    void park_other_threads_at_exit()
     int tls_current_device "mtia_binding::current_device"()
     void tls_set_current_device "mtia_binding::set_current_device"(int d)
     int64_t tls_current_stream "mtia_binding::current_stream"(int d)
@@ -80,7 +81,8 @@ cdef object _device_parser = None  # the façade's device-argument parser
 cdef object _oom_error = None
 cdef list _oom_observers = []
 
-install_gil_hooks()
+import threading as _threading
+install_gil_hooks(_threading.main_thread().ident)
 set_package_prefix((__file__.rsplit("/", 1)[0] + "/").encode())
 
 KIND_ALL = 0
@@ -97,9 +99,12 @@ def _configure_hooks(lazy_init, device_parser, oom_error):
     set_oom_error_type(oom_error)
 
 
-def init(int device_count, size_t memory_per_device, str conf, raw=None):
+def init(int device_count, size_t memory_per_device, str conf, raw=None, size_t runtime_reserved=0):
     """Creates the devices and allocators (once). `raw` = None, ("python", alloc_fn,
-    free_fn) or ("c", alloc_addr, free_addr) for the memory under the default pools."""
+    free_fn) or ("c", alloc_addr, free_addr) for the memory under the default pools;
+    `runtime_reserved` bytes of each device go to its runtime context. The allocator is
+    published only once it is complete: the allocation entry points skip initialisation
+    as soon as they see it, from any thread."""
     global _alloc, _ndev
     if _alloc != NULL:
         raise RuntimeError("mtia_alloc is already initialized")
@@ -107,11 +112,15 @@ def init(int device_count, size_t memory_per_device, str conf, raw=None):
     if raw is not None:
         r = _make_raw(raw)
     cdef string c = conf.encode()
+    cdef Allocator* a = new Allocator(device_count, memory_per_device, c, r)
     try:
-        _alloc = new Allocator(device_count, memory_per_device, c, r)
+        for d in range(device_count):
+            a.emulator().device(d).memory().reserve_for_runtime(runtime_reserved)
     except BaseException:
+        del a
         raise
     _ndev = device_count
+    _alloc = a
 
 
 cdef shared_ptr[RawAllocator] _make_raw(raw) except *:
@@ -353,10 +362,6 @@ def device_memory_counters(int device):
     cdef DeviceMemory* m = &_alloc.emulator().device(device).memory()
     return {"used": m.used(), "capacity": m.capacity(), "malloc_calls": m.malloc_calls(),
             "free_calls": m.free_calls(), "runtime_reserved": m.runtime_reserved()}
-
-
-def reserve_for_runtime(int device, size_t nbytes):
-    _alloc.emulator().device(device).memory().reserve_for_runtime(nbytes)
 
 
 def fail_device_allocations(int device, int64_t after_n, int64_t every):
@@ -759,9 +764,12 @@ cdef bint _shut_down = False
 
 
 def _mark_shut_down():
-    """From here on dying arrays no longer free their blocks (the interpreter is exiting)."""
+    """From here on dying arrays no longer free their blocks (the interpreter is exiting),
+    and threads other than the main one that would block on the GIL inside the allocator
+    park instead (see park_other_threads_at_exit)."""
     global _shut_down
     _shut_down = True
+    park_other_threads_at_exit()
 
 
 @cython.auto_pickle(False)  # a pickled or copied _ptr would free the block twice

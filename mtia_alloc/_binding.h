@@ -5,6 +5,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -59,15 +60,57 @@ inline void raise_py_error() {
   }
 }
 
+inline bool interpreter_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing();
+#else
+  return _Py_IsFinalizing();
+#endif
+}
+
 // GIL hooks for mtia::BlockingScope: release the GIL only if this thread holds it.
 inline void* release_gil() {
   if (!Py_IsInitialized() || !PyGILState_Check()) return nullptr;
   return PyEval_SaveThread();
 }
-inline void restore_gil(void* token) {
-  if (token) PyEval_RestoreThread(static_cast<PyThreadState*>(token));
+// Once the interpreter is finalizing, CPython (3.9-3.13) ends any thread but the main one
+// that takes the GIL back by unwinding it with pthread_exit, and that unwind through the
+// core's noexcept frames (or the binding's catch-all exception translation) aborts the
+// process. So at exit, once the stream workers have stopped, the binding raises
+// `exiting` and lets every thread already on its way back to the GIL get it; from then
+// on any other thread (a daemon thread still in the allocator) parks instead, as CPython
+// 3.14 does itself. The core holds no lock there: lock_contended takes the device lock
+// only after the GIL is back.
+inline unsigned long main_thread_ident = 0;  // threading.main_thread().ident, set at import
+inline std::atomic<bool> exiting{false};
+inline std::atomic<int> restoring_gil{0};    // non-main threads inside restore_gil
+[[noreturn]] inline void park_forever() {
+  for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
 }
-inline void install_gil_hooks() {
+inline void restore_gil(void* token) {
+  if (!token) return;
+  if (PyThread_get_thread_ident() == main_thread_ident) {
+    PyEval_RestoreThread(static_cast<PyThreadState*>(token));
+    return;
+  }
+  restoring_gil.fetch_add(1);  // seq_cst, paired with park_other_threads_at_exit
+  if (exiting.load() || interpreter_finalizing()) {
+    restoring_gil.fetch_sub(1);
+    park_forever();
+  }
+  PyEval_RestoreThread(static_cast<PyThreadState*>(token));
+  restoring_gil.fetch_sub(1);
+}
+// At exit (an atexit handler, with the GIL), after the stream workers have stopped.
+inline void park_other_threads_at_exit() {
+  exiting.store(true);
+  if (!restoring_gil.load()) return;
+  PyThreadState* self = PyEval_SaveThread();  // they need the GIL to get out of restore_gil
+  for (int ms = 0; ms < 2000 && restoring_gil.load(); ++ms) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  PyEval_RestoreThread(self);
+}
+inline void install_gil_hooks(unsigned long main_ident) {
+  main_thread_ident = main_ident;
   mtia::blocking_hooks().enter = release_gil;
   mtia::blocking_hooks().leave = restore_gil;
 }
@@ -90,7 +133,7 @@ inline void set_current_stream(int device, int64_t stream) {
 
 // A Python callable as a stream task. The callable handles its own exceptions (the
 // façade wraps kernels so errors surface at synchronize()).
-inline bool interpreter_alive() { return Py_IsInitialized() && !_Py_IsFinalizing(); }
+inline bool interpreter_alive() { return Py_IsInitialized() && !interpreter_finalizing(); }
 inline void run_py_task(void* arg) {
   if (!interpreter_alive()) return;
   PyGILState_STATE st = PyGILState_Ensure();

@@ -120,7 +120,8 @@ def lazy_init():
                              f"memory ({memory} bytes)")
         if not _C.is_initialized():
             try:
-                _C.init(count, memory, conf, _settings["raw_allocator"])
+                # with what a real device's runtime context takes (emulator.configure)
+                _C.init(count, memory, conf, _settings["raw_allocator"], reserve)
             except (RuntimeError, ValueError) as e:
                 # The emulated devices are made first (their size and count were checked
                 # above; what can still fail is reserving their address space), then the
@@ -131,8 +132,6 @@ def lazy_init():
                     raise type(e)(f"cannot create {count} emulated devices of {memory} bytes each "
                                   f"({source}): {e}") from None
                 raise type(e)(f"MTIA_ALLOC_CONF={conf!r}: {e}") from None
-            for d in range(count):  # what a real device's runtime context takes (emulator.configure)
-                _C.reserve_for_runtime(d, reserve)
         _tls.is_initializing = True
         try:
             for call, origin in _queued_calls:

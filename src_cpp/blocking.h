@@ -62,13 +62,14 @@ class SpinMutex {
     return false;
   }
   void lock() {
-    for (int spins = 0; !try_lock(); ++spins) {
-      // Wait with plain loads until the lock looks free: a CAS per spin would keep
-      // stealing the holder's cache line.
-      while (owner_.load(std::memory_order_relaxed)) {
-        if (++spins < 64) MTIA_CPU_RELAX();
-        else std::this_thread::yield();
-      }
+    while (!try_lock()) wait_until_free();
+  }
+  // Waits, without taking the lock, until it looks free. Plain loads: a CAS per spin
+  // would keep stealing the holder's cache line.
+  void wait_until_free() const {
+    for (int spins = 0; owner_.load(std::memory_order_relaxed); ++spins) {
+      if (spins < 64) MTIA_CPU_RELAX();
+      else std::this_thread::yield();
     }
   }
   __attribute__((always_inline)) void unlock() {
@@ -90,10 +91,15 @@ class SpinMutex {
   int depth_ = 0;  // written only by the owner
 };
 
+// The wait leaves the blocking scope (takes the GIL back) before it takes the lock, never
+// while holding it: a thread that cannot have the GIL back (a daemon thread during
+// interpreter finalization parks for good) must not keep the device locked.
 template <class Mutex>
 __attribute__((noinline)) void lock_contended(Mutex& mu) {
-  BlockingScope scope;
-  mu.lock();
+  do {
+    BlockingScope scope;
+    mu.wait_until_free();
+  } while (!mu.try_lock());
 }
 
 // Locks `mu`, leaving a blocking scope only if the lock is contended.

@@ -244,8 +244,9 @@ bool DeviceAllocator::release_available_cached_blocks(Lock& lock, const Request&
   if (M == AllocatorConfig::kUnlimited) return false;
   FreeIndex* idx = r.pool->index(r.stream);
   if (!idx || idx->empty()) return false;
-  // Blocks of the calling kernel's own stream stay (see wait_for_segment_owners).
-  if (wait_for_segment_owners(lock) == r.stream) return false;
+  // Memory of a busy stream stays; a private pool's, while any stream is busy (see settle_streams).
+  const std::vector<StreamId> busy = settle_streams(lock);
+  if (is_busy(busy, r.stream) || (r.pool->owner && !busy.empty())) return false;
   size_t key = std::max(r.size, M);
   // A block of a split segment is never released. Blocks >= max_split_size are whole
   // segments while the setting stays put, but a lower max_split_size set at run time makes
@@ -276,14 +277,14 @@ bool DeviceAllocator::release_available_cached_blocks(Lock& lock, const Request&
 void DeviceAllocator::garbage_collect_cached_blocks(Lock& lock) {
   size_t threshold = size_t(config_->garbage_collection_threshold * double(allowed_memory_maximum_));
   if (total_allocated_memory_ <= threshold) return;
-  const StreamId busy_stream = wait_for_segment_owners(lock);  // its blocks stay
+  const std::vector<StreamId> busy = settle_streams(lock);  // their blocks stay
   if (total_allocated_memory_ <= threshold) return;  // the lock was dropped: look again
   const size_t target = total_allocated_memory_ - threshold;
   const uint64_t now = large_blocks_.get_free_blocks_call_count;
   std::vector<std::pair<Block*, uint64_t>> candidates;  // (block, age); block nulled once released
   uint64_t age_sum = 0;
   for (auto& [s, idx] : large_blocks_.by_stream) {
-    if (s == busy_stream) continue;
+    if (is_busy(busy, s)) continue;
     idx->for_each([&](Block* b) {
       if (!b->is_split()) {
         candidates.emplace_back(b, now - b->cold().gc_count_base);
@@ -476,13 +477,15 @@ void DeviceAllocator::note_active_peaks(bool small) {
 }
 
 // Waits (with mu_ released, so kernels that allocate can finish) for every outstanding
-// event, then frees the blocks. `only` limits it to one private pool's blocks.
+// event, then frees the blocks. `only` limits it to one private pool's blocks. A kernel
+// (a stream worker) waits for nothing: the streams it would wait for may be waiting for
+// it, directly or through other streams; the blocks whose events are done are freed.
 void DeviceAllocator::synchronize_and_free_events(Lock& lock, PrivatePool* only) {
   if (!only) stats_.num_sync_all_streams += 1;
   process_events();  // also turns deferred blocks into events
+  if (Stream::on_worker_thread()) return;
   std::vector<EventMark> marks;
   for (auto& [s, fifo] : stream_events_) {
-    if (s->is_current_worker()) continue;  // called from a kernel of s: its marks wait for that kernel
     for (auto& [mark, b] : fifo)
       if (!only || pool_of(b)->owner == only) marks.push_back(mark);
   }
@@ -589,55 +592,59 @@ void DeviceAllocator::release_cached_blocks(Lock& lock, MempoolId id) {
   } else if (PrivatePool* p = find_pool(id); p && p->use_count == 0 && captures_underway_.empty()) {
     synchronize_and_free_events(lock, p);
   }
-  const StreamId busy_stream = captures_underway_.empty() ? wait_for_segment_owners(lock) : -1;
+  const std::vector<StreamId> busy = settle_streams(lock);
   if (id.is_default() && captures_underway_.empty()) {
-    release_pool_blocks(large_blocks_, busy_stream);
-    release_pool_blocks(small_blocks_, busy_stream);
+    release_pool_blocks(large_blocks_, busy);
+    release_pool_blocks(small_blocks_, busy);
   }
-  // Freeable private pools (use count 0) give back their fully free segments.
+  // Freeable private pools (use count 0) give back their fully free segments, once no
+  // stream is busy: a graph replays its pool's memory on whatever stream is current.
   std::vector<MempoolId> gone;
   for (auto& [pid, p] : pools_) {
-    if (p->use_count > 0 || (!id.is_default() && pid != id)) continue;
-    release_pool_blocks(p->large_blocks, busy_stream);
-    release_pool_blocks(p->small_blocks, busy_stream);
+    if (p->use_count > 0 || (!id.is_default() && pid != id) || !busy.empty()) continue;
+    release_pool_blocks(p->large_blocks, busy);
+    release_pool_blocks(p->small_blocks, busy);
     if (p->segment_count == 0) gone.push_back(pid);
   }
   for (MempoolId pid : gone) pools_.erase(pid);
 }
 
-// Memory goes back to the device only once the streams that own it are idle, as cudaFree
-// (and unmapping) synchronizes the device: a kernel queued before a free on the same
-// stream may still use the block. They are waited for with the lock dropped, as for
-// events. Called from a kernel on one of those streams (its worker thread), that stream
-// cannot be waited for: it is returned, and its segments and pages stay, since kernels
-// queued after this one may still use them. Otherwise returns -1.
-StreamId DeviceAllocator::wait_for_segment_owners(Lock& lock) {
-  std::vector<StreamId> ids;  // few distinct streams, however many segments
-  for (Segment* seg : segments_)
-    if (std::find(ids.begin(), ids.end(), seg->stream) == ids.end()) ids.push_back(seg->stream);
-  std::vector<Stream*> owners;
-  StreamId busy_stream = -1;
-  for (StreamId id : ids) {
-    Stream* st = emulator_->device(device_).stream(id);
-    if (!st) continue;
-    if (st->is_current_worker()) busy_stream = id;
-    else if (!st->query()) owners.push_back(st);
+// Memory goes back to the device only once the streams that may still use it are idle,
+// as cudaFree (and unmapping) synchronizes the device: a kernel queued before a free on
+// the same stream may still use the block, and a graph's replay uses its pool's memory
+// on the stream it was replayed on. From the host this waits, with the lock dropped (as
+// for events), for every stream of the device with queued work. A kernel (a stream
+// worker) waits for nothing: the streams it would wait for may be waiting for it.
+// Returns the streams that are busy once the lock is held again (the caller's own among
+// them, and any that got new work during the wait): their segments and pages stay
+// cached, and so does every private pool while any stream is busy.
+std::vector<StreamId> DeviceAllocator::settle_streams(Lock& lock) {
+  auto busy_streams = [&] {
+    std::vector<Stream*> busy;
+    for (Stream* st : emulator_->device(device_).streams())
+      if (!st->query()) busy.push_back(st);
+    return busy;
+  };
+  std::vector<Stream*> busy = busy_streams();
+  if (!busy.empty() && !Stream::on_worker_thread()) {
+    lock.unlock();
+    {
+      BlockingScope blocking;
+      for (Stream* st : busy) st->synchronize();
+    }
+    lock_blocking(mu_);
+    lock = Lock(mu_, std::adopt_lock);
+    busy = busy_streams();
   }
-  if (owners.empty()) return busy_stream;
-  lock.unlock();
-  {
-    BlockingScope blocking;
-    for (Stream* st : owners) st->synchronize();
-  }
-  lock_blocking(mu_);
-  lock = Lock(mu_, std::adopt_lock);
-  return busy_stream;
+  std::vector<StreamId> ids;
+  for (Stream* st : busy) ids.push_back(st->id());
+  return ids;
 }
 
-void DeviceAllocator::release_pool_blocks(BlockPool& pool, StreamId keep) {
+void DeviceAllocator::release_pool_blocks(BlockPool& pool, const std::vector<StreamId>& busy) {
   std::vector<Block*> whole, to_unmap;
   for (auto& [s, idx] : pool.by_stream) {
-    if (s == keep) continue;
+    if (is_busy(busy, s)) continue;
     idx->for_each([&](Block* b) {
       if (b->expandable) to_unmap.push_back(b);
       else if (!b->is_split()) whole.push_back(b);

@@ -14,6 +14,7 @@
 //   stat[ALL] == stat[SMALL] + stat[LARGE] for every stat and field
 //   every segment's blocks tile it; no two adjacent inactive blocks
 #pragma once
+#include <algorithm>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -168,10 +169,13 @@ class alignas(64) DeviceAllocator {
   Block* try_use_on_oom_pools(const Request& r);
   bool release_available_cached_blocks(Lock& lock, const Request& r);
   void release_cached_blocks(Lock& lock, MempoolId pool);
-  StreamId wait_for_segment_owners(Lock& lock);  // the calling kernel's stream, or -1
-  // Releases whole free segments and unmaps free expandable pages, except those of stream
-  // `keep` (-1: none).
-  void release_pool_blocks(BlockPool& pool, StreamId keep);
+  std::vector<StreamId> settle_streams(Lock& lock);  // the streams still busy after waiting
+  static bool is_busy(const std::vector<StreamId>& busy, StreamId s) {
+    return std::find(busy.begin(), busy.end(), s) != busy.end();
+  }
+  // Releases whole free segments and unmaps free expandable pages, except those of the
+  // `busy` streams.
+  void release_pool_blocks(BlockPool& pool, const std::vector<StreamId>& busy);
   void release_block(Block* b);
   void forget_segment(Segment* seg);
   void garbage_collect_cached_blocks(Lock& lock);

@@ -3,6 +3,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
@@ -153,7 +154,11 @@ std::vector<Stream*> EmulatedDevice::streams() {
 }
 
 void EmulatedDevice::synchronize() {
-  for (Stream* s : streams()) s->synchronize();
+  std::vector<Stream*> all = streams();
+  // From a kernel of this device its own stream comes first, so the wait for itself is
+  // refused at once instead of after waiting for streams that may be waiting for it.
+  std::stable_partition(all.begin(), all.end(), [](Stream* s) { return s->is_current_worker(); });
+  for (Stream* s : all) s->synchronize();
 }
 
 void EmulatedDevice::begin_shutdown() {

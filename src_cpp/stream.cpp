@@ -14,6 +14,7 @@ thread_local const Stream* t_worker_stream = nullptr;  // the stream whose worke
 }  // namespace
 
 bool Stream::is_current_worker() const { return t_worker_stream == this; }
+bool Stream::on_worker_thread() { return t_worker_stream != nullptr; }
 
 bool worker_stopping() {
   const Stream* s = t_worker_stream;
@@ -104,10 +105,9 @@ void Stream::finish_shutdown() {
 }
 
 namespace {
-void stamp_time(void* arg) {
-  static_cast<std::shared_ptr<std::atomic<int64_t>>*>(arg)->get()->store(now_ns());
-}
-void release_stamp(void* arg) { delete static_cast<std::shared_ptr<std::atomic<int64_t>>*>(arg); }
+using Stamp = std::shared_ptr<std::atomic<int64_t>>;
+void stamp_time(void* arg) { static_cast<Stamp*>(arg)->get()->store(now_ns()); }
+void release_stamp(void* arg) { delete static_cast<Stamp*>(arg); }
 
 struct WaitArg {
   EventMark mark;
@@ -117,26 +117,31 @@ void release_wait(void* arg) { delete static_cast<WaitArg*>(arg); }
 }  // namespace
 
 void Event::record(Stream* s) {
-  recorded_ = true;
+  EventMark mark;
+  Stamp stamp;
   if (!timing_) {
-    mark_ = mark_now(s);
-    return;
+    mark = mark_now(s);
+  } else {
+    stamp = std::make_shared<std::atomic<int64_t>>(0);
+    if (s->query()) {  // idle stream: the event completes now
+      stamp->store(now_ns());
+    } else {
+      uint64_t seq = s->enqueue(Task{stamp_time, new Stamp(stamp), release_stamp});
+      mark = EventMark{s, seq};
+    }
   }
-  time_ns_ = std::make_shared<std::atomic<int64_t>>(0);
-  if (s->query()) {  // idle stream: the event completes now
-    time_ns_->store(now_ns());
-    mark_ = EventMark{};
-    return;
-  }
-  auto* arg = new std::shared_ptr<std::atomic<int64_t>>(time_ns_);
-  uint64_t seq = s->enqueue(Task{stamp_time, arg, release_stamp});
-  mark_ = EventMark{s, seq};
+  std::lock_guard<std::mutex> lock(mu_);
+  recorded_ = true;
+  mark_ = mark;
+  time_ns_ = std::move(stamp);
 }
 
 double Event::elapsed_ms(const Event& end) const {
-  synchronize();
-  end.synchronize();
-  int64_t t0 = time_ns_ ? time_ns_->load() : 0, t1 = end.time_ns_ ? end.time_ns_->load() : 0;
+  auto [start_mark, start_stamp] = state();
+  auto [end_mark, end_stamp] = end.state();
+  start_mark.synchronize();
+  end_mark.synchronize();
+  int64_t t0 = start_stamp ? start_stamp->load() : 0, t1 = end_stamp ? end_stamp->load() : 0;
   return double(t1 - t0) / 1e6;
 }
 

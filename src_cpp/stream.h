@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 
 #include "types.h"
 
@@ -57,6 +58,8 @@ class Stream {
   void synchronize() { wait_until(enqueued()); }
   // True on this stream's worker thread, i.e. while one of its own tasks runs.
   bool is_current_worker() const;
+  // True on any stream's worker thread: the caller is a kernel.
+  static bool on_worker_thread();
   bool stopping() const { return stopping_.load(std::memory_order_acquire); }
   // Stops the worker after the running task; queued tasks are released unrun. In two
   // steps, so the emulator can stop every stream before it joins any worker: a task
@@ -103,25 +106,39 @@ inline EventMark mark_now(Stream* s) {
 }
 
 // A user-visible event (torch.mtia.Event). Timing events queue a marker task that
-// stamps the time at which the stream reached them.
+// stamps the time at which the stream reached them. One thread may re-record an event
+// while others wait for it or time it: its state is read and written under mu_.
 class Event {
  public:
   explicit Event(bool enable_timing) : timing_(enable_timing) {}
   void record(Stream* s);
-  bool query() const { return mark_.query(); }
-  void synchronize() const { mark_.synchronize(); }
-  bool recorded() const { return recorded_; }
+  bool query() const { return mark().query(); }
+  void synchronize() const { mark().synchronize(); }
+  bool recorded() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return recorded_;
+  }
   bool timing() const { return timing_; }
-  const EventMark& mark() const { return mark_; }
+  EventMark mark() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return mark_;
+  }
   // Milliseconds between this event and `end`; both must be recorded timing events
   // (the binding checks that and gives PyTorch's messages). Waits for both.
   double elapsed_ms(const Event& end) const;
 
  private:
-  bool timing_;
+  using Stamp = std::shared_ptr<std::atomic<int64_t>>;  // written by the marker task
+  std::pair<EventMark, Stamp> state() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {mark_, time_ns_};
+  }
+
+  const bool timing_;
+  mutable std::mutex mu_;
   bool recorded_ = false;
   EventMark mark_;
-  std::shared_ptr<std::atomic<int64_t>> time_ns_;  // written by the marker task
+  Stamp time_ns_;
 };
 
 // Makes future work on `s` wait until `mark` is reached (a task that blocks the worker).

@@ -1,0 +1,258 @@
+"""Races between user threads, stream workers and the allocator that a concurrency audit
+found, one test each: memory given back to the device while queued work still used it,
+kernels that waited for each other through the allocator, a half-initialised allocator
+seen by another thread, events re-recorded while being timed, and daemon threads at exit.
+Each scenario runs in its own process (its own device size, and a hang is a timeout)."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def _run(script, timeout=60):
+    try:
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the scenario hung")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_empty_cache_keeps_segments_freed_on_a_stream_that_got_work_while_it_waited():
+    # empty_cache waits for s1 with the lock dropped; meanwhile s3 queues a kernel that
+    # writes p and frees p in stream order. p's segment must not go back to the device
+    # (and be handed out again) before that kernel has run.
+    out = _run("""
+        import ctypes, threading, time
+        import mtia_alloc as mtia
+        from mtia_alloc import emulator
+        emulator.configure(memory_per_device="256MiB", runtime_reserved=0)
+        s1, s3 = mtia.Stream(), mtia.Stream()
+        N = 4 << 20
+        keep = mtia.caching_allocator_alloc(N, stream=s1)
+        emulator.sleep(400, stream=s1)
+        t = threading.Thread(target=mtia.empty_cache)
+        t.start()
+        time.sleep(0.1)
+        p = mtia.caching_allocator_alloc(N, stream=s3)
+        emulator.sleep(700, stream=s3)
+        emulator.launch(ctypes.memset, p, 7, N, stream=s3)
+        mtia.caching_allocator_delete(p)
+        t.join()
+        q = mtia.caching_allocator_alloc(N)
+        ctypes.memset(q, 1, N)
+        s3.synchronize()
+        print("overwritten", N - bytes((ctypes.c_ubyte * N).from_address(q)).count(1))
+        print("released", mtia.memory_stats()["num_device_free"])
+        mtia.memory.check_invariants()
+    """)
+    assert "overwritten 0" in out
+    assert "released 0" in out  # s3 was still busy: its segment stayed cached
+
+
+@pytest.mark.parametrize("other_thread_in_pool", [False, True])
+def test_graph_pool_is_released_only_after_its_replay_ran(other_thread_in_pool):
+    # The replay runs on a stream that is not the capture stream; cudaFree would
+    # synchronize the device. Another thread inside use_mem_pool used to skip the wait.
+    out = _run(f"""
+        import ctypes, threading
+        import mtia_alloc as mtia
+        from mtia_alloc import emulator
+        cap, run = mtia.Stream(), mtia.Stream()
+        N = 4 << 20
+        g = mtia.MTIAGraph()
+        with mtia.graph(g, stream=cap):
+            x = mtia.empty(N, dtype="uint8")
+            emulator.fill_(x, 7)
+            del x
+        with mtia.stream(run):
+            emulator.sleep(500)
+            g.replay()
+        g.reset()
+        if {other_thread_in_pool}:
+            ready, done = threading.Event(), threading.Event()
+            def inside_pool():
+                with mtia.use_mem_pool(mtia.MemPool()):
+                    ready.set()
+                    done.wait()
+            th = threading.Thread(target=inside_pool)
+            th.start()
+            ready.wait()
+        mtia.empty_cache()
+        print("replay done", run.query())
+        q = mtia.caching_allocator_alloc(N)
+        ctypes.memset(q, 1, N)
+        run.synchronize()
+        print("overwritten", N - bytes((ctypes.c_ubyte * N).from_address(q)).count(1))
+        if {other_thread_in_pool}:
+            done.set()
+            th.join()
+    """)
+    assert "replay done True" in out
+    assert "overwritten 0" in out
+
+
+def test_two_kernels_that_both_need_the_oom_flush_do_not_wait_for_each_other():
+    out = _run("""
+        import threading
+        import mtia_alloc as mtia
+        from mtia_alloc import emulator
+        emulator.configure(memory_per_device="64MiB", runtime_reserved=0)
+        a, b = mtia.Stream(), mtia.Stream()
+        pa = mtia.caching_allocator_alloc(24 << 20, stream=a)
+        pb = mtia.caching_allocator_alloc(24 << 20, stream=b)
+        barrier = threading.Barrier(2)
+        results = []
+        def kernel():
+            barrier.wait()
+            try:
+                results.append(mtia.caching_allocator_alloc(24 << 20))
+            except mtia.OutOfMemoryError:
+                results.append("oom")
+        emulator.launch(kernel, stream=a)
+        emulator.launch(kernel, stream=b)
+        a.synchronize()
+        b.synchronize()
+        print("results", len(results))
+    """, timeout=30)
+    assert "results 2" in out
+
+
+def test_kernel_oom_flush_does_not_wait_for_a_stream_that_waits_for_it():
+    out = _run("""
+        import mtia_alloc as mtia
+        from mtia_alloc import emulator
+        emulator.configure(memory_per_device="64MiB", runtime_reserved=0)
+        a, b = mtia.Stream(), mtia.Stream()
+        mtia.caching_allocator_delete(mtia.caching_allocator_alloc(40 << 20, stream=b))  # cached for b
+        out = []
+        def kernel():
+            try:
+                out.append(mtia.caching_allocator_alloc(40 << 20))
+            except mtia.OutOfMemoryError:
+                out.append("oom")
+        emulator.launch(kernel, stream=a)
+        b.wait_event(a.record_event())  # b waits for the kernel
+        a.synchronize()
+        b.synchronize()
+        print("done", out)
+    """, timeout=30)
+    assert "done [" in out
+
+
+def test_kernel_empty_cache_does_not_wait_for_a_stream_that_waits_for_it():
+    out = _run("""
+        import mtia_alloc as mtia
+        from mtia_alloc import emulator
+        a, b = mtia.Stream(), mtia.Stream()
+        p = mtia.caching_allocator_alloc(4 << 20, stream=a)
+        q = mtia.caching_allocator_alloc(4 << 20, stream=b)
+        mtia.record_stream(q, a)
+        mtia.caching_allocator_delete(q)  # waits for an event on a
+        emulator.launch(mtia.empty_cache, stream=a)
+        b.wait_event(a.record_event())
+        a.synchronize()
+        b.synchronize()
+        mtia.memory.check_invariants()
+        print("finished")
+    """, timeout=30)
+    assert "finished" in out
+
+
+def test_device_synchronize_from_a_kernel_raises_even_if_streams_wait_for_it():
+    out = _run("""
+        import mtia_alloc as mtia
+        from mtia_alloc import emulator
+        a = mtia.Stream()
+        emulator.launch(mtia.synchronize, stream=a)
+        e = a.record_event()
+        others = [mtia.Stream() for _ in range(3)]
+        for b in others:
+            b.wait_event(e)
+        try:
+            a.synchronize()
+            print("no error")
+        except Exception as ex:
+            print("raised", "cannot wait for stream" in str(ex))
+        for b in others:
+            b.synchronize()
+    """, timeout=30)
+    assert "raised True" in out
+
+
+def test_first_allocations_on_other_threads_do_not_break_initialisation():
+    # Another thread's first allocation used to land between the allocator's creation and
+    # the runtime reservation, which then failed (about half the runs).
+    for _ in range(4):
+        out = _run("""
+            import sys, threading
+            sys.setswitchinterval(1e-6)
+            import mtia_alloc as mtia
+            from mtia_alloc import _C
+            errors = []
+            def other():
+                while not _C.is_initialized():
+                    pass
+                try:
+                    mtia.caching_allocator_delete(mtia.caching_allocator_alloc(4096))
+                except Exception as e:
+                    errors.append(repr(e))
+            t = threading.Thread(target=other)
+            t.start()
+            mtia.init()
+            t.join()
+            print("errors", errors)
+            print("reserved", [mtia.emulator.runtime_reserved(d) for d in range(mtia.device_count())])
+        """)
+        assert "errors []" in out
+        assert "reserved [0" not in out
+
+
+def test_re_recording_an_event_while_another_thread_times_it():
+    out = _run("""
+        import threading, time
+        import mtia_alloc as mtia
+        from mtia_alloc import emulator
+        s = mtia.Stream()
+        start, end = mtia.Event(enable_timing=True), mtia.Event(enable_timing=True)
+        emulator.sleep(1, stream=s); start.record(s); emulator.sleep(1, stream=s); end.record(s)
+        s.synchronize()
+        stop = time.time() + 2
+        bad = []
+        def record():
+            while time.time() < stop:
+                emulator.sleep(0.01, stream=s)
+                end.record(s)
+        def read():
+            while time.time() < stop:
+                v = start.elapsed_time(end)
+                if not 0 <= v < 1e5:
+                    bad.append(v)
+        ts = [threading.Thread(target=record), threading.Thread(target=read), threading.Thread(target=read)]
+        for t in ts: t.start()
+        for t in ts: t.join()
+        print("bad", bad[:5])
+    """)
+    assert "bad []" in out
+
+
+def test_exit_while_daemon_threads_contend_for_the_allocator():
+    # Daemon threads blocked on the device lock at exit used to be unwound by CPython
+    # through the core's noexcept frames: "terminate called without an active exception".
+    script = """
+        import threading, time
+        import mtia_alloc as mtia
+        mtia.init()
+        def loop():
+            while True:
+                p = mtia.caching_allocator_alloc(3 << 20)
+                mtia.caching_allocator_delete(p)
+                mtia.empty_cache()
+        for _ in range(3):
+            threading.Thread(target=loop, daemon=True).start()
+        time.sleep(0.2)
+    """
+    for _ in range(6):
+        _run(script)
