@@ -42,8 +42,8 @@ DeviceAllocator::~DeviceAllocator() {
 
 // The GC clock at the time b became free. The clock only runs while garbage collection
 // is on; while a pool's clock reads 0, its blocks' bases are 0 already (new_block clears
-// recycled ones once any base was written), so the write, to the block's second cache
-// line, is skipped.
+// recycled ones once any base was written), so the write, to the block's cold part,
+// is skipped.
 void DeviceAllocator::set_gc_count_base(Block* b, const BlockPool* pool) {
   if (pool->get_free_blocks_call_count) {
     b->cold().gc_count_base = pool->get_free_blocks_call_count;
@@ -66,7 +66,7 @@ void DeviceAllocator::add_block_chunk() {
   for (size_t i = BlockChunk::kBlocks; i-- > 0;) recycle_clean_block(&block_chunks_.back()->hot[i]);
 }
 
-// A spare block must look new: no links, flags cleared, nothing on its second line.
+// A spare block must look new: no links, flags cleared, nothing in its cold part.
 void DeviceAllocator::delete_block(Block* b) {
   if (b->has_stream_uses) b->cold().stream_uses.clear();
   if (b->has_frames) b->cold().frames.reset();
@@ -350,7 +350,7 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
   }
   result->allocated = true;
   result->requested_size = r.orig_size;
-  if (*r.frames || result->has_frames) {  // without history, the second line stays untouched
+  if (*r.frames || result->has_frames) {  // without history, the cold part stays untouched
     result->cold().frames = *r.frames;
     result->has_frames = *r.frames != nullptr;
   }
@@ -432,10 +432,10 @@ void DeviceAllocator::process_events() {
     deferred.swap(deferred_);
     for (Block* b : deferred) {
       b->deferred = false;
-      b->cold().stream_uses.erase(std::remove_if(b->cold().stream_uses.begin(), b->cold().stream_uses.end(),
-                                          [](const StreamUse& u) { return u.during_capture; }),
-                           b->cold().stream_uses.end());
-      b->has_stream_uses = !b->cold().stream_uses.empty();
+      std::vector<StreamUse>& uses = b->cold().stream_uses;
+      uses.erase(std::remove_if(uses.begin(), uses.end(), [](const StreamUse& u) { return u.during_capture; }),
+                 uses.end());
+      b->has_stream_uses = !uses.empty();
       if (!b->has_stream_uses) {
         end_pending(b);
         free_block(b);
@@ -1207,7 +1207,8 @@ std::string DeviceAllocator::check_invariants() {
   if (plain != plain_) fail("plain_ is out of date");
   for (Block* b = spare_blocks_; b; b = b->next)
     if (b->prev || b->allocated || b->deferred || b->in_index || b->has_stream_uses || !b->mapped ||
-        b->expandable || b->oversize || b->has_frames || b->event_count || b->cold().frames || !b->cold().stream_uses.empty()) {
+        b->expandable || b->oversize || b->has_frames || b->event_count || b->cold().frames ||
+        !b->cold().stream_uses.empty()) {
       fail("a spare block is not clean");
       break;
     }
