@@ -147,7 +147,7 @@ cdef extern from "device_allocator.h" namespace "mtia":
     cdef cppclass DeviceAllocator:
         void record_stream(uintptr_t ptr, int64_t stream) except +
         size_t block_size(uintptr_t ptr) except +
-        void empty_cache(MempoolId pool) except + nogil
+        void empty_cache(MempoolId pool, const FramesPtr& frames) except + nogil
         void process_events() except +
         void set_memory_fraction(double fraction) except +
         double memory_fraction() except +
@@ -180,7 +180,7 @@ cdef extern from "allocator.h" namespace "mtia":
         uintptr_t malloc(int device, size_t size, int64_t stream, FramesPtr frames) except +
         void free(uintptr_t ptr, FramesPtr frames) except +
         int device_of(uintptr_t ptr) except +
-        void empty_cache(MempoolId pool) except + nogil
+        void empty_cache(MempoolId pool, const FramesPtr& frames) except + nogil
         void set_config(const string& conf) except +
         const AllocatorConfig& config()
         MempoolId new_user_pool_id()

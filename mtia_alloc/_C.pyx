@@ -331,18 +331,24 @@ def reset_accumulated_memory_stats(int device):
 
 def empty_cache(pool=None):
     cdef MempoolId pid = make_pool_id(0, 0)
+    cdef FramesPtr frames
     if _alloc == NULL:
         return
     if pool is not None:
         pid = make_pool_id(pool[0], pool[1])
+    if _record_level >= 3:  # context "all": segment frees carry this call's stack
+        frames = _capture_frames()
     with nogil:
-        _alloc.empty_cache(pid)
+        _alloc.empty_cache(pid, frames)
 
 
 def empty_cache_device(int device, pool):
     cdef MempoolId pid = make_pool_id(pool[0], pool[1])
+    cdef FramesPtr frames
+    if _record_level >= 3:
+        frames = _capture_frames()
     with nogil:
-        _alloc.device(device).empty_cache(pid)
+        _alloc.device(device).empty_cache(pid, frames)
 
 
 def set_memory_fraction(double fraction, int device):

@@ -49,8 +49,8 @@ void Allocator::free_elsewhere(uintptr_t ptr, const FramesPtr& frames) {
   throw InvalidState(std::string("invalid device pointer: ") + buf);
 }
 
-void Allocator::empty_cache(MempoolId pool) {
-  for (auto& d : devices_) d->empty_cache(pool);
+void Allocator::empty_cache(MempoolId pool, const FramesPtr& frames) {
+  for (auto& d : devices_) d->empty_cache(pool, frames);
 }
 
 void Allocator::set_config(const std::string& conf) { config_.parse(conf); }

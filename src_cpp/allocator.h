@@ -57,7 +57,7 @@ class Allocator {
   // The device whose allocator owns allocated block `ptr`, or -1.
   DeviceIndex device_of(uintptr_t ptr);
 
-  void empty_cache(MempoolId pool = MempoolId{});
+  void empty_cache(MempoolId pool = MempoolId{}, const FramesPtr& frames = kNoFrames);
   void set_config(const std::string& conf);  // throws; keeps the old config on error
   const AllocatorConfig& config() const { return config_; }
 

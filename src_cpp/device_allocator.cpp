@@ -95,6 +95,26 @@ bool DeviceAllocator::should_split(const Block* b, size_t size) const {
   return size < max_split() && remaining > kSmallSize;
 }
 
+// The stack of the public call (malloc, free, empty_cache) running on this thread, for
+// the trace entries of the frees and segment releases it causes: PyTorch gathers one per
+// call (malloc at context "state", free and empty_cache at "all") and records it in place
+// of the block's or the segment's own stack. Set only off the fast path (history is on,
+// or a malloc missed the cache), as a thread_local costs a call in a shared object.
+namespace {
+thread_local const FramesPtr* t_call_frames = nullptr;
+class CallFramesScope {
+ public:
+  explicit CallFramesScope(const FramesPtr* frames) : prev_(t_call_frames) { t_call_frames = frames; }
+  ~CallFramesScope() { t_call_frames = prev_; }
+  CallFramesScope(const CallFramesScope&) = delete;
+  CallFramesScope& operator=(const CallFramesScope&) = delete;
+
+ private:
+  const FramesPtr* prev_;
+};
+const FramesPtr& call_frames_or(const FramesPtr& own) { return t_call_frames && *t_call_frames ? *t_call_frames : own; }
+}  // namespace
+
 // ---------------------------------------------------------------- malloc (§4.1)
 
 uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const FramesPtr& frames) {
@@ -111,17 +131,21 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
     r.pool = default_pool(r.size);
     r.frames = &kNoFrames;
   } else {
-    // 2. Reclaim blocks whose cross-stream events completed (never during a capture).
-    if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty())) process_events();
-    r.pool = choose_pool(r.size, stream);
     r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
+    // 2. Reclaim blocks whose cross-stream events completed (never during a capture).
+    if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty())) {
+      const CallFramesScope call(r.frames);
+      process_events();
+    }
+    r.pool = choose_pool(r.size, stream);
   }
   // 3. Best fit among cached blocks of this pool and stream.
   Block* block = get_free_block(r, r.pool);
   if (!block) {
+    const CallFramesScope call(r.frames);  // for the frees and releases below
     r.alloc_size = segment_size_for(r.size);
     // 4a. Garbage-collect old cached blocks when a fraction and a threshold are set.
-    if (allowed_memory_maximum_ && config_->garbage_collection_threshold > 0) garbage_collect_cached_blocks(lock);
+    if (fraction_limit_ && config_->garbage_collection_threshold > 0) garbage_collect_cached_blocks(lock);
     // 4b. A new segment from the device.
     block = alloc_block(r, false);
     // 4c. Default-pool requests may take a cached block of a use_on_oom pool.
@@ -163,7 +187,7 @@ bool DeviceAllocator::filter_matches(const AllocationFilter& f, StreamId stream)
 
 // §3.2: exact best fit on the request's stream, then the oversize rules.
 Block* DeviceAllocator::get_free_block(const Request& r, BlockPool* pool) {
-  if (allowed_memory_maximum_ && config_->garbage_collection_threshold > 0) ++pool->get_free_blocks_call_count;
+  if (fraction_limit_ && config_->garbage_collection_threshold > 0) ++pool->get_free_blocks_call_count;
   FreeIndex* idx = pool->index(r.stream);
   if (!idx) return nullptr;
   Block* b = idx->lower_bound(r.size);
@@ -190,7 +214,7 @@ Block* DeviceAllocator::get_free_block(const Request& r, BlockPool* pool) {
 // §4.2: a new segment. Fails (nullptr) on the fraction limit or a device OOM.
 Block* DeviceAllocator::alloc_block(const Request& r, bool is_retry) {
   if (is_retry) stats_.num_alloc_retries += 1;
-  if (allowed_memory_maximum_ && total_allocated_memory_ + r.alloc_size > allowed_memory_maximum_) return nullptr;
+  if (fraction_limit_ && total_allocated_memory_ + r.alloc_size > allowed_memory_maximum_) return nullptr;
   if (expandable_active(r.pool)) return try_allocate_expandable_block(r);
   PrivatePool* owner = r.pool->owner;
   RawAllocator* raw = owner && owner->allocator ? owner->allocator.get() : raw_.get();
@@ -400,10 +424,17 @@ bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames) {
     } else {
       insert_events(b);
     }
+  } else if (history_on_) {
+    free_block_in_call(b, free_frames);
   } else {
     free_block(b);
   }
   return true;
+}
+
+void DeviceAllocator::free_block_in_call(Block* b, const FramesPtr& frames) {
+  const CallFramesScope call(&frames);
+  free_block(b);
 }
 
 void DeviceAllocator::insert_events(Block* b) {
@@ -506,7 +537,7 @@ void DeviceAllocator::free_block(Block* b) {
   const bool small = pool->is_small;
   if (history_on_)
     record_trace(TraceAction::kFreeCompleted, b->ptr, b->requested_size, b->seg->stream,
-                 pool->owner ? pool->owner->id : MempoolId{}, b->cold().frames);
+                 pool->owner ? pool->owner->id : MempoolId{}, call_frames_or(b->cold().frames));
   if (b->has_frames) {
     b->cold().frames.reset();
     b->has_frames = false;
@@ -580,9 +611,10 @@ size_t DeviceAllocator::block_size(uintptr_t ptr) {
 
 // ---------------------------------------------------------------- empty_cache (§6)
 
-void DeviceAllocator::empty_cache(MempoolId pool) {
+void DeviceAllocator::empty_cache(MempoolId pool, const FramesPtr& frames) {
   lock();
   Lock lock(mu_, std::adopt_lock);
+  const CallFramesScope call(&frames);
   release_cached_blocks(lock, pool);
 }
 
@@ -680,7 +712,7 @@ void DeviceAllocator::release_block(Block* b) {
   stats_.num_device_free += 1;
   if (history_on_)
     record_trace(TraceAction::kSegmentFree, seg->base, seg->size, seg->stream,
-                 pool->owner ? pool->owner->id : MempoolId{}, seg->frames);
+                 pool->owner ? pool->owner->id : MempoolId{}, call_frames_or(seg->frames));
   if (pool->owner) pool->owner->segment_count -= 1;
   forget_segment(seg);
   delete_block(b);
@@ -845,7 +877,7 @@ void DeviceAllocator::unmap_block(Block* b) {
   stats_.num_device_free += 1;
   if (history_on_)
     record_trace(TraceAction::kSegmentUnmap, uptr, usize, seg->stream, pool->owner ? pool->owner->id : MempoolId{},
-                 FramesPtr());
+                 call_frames_or(seg->frames));
   if (!b->prev && !b->next) release_expandable_segment(b);
 }
 
@@ -879,7 +911,7 @@ void DeviceAllocator::raise_oom(Lock& lock, const Request& r) {
   msg << "MTIA out of memory. Tried to allocate " << format_size(r.alloc_size) << ". Device " << device_
       << " has a total capacity of " << format_size(total) << " of which " << format_size(device_free)
       << " is free. ";
-  if (allowed_memory_maximum_) msg << format_size(allowed_memory_maximum_) << " allowed; ";
+  if (fraction_limit_) msg << format_size(allowed_memory_maximum_) << " allowed; ";
   msg << "Of the allocated memory " << format_size(uint64_t(A + P)) << " is allocated by PyTorch, ";
   if (P > 0) msg << "with " << format_size(uint64_t(P)) << " allocated in private pools (e.g., MTIA Graphs), ";
   msg << "and " << format_size(uint64_t(std::max<int64_t>(0, R - A - P)))
@@ -890,7 +922,7 @@ void DeviceAllocator::raise_oom(Lock& lock, const Request& r) {
   OutOfMemory oom(msg.str());
   oom.device = device_;
   oom.alloc_size = r.alloc_size;
-  oom.total_or_allowed = allowed_memory_maximum_ ? allowed_memory_maximum_ : total;
+  oom.total_or_allowed = fraction_limit_ ? allowed_memory_maximum_ : total;
   oom.device_free = device_free;
   oom.notify_observers = true;
   lock.unlock();
@@ -904,16 +936,14 @@ void DeviceAllocator::set_memory_fraction(double fraction) {
     throw InvalidArgument("invalid fraction:" + std::to_string(fraction) + ". Please set within [0, 1].");
   lock();
   Lock lock(mu_, std::adopt_lock);
-  fraction_ = fraction;
-  size_t total = emulator_->device(device_).memory().capacity();
-  allowed_memory_maximum_ = fraction < 1.0 ? size_t(fraction * double(total)) : 0;
-  if (fraction < 1.0 && allowed_memory_maximum_ == 0) allowed_memory_maximum_ = 1;  // 0.0: nothing allowed
+  fraction_limit_ = fraction < 1.0;  // exactly 1.0 removes the limit
+  allowed_memory_maximum_ = fraction_limit_ ? size_t(fraction * double(capacity())) : 0;
 }
 
 double DeviceAllocator::memory_fraction() {
   lock();
   Lock lock(mu_, std::adopt_lock);
-  return fraction_;
+  return fraction_limit_ ? double(allowed_memory_maximum_) / double(capacity()) : 1.0;
 }
 
 DeviceStats DeviceAllocator::stats() {

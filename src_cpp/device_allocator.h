@@ -121,7 +121,8 @@ class alignas(64) DeviceAllocator {
 
   void record_stream(uintptr_t ptr, StreamId stream);  // throws InvalidArgument for unknown ptr
   size_t block_size(uintptr_t ptr);                      // 0 if ptr is not allocated here
-  void empty_cache(MempoolId pool = MempoolId{});
+  // `frames`: the caller's stack, for the trace when history records context "all".
+  void empty_cache(MempoolId pool = MempoolId{}, const FramesPtr& frames = kNoFrames);
   void process_events();
 
   // --- limits and stats ---
@@ -181,6 +182,7 @@ class alignas(64) DeviceAllocator {
   void garbage_collect_cached_blocks(Lock& lock);
   MTIA_INLINE uintptr_t alloc_found_block(const Request& r, Block* block);
   MTIA_INLINE void free_block(Block* b);
+  void free_block_in_call(Block* b, const FramesPtr& frames);  // free_block with the caller's stack
   void begin_pending(Block* b);  // a user free that must wait (events or a capture)
   void end_pending(Block* b);    // ... and its wait is over
   void note_active_peaks(bool small);
@@ -198,6 +200,7 @@ class alignas(64) DeviceAllocator {
   void add_block_chunk();
   PrivatePool* find_pool(MempoolId id);
   bool should_split(const Block* b, size_t size) const;
+  size_t capacity() const { return emulator_->device(device_).memory().capacity(); }
   // Expandable segments (allocator_core.md §11).
   bool expandable_active(const BlockPool* pool) const {
     return config_->expandable_segments && !(pool->owner && pool->owner->allocator);
@@ -227,8 +230,8 @@ class alignas(64) DeviceAllocator {
   uint64_t segment_order_ = 0;
   DeviceStats stats_;
   size_t total_allocated_memory_ = 0;  // bytes held from the device (all pools)
-  size_t allowed_memory_maximum_ = 0;  // 0 = no fraction set
-  double fraction_ = 1.0;
+  bool fraction_limit_ = false;        // a memory fraction < 1 is set ...
+  size_t allowed_memory_maximum_ = 0;  // ... and allows this much (0 for a fraction of 0.0)
 
   // Cross-stream frees waiting for events: per recorded stream, FIFO of (event, block).
   std::vector<std::pair<Stream*, std::deque<std::pair<EventMark, Block*>>>> stream_events_;

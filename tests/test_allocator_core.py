@@ -643,6 +643,20 @@ def test_mh17_memory_fraction_caps_reserved_memory(blocks, oom_calls, device):
     assert stats(device)["reserved_bytes.all.current"] <= allowed
 
 
+def test_a_fraction_of_zero_allows_zero_bytes_and_get_reads_allowed_over_total(oom_calls):
+    # allowed = (size_t)(fraction * total); get returns allowed / total (spec 4.3).
+    total = mtia.mem_get_info(0)[1]
+    mtia.set_per_process_memory_fraction(0.3, 0)
+    assert mtia.get_per_process_memory_fraction(0) == int(0.3 * total) / total
+    mtia.set_per_process_memory_fraction(0.0, 0)
+    assert mtia.get_per_process_memory_fraction(0) == 0.0
+    with pytest.raises(mtia.OutOfMemoryError, match="is free. 0 bytes allowed; "):
+        mtia.caching_allocator_alloc(100, 0, mtia.Stream(0))
+    assert oom_calls[-1]["allowed_or_total"] == 0
+    mtia.set_per_process_memory_fraction(1.0, 0)
+    assert mtia.get_per_process_memory_fraction(0) == 1.0
+
+
 @pytest.mark.parametrize("case", ["tiny-request-under-fraction", "1TiB-request"])
 @pytest.mark.parametrize("device", DEVICES, ids=lambda d: f"dev{d}")
 def test_mh18_oom_message_and_observers(blocks, side_streams, oom_calls, device, case):

@@ -222,6 +222,36 @@ def test_context_all_captures_the_free_stack(history):
     assert line(by_action["free_requested"]) == line(by_action["alloc"]) + 1
 
 
+def _free_here(ptr):
+    mtia.caching_allocator_delete(ptr)
+
+
+def _empty_cache_here():
+    mtia.empty_cache()
+
+
+@pytest.mark.parametrize("context", ["state", "alloc", "all"])
+def test_free_completed_and_segment_free_carry_the_call_stack_only_with_context_all(history, context):
+    # PyTorch gathers a stack per free and per empty_cache at context "all" and records it
+    # on free_completed and segment_free; otherwise they reuse the allocation's stacks.
+    mtia.empty_cache()
+    mtia.record_memory_history(context=context)
+    ptr = mtia.caching_allocator_alloc(4096)
+    _free_here(ptr)
+    _empty_cache_here()
+    entries = trace()
+    alloc = next(e for e in entries if e["action"] == "alloc" and e["addr"] == ptr)
+    completed = next(e for e in entries if e["action"] == "free_completed" and e["addr"] == ptr)
+    segment_alloc = next(e for e in entries if e["action"] == "segment_alloc")
+    segment_free = next(e for e in entries if e["action"] == "segment_free" and e["addr"] == segment_alloc["addr"])
+    if context == "all":
+        assert names(completed["frames"])[0] == "_free_here"
+        assert names(segment_free["frames"])[0] == "_empty_cache_here"
+    else:
+        assert completed.get("frames") == alloc.get("frames")
+        assert segment_free.get("frames") == segment_alloc.get("frames")
+
+
 def test_stack_starts_at_the_direct_caller(tmp_path):
     script = textwrap.dedent("""
         import mtia_alloc as m
