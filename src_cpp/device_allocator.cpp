@@ -133,35 +133,41 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
   } else {
     r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
     // 2. Reclaim blocks whose cross-stream events completed (never during a capture).
-    if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty())) {
-      const CallFramesScope call(r.frames);
-      process_events();
-    }
+    if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty())) process_events_in_call(*r.frames);
     r.pool = choose_pool(r.size, stream);
   }
-  // 3. Best fit among cached blocks of this pool and stream.
+  // 3. Best fit among cached blocks of this pool and stream; 4. else a new segment.
   Block* block = get_free_block(r, r.pool);
-  if (!block) {
-    const CallFramesScope call(r.frames);  // for the frees and releases below
-    r.alloc_size = segment_size_for(r.size);
-    // 4a. Garbage-collect old cached blocks when a fraction and a threshold are set.
-    if (fraction_limit_ && config_->garbage_collection_threshold > 0) garbage_collect_cached_blocks(lock);
-    // 4b. A new segment from the device.
-    block = alloc_block(r, false);
-    // 4c. Default-pool requests may take a cached block of a use_on_oom pool.
-    if (!block && !r.pool->owner) block = try_use_on_oom_pools(r);
-    // 4d. Release oversize cached blocks (only with max_split_size) and retry.
-    if (!block && release_available_cached_blocks(lock, r)) block = alloc_block(r, false);
-    // 4e. Empty the whole cache (not during a capture) and retry once more.
-    if (!block && captures_underway_.empty()) {
-      release_cached_blocks(lock, MempoolId{});
-      block = alloc_block(r, true);
-    }
-  }
+  if (!block) block = alloc_on_miss(lock, r);
   // 5. Out of memory.
   if (!block) raise_oom(lock, r);
   // 6. Hand out (splitting if the rules say so).
   return alloc_found_block(r, block);
+}
+
+// Steps 4a-4e of the ladder, out of line: the fast path keeps a small frame.
+Block* DeviceAllocator::alloc_on_miss(Lock& lock, Request& r) {
+  const CallFramesScope call(r.frames);  // for the frees and releases below
+  r.alloc_size = segment_size_for(r.size);
+  // 4a. Garbage-collect old cached blocks when a fraction and a threshold are set.
+  if (fraction_limit_ && config_->garbage_collection_threshold > 0) garbage_collect_cached_blocks(lock);
+  // 4b. A new segment from the device.
+  Block* block = alloc_block(r, false);
+  // 4c. Default-pool requests may take a cached block of a use_on_oom pool.
+  if (!block && !r.pool->owner) block = try_use_on_oom_pools(r);
+  // 4d. Release oversize cached blocks (only with max_split_size) and retry.
+  if (!block && release_available_cached_blocks(lock, r)) block = alloc_block(r, false);
+  // 4e. Empty the whole cache (not during a capture) and retry once more.
+  if (!block && captures_underway_.empty()) {
+    release_cached_blocks(lock, MempoolId{});
+    block = alloc_block(r, true);
+  }
+  return block;
+}
+
+void DeviceAllocator::process_events_in_call(const FramesPtr& frames) {
+  const CallFramesScope call(&frames);
+  process_events();
 }
 
 BlockPool* DeviceAllocator::choose_pool(size_t size, StreamId stream) {

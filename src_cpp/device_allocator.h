@@ -167,6 +167,8 @@ class alignas(64) DeviceAllocator {
   bool filter_matches(const AllocationFilter& f, StreamId stream);
   MTIA_INLINE Block* get_free_block(const Request& r, BlockPool* pool);
   Block* alloc_block(const Request& r, bool is_retry);
+  __attribute__((noinline)) Block* alloc_on_miss(Lock& lock, Request& r);
+  void process_events_in_call(const FramesPtr& frames);  // process_events with the caller's stack
   Block* try_use_on_oom_pools(const Request& r);
   bool release_available_cached_blocks(Lock& lock, const Request& r);
   void release_cached_blocks(Lock& lock, MempoolId pool);
