@@ -416,6 +416,14 @@ bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames) {
   stat_sub(stats_.allocated_bytes, small, int64_t(b->size));
   if (b->oversize) stats_.oversize_allocations.decrease(1);
   b->oversize = false;
+  if (__builtin_expect(history_on_ || b->has_stream_uses, 0)) free_noted(b, free_frames);
+  else free_block(b);
+  return true;
+}
+
+// The rest of free() when history is on or the block has stream uses, out of line: the
+// fast path keeps a small frame.
+void DeviceAllocator::free_noted(Block* b, const FramesPtr& free_frames) {
   if (history_on_) {
     const FramesPtr& frames = record_context_ < RecordContext::kAll || !free_frames ? b->cold().frames : free_frames;
     record_trace(TraceAction::kFreeRequested, b->ptr, b->requested_size, b->seg->stream,
@@ -430,12 +438,9 @@ bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames) {
     } else {
       insert_events(b);
     }
-  } else if (history_on_) {
-    free_block_in_call(b, free_frames);
   } else {
-    free_block(b);
+    free_block_in_call(b, free_frames);
   }
-  return true;
 }
 
 void DeviceAllocator::free_block_in_call(Block* b, const FramesPtr& frames) {

@@ -185,6 +185,7 @@ class alignas(64) DeviceAllocator {
   MTIA_INLINE uintptr_t alloc_found_block(const Request& r, Block* block);
   MTIA_INLINE void free_block(Block* b);
   void free_block_in_call(Block* b, const FramesPtr& frames);  // free_block with the caller's stack
+  __attribute__((noinline)) void free_noted(Block* b, const FramesPtr& free_frames);
   void begin_pending(Block* b);  // a user free that must wait (events or a capture)
   void end_pending(Block* b);    // ... and its wait is over
   void note_active_peaks(bool small);
