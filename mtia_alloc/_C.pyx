@@ -771,8 +771,8 @@ cdef bint _shut_down = False
 
 def _mark_shut_down():
     """From here on dying arrays no longer free their blocks (the interpreter is exiting),
-    and threads other than the main one that would block on the GIL inside the allocator
-    park instead (see park_other_threads_at_exit)."""
+    and threads other than the main one that take the GIL back inside the allocator first
+    give finalization a chance to begin, and park if it does (see _binding.h)."""
     global _shut_down
     _shut_down = True
     park_other_threads_at_exit()

@@ -76,11 +76,13 @@ inline void* release_gil() {
 // Once the interpreter is finalizing, CPython (3.9-3.13) ends any thread but the main one
 // that takes the GIL back by unwinding it with pthread_exit, and that unwind through the
 // core's noexcept frames (or the binding's catch-all exception translation) aborts the
-// process. So at exit, once the stream workers have stopped, the binding raises
-// `exiting` and lets every thread already on its way back to the GIL get it; from then
-// on any other thread (a daemon thread still in the allocator) parks instead, as CPython
-// 3.14 does itself. The core holds no lock there: lock_contended takes the device lock
-// only after the GIL is back.
+// process. A daemon thread still in the allocator at exit must therefore not be waiting
+// for the GIL when finalization begins. So at exit, once the stream workers have stopped,
+// the binding raises `exiting` and lets every thread already on its way back to the GIL
+// get it. A thread that wants the GIL back after that waits, without it, for up to a
+// second: if finalization begins meanwhile it parks for good (as CPython 3.14 does
+// itself); if not, a later atexit handler may be waiting for it, and it goes on. The core
+// holds no lock there: lock_contended takes the device lock only after the GIL is back.
 inline unsigned long main_thread_ident = 0;  // threading.main_thread().ident, set at import
 inline std::atomic<bool> exiting{false};
 inline std::atomic<int> restoring_gil{0};    // non-main threads inside restore_gil
@@ -94,9 +96,12 @@ inline void restore_gil(void* token) {
     return;
   }
   restoring_gil.fetch_add(1);  // seq_cst, paired with park_other_threads_at_exit
-  if (exiting.load() || interpreter_finalizing()) {
+  if (exiting.load()) {
     restoring_gil.fetch_sub(1);
-    park_forever();
+    for (int ms = 0; ms < 1000 && !interpreter_finalizing(); ++ms)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    if (interpreter_finalizing()) park_forever();
+    restoring_gil.fetch_add(1);
   }
   PyEval_RestoreThread(static_cast<PyThreadState*>(token));
   restoring_gil.fetch_sub(1);

@@ -265,10 +265,9 @@ class PythonAllocator:
     address (0 or an exception = out of memory) and free_fn(ptr, size, device, stream).
 
     free_fn runs when the cache gives a segment back (empty_cache, an OOM retry), under the
-    allocator's lock. Unlike cudaFree it implies no device synchronisation, so kernels
-    queued earlier may still touch the range: free_fn must not unmap or reuse host memory
-    that such a kernel could write (keep it until mtia_alloc.synchronize()), and must not
-    wait for kernels itself, since a kernel that allocates would wait for the lock."""
+    allocator's lock, and only while the streams that may still use the range are idle
+    (the allocator waits for them first, as cudaFree synchronizes the device). It must not
+    wait for kernels itself: a kernel that allocates would wait for the lock."""
 
     def __init__(self, alloc_fn, free_fn):
         if not callable(alloc_fn) or not callable(free_fn):

@@ -503,7 +503,10 @@ void DeviceAllocator::process_events() {
 }
 
 void DeviceAllocator::begin_pending(Block* b) { pending_.add(pool_of(b)->is_small, int64_t(b->size), 1); }
-void DeviceAllocator::end_pending(Block* b) { pending_.add(pool_of(b)->is_small, int64_t(b->size), -1); }
+void DeviceAllocator::end_pending(Block* b) {
+  pending_.add(pool_of(b)->is_small, int64_t(b->size), -1);
+  ++pending_frees_done_;
+}
 
 // A malloc while frees are pending: active (allocation + pending) may reach a new peak
 // that the allocation's own peak does not show.
@@ -656,11 +659,14 @@ void DeviceAllocator::release_cached_blocks(Lock& lock, MempoolId id) {
 // as cudaFree (and unmapping) synchronizes the device: a kernel queued before a free on
 // the same stream may still use the block, and a graph's replay uses its pool's memory
 // on the stream it was replayed on. From the host this waits, with the lock dropped (as
-// for events), for every stream of the device with queued work. A kernel (a stream
-// worker) waits for nothing: the streams it would wait for may be waiting for it.
-// Returns the streams that are busy once the lock is held again (the caller's own among
-// them, and any that got new work during the wait): their segments and pages stay
-// cached, and so does every private pool while any stream is busy.
+// for events), for every stream of the device with queued work. If the device saw no
+// malloc and no free meanwhile, all free memory predates the wait and none of it is in
+// use: everything may go, even if other threads queued new work (kernels that touch no
+// memory must not keep a cache from ever being released). Otherwise it waits again, up to
+// three times, and then returns the streams still busy: their segments and pages stay
+// cached, and so does every private pool while any stream is busy. A kernel (a stream
+// worker) waits for nothing, since the streams it would wait for may be waiting for it,
+// and gets the busy streams at once (its own among them).
 std::vector<StreamId> DeviceAllocator::settle_streams(Lock& lock) {
   auto busy_streams = [&] {
     std::vector<Stream*> busy;
@@ -669,19 +675,29 @@ std::vector<StreamId> DeviceAllocator::settle_streams(Lock& lock) {
     return busy;
   };
   std::vector<Stream*> busy = busy_streams();
-  if (!busy.empty() && !Stream::on_worker_thread()) {
-    lock.unlock();
-    {
-      BlockingScope blocking;
-      for (Stream* st : busy) st->synchronize();
+  if (!Stream::on_worker_thread()) {
+    for (int round = 0; round < 3 && !busy.empty(); ++round) {
+      const BlockActivity before = block_activity();
+      lock.unlock();
+      {
+        BlockingScope blocking;
+        for (Stream* st : busy) st->synchronize();
+      }
+      lock_blocking(mu_);
+      lock = Lock(mu_, std::adopt_lock);
+      if (block_activity() == before) return {};
+      busy = busy_streams();
     }
-    lock_blocking(mu_);
-    lock = Lock(mu_, std::adopt_lock);
-    busy = busy_streams();
   }
   std::vector<StreamId> ids;
   for (Stream* st : busy) ids.push_back(st->id());
   return ids;
+}
+
+// Changes with every malloc, free and completed pending free of this device.
+DeviceAllocator::BlockActivity DeviceAllocator::block_activity() const {
+  return {stats_.allocation[kSmallPool].allocated + stats_.allocation[kLargePool].allocated,
+          stats_.allocation[kSmallPool].current + stats_.allocation[kLargePool].current, pending_frees_done_};
 }
 
 void DeviceAllocator::release_pool_blocks(BlockPool& pool, const std::vector<StreamId>& busy) {

@@ -15,6 +15,7 @@
 //   every segment's blocks tile it; no two adjacent inactive blocks
 #pragma once
 #include <algorithm>
+#include <array>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -172,7 +173,9 @@ class alignas(64) DeviceAllocator {
   Block* try_use_on_oom_pools(const Request& r);
   bool release_available_cached_blocks(Lock& lock, const Request& r);
   void release_cached_blocks(Lock& lock, MempoolId pool);
-  std::vector<StreamId> settle_streams(Lock& lock);  // the streams still busy after waiting
+  std::vector<StreamId> settle_streams(Lock& lock);  // the streams whose memory must stay
+  using BlockActivity = std::array<int64_t, 3>;
+  BlockActivity block_activity() const;
   static bool is_busy(const std::vector<StreamId>& busy, StreamId s) {
     return std::find(busy.begin(), busy.end(), s) != busy.end();
   }
@@ -240,6 +243,7 @@ class alignas(64) DeviceAllocator {
   std::vector<std::pair<Stream*, std::deque<std::pair<EventMark, Block*>>>> stream_events_;
   size_t pending_event_count_ = 0;
   PendingFrees pending_;  // blocks waiting for events or deferred (active, not allocated)
+  int64_t pending_frees_done_ = 0;  // pending frees completed so far (see block_activity)
   std::vector<Block*> deferred_;  // freed during capture with stream uses
 
   std::unordered_map<MempoolId, std::unique_ptr<PrivatePool>, MempoolIdHash> pools_;

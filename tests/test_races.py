@@ -20,10 +20,11 @@ def _run(script, timeout=60):
     return proc.stdout
 
 
-def test_empty_cache_keeps_segments_freed_on_a_stream_that_got_work_while_it_waited():
+def test_empty_cache_waits_again_for_a_stream_that_got_work_while_it_waited():
     # empty_cache waits for s1 with the lock dropped; meanwhile s3 queues a kernel that
     # writes p and frees p in stream order. p's segment must not go back to the device
-    # (and be handed out again) before that kernel has run.
+    # (and be handed out again) before that kernel has run: the device saw a malloc and a
+    # free during the wait, so empty_cache waits again (now for s3) before it releases.
     out = _run("""
         import ctypes, threading, time
         import mtia_alloc as mtia
@@ -41,15 +42,44 @@ def test_empty_cache_keeps_segments_freed_on_a_stream_that_got_work_while_it_wai
         emulator.launch(ctypes.memset, p, 7, N, stream=s3)
         mtia.caching_allocator_delete(p)
         t.join()
+        print("s3 idle at release", s3.query())
         q = mtia.caching_allocator_alloc(N)
         ctypes.memset(q, 1, N)
         s3.synchronize()
         print("overwritten", N - bytes((ctypes.c_ubyte * N).from_address(q)).count(1))
-        print("released", mtia.memory_stats()["num_device_free"])
         mtia.memory.check_invariants()
     """)
+    assert "s3 idle at release True" in out
     assert "overwritten 0" in out
-    assert "released 0" in out  # s3 was still busy: its segment stayed cached
+
+
+def test_a_stream_kept_busy_by_another_thread_does_not_pin_idle_cached_memory():
+    # Kernels that touch no memory keep s2 busy; its cached segments predate the wait and
+    # nothing was allocated or freed meanwhile, so the OOM flush releases them (PyTorch's
+    # cudaFree would too) instead of raising OOM.
+    out = _run("""
+        import threading, time
+        import mtia_alloc as mtia
+        mtia.emulator.configure(device_count=1, memory_per_device="256MiB", runtime_reserved=0)
+        s2 = mtia.Stream()
+        MiB = 1 << 20
+        for p in [mtia.caching_allocator_alloc(40 * MiB, stream=s2) for _ in range(5)]:
+            mtia.caching_allocator_delete(p)
+        s2.synchronize()
+        stop = False
+        def pump():
+            while not stop:
+                mtia.emulator.sleep(0.2, stream=s2)
+                time.sleep(0.0001)
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        time.sleep(0.1)
+        p = mtia.caching_allocator_alloc(200 * MiB)
+        print("allocated", mtia.memory_allocated() // MiB)
+        stop = True
+        t.join()
+    """)
+    assert "allocated 200" in out
 
 
 @pytest.mark.parametrize("other_thread_in_pool", [False, True])
@@ -236,6 +266,46 @@ def test_re_recording_an_event_while_another_thread_times_it():
         print("bad", bad[:5])
     """)
     assert "bad []" in out
+
+
+def test_exit_runs_later_atexit_handlers_that_wait_for_a_daemon_thread_in_the_allocator():
+    # The daemon thread holds a user lock while it waits for the device lock; an atexit
+    # handler registered before the import (so it runs after mtia_alloc's) needs that lock.
+    out = _run("""
+        import atexit, ctypes, threading, time
+        L = threading.Lock()
+        def final():
+            with L:
+                print("final handler ran", flush=True)
+        atexit.register(final)
+        import mtia_alloc as mtia
+        from mtia_alloc.memory import PythonAllocator, change_current_allocator
+        bufs, slow = {}, threading.Event()
+        def alloc_fn(size, device, stream):
+            b = ctypes.create_string_buffer(size + 4096)
+            addr = (ctypes.addressof(b) + 4095) & ~4095
+            bufs[addr] = b
+            return addr
+        def free_fn(ptr, size, device, stream):
+            if slow.is_set():
+                time.sleep(0.6)  # holds the device lock
+            bufs.pop(ptr, None)
+        change_current_allocator(PythonAllocator(alloc_fn, free_fn))
+        mtia.emulator.configure(device_count=1)
+        mtia.caching_allocator_delete(mtia.caching_allocator_alloc(4 << 20))
+        q = mtia.caching_allocator_alloc(512)
+        slow.set()
+        def holder():
+            mtia.empty_cache()
+        def waiter():
+            time.sleep(0.1)
+            with L:
+                mtia.caching_allocator_delete(q)
+        threading.Thread(target=holder, daemon=True).start()
+        threading.Thread(target=waiter, daemon=True).start()
+        time.sleep(0.25)
+    """, timeout=30)
+    assert "final handler ran" in out
 
 
 def test_exit_while_daemon_threads_contend_for_the_allocator():
