@@ -114,17 +114,15 @@ static_assert(sizeof(Block) == 64, "Block: one cache line");
 // Blocks are made in chunks: the hot lines side by side, then their cold parts. A chunk
 // is aligned to its own (power-of-two) size, so a block finds its cold part from its
 // address alone.
-struct BlockChunk {
+struct alignas(32768) BlockChunk {
   static constexpr size_t kBlocks = 256;
   Block hot[kBlocks];
   BlockCold cold[kBlocks];
 };
-constexpr size_t kBlockChunkAlign = 32768;
-static_assert(sizeof(BlockChunk) <= kBlockChunkAlign, "a chunk fits its alignment");
-struct alignas(kBlockChunkAlign) AlignedBlockChunk : BlockChunk {};
+static_assert(sizeof(BlockChunk) == alignof(BlockChunk), "a chunk fills its alignment, no more");
 
 inline BlockCold& Block::cold() const {
-  auto* chunk = reinterpret_cast<BlockChunk*>(uintptr_t(this) & ~uintptr_t(kBlockChunkAlign - 1));
+  auto* chunk = reinterpret_cast<BlockChunk*>(uintptr_t(this) & ~uintptr_t(alignof(BlockChunk) - 1));
   return chunk->cold[this - chunk->hot];
 }
 

@@ -62,7 +62,7 @@ Block* DeviceAllocator::new_block() {
 
 // Blocks come in chunks, for locality; spare ones are linked through `next`.
 void DeviceAllocator::add_block_chunk() {
-  block_chunks_.emplace_back(new AlignedBlockChunk);
+  block_chunks_.emplace_back(new BlockChunk);
   for (size_t i = BlockChunk::kBlocks; i-- > 0;) recycle_clean_block(&block_chunks_.back()->hot[i]);
 }
 

@@ -230,7 +230,7 @@ class alignas(64) DeviceAllocator {
   BlockPool small_blocks_, large_blocks_;
   PtrMap allocated_;
   std::vector<Segment*> segments_;
-  std::vector<std::unique_ptr<AlignedBlockChunk>> block_chunks_;  // owns every Block
+  std::vector<std::unique_ptr<BlockChunk>> block_chunks_;  // owns every Block
   Block* spare_blocks_ = nullptr;  // recycled blocks, linked through `next`
   bool gc_bases_written_ = false;  // some block's gc_count_base was set (new blocks need a reset)
   uint64_t segment_order_ = 0;

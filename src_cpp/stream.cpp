@@ -105,7 +105,7 @@ void Stream::finish_shutdown() {
 }
 
 namespace {
-using Stamp = std::shared_ptr<std::atomic<int64_t>>;
+using Stamp = Event::Stamp;
 void stamp_time(void* arg) { static_cast<Stamp*>(arg)->get()->store(now_ns()); }
 void release_stamp(void* arg) { delete static_cast<Stamp*>(arg); }
 

@@ -126,9 +126,9 @@ class Event {
   // Milliseconds between this event and `end`; both must be recorded timing events
   // (the binding checks that and gives PyTorch's messages). Waits for both.
   double elapsed_ms(const Event& end) const;
+  using Stamp = std::shared_ptr<std::atomic<int64_t>>;  // the time, written by the marker task
 
  private:
-  using Stamp = std::shared_ptr<std::atomic<int64_t>>;  // written by the marker task
   std::pair<EventMark, Stamp> state() const {
     std::lock_guard<std::mutex> lock(mu_);
     return {mark_, time_ns_};
