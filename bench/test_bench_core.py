@@ -5,9 +5,10 @@ PyTorch peer columns need its harness (shared/peers/torch_caching_allocator/setu
 import pytest
 
 import mtia_alloc as mtia
-from mtia_alloc import _C, _replay
-from mtia_alloc.bench_suite import _find_peer, _find_traces, random_trace
-from mtia_alloc._trace import read_trace
+from mtia_alloc import _C
+from mtia_alloc.tools import replay as _replay
+from mtia_alloc.tools.bench_suite import _find_peer, _find_traces, random_trace
+from mtia_alloc.tools.workload import read_trace
 
 PEER = _find_peer(None)
 TRACES = _find_traces(None)

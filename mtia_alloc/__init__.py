@@ -5,12 +5,24 @@ emulated MTIA accelerator, behind a torch.mtia-shaped API.
     p = mtia.caching_allocator_alloc(4096)
     mtia.caching_allocator_delete(p)
     mtia.memory_stats()["allocated_bytes.all.peak"]
+
+The package is in layers, each importing only from the ones below it (the table and the
+check are in tests/test_import_graph.py): private state (_errors, _settings, _format,
+_kernel_errors, _lazy_init, _device_arg, _capture); devices, streams, kernel submission,
+history, pools, raw allocators, stats and the snapshot view (viz/); the public modules
+memory, array, graphs, emulator, rng; this façade; on top the tools (tools/: the CLI,
+replay, workloads, bench suite, visualizer checks), which the library never imports.
+mtia_alloc/torch/ is reserved for the PyTorch backend; nothing here imports torch.
+Owns: the public names of torch.mtia (API.md) and the exit handlers.
 """
 import atexit
 
 from . import _C
-from ._state import DeferredMtiaCallError, OutOfMemoryError, is_initialized
+from ._errors import DeferredMtiaCallError, OutOfMemoryError
+from ._lazy_init import is_initialized
 from .array import DeviceArray, empty
+from .devices import (current_device, device, device_count, get_device_capability, get_device_properties, init,
+                      is_available, is_bf16_supported, set_device, synchronize)
 from .graphs import MTIAGraph, graph, graph_pool_handle, is_current_stream_capturing
 from .memory import (MemPool, attach_out_of_memory_observer, caching_allocator_alloc, caching_allocator_delete,
                      empty_cache, get_per_process_memory_fraction, max_memory_allocated, max_memory_reserved,
@@ -20,10 +32,8 @@ from .memory import (MemPool, attach_out_of_memory_observer, caching_allocator_a
                      snapshot, use_mem_pool)
 from .rng import (get_rng_state, get_rng_state_all, initial_seed, manual_seed, manual_seed_all, seed, seed_all,
                   set_rng_state, set_rng_state_all)
-from .streams import (Event, Stream, StreamContext, current_device, current_stream, default_stream, device,
-                      device_count, get_device_capability, get_device_properties, init, is_available,
-                      is_bf16_supported, set_device, set_stream, stream, synchronize)
-from . import emulator, memory  # noqa: E402  (submodules as attributes)
+from .streams import Event, Stream, StreamContext, current_stream, default_stream, set_stream, stream
+from . import emulator, memory  # the submodules API.md names, as attributes
 
 __version__ = "0.1.0"
 

@@ -1,11 +1,17 @@
 """DeviceArray: an array-like object on emulated device memory. Its block returns to the
-cache when the last reference dies; kernels that use it hold a reference until they run."""
+cache when the last reference dies; kernels that use it hold a reference until they run.
 
+Owns: DeviceArray, empty (the binding's fast path, with _empty_general behind it).
+Relies on: memory (record_stream), _kernels (the copy kernel of __copy__), streams,
+devices (_Device), _errors, _C (ArrayBase owns the block)."""
 import numpy as np
 
 from . import _C
-from ._state import OutOfMemoryError
-from .streams import Stream, _Device
+from ._errors import OutOfMemoryError
+from ._kernels import submit
+from .devices import _Device
+from .memory import record_stream
+from .streams import Stream
 
 __all__ = ["DeviceArray", "empty"]
 
@@ -51,7 +57,6 @@ class DeviceArray(_C.ArrayBase):
         return np.asarray(_HostView(self))
 
     def record_stream(self, stream):
-        from .memory import record_stream
         if self._ptr:
             record_stream(self._ptr, stream)
 
@@ -68,10 +73,10 @@ class DeviceArray(_C.ArrayBase):
     def __copy__(self):
         """A new array, on its own block, holding a copy of this one's data (queued on this
         array's stream), as copy.copy does for a numpy array: two arrays never share a block."""
-        from .emulator import copy_
-        out = _empty_general(self.shape, self.dtype, self._device, self.stream)
+        stream = self.stream
+        out = _empty_general(self.shape, self.dtype, self._device, stream)
         if self.nbytes:
-            copy_(out, self, stream=self.stream)
+            submit(stream, ("copy", out, self))  # emulator.copy_ without its checks: same size, same stream
         return out
 
     def __deepcopy__(self, memo):

@@ -1,12 +1,19 @@
 """The emulated backend: device configuration, kernels on streams, fault injection.
 
 Kernels run asynchronously on their stream's worker, in launch order. During a graph
-capture, kernels launched on a capturing stream are recorded by the graph instead."""
+capture, kernels launched on a capturing stream are recorded by the graph instead.
+
+Owns: configure, runtime_reserved, launch, sleep, copy_, fill_, fail_device_allocations.
+Relies on: _kernels (submission), array (DeviceArray), _settings (what configure sets),
+_lazy_init, _device_arg, _C."""
 import numpy as np
 
 from . import _C
-from ._state import _settings, device_index, is_initialized, parse_memory
-from .streams import Stream, _record_kernel_error, current_stream
+from ._device_arg import device_index
+from ._kernels import stream_arg, submit
+from ._lazy_init import is_initialized
+from ._settings import parse_memory, parse_size, settings
+from .array import DeviceArray
 
 __all__ = ["configure", "runtime_reserved", "launch", "sleep", "copy_", "fill_", "fail_device_allocations"]
 
@@ -30,18 +37,18 @@ def configure(device_count=None, memory_per_device=None, runtime_reserved=None):
         if isinstance(runtime_reserved, bool) or not isinstance(runtime_reserved, (int, str)):
             raise TypeError(f"runtime_reserved must be an int number of bytes or a string like '64MiB', "
                             f"got {type(runtime_reserved).__name__}")
-        reserved = (_C.parse_memory_size(runtime_reserved, "runtime_reserved")
+        reserved = (parse_size(runtime_reserved, "runtime_reserved")
                     if isinstance(runtime_reserved, str) else runtime_reserved)
         if reserved < 0:
             raise ValueError(f"runtime_reserved must be >= 0, got {runtime_reserved!r}")
         if memory is not None and reserved >= memory:
             raise ValueError(f"runtime_reserved ({reserved} bytes) must be less than memory_per_device "
                              f"({memory} bytes)")
-        _settings["runtime_reserved"] = reserved
+        settings["runtime_reserved"] = reserved
     if device_count is not None:
-        _settings["device_count"] = device_count
+        settings["device_count"] = device_count
     if memory is not None:
-        _settings["memory_per_device"] = memory
+        settings["memory_per_device"] = memory
 
 
 def runtime_reserved(device=None):
@@ -49,56 +56,11 @@ def runtime_reserved(device=None):
     return _C.device_memory_counters(device_index(device))["runtime_reserved"]
 
 
-def _stream_arg(stream, device=None):
-    """The stream a kernel goes to: `stream`, else the current stream of `device` (the
-    device of the arrays a native kernel writes; the current device if None)."""
-    if stream is None:
-        return current_stream(device)
-    if not isinstance(stream, Stream):
-        raise TypeError(f"stream must be an mtia_alloc.Stream or None, got {type(stream).__name__}")
-    return stream
-
-
-def _enqueue_python(stream, fn, args):
-    d, sid = stream.device_index, stream.stream_id
-
-    def kernel():
-        try:
-            fn(*args)
-        except BaseException as e:  # surfaces at the next synchronize()
-            _record_kernel_error(d, sid, e)
-
-    _C.launch_python(d, sid, kernel)
-
-
-def _run_kernel(stream, kernel):
-    """Queues a recorded kernel description on `stream` (used by launch and graph replay)."""
-    kind = kernel[0]
-    if kind == "python":
-        _enqueue_python(stream, kernel[1], kernel[2])
-    elif kind == "sleep":
-        _C.launch_sleep(stream.device_index, stream.stream_id, kernel[1])
-    elif kind == "copy":
-        dst, src = kernel[1], kernel[2]
-        _C.launch_copy(stream.device_index, stream.stream_id, dst.data_ptr(), src.data_ptr(), dst.nbytes, (dst, src))
-    elif kind == "fill":
-        dst, pattern = kernel[1], kernel[2]
-        _C.launch_fill(stream.device_index, stream.stream_id, dst.data_ptr(), dst.nbytes, pattern, dst)
-    else:
-        raise ValueError(f"unknown kernel kind {kind!r}")
-
-
-def _submit(stream, kernel):
-    from .graphs import _record_if_capturing
-    if not _record_if_capturing(stream.device_index, stream.stream_id, kernel):
-        _run_kernel(stream, kernel)
-
-
 def launch(fn, *args, stream=None):
     """Queues fn(*args) as a kernel on `stream` (the current stream if None); returns at once."""
     if not callable(fn):
         raise TypeError(f"launch expects a callable, got {type(fn).__name__}")
-    _submit(_stream_arg(stream), ("python", fn, args))
+    submit(stream_arg(stream), ("python", fn, args))
 
 
 def sleep(ms, stream=None):
@@ -107,24 +69,22 @@ def sleep(ms, stream=None):
         raise TypeError(f"ms must be a number, got {type(ms).__name__}")
     if not 0 <= ms <= 3_600_000:
         raise ValueError(f"ms must be between 0 and 3600000, got {ms}")
-    _submit(_stream_arg(stream), ("sleep", float(ms)))
+    submit(stream_arg(stream), ("sleep", float(ms)))
 
 
 def copy_(dst, src, stream=None):
     """Queues a native copy of src's bytes into dst (same number of bytes), on `stream` or
     else on the current stream of dst's device."""
-    from .array import DeviceArray
     if not isinstance(dst, DeviceArray) or not isinstance(src, DeviceArray):
         raise TypeError("copy_ expects two DeviceArrays")
     if dst.nbytes != src.nbytes:
         raise ValueError(f"copy_ needs arrays of equal size, got {dst.nbytes} and {src.nbytes} bytes")
-    _submit(_stream_arg(stream, dst._device), ("copy", dst, src))
+    submit(stream_arg(stream, dst._device), ("copy", dst, src))
 
 
 def fill_(dst, value, stream=None):
     """Queues a native fill of every element of dst with `value` (cast to dst.dtype), on
     `stream` or else on the current stream of dst's device."""
-    from .array import DeviceArray
     if not isinstance(dst, DeviceArray):
         raise TypeError("fill_ expects a DeviceArray")
     if value is None:  # numpy would make it NaN for floats
@@ -136,7 +96,7 @@ def fill_(dst, value, stream=None):
     if element.ndim != 0:  # a sequence would be repeated as a pattern, and skipped if too long
         raise TypeError(f"fill_ value must be a scalar (one element of {dst.dtype}), got {value!r}")
     pattern = element.tobytes()
-    _submit(_stream_arg(stream, dst._device), ("fill", dst, pattern))
+    submit(stream_arg(stream, dst._device), ("fill", dst, pattern))
 
 
 def fail_device_allocations(after_n=None, every=0, device=None):

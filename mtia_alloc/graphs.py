@@ -3,65 +3,32 @@
 During a capture, kernels launched on the capturing stream, and on streams that joined it
 by waiting on an event recorded on it, are recorded instead of run, and their allocations
 come from the graph's private pool. replay() queues the recorded kernels, in order, on the
-current stream; it changes no allocator state."""
+current stream; it changes no allocator state.
+
+Owns: MTIAGraph, graph, graph_pool_handle (is_current_stream_capturing is re-exported
+from _capture, which keeps the registry of running captures).
+Relies on: _capture (the registry: streams and kernel submission consult it there, so
+nothing below imports this module), _kernels (replay), streams, devices (synchronize),
+pools (pool ids), stats (empty_cache), _lazy_init, _errors, _C."""
 import itertools
 import sys
-import threading
 import warnings
 
 from . import _C
-from ._state import lazy_init, refuse_copy
+from ._capture import is_current_stream_capturing, stream_capture
+from ._capture import lock as capture_lock
+from ._errors import refuse_copy
+from ._kernels import submit
+from ._lazy_init import lazy_init
+from .devices import synchronize
+from .pools import pool_id_of
+from .stats import empty_cache
+from .streams import current_stream
+from .streams import stream as stream_ctx
 
 __all__ = ["MTIAGraph", "graph", "graph_pool_handle", "is_current_stream_capturing"]
 
-_lock = threading.Lock()
 _capture_ids = itertools.count(1)
-_stream_capture = {}  # (device, stream_id) -> MTIAGraph capturing there
-
-
-def _capture_of_stream(device, stream_id):
-    return _stream_capture.get((device, stream_id))
-
-
-def _record_if_capturing(device, stream_id, kernel):
-    """Records `kernel` into the capture running on the stream and returns True, or returns
-    False (no capture: the caller runs it). Under the lock, so a kernel that another thread
-    launches while the capture ends is either in the graph or run, never lost."""
-    if not _stream_capture:  # no capture anywhere: the common case takes no lock
-        return False
-    with _lock:
-        g = _stream_capture.get((device, stream_id))
-        if g is None:
-            return False
-        g._record_kernel(kernel)
-        return True
-
-
-def _note_event_record(event, stream):
-    event._capture = _stream_capture.get((stream.device_index, stream.stream_id))
-
-
-def _note_event_wait(event, stream):
-    """A stream waiting on an event recorded inside a capture joins that capture, if the
-    capture still runs (checked under the lock: one ending meanwhile must not get a stream
-    back that it will never release)."""
-    g = getattr(event, "_capture", None)
-    if g is None:
-        return
-    key = (stream.device_index, stream.stream_id)
-    with _lock:
-        if g._joinable and key not in _stream_capture:
-            _stream_capture[key] = g
-            g._streams.append(key)
-            _C.set_stream_capture(key[0], key[1], g._capture_id)
-
-
-def _retain_pool_in_capture(device, pool_id):
-    """use_mem_pool entered while the current stream captures: the graph keeps the pool."""
-    g = _stream_capture.get((device, _C.current_stream_id(device)))
-    if g is not None:
-        _C.create_or_incref_pool(device, pool_id, None)
-        g._retained.append(pool_id)
 
 
 def graph_pool_handle():
@@ -69,17 +36,10 @@ def graph_pool_handle():
     return _C.new_user_pool_id()
 
 
-def is_current_stream_capturing():
-    lazy_init()
-    d = _C.current_device()
-    return (d, _C.current_stream_id(d)) in _stream_capture
-
-
 def _pool_arg(pool):
-    from .memory import _pool_id_of
     if pool is None:
         return (0, 0)
-    pool = _pool_id_of(pool)
+    pool = pool_id_of(pool)
     if pool[0] and pool[1]:
         raise ValueError(f"invalid pool id {pool}: at most one of its two halves may be non-zero "
                          "(user pools are (0, n), graph pools (n, 0))")
@@ -121,7 +81,7 @@ class MTIAGraph:
 
     def _reset_state(self):
         self._capturing = False
-        self._joinable = False  # other streams may join the capture (written under _lock)
+        self._joinable = False  # other streams may join the capture (written under capture_lock)
         self._capture_ended = False
         self._instantiated = False
         self._kernels = []
@@ -134,15 +94,14 @@ class MTIAGraph:
         self._capture_id = 0
 
     def capture_begin(self, pool=(0, 0)):
-        from .streams import current_stream
         if self._capture_ended or self._capturing:
             raise RuntimeError("This MTIAGraph instance already owns a captured graph. To capture a new graph, "
                                "create a new instance.")
         pool = _pool_arg(pool)
         stream = current_stream()
         key = (stream.device_index, stream.stream_id)
-        with _lock:
-            if key in _stream_capture:
+        with capture_lock:
+            if key in stream_capture:
                 raise RuntimeError("Cannot begin a capture on a stream that is already capturing")
             pool_id = pool if pool != (0, 0) else _C.new_graph_pool_id()
             capture_id = next(_capture_ids)
@@ -154,7 +113,7 @@ class MTIAGraph:
                 _C.release_pool(d, pool_id)
                 raise
             _C.set_stream_capture(d, stream.stream_id, capture_id)
-            _stream_capture[key] = self
+            stream_capture[key] = self
             self._joinable = True
         self._device, self._pool, self._capture_id = d, pool_id, capture_id
         self._capture_stream = stream
@@ -167,18 +126,17 @@ class MTIAGraph:
         self._kernels.append(_detach_kernel(kernel))
 
     def _stop_capture(self):
-        with _lock:
+        with capture_lock:
             self._joinable = False
             for key in self._streams:
-                if _stream_capture.get(key) is self:
-                    del _stream_capture[key]
+                if stream_capture.get(key) is self:
+                    del stream_capture[key]
                     _C.set_stream_capture(key[0], key[1], 0)
             self._streams = []
         _C.end_allocate_to_pool(self._device, self._pool)
         self._capturing = False
 
     def capture_end(self):
-        from .streams import current_stream
         if not self._capturing:
             raise RuntimeError("capture_end() called without a preceding capture_begin()")
         if current_stream(self._device) != self._capture_stream or _C.current_device() != self._device:
@@ -208,15 +166,13 @@ class MTIAGraph:
         """Queues the captured kernels, in order, on the current stream. If that stream is
         being captured, the replay is recorded into that capture (a graph launch inside a
         capture becomes part of the outer graph) instead of running now."""
-        from .emulator import _submit
-        from .streams import current_stream
         if not self._capture_ended:
             raise RuntimeError("Called MTIAGraph::replay without a preceding successful capture.")
         if not self._instantiated:
             self._do_instantiate()
         stream = current_stream()
         for kernel in self._executable:
-            _submit(stream, kernel)
+            submit(stream, kernel)
 
     def reset(self):
         """Releases the graph's pool references and allows a new capture. Frees no memory
@@ -253,7 +209,6 @@ class graph:
     default_capture_stream = None
 
     def __init__(self, mtia_graph, pool=None, stream=None):
-        from .streams import current_stream, stream as stream_ctx
         if not isinstance(mtia_graph, MTIAGraph):
             raise TypeError(f"graph expects an MTIAGraph, got {type(mtia_graph).__name__}")
         pool = None if pool is None else _pool_arg(pool)  # checked now: __enter__ empties the cache
@@ -266,8 +221,6 @@ class graph:
         self.mtia_graph = mtia_graph
 
     def __enter__(self):
-        from .memory import empty_cache
-        from .streams import synchronize
         synchronize()
         empty_cache()
         self.stream_ctx.__enter__()

@@ -5,14 +5,18 @@ initialisation is queued until init, as torch.mtia does.
 The state array has a fixed layout (little endian): the 128-bit PCG64 state, the 128-bit
 increment, then two uint32 words (has_uint32, uinteger) -- 40 bytes, like the fixed-size
 ByteTensor torch.cuda.get_rng_state() returns. It is plain data: set_rng_state() never
-unpickles anything it is given."""
+unpickles anything it is given.
+
+Owns: the generators and the RNG functions of API.md §1. Relies on: _lazy_init
+(lazy_call queues seeding until init), _device_arg, _C."""
 import random
 import threading
 
 import numpy as np
 
 from . import _C
-from ._state import device_index, lazy_call, lazy_init
+from ._device_arg import device_index
+from ._lazy_init import lazy_call, lazy_init
 
 _DEFAULT_SEED = 67280421310721  # torch's default_generator seed
 _STATE_BYTES = 40

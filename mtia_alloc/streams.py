@@ -1,110 +1,26 @@
-"""Devices, streams and events with torch.mtia's API over the emulated devices.
+"""Streams and events with torch.mtia's API over the emulated devices.
 
 Streams run work asynchronously (one worker thread per stream, in order). A Python
 kernel that raises does not kill its stream: the error is kept and raised, with its
-traceback, by the next synchronize() of that stream or of its device."""
+traceback, by the next synchronize() of that stream or of its device (KernelError).
+
+Owns: Stream, Event, StreamContext, stream, current_stream, default_stream, set_stream.
+Relies on: devices (_Device), _device_arg, _lazy_init, _capture (an event recorded or
+waited on inside a graph capture joins streams to it), _kernel_errors, _C."""
 import threading
-import traceback
 
 from . import _C
-from ._state import configured_device_count, device_index, is_initialized, lazy_init
+from ._capture import capture_of_stream, note_event_record, note_event_wait
+from ._device_arg import device_index
+from ._kernel_errors import KernelError, raise_kernel_errors
+from ._lazy_init import lazy_init
+from .devices import _Device
+
+__all__ = ["Stream", "Event", "StreamContext", "stream", "current_stream", "default_stream", "set_stream",
+           "KernelError"]
 
 DEVICE_TYPE_MTIA = 19  # PyTorch's DeviceType value for MTIA
 _MIN_PRIORITY, _MAX_PRIORITY = -(1 << 31), (1 << 31) - 1  # the emulator takes any C int
-
-_kernel_errors = {}  # (device, stream_id) -> [(exception, formatted traceback)]
-_kernel_errors_lock = threading.Lock()
-
-
-class KernelError(RuntimeError):
-    """An exception raised inside a kernel, surfaced at synchronize()."""
-
-
-def _record_kernel_error(device, stream_id, exc):
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    # Keep the text of the traceback, not its frames: they hold the kernel's arguments
-    # (DeviceArrays), which would otherwise stay allocated until the next synchronize().
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        e.__traceback__ = None
-        todo += [e.__cause__, e.__context__]
-    with _kernel_errors_lock:
-        _kernel_errors.setdefault((device, stream_id), []).append((exc, text))
-
-
-def _raise_kernel_errors(keys):
-    with _kernel_errors_lock:
-        errors = []
-        for key in keys:
-            errors.extend(_kernel_errors.pop(key, []))
-    if errors:
-        exc, tb = errors[0]
-        more = f" (and {len(errors) - 1} more kernel errors)" if len(errors) > 1 else ""
-        raise KernelError(f"a kernel raised {type(exc).__name__}: {exc}{more}\n\nKernel traceback:\n{tb}") from exc
-
-
-def is_available():
-    """True (there is always at least one emulated device); does not initialise."""
-    return device_count() > 0
-
-
-def init():
-    lazy_init()
-
-
-def device_count():
-    """Number of emulated devices. Like torch.mtia's, it does not initialise: before
-    initialisation it is the count initialisation will use (emulator.configure or
-    MTIA_EMULATOR_DEVICES), so configure() may still follow."""
-    if is_initialized():
-        return _C.device_count()
-    return configured_device_count()
-
-
-def current_device():
-    lazy_init()
-    return _C.current_device()
-
-
-def set_device(device):
-    """Makes `device` current for this thread; negative indices are ignored, and None (as
-    every device argument in API.md) means the current device, so it changes nothing."""
-    if isinstance(device, int) and not isinstance(device, bool) and device < 0:
-        return
-    _C.set_current_device(device_index(device))
-
-
-class device:
-    """Context manager that makes a device current and restores the previous one."""
-
-    def __init__(self, device):
-        if isinstance(device, int) and not isinstance(device, bool) and device < 0:
-            self.idx = -1
-        else:
-            self.idx = device_index(device, optional=True)
-        self.prev_idx = -1
-
-    def __enter__(self):
-        if self.idx >= 0:
-            self.prev_idx = _C.current_device()
-            _C.set_current_device(self.idx)
-        return self
-
-    def __exit__(self, *exc):
-        if self.idx >= 0:
-            _C.set_current_device(self.prev_idx)
-        return False
-
-
-def synchronize(device=None):
-    """Waits for all work on every stream of the device; raises kernel errors."""
-    d = device_index(device)
-    _C.device_synchronize(d)
-    _raise_kernel_errors([k for k in list(_kernel_errors) if k[0] == d])
 
 
 class Stream:
@@ -160,7 +76,7 @@ class Stream:
 
     def synchronize(self):
         _C.stream_synchronize(self.device_index, self.stream_id)
-        _raise_kernel_errors([(self.device_index, self.stream_id)])
+        raise_kernel_errors([(self.device_index, self.stream_id)])
 
     def wait_event(self, event):
         if not isinstance(event, Event):
@@ -181,8 +97,7 @@ class Stream:
         return event
 
     def is_capturing(self):
-        from .graphs import _capture_of_stream
-        return _capture_of_stream(self.device_index, self.stream_id) is not None
+        return capture_of_stream(self.device_index, self.stream_id) is not None
 
     def __eq__(self, other):
         if not isinstance(other, Stream):
@@ -211,27 +126,6 @@ class Stream:
 
 
 _ctx_tls = threading.local()
-
-
-class _Device:
-    """A minimal torch.device look-alike: .type and .index."""
-
-    __slots__ = ("type", "index")
-
-    def __init__(self, index):
-        self.type, self.index = "mtia", index
-
-    def __eq__(self, other):
-        return getattr(other, "type", None) == self.type and getattr(other, "index", None) == self.index
-
-    def __hash__(self):
-        return hash((self.type, self.index))
-
-    def __repr__(self):
-        return f"device(type='mtia', index={self.index})"
-
-    def __str__(self):
-        return f"mtia:{self.index}"
 
 
 def _device_index_of(device):
@@ -264,8 +158,7 @@ class Event:
             raise ValueError(f"Event device index {self._device} does not match recording stream's device "
                              f"index {stream.device_index}")
         self._device = stream.device_index
-        from .graphs import _note_event_record
-        _note_event_record(self, stream)
+        note_event_record(self, stream)
         self._handle.record(stream.device_index, stream.stream_id)
         if not self.event_id:
             with Event._id_lock:
@@ -277,8 +170,7 @@ class Event:
             stream = current_stream()
         elif not isinstance(stream, Stream):
             raise TypeError(f"wait expects a Stream, got {type(stream).__name__}")
-        from .graphs import _note_event_wait
-        _note_event_wait(self, stream)
+        note_event_wait(self, stream)
         self._handle.wait(stream.device_index, stream.stream_id)
 
     def query(self):
@@ -356,19 +248,3 @@ def stream(stream):
 
 def _set_stream_by_id(stream_id, device_index, device_type):
     set_stream(Stream(stream_id=stream_id, device_index=device_index, device_type=device_type))
-
-
-def get_device_capability(device=None):
-    device_index(device)
-    return (1, 0)
-
-
-def get_device_properties(device=None):
-    d = device_index(device)
-    free, total = _C.mem_get_info(d)
-    return {"name": "MTIA emulator", "total_memory": total, "index": d, "major": 1, "minor": 0,
-            "multi_processor_count": 1}
-
-
-def is_bf16_supported(including_emulation=True):
-    return True

@@ -5,7 +5,7 @@ allocator that fails mid-life behaves the same; kernel errors never wedge a stre
 import pytest
 
 import mtia_alloc as mtia
-from mtia_alloc.bench_suite import random_trace
+from mtia_alloc.tools.bench_suite import random_trace
 from mtia_alloc.emulator import fail_device_allocations
 
 TRACE = random_trace(num=150, max_size=24 << 20, max_live=256 << 20, seed=7)

@@ -23,7 +23,7 @@ import pytest
 import mtia_alloc as mtia
 import mtia_alloc.emulator
 import mtia_alloc.memory
-from mtia_alloc import _viz_check as vc
+from mtia_alloc.tools import viz_check as vc
 
 MiB = 1 << 20
 DEVICES = list(range(mtia.device_count()))

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from mtia_alloc._trace import read_trace
-from mtia_alloc.bench_suite import random_trace, write_trace_csv
+from mtia_alloc.tools.bench_suite import random_trace
+from mtia_alloc.tools.workload import read_trace
+from mtia_alloc.tools.workload import write_csv as write_trace_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 # the keys of the peer harness's RESULT line (shared/peers/torch_caching_allocator/harness.cpp)

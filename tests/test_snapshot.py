@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,8 +19,10 @@ import mtia_alloc.emulator
 import mtia_alloc.memory
 from mtia_alloc.memory import Snapshot
 
-# The package attribute mtia_alloc.snapshot is the snapshot() function; the module is here:
-snapmod = importlib.import_module("mtia_alloc.snapshot")
+# The package attribute mtia_alloc.snapshot is the snapshot() function; the view is mtia_alloc.viz
+# and its summary/plot commands are in mtia_alloc.tools.snapshot_cli:
+snapmod = SimpleNamespace(**{**vars(importlib.import_module("mtia_alloc.viz")),
+                            **vars(importlib.import_module("mtia_alloc.tools.snapshot_cli"))})
 
 MiB = 1 << 20
 DEVICES = list(range(mtia.device_count()))

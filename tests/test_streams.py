@@ -785,7 +785,7 @@ def test_lazy_init_is_deferred_idempotent_and_thread_safe():
         import os, threading
         import numpy as np
         import mtia_alloc as mtia
-        from mtia_alloc import _state
+        from mtia_alloc import _lazy_init as _state
 
         assert not mtia.is_initialized()
         # The memory functions do not initialise.
@@ -865,7 +865,7 @@ def test_stream_functions_trigger_lazy_init():
 def test_failing_deferred_call_raises_DeferredMtiaCallError():
     out = _run_fresh("""
         import mtia_alloc as mtia
-        from mtia_alloc import _state
+        from mtia_alloc import _lazy_init as _state
 
         ran = []
         def failing_call():

@@ -1,4 +1,6 @@
-"""Allocation traces: reading them into the dense arrays the native replayer takes.
+"""Workloads for `replay` and the benchmarks: allocation traces, read into the dense
+arrays the native replayer takes. ("Trace" in this module and in tools/replay.py means
+such a replay trace; the allocator's own record of its events is its history, history.py.)
 
 Formats:
   - the shared trace CSV (`op,id,size_bytes[,stream]`, op a/f; `.gz` is read through gzip);
@@ -7,6 +9,9 @@ Formats:
     optionally gzip-compressed) or JSON files of the same structure. Their alloc /
     free_completed events are replayed after a prefix of synthetic events that rebuilds
     the allocator state the trace started from (see trace_from_snapshot).
+
+Owns: Trace, SlotPool, read_trace, write_csv, trace_from_snapshot, starting_state,
+recorded_round_size. Relies on: viz.load (the safe snapshot loader); no allocator state.
 """
 import bisect
 import gzip
@@ -14,6 +19,8 @@ import io
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ..viz.load import load
 
 # PyTorch's caching-allocator constants (shared/spec/allocator_core.md §1.1)
 K_MIN_BLOCK = 512
@@ -172,7 +179,6 @@ def read_trace(path, device=None, rebuild=True, flush=True):
     # A pickle (protocol 2+ starts with PROTO; 0 and 1 with a mark or an empty container,
     # which no CSV line does), or a JSON snapshot.
     if head[:1] in (b"\x80", b"(", b"}", b"]") or stripped[:1] in (b"{", b"["):
-        from .snapshot import load
         try:
             snap = load(path)
         except ValueError:
@@ -282,8 +288,11 @@ def _divisions(settings):
     return out
 
 
-def round_size(size, divisions=None):
-    """PyTorch's round_size (allocator_core.md §1.2-1.3): the block size of a request."""
+def recorded_round_size(size, divisions=None):
+    """PyTorch's round_size (allocator_core.md §1.2-1.3) under a recorded run's
+    roundup_power2_divisions: the block size a request had in the run that wrote the
+    snapshot. Not the core's _C.round_size_ (memory._round_size), which rounds under this
+    process's live settings; a snapshot replayed here may have been recorded under others."""
     if size < K_MIN_BLOCK:
         return K_MIN_BLOCK
     if divisions:
@@ -358,7 +367,7 @@ def _segment_pieces(seg_addr, seg, blocks, divisions):
     pieces, pos = [], seg_addr
     for i, (addr, blk) in enumerate(blocks):
         nxt = blocks[i + 1][0] if i + 1 < len(blocks) else end
-        size = blk["size"] or round_size(max(1, blk["requested"]), divisions)
+        size = blk["size"] or recorded_round_size(max(1, blk["requested"]), divisions)
         size = max(K_MIN_BLOCK, min(size, nxt - addr))
         if addr > pos:
             pieces.append([False, None, addr - pos, 0])
@@ -488,7 +497,7 @@ def _rebuild_prefix(b, snap, device, entries, divisions, info):
             b.free(*temps.pop())
         for is_live, addr, size, requested in _segment_pieces(seg_addr, seg, by_segment[seg_addr], divisions):
             if is_live:
-                rounded = round_size(requested, divisions) if requested else 0
+                rounded = recorded_round_size(requested, divisions) if requested else 0
                 if rounded == size:
                     b.alloc(addr, requested, stream)
                 elif not seg["small"] and K_SMALL_SIZE < rounded < size <= rounded + K_SMALL_SIZE:
@@ -512,7 +521,7 @@ def _rebuild_prefix(b, snap, device, entries, divisions, info):
         b.alloc(addr, requested, stream)
     for addr, blk in orphans:
         b.alloc(addr, blk["requested"] or blk["size"] or K_MIN_BLOCK, blk["stream"])
-        live_bytes += blk["size"] or round_size(max(1, blk["requested"]), divisions)
+        live_bytes += blk["size"] or recorded_round_size(max(1, blk["requested"]), divisions)
     for key, stream in temps:
         b.free(key, stream)
     reserved = sum(s["size"] for s in segments.values())

@@ -18,6 +18,9 @@ Rules (numbers refer to memory_viz_format.md):
 * "Allocator State History": starting from the final segments and undoing the trace
   backwards, every live block lies inside a segment at every event, every `free_requested`
   finds its block and every `segment_alloc`/`segment_map` finds its segment.
+
+Owns: check, check_pickle, assert_renders. Relies on: nothing of mtia_alloc (it judges
+plain dicts and pickle bytes, as the visualizer would).
 """
 import bisect
 import io

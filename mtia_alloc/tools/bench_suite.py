@@ -1,16 +1,28 @@
 """`python -m mtia_alloc bench`: the standard benchmark set, as one table of ratios from
 one run. Workloads are generated here (no outside files); the shared traces and the
-PyTorch peer harness are added when present."""
+PyTorch peer harness are added when present.
+
+Owns: run_bench, random_trace (a generated workload), the table's rows.
+Relies on: tools.replay (setup, run_peer), tools.workload (Trace, read_trace, write_csv),
+the public API (memory, array) and _C's benchmark loops."""
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import _C, _replay
-from ._trace import SlotPool, Trace, read_trace
+from .. import _C
+from .._format import format_size
+from ..array import empty
+from ..memory import caching_allocator_alloc, caching_allocator_delete, empty_cache
+from . import replay as _replay
+from .workload import SlotPool, Trace, read_trace, write_csv
 
 PEER_DEFAULT = "/tmp/torch_caching_allocator_peer"
 
@@ -48,16 +60,9 @@ def random_trace(num=20000, max_size=4 << 20, max_live=4 << 30, streams=1, seed=
                  slot_pool.count, list(range(streams)), 0, "generated")
 
 
-def write_trace_csv(trace, path):
-    with open(path, "w") as f:
-        f.write("op,id,size_bytes,stream\n")
-        for size, slot, s in zip(trace.sizes.tolist(), trace.slots.tolist(), trace.streams.tolist()):
-            f.write(f"a,{slot},{size},{s}\n" if size else f"f,{slot},0,{s}\n")
-
-
 def _find_traces(traces_dir):
     candidates = [traces_dir] if traces_dir else [
-        Path(__file__).resolve().parents[1].parent / "shared" / "traces", Path.cwd().parent / "shared" / "traces"]
+        Path(__file__).resolve().parents[2].parent / "shared" / "traces", Path.cwd().parent / "shared" / "traces"]
     for c in candidates:
         if c and Path(c).is_dir():
             return sorted(Path(c).glob("*.csv.gz"))
@@ -82,7 +87,6 @@ def _min(best, x):
 
 
 def _peer_synthetic(build, size, n):
-    import subprocess
     out = subprocess.run([os.path.join(build, "bin", "harness"), "synthetic", "--n", str(n), "--size", str(size)],
                          capture_output=True, text=True, timeout=600).stdout
     for line in out.splitlines():
@@ -94,7 +98,6 @@ def _peer_synthetic(build, size, n):
 def run_bench(quick=False, torch_build=None, traces_dir=None):
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     _replay.setup_allocator(memory="80GiB")
-    import mtia_alloc as mtia
     peer = _find_peer(torch_build)
     n = 300_000 if quick else 3_000_000
     print(f"mtia_alloc bench  ({platform.machine()}, {os.cpu_count()} cores; device capacity 80 GiB; "
@@ -116,8 +119,7 @@ def run_bench(quick=False, torch_build=None, traces_dir=None):
          f"({cpu / g_cpu:.1f}x glibc)")
     # The Python figures: the fastest of five slices (a slice that host noise slowed
     # down says nothing about the code), as for the cached-blocks figures below.
-    alloc, free = mtia.caching_allocator_alloc, mtia.caching_allocator_delete
-    empty = mtia.empty
+    alloc, free = caching_allocator_alloc, caching_allocator_delete
     m = n // 50
 
     def fastest_slice(body):
@@ -150,7 +152,7 @@ def run_bench(quick=False, torch_build=None, traces_dir=None):
     _row("random 0.5-8 KiB pairs, 1k cached blocks", k1, "ns/pair")
     _row(f"random 0.5-8 KiB pairs, {'1M' if not quick else '200k'} cached blocks", m1, "ns/pair",
          note=f"{m1 / k1:.2f}x the 1k figure")
-    mtia.empty_cache()
+    empty_cache()
 
     # Threads on two devices.
     # Rounds of one-thread then two-thread runs, back to back; medians, and the median of
@@ -197,9 +199,6 @@ def _best_warm(passes):
 def _replay_fresh(path, conf):
     """All passes of `python -m mtia_alloc replay` in a fresh process, as the peer runs:
     what earlier benchmarks left in this process's caches must not colour the figures."""
-    import json
-    import subprocess
-    import sys
     cmd = [sys.executable, "-m", "mtia_alloc", "replay", str(path), "--repeat", str(PASSES), "--json", "--memory",
            "80GiB"]
     cmd += ["--conf", conf] if conf else ["--conf", "expandable_segments:False"]
@@ -213,9 +212,8 @@ def _replay_fresh(path, conf):
 
 def _trace_row(name, trace, path, peer, conf, rounds):
     if path is None:
-        import tempfile
         path = Path(tempfile.mkdtemp()) / "generated.csv"
-        write_trace_csv(trace, path)
+        write_csv(trace, path)
     ours, theirs = [], []
     for _ in range(rounds):
         ours.append(_replay_fresh(path, conf))
@@ -231,13 +229,13 @@ def _trace_row(name, trace, path, peer, conf, rounds):
     if theirs:
         p_cold = theirs[0][0]
         p_warm = min((_best_warm(run) for run in theirs), key=lambda r: r["thread_cpu_ns_per_op"])
-    note = f"peak reserved {_replay.fmt_bytes(cold['peak_reserved_bytes'])}"
+    note = f"peak reserved {format_size(cold['peak_reserved_bytes'])}"
     if p_cold:
         same = (p_cold["peak_reserved_bytes"] == cold["peak_reserved_bytes"]
                 and p_cold["num_device_alloc"] == cold["num_device_alloc"])
         if same:
             note += f", device allocs {cold['num_device_alloc']}: identical to torch"
         else:
-            note += (f" (torch {_replay.fmt_bytes(p_cold['peak_reserved_bytes'])}), device allocs "
+            note += (f" (torch {format_size(p_cold['peak_reserved_bytes'])}), device allocs "
                      f"{cold['num_device_alloc']} (torch {p_cold['num_device_alloc']})")
     _row(name, warm["thread_cpu_ns_per_op"], "ns/op", p_warm and p_warm["thread_cpu_ns_per_op"], note=note)

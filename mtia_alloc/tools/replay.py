@@ -1,11 +1,11 @@
-"""Trace replay for the CLI and the benchmarks: configure a fresh allocator, replay a
-trace natively (mtia_alloc._C.replay, no Python per event), and optionally run
+"""Replay of a workload (an allocation trace read by tools/workload.py) for the CLI and the
+benchmarks: configure a fresh allocator, replay the trace natively (mtia_alloc._C.replay, no Python per event), and optionally run
 PyTorch's allocator (the peer harness of shared/peers/torch_caching_allocator) on the
 same input for side-by-side figures. Also the memory curves of a replay (an untimed
 pass through the Python API) and their HTML/SVG plot.
 
 Traces read from snapshots start with a prefix of synthetic events that rebuilds the
-allocator state the recorded trace began from (_trace.trace_from_snapshot), and carry
+allocator state the recorded trace began from (workload.trace_from_snapshot), and carry
 cache-flush events where the recorded run released segments. The figures of such a
 replay leave the prefix out of `events`, the time per op and the counters
 (num_device_alloc, num_device_free, num_alloc_retries, num_ooms), and the flushes' failed
@@ -15,7 +15,11 @@ segments and live blocks count (the GPU held them too), the prefix's temporary
 allocations do not. Every pass of a snapshot's trace starts from that state (the cache
 is emptied and the prefix replayed again), so passes do not warm each other.
 (Until _C.replay takes `prefix`, the time per op is the average over prefix and trace,
-and the peaks come from an extra untimed pass through the Python API.)"""
+and the peaks come from an extra untimed pass through the Python API.)
+
+Owns: setup_allocator, replay, memory_curve, plot_html, run_peer, RESULT_KEYS.
+Relies on: a workload's Trace (duck-typed: tools.workload makes it), emulator (configure, fault injection),
+streams, viz.render (nice_ticks), _format, _errors, _lazy_init, _C (the native replayer)."""
 import html
 import json
 import os
@@ -23,9 +27,12 @@ import subprocess
 
 import numpy as np
 
-from . import _C
-from ._state import lazy_init
-from .snapshot import _nice_ticks
+from .. import _C, emulator
+from .._errors import OutOfMemoryError
+from .._format import format_bytes
+from .._lazy_init import lazy_init
+from ..streams import Stream
+from ..viz.render import nice_ticks
 
 # the keys of the peer harness's RESULT line, in its order
 RESULT_KEYS = ("mode", "events", "total_ns", "ns_per_op", "thread_cpu_ns_per_op", "peak_requested_bytes",
@@ -38,7 +45,6 @@ _COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_oo
 
 def setup_allocator(memory=None, conf=None):
     """Initialises mtia_alloc for a replay (before any other use in this process)."""
-    from . import emulator
     if conf is not None:
         os.environ["MTIA_ALLOC_CONF"] = conf
     if not _C.is_initialized():
@@ -76,13 +82,11 @@ def _native_supports_prefix():
 
 
 def _arm_faults(fail_after, fail_every, device):
-    from . import emulator
     if fail_after is not None:
         emulator.fail_device_allocations(after_n=fail_after, every=fail_every or 0, device=device)
 
 
 def _lift_faults(fail_after, device):
-    from . import emulator
     if fail_after is not None:
         emulator.fail_device_allocations(None, device=device)
 
@@ -197,8 +201,6 @@ def memory_curve(trace, device=0, merge_streams=False, fail_after=None, fail_eve
     numpy arrays "requested", "allocated", "reserved" (one value per trace event), "start"
     (the three values before the first event), "ooms" (trace event indices of failed
     allocations, cache flushes left out) and the peaks (start included)."""
-    from . import OutOfMemoryError
-    from .streams import Stream
     lazy_init()
     _C.empty_cache_device(device, (0, 0))
     stream_ids, streams = _stream_ids(trace, device, merge_streams)
@@ -260,8 +262,6 @@ def memory_curve(trace, device=0, merge_streams=False, fail_after=None, fail_eve
 
 # ------------------------------------------------------------------ plot
 
-
-
 def _polyline(series, x0, pw, y):
     """Points of a step line through `series` (one value per event, drawn from x0 over pw
     pixels); more than 2 values per pixel are reduced to each column's min and max."""
@@ -289,7 +289,6 @@ def _polyline(series, x0, pw, y):
 def plot_html(curve, title, results=(), notes=(), width=1000, height=320):
     """A self-contained HTML page (inline SVG, no script, no network) drawing reserved,
     allocated and requested bytes over the trace's events."""
-    from .snapshot import format_size
     esc = html.escape
     n = len(curve["reserved"])
     left, right, top, bottom = 90, 20, 12, 36
@@ -298,7 +297,7 @@ def plot_html(curve, title, results=(), notes=(), width=1000, height=320):
     series = {k: np.concatenate(([v], curve[k])).astype(np.int64)
               for k, v in zip(("requested", "allocated", "reserved"), curve["start"])}
     vmax = max(1, max(int(s.max()) for s in series.values()))
-    ticks = _nice_ticks(vmax)
+    ticks = nice_ticks(vmax)
     vtop = max(vmax, ticks[-1])
 
     def y(v):
@@ -309,7 +308,7 @@ def plot_html(curve, title, results=(), notes=(), width=1000, height=320):
            f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="white" stroke="#999"/>']
     for t in ticks:
         svg.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(t):.1f}" y2="{y(t):.1f}" stroke="#eee"/>')
-        svg.append(f'<text x="{left - 5}" y="{y(t) + 4:.1f}" text-anchor="end">{esc(format_size(t))}</text>')
+        svg.append(f'<text x="{left - 5}" y="{y(t) + 4:.1f}" text-anchor="end">{esc(format_bytes(t))}</text>')
     for i in curve["ooms"][:200]:
         x = left + (i + 1) * pw / (n + 1)
         svg.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + ph}" stroke="#e15759">'
@@ -324,8 +323,8 @@ def plot_html(curve, title, results=(), notes=(), width=1000, height=320):
     svg.append(f'<text x="{left + pw / 2:.0f}" y="{height - 12}" text-anchor="middle">trace events</text>')
     svg.append("</svg>")
 
-    peaks = (f"peak reserved {format_size(curve['peak_reserved'])}, peak allocated "
-             f"{format_size(curve['peak_allocated'])}, peak requested {format_size(curve['peak_requested'])}")
+    peaks = (f"peak reserved {format_bytes(curve['peak_reserved'])}, peak allocated "
+             f"{format_bytes(curve['peak_allocated'])}, peak requested {format_bytes(curve['peak_requested'])}")
     rows = []
     for r in results:
         cells = (f"{r.get(k):.2f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in RESULT_KEYS)
@@ -370,8 +369,3 @@ def run_peer(build_dir, path, repeat=1, memory_bytes=None, conf=None, timeout=18
     if proc.returncode != 0 or not results:
         raise RuntimeError(f"peer harness failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
     return results
-
-
-def fmt_bytes(n):
-    from .memory import format_size
-    return format_size(int(n))

@@ -1,0 +1,161 @@
+"""Memory history and snapshots (torch.cuda.memory's _record_memory_history, _snapshot,
+_dump_snapshot): what the allocator records about allocations over time, and the snapshot
+dict in PyTorch's schema that carries it (segments, device_traces, allocator_settings,
+external_annotations). "History" here is always this record of the allocator's events;
+the allocation traces the `replay` command reads are workloads (tools/workload.py).
+
+Owns: record_memory_history (and its torch.cuda and legacy forms), snapshot(),
+_dump_snapshot, the per-thread memory metadata, snapshot_segments (the segment list).
+Relies on: _lazy_init, _C (the core records the history and builds the dicts)."""
+import contextlib
+import gc
+import pickle
+import sys
+import warnings
+
+from . import _C
+from ._lazy_init import is_initialized, lazy_init
+
+__all__ = ["record_memory_history", "snapshot", "snapshot_segments"]
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Building 100k small dicts would trigger the cyclic GC many times over (it doubles the
+    time of a big snapshot); none of them can be garbage, so pause it meanwhile."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def snapshot_segments(pool_id=None):
+    """The segment dicts of every device (of one pool if pool_id is given), built with the
+    cyclic GC paused ([] before initialisation)."""
+    if not is_initialized():
+        return []
+    with _gc_paused():
+        return _C.snapshot_segments(pool_id)
+
+
+def snapshot(device=None):
+    """PyTorch's snapshot dict: segments (all devices, address-sorted per device),
+    device_traces (index = device), allocator_settings, external_annotations. `device` is
+    accepted and ignored, as in torch.cuda.memory._snapshot. Wrap it in
+    mtia_alloc.memory.Snapshot for a REPL view."""
+    if not is_initialized():
+        return {"segments": [], "device_traces": [], "allocator_settings": {}, "external_annotations": []}
+    with _gc_paused():
+        # As PyTorch: the traces are read first, so the "snapshot" entry this snapshot
+        # records shows up in the next one.
+        traces = [_C.device_trace(d) for d in range(_C.device_count())]
+        segments = _C.snapshot_segments(None)
+    return {
+        "segments": segments,
+        "device_traces": traces,
+        "allocator_settings": _C.allocator_settings(),
+        "external_annotations": [],
+    }
+
+
+_CONTEXTS = {None: 0, "state": 1, "alloc": 2, "all": 3}
+
+
+def record_memory_history(enabled="all", context="all", stacks="python", max_entries=sys.maxsize, device=None,
+                          clear_history=False, **legacy):
+    """Records alloc/free history for snapshots: enabled None/'state'/'all', context
+    None/'state'/'alloc'/'all', stacks 'python'/'all', max_entries = ring buffer size
+    (the signature of torch.cuda.memory._record_memory_history). torch.mtia's positional
+    form record_memory_history(enabled, stacks, max_entries) is understood too.
+
+    As torch.mtia.record_memory_history, it does nothing before the device is initialised
+    (it warns here, as that is easy to trip over): call mtia_alloc.init() first, or use
+    mtia_alloc.memory._record_memory_history, which initialises the device as torch.cuda's
+    does. Applies to every device (`device` is ignored, as in PyTorch). enabled=None stops
+    recording and clears the history; clear_history=True clears it when (re)enabling.
+    The legacy form record_memory_history(True/False, record_context=True,
+    trace_alloc_max_entries=1, trace_alloc_record_context=False) is understood too."""
+    apply = _history_setter(enabled, context, stacks, max_entries, clear_history, legacy)
+    if not is_initialized():
+        warnings.warn("record_memory_history() before the device is initialised is ignored, as in torch.mtia; "
+                      "call mtia_alloc.init() first (or use mtia_alloc.memory._record_memory_history, which "
+                      "initialises the device as torch.cuda's does)", stacklevel=2)
+        return
+    apply()
+
+
+def _record_memory_history(enabled="all", context="all", stacks="python", max_entries=sys.maxsize, device=None,
+                           clear_history=False, **legacy):
+    """torch.cuda.memory._record_memory_history: as record_memory_history, but it initialises
+    the device first (as torch.cuda's does), so it may be the first call of a program. The
+    legacy form (enabled: bool, record_context, trace_alloc_max_entries, ...) works too."""
+    apply = _history_setter(enabled, context, stacks, max_entries, clear_history, legacy)
+    lazy_init()
+    apply()
+
+
+def _history_setter(enabled, context, stacks, max_entries, clear_history, legacy):
+    """Validates record_memory_history's arguments; returns the call that applies them."""
+    if isinstance(enabled, bool):
+        return _legacy_history_setter(enabled, context, stacks, max_entries, legacy)
+    if legacy:
+        raise TypeError(f"record_memory_history() got unexpected keyword arguments {sorted(legacy)}")
+    int_stacks = isinstance(stacks, int) and not isinstance(stacks, bool)
+    if context in ("python", "cpp") or (int_stacks and max_entries == sys.maxsize):
+        # torch.mtia's positional order (enabled, stacks, max_entries=0): in torch.cuda's
+        # order a context is never "python"/"cpp" and stacks never an int.
+        context, stacks, max_entries = "all", context, stacks if int_stacks else 0
+    if enabled not in (None, "state", "all"):
+        raise ValueError("expected state to be 'state', 'all', or None")
+    if context not in _CONTEXTS:
+        raise ValueError("expected context to be 'state', 'alloc', 'all', or None")
+    if stacks not in ("python", "all", "cpp"):
+        raise ValueError("expected stacks to be 'python', or 'all'")
+    if not isinstance(max_entries, int) or isinstance(max_entries, bool):
+        raise TypeError(f"max_entries must be an int, got {type(max_entries).__name__}")
+    if max_entries < 0:  # PyTorch's binding takes a size_t
+        raise ValueError(f"max_entries must be non-negative, got {max_entries}")
+    entries = 1 if enabled == "state" else max(1, min(max_entries, 1 << 62))  # 0 means one, as in PyTorch
+    level = _CONTEXTS[context] if enabled is not None else 0
+    clear = bool(clear_history)
+    return lambda: _C.set_history(enabled is not None, level, entries, clear)
+
+
+def _legacy_history_setter(enabled, context, stacks, max_entries, legacy):
+    """The legacy signature (enabled: bool, record_context=True, trace_alloc_max_entries=1,
+    trace_alloc_record_context=False, device=None, record_context_cpp=False), whose
+    positional arguments arrive in the new form's slots; a slot still at its new-form
+    default means the legacy default."""
+    record_context = legacy.pop("record_context", True if context == "all" else context)
+    max_entries_ = legacy.pop("trace_alloc_max_entries", 1 if stacks == "python" else stacks)
+    alloc_context = legacy.pop("trace_alloc_record_context", False if max_entries == sys.maxsize else max_entries)
+    legacy.pop("record_context_cpp", None)
+    if legacy:
+        raise TypeError(f"record_memory_history() got unexpected keyword arguments {sorted(legacy)}")
+    if not isinstance(max_entries_, int):
+        raise TypeError(f"trace_alloc_max_entries must be an int, got {type(max_entries_).__name__}")
+    if not enabled:
+        return _history_setter(None, "all", "python", sys.maxsize, False, {})
+    context = "alloc" if alloc_context else ("state" if record_context else None)
+    return _history_setter("all", context, "python", max(1, max_entries_), False, {})
+
+
+def _set_memory_metadata(metadata):
+    """Stamps `metadata` on every trace entry this thread records (PyTorch's
+    torch.cuda.memory._set_memory_metadata)."""
+    if not isinstance(metadata, str):
+        raise TypeError(f"metadata must be a str, got {type(metadata).__name__}")
+    _C.set_memory_metadata(metadata)
+
+
+def _get_memory_metadata():
+    return _C.get_memory_metadata()
+
+
+def _dump_snapshot(filename="dump_snapshot.pickle"):
+    """Writes snapshot() as a pickle (protocol 4: the memory_viz web page refuses 5)."""
+    with open(filename, "wb") as f:
+        pickle.dump(snapshot(), f, protocol=4)

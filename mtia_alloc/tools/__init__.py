@@ -1,0 +1,4 @@
+"""Tools over the library, never imported by it: the command line (cli: replay, bench,
+summary, plot), workload reading (workload), native replay (replay), the benchmark suite
+(bench_suite), the snapshot commands (snapshot_cli) and the visualizer checker
+(viz_check). They sit in the top layer and may import any module of mtia_alloc."""
