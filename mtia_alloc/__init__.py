@@ -14,6 +14,7 @@ memory, array, graphs, emulator, rng; this façade; on top the tools (tools/: th
 replay, workloads, bench suite, visualizer checks), which the library never imports.
 mtia_alloc/torch/ is reserved for the PyTorch backend; nothing here imports torch.
 Owns: the public names of torch.mtia (API.md) and the exit handlers.
+Relies on: the public modules (devices, streams, memory, array, graphs, emulator, rng).
 """
 import atexit
 

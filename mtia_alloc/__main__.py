@@ -1,4 +1,4 @@
-"""`python -m mtia_alloc ...`: forwards to the command line in mtia_alloc.tools.cli."""
+"""`python -m mtia_alloc ...`: relies on mtia_alloc.tools.cli, whose main it runs."""
 import sys
 
 from .tools.cli import main

@@ -1,4 +1,5 @@
 """Tools over the library, never imported by it: the command line (cli: replay, bench,
 summary, plot), workload reading (workload), native replay (replay), the benchmark suite
 (bench_suite), the snapshot commands (snapshot_cli) and the visualizer checker
-(viz_check). They sit in the top layer and may import any module of mtia_alloc."""
+(viz_check). They sit in the top layer: they rely on any module of mtia_alloc, and the library
+relies on none of them. This file owns nothing else."""

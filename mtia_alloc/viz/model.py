@@ -139,10 +139,7 @@ class Segment:
                 pending += size
             active += size
             n_active += 1
-            req = b.get("requested_size")
-            if req is None:
-                req = _legacy_requested(b)
-            requested += req
+            requested += _requested(b)
         self.allocated_size = int(allocated)
         self.active_size = int(active)
         self.requested_size = int(requested)
@@ -162,14 +159,11 @@ class Segment:
             for b in self._raw_blocks:
                 size = int(b["size"])
                 frames = b.get("frames")
-                req = b.get("requested_size")
-                if req is None:
-                    req = _legacy_requested(b)
                 if frames is None:
                     history = b.get("history")
                     if history and isinstance(history, list) and isinstance(history[0], dict):
                         frames = history[0].get("frames")
-                out.append(Block(addr, size, int(req), b.get("state", "inactive"), frames or [], self))
+                out.append(Block(addr, size, _requested(b), b.get("state", "inactive"), frames or [], self))
                 addr += size
             self._blocks = out
         return self._blocks
@@ -211,8 +205,11 @@ class Segment:
         return f"Segment({', '.join(parts)})"
 
 
-def _legacy_requested(b):
-    """requested_size of a block dict without one: the legacy history's real_size, else size."""
+def _requested(b):
+    """requested_size of a block dict; without one, the legacy history's real_size, else size."""
+    req = b.get("requested_size")
+    if req is not None:
+        return int(req)
     history = b.get("history")
     if history and isinstance(history, list) and isinstance(history[0], dict) and "real_size" in history[0]:
         return int(history[0]["real_size"])
