@@ -38,29 +38,28 @@ def format_bytes(n):
     return f"{n} bytes"  # not reached
 
 
-def _fmt_size(sz, pref_sz):
-    """A table cell in bytes, scaled as torch.cuda.memory's _format_size(sz, pref_sz)."""
-    prefixes = ["B  ", "KiB", "MiB", "GiB", "TiB", "PiB"]
+def _scaled(value, ref, prefixes, limit, step):
+    """value scaled down by `step` while the reference value ref is at least `limit`, and
+    the prefix it ends at (torch.cuda.memory's _format_size / _format_count)."""
     prefix = prefixes[0]
     for new_prefix in prefixes[1:]:
-        if pref_sz < 768 * 1024:
+        if ref < limit:
             break
         prefix = new_prefix
-        sz //= 1024
-        pref_sz /= 1024
+        value //= step
+        ref /= step
+    return value, prefix
+
+
+def _fmt_size(sz, pref_sz):
+    """A table cell in bytes, scaled as torch.cuda.memory's _format_size(sz, pref_sz)."""
+    sz, prefix = _scaled(sz, pref_sz, ["B  ", "KiB", "MiB", "GiB", "TiB", "PiB"], 768 * 1024, 1024)
     return f"{sz:6d} {prefix}"
 
 
 def _fmt_count(cnt, pref_cnt):
     """A table cell that counts, scaled as torch.cuda.memory's _format_count(cnt, pref_cnt)."""
-    prefixes = [" ", "K", "M"]
-    prefix = prefixes[0]
-    for new_prefix in prefixes[1:]:
-        if pref_cnt < 750 * 1000:
-            break
-        prefix = new_prefix
-        cnt //= 1000
-        pref_cnt /= 1000
+    cnt, prefix = _scaled(cnt, pref_cnt, [" ", "K", "M"], 750 * 1000, 1000)
     return f"{cnt:7d} {prefix} "
 
 
