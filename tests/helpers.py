@@ -20,7 +20,7 @@ import mtia_alloc.memory
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DEVICES = list(range(mtia.device_count()))
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(mtia.__file__)))  # holds the mtia_alloc under test
 
 # PyTorch's allocator constants (c10/cuda/CUDACachingAllocator.cpp)
 kSmallSize = MiB  # largest request served by the small pool
@@ -322,17 +322,17 @@ class Resources:
 
 # ----------------------------------------------------------------------------- fresh interpreters
 
-def fresh_python(*argv, env=None, cwd=ROOT, timeout=120):
-    """Runs `python *argv` in a fresh interpreter that imports this checkout's mtia_alloc
-    (PYTHONPATH starts with the repository), inheriting no MTIA_* variable; `env` adds
-    variables. Returns the CompletedProcess, output captured as text."""
+def fresh_python(*argv, env=None, cwd=None, timeout=120):
+    """Runs `python *argv` in a fresh interpreter that imports the mtia_alloc these tests import
+    (its directory first on PYTHONPATH), inheriting no MTIA_* variable; `env` adds variables.
+    Returns the CompletedProcess, output captured as text."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MTIA_")}
     full_env.update(env or {})
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)
     return subprocess.run([sys.executable, *argv], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
 
 
-def run_code(code, *flags, env=None, cwd=ROOT, timeout=120):
+def run_code(code, *flags, env=None, cwd=None, timeout=120):
     """fresh_python(*flags, "-c", code), code dedented."""
     return fresh_python(*flags, "-c", textwrap.dedent(code), env=env, cwd=cwd, timeout=timeout)

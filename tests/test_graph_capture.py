@@ -300,8 +300,8 @@ def test_graph_record_stream(empty_device):
 
 
 def test_stream_uses_recorded_during_capture_are_dropped(empty_device, blocks):
-    # §3.1 (deferred blocks, step 1), §6.20: uses recorded during capture are dropped, earlier ones kept
     """Spec must-have 20 (pools_graphs_streams_api.md §6.20)."""
+    # §3.1 (deferred blocks, step 1), §6.20: uses recorded during capture are dropped, earlier ones kept
     cap, s2, s3 = mtia.Stream(), mtia.Stream(), mtia.Stream()
     during, before = blocks.alloc(3 * MiB, stream=cap), blocks.alloc(3 * MiB, stream=cap)
     mtia.record_stream(before, s3)  # a pre-capture use: kept
@@ -329,8 +329,8 @@ def test_stream_uses_recorded_during_capture_are_dropped(empty_device, blocks):
 
 
 def test_routing_defers_frees_with_stream_uses_and_polls_no_events(empty_device, blocks):
-    # §3.1: under a routing context malloc polls no event and a free with stream uses is deferred
     """Spec must-have 20 (pools_graphs_streams_api.md §6.20)."""
+    # §3.1: under a routing context malloc polls no event and a free with stream uses is deferred
     s2, s3 = mtia.Stream(), mtia.Stream()
     early, x = blocks.alloc(3 * MiB), blocks.alloc(3 * MiB)
     mtia.record_stream(early, s3)

@@ -23,10 +23,8 @@ import pytest
 import mtia_alloc as mtia
 import mtia_alloc.emulator
 import mtia_alloc.memory
+from helpers import DEVICES, MiB
 from mtia_alloc import _viz_check as vc
-
-MiB = 1 << 20
-DEVICES = list(range(mtia.device_count()))
 
 
 

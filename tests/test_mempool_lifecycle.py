@@ -57,8 +57,8 @@ def test_mempool_id():
 
 
 def test_both_pool_id_counters_start_at_1_in_a_fresh_process():
-    # §1.1, §6.1: user ids (0, n) and graph ids (m, 0) come from two counters that start at 1
     """Spec must-have 1 (pools_graphs_streams_api.md §6.1)."""
+    # §1.1, §6.1: user ids (0, n) and graph ids (m, 0) come from two counters that start at 1
     script = textwrap.dedent("""
         import mtia_alloc as mtia
         h = mtia.graph_pool_handle()
@@ -277,8 +277,8 @@ def test_pool_memory_returns_only_when_freeable_and_fully_free(empty_device):
 
 
 def test_pool_object_disappears_once_its_last_segment_is_freed(empty_device):
-    # §2.3, §6.10: a freeable pool cannot be revived, and is erased with its last segment
     """Spec must-have 10 (pools_graphs_streams_api.md §6.10)."""
+    # §2.3, §6.10: a freeable pool cannot be revived, and is erased with its last segment
     pool = MemPool()
     pid = pool.id
     with use_mem_pool(pool):
@@ -320,8 +320,8 @@ def test_empty_cache_during_routing_keeps_default_blocks_but_frees_dead_pools(em
 
 
 def test_empty_cache_during_a_capture_releases_nothing_and_syncs_nothing(empty_device):
-    # §2.3, §6.13: empty_cache() during a capture frees no default block and syncs nothing (dead pools go)
     """Spec must-have 13 (pools_graphs_streams_api.md §6.13)."""
+    # §2.3, §6.13: empty_cache() during a capture frees no default block and syncs nothing (dead pools go)
     dead = MemPool()
     with use_mem_pool(dead):
         x = mtia.empty(NELEM_1MB)

@@ -90,8 +90,8 @@ def test_mempool_routed_allocation_never_falls_back(empty_device):
 
 
 def test_use_on_oom_fallback_only_takes_a_block_of_the_same_stream(empty_device):
-    # §1.5 step 2, §6.8: the fallback only takes a block cached for the request's stream
     """Spec must-have 8 (pools_graphs_streams_api.md §6.8)."""
+    # §1.5 step 2, §6.8: the fallback only takes a block cached for the request's stream
     pool = MemPool(use_on_oom=True)
     s1 = mtia.Stream()
     limit_device_memory(40 * MiB)

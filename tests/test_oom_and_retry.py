@@ -209,8 +209,8 @@ def test_oom_message_and_observer_arguments(blocks, side_streams, oom_calls, dev
 
 
 def test_every_oom_observer_is_called_once_without_the_allocator_lock(blocks, oom_calls, two_observers):
-    # §15.18, §4.6 step 6: every observer is called once, with the lock released (another thread allocates)
     """Spec must-have 18 (allocator_core.md §15.18)."""
+    # §15.18, §4.6 step 6: every observer is called once, with the lock released (another thread allocates)
     mtia.empty_cache()
     free, total = mtia.mem_get_info(0)
     with pytest.raises(mtia.OutOfMemoryError):

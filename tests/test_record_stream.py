@@ -120,8 +120,8 @@ def test_record_stream_block_is_pending_until_the_stream_is_done_and_a_malloc_pr
 
 
 def test_pending_frees_wait_per_stream_and_for_every_recorded_stream(blocks):
-    # §4.1 process_events, §6.16: per-stream FIFOs (slow does not block fast); two streams: wait for both
     """Spec must-have 16 (pools_graphs_streams_api.md §6.16)."""
+    # §4.1 process_events, §6.16: per-stream FIFOs (slow does not block fast); two streams: wait for both
     slow, fast = mtia.Stream(), mtia.Stream()
     a, b, c, d = (blocks.alloc(4 * MiB) for _ in range(4))
     emulator.sleep(3 * BUSY_MS, stream=slow)
