@@ -1,7 +1,11 @@
 """Shared fixtures: restore the allocator's global state after every test, a `blocks`
 helper that frees, at teardown, every block a test allocated and did not free itself, side
 streams, an empty device 0, the objects of the bad-input cases, and a check at the end of the
-session that nothing leaked (issue 7 item 5). Plain helpers are in helpers.py."""
+session that nothing leaked (issue 7 item 5). Plain helpers are in helpers.py.
+
+Every test runs in the same process as the others: tests measure DELTAS of memory_stats() and
+free what they allocate (`blocks` frees what is still live at teardown); tests that need an
+empty cache call mtia.empty_cache() first, or use `empty_device`."""
 import gc
 import os
 import sys

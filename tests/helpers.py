@@ -108,6 +108,13 @@ def use_count(pool_id, device=0):
 
 # ----------------------------------------------------------------------------- kernels
 
+# Torch ops become `emulator.launch` kernels that compute on numpy views of device memory:
+# `add(t, val)` allocates its output on the current stream (so inside a capture it comes from the
+# graph's pool, inside use_mem_pool from that pool) and queues a kernel that writes it. Like a
+# CUDA graph's, a kernel refers to its operands by address only, so a DeviceArray that dies during
+# a capture gives its block back to the pool at once. Nothing runs during a capture; results are
+# read with `.numpy()` after a synchronize (total, host), so the data is checked numerically.
+
 class _Raw:
     """numpy view of raw (emulated device) memory at an address, holding no DeviceArray."""
 

@@ -5,11 +5,8 @@ messages (ending without a begin, replay/pool/instantiate before a capture, capt
 inside a capture, ending on another stream or device, bad pool ids, the graph() context
 manager's arguments) (a bad-input matrix over ../shared/API.md).
 
-Every case names the call, the exception type and a message fragment. Afterwards the state is
-exactly what it was (helpers.state_unchanged: memory_stats() of every device, the device bytes in
-use, the allocator settings, the current device and streams, the memory fractions, the RNG states
-and the history level) and mtia_alloc.memory.check_invariants() passes. The cases get the
-`resources` fixture (helpers.Resources: side streams, arrays, a pointer, a pool, a captured graph).
+Each case names the call, the exception type and a message fragment, and must change nothing
+(helpers.check_bad_call and state_unchanged); the cases get the `resources` fixture.
 """
 import contextlib
 import ctypes.util

@@ -4,11 +4,8 @@ stream contexts, elapsed_time misuse, events recorded on another device, record_
 wrong stream or pointer, launch/sleep/copy_/fill_/fail_device_allocations arguments, and
 configure() after initialisation (a bad-input matrix over ../shared/API.md).
 
-Every case names the call, the exception type and a message fragment. Afterwards the state is
-exactly what it was (helpers.state_unchanged: memory_stats() of every device, the device bytes in
-use, the allocator settings, the current device and streams, the memory fractions, the RNG states
-and the history level) and mtia_alloc.memory.check_invariants() passes. The cases get the
-`resources` fixture (helpers.Resources: side streams, arrays, a pointer, a pool, a captured graph).
+Each case names the call, the exception type and a message fragment, and must change nothing
+(helpers.check_bad_call and state_unchanged); the cases get the `resources` fixture.
 """
 import numpy as np
 import pytest

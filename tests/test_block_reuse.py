@@ -2,9 +2,7 @@
 cached for another stream, best fit by size, and a lookup whose cost does not grow with the
 number of cached blocks (allocator_core.md §15.7-9, §15.29).
 
-Other tests run in the same process, so tests measure DELTAS of memory_stats() and free what they
-allocate (the `blocks` fixture frees what is still live at teardown); tests that need an empty
-cache call mtia.empty_cache() first.
+Tests measure deltas of memory_stats() and free what they allocate (conftest.py).
 """
 import time
 

@@ -5,13 +5,9 @@ pool), frees during a capture (deferred, stream uses dropped, no event polled), 
 error messages, empty graphs, OOM during capture, released pools, abandoned captures, copies
 (pools_graphs_streams_api.md §3, §5.3-5.4, must-haves 19-20).
 
-Torch ops become `emulator.launch` kernels that compute on numpy views of device memory
-(helpers.py: full, fill, clone, add, add2): `add(t, val)` allocates its output on the current
-stream (so inside a capture it comes from the graph's pool) and queues a kernel that writes it.
-Like a CUDA graph, a kernel refers to its operands by address only, so a DeviceArray that dies
-during a capture gives its block back to the pool at once. Nothing runs during capture; results
-are read with `.numpy()` after replay and synchronize, so replay correctness is checked
-numerically.
+Torch ops become kernels on numpy views of device memory (helpers.py: full, add, ...) that
+refer to their operands by address only, as a CUDA graph's do; results are checked numerically
+after replay.
 """
 import gc
 import threading

@@ -3,9 +3,7 @@ blocks never split, the oversize_* stats and the max_split_size stat, and the re
 oversize blocks in the malloc ladder, before the full flush and never while a split segment's
 other block is live (allocator_core.md §15.14, §15.16, §4.1 step 4d, §4.5).
 
-Other tests run in the same process, so tests measure DELTAS of memory_stats() and free what they
-allocate (the `blocks` fixture frees what is still live at teardown); tests that need an empty
-cache call mtia.empty_cache() first.
+Tests measure deltas of memory_stats() and free what they allocate (conftest.py).
 """
 import pytest
 

@@ -4,11 +4,8 @@ use_mem_pool contexts, captures), bare graph_pool_handle()s, when a pool's memor
 capture), a freeable pool never revived, and pools refusing copies (PyTorch's TestMemPool,
 pools_graphs_streams_api.md §5.4, must-haves 1, 3, 10, 13).
 
-Instead of torch tensors the tests use `mtia.empty` DeviceArrays; values are written by
-`emulator.launch` kernels on numpy views of the device memory (helpers.py: fill, fill_arange)
-and read back through `DeviceArray.numpy()` after a synchronize, so the data a pool hands out is
-checked too. Every test frees what it creates; conftest.py restores fractions and empties the
-cache.
+Values are written by kernels (helpers.fill, fill_arange) and read back after a synchronize,
+so the data a pool hands out is checked too.
 """
 import textwrap
 import threading

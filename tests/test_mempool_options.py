@@ -3,19 +3,16 @@ cached block of a use_on_oom pool of the same stream; routed requests never fall
 pools are not used) and no_split (one block per segment, reused whole) (PyTorch's TestMemPool,
 pools_graphs_streams_api.md §1.5, must-have 8).
 
-Instead of torch tensors the tests use `mtia.empty` DeviceArrays; values are written by
-`emulator.launch` kernels on numpy views of the device memory (helpers.py: fill, fill_arange)
-and read back through `DeviceArray.numpy()` after a synchronize, so the data a pool hands out is
-checked too. Every test frees what it creates; conftest.py restores fractions and empties the
-cache.
+Values are written by kernels (helpers.fill, fill_arange) and read back after a synchronize,
+so the data a pool hands out is checked too.
 """
 import pytest
 
 import mtia_alloc as mtia
 import mtia_alloc.emulator
 import mtia_alloc.memory
-from helpers import NELEM_1MB, HostAllocator, KiB, MiB, fill, host, kLargeBuffer, kSmallBuffer, segment_of, \
-    segments
+from helpers import (NELEM_1MB, HostAllocator, KiB, MiB, fill, host, kLargeBuffer, kSmallBuffer, segment_of,
+                     segments)
 from mtia_alloc.memory import MemPool, use_mem_pool
 
 

@@ -4,11 +4,8 @@ block freed back to its own pool whatever context is active, default allocations
 private pool's free blocks, per-stream segments inside a pool, and snapshots reporting pool ids
 (PyTorch's TestMemPool, pools_graphs_streams_api.md §5.4, must-haves 4, 6, 7, 14, 15).
 
-Instead of torch tensors the tests use `mtia.empty` DeviceArrays; values are written by
-`emulator.launch` kernels on numpy views of the device memory (helpers.py: fill, fill_arange)
-and read back through `DeviceArray.numpy()` after a synchronize, so the data a pool hands out is
-checked too. Every test frees what it creates; conftest.py restores fractions and empties the
-cache.
+Values are written by kernels (helpers.fill, fill_arange) and read back after a synchronize,
+so the data a pool hands out is checked too.
 """
 import gc
 import threading

@@ -4,9 +4,7 @@ retry, garbage collection of cached blocks, the OOM message word for word, and O
 §15.17-18, §4.1, §4.4, §4.6; PyTorch's test_out_of_memory, test_out_of_memory_retry,
 test_set_per_process_memory_fraction and test_notifies_oom).
 
-Other tests run in the same process, so tests measure DELTAS of memory_stats() and free what they
-allocate (the `blocks` fixture frees what is still live at teardown); tests that need an empty
-cache call mtia.empty_cache() first.
+Tests measure deltas of memory_stats() and free what they allocate (conftest.py).
 """
 import threading
 

@@ -9,11 +9,8 @@ PyTorch's dummy C allocator (which sets called_dummy_alloc = 123 / called_dummy_
 becomes helpers.HostAllocator, a PythonAllocator handing out 512-byte-aligned numpy host buffers
 (the emulated device memory is host memory) and counting its calls.
 
-Instead of torch tensors the tests use `mtia.empty` DeviceArrays; values are written by
-`emulator.launch` kernels on numpy views of the device memory (helpers.py: fill, fill_arange)
-and read back through `DeviceArray.numpy()` after a synchronize, so the data a pool hands out is
-checked too. Every test frees what it creates; conftest.py restores fractions and empties the
-cache.
+Values are written by kernels (helpers.fill, fill_arange) and read back after a synchronize,
+so the data a pool hands out is checked too.
 """
 import ctypes
 import gc

@@ -19,8 +19,8 @@ import pytest
 import mtia_alloc as mtia
 import mtia_alloc.emulator as emulator
 import mtia_alloc.memory
-from helpers import BUSY_MS, DEVICES, SLOW_BUSY_MS, GiB, KiB, MiB, assert_all_is_small_plus_large, block_of, \
-    delta, stats, view
+from helpers import (BUSY_MS, DEVICES, SLOW_BUSY_MS, GiB, KiB, MiB, assert_all_is_small_plus_large, block_of,
+                     delta, stats, view)
 
 
 # ----------------------------------------------------------------------------- deferred frees
@@ -329,7 +329,7 @@ def test_caching_allocator_record_stream_oom(blocks):
     assert mtia.memory_reserved(0) == before["reserved_bytes.all.current"]
 
 
-# ----------------------------------------------------------------------------- memory goes back to the device once its streams are idle
+# ----------------------------------------------------------------------------- releases wait for idle streams
 
 def test_empty_cache_waits_for_the_streams_that_own_the_memory_it_gives_back():
     # As cudaFree synchronizes the device: a block freed in stream order may still be used

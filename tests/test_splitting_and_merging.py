@@ -3,9 +3,7 @@
 off, how freed neighbours merge back, and empty_cache() releasing only wholly free segments
 (allocator_core.md §15.3-6, §15.10-11).
 
-Other tests run in the same process, so tests measure DELTAS of memory_stats() and free what they
-allocate (the `blocks` fixture frees what is still live at teardown); tests that need an empty
-cache call mtia.empty_cache() first.
+Tests measure deltas of memory_stats() and free what they allocate (conftest.py).
 """
 import itertools
 

@@ -4,9 +4,7 @@ family, the snapshot's segments adding up to the stats, and the stats staying co
 under concurrent malloc/free (allocator_core.md §15.20-24, §15.29; PyTorch's
 test_memory_allocation).
 
-Other tests run in the same process, so tests measure DELTAS of memory_stats() and free what they
-allocate (the `blocks` fixture frees what is still live at teardown); tests that need an empty
-cache call mtia.empty_cache() first.
+Tests measure deltas of memory_stats() and free what they allocate (conftest.py).
 """
 import random
 import threading
