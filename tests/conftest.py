@@ -1,15 +1,28 @@
 """Shared fixtures: restore the allocator's global state after every test, a `blocks`
-helper that frees, at teardown, every block a test allocated and did not free itself, and a
-check at the end of the session that nothing leaked (issue 7 item 5)."""
-import gc
+helper that frees, at teardown, every block a test allocated and did not free itself, side
+streams, an empty device 0, the objects of the bad-input cases, and a check at the end of the
+session that nothing leaked (issue 7 item 5). Plain helpers are in helpers.py.
 
-import numpy as np
+Every test runs in the same process as the others: tests measure DELTAS of memory_stats() and
+free what they allocate (`blocks` frees what is still live at teardown); tests that need an
+empty cache call mtia.empty_cache() first, or use `empty_device`."""
+import gc
+import os
+import sys
+
 import pytest
+
+# tests/ has no __init__.py: make `import helpers` work whatever the import mode and cwd.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 import mtia_alloc as mtia
 import mtia_alloc._C
 import mtia_alloc.memory
 from mtia_alloc.streams import KernelError
+
+from helpers import DEVICES, Resources, segments
 
 
 def leaks():
@@ -66,29 +79,6 @@ def _restore_current_device_and_streams():
     mtia.set_device(device)
 
 
-class TorchDevice:
-    """A torch.device look-alike (.type/.index), so tests do not need torch."""
-
-    def __init__(self, text):
-        kind, _, index = text.partition(":")
-        self.type, self.index = kind, int(index) if index else None
-
-
-class _Raw:
-    """numpy view of raw (emulated device) memory at an address, holding no DeviceArray."""
-
-    __slots__ = ("__array_interface__",)
-
-    def __init__(self, ptr, n, dtype):
-        self.__array_interface__ = {"data": (ptr, False), "shape": (n,), "typestr": np.dtype(dtype).str,
-                                    "version": 3}
-
-
-def view(ptr, n, dtype="float32"):
-    """Kernels use this to compute on device memory by address (no array reference kept)."""
-    return np.asarray(_Raw(ptr, n, dtype))
-
-
 class LiveBlocks:
     """caching_allocator_alloc/delete that remembers which pointers are still live."""
 
@@ -117,3 +107,39 @@ def blocks():
         yield live
     finally:
         live.free_all()
+
+
+@pytest.fixture
+def side_stream():
+    """A new stream on the current device."""
+    return mtia.Stream()
+
+
+@pytest.fixture(scope="module")
+def side_streams():
+    """One non-default stream per device, shared by the tests of a module."""
+    return {d: mtia.Stream(device=d) for d in DEVICES}
+
+
+@pytest.fixture
+def empty_device():
+    """Device 0 holds no segment at the start (needed by tests that count segments); the
+    invariants are checked at the end."""
+    gc.collect()
+    mtia.synchronize()
+    mtia.empty_cache()
+    left = segments(device=0)
+    assert not left, f"device 0 still holds segments from an earlier test: {left}"
+    yield 0
+    mtia.synchronize()
+    mtia.memory.check_invariants()
+
+
+@pytest.fixture(scope="module")
+def resources():
+    """The streams, arrays, pointer, pool and graph the bad-input cases use, made once per module."""
+    r = Resources()
+    yield r
+    r.close()
+    gc.collect()
+    mtia.empty_cache()

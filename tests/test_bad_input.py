@@ -1,29 +1,20 @@
 """Bad inputs to the memory API raise clear exceptions and change nothing.
 
-Each case checks the exception type and message, that memory_stats() of every device is exactly
-the same before and after, and that mtia_alloc.memory.check_invariants() still passes. Covered:
-bad sizes, unknown/interior/double-freed pointers, bad device arguments, bad memory fractions,
-and the null cases that are no-ops (delete(0), alloc(0), record_stream(0, s)).
+Each case checks the exception type and message, that the state is exactly the same before and
+after (helpers.state_unchanged: memory_stats() of every device, the device bytes in use, the
+settings, current device and streams, fractions, RNG states and history level), and that
+mtia_alloc.memory.check_invariants() still passes. Covered: bad sizes, unknown/interior/double-freed
+pointers, bad device arguments, bad memory fractions, bad arguments of the benchmark loops, and
+the null cases that are no-ops (delete(0), alloc(0), record_stream(0, s)). The bad-input matrix
+over the rest of the API is in test_bad_input_*.py.
 """
-import contextlib
 import re
 
 import pytest
 
 import mtia_alloc as mtia
 import mtia_alloc.memory
-
-DEVICES = list(range(mtia.device_count()))
-
-
-@contextlib.contextmanager
-def state_unchanged():
-    """Asserts that the block leaves every device's stats as they were and the invariants hold."""
-    before = {d: mtia.memory_stats(d) for d in DEVICES}
-    yield
-    assert {d: mtia.memory_stats(d) for d in DEVICES} == before
-    for d in DEVICES:
-        mtia.memory.check_invariants(d)
+from helpers import DEVICES, state_unchanged, stats
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -91,6 +82,19 @@ def test_double_free(blocks, size):
     blocks.free(ptr)
     with state_unchanged(), pytest.raises(RuntimeError, match="invalid device pointer"):
         mtia.caching_allocator_delete(ptr)
+
+
+def test_null_zero_unknown_and_huge_requests():
+    """Spec must-have 30 (allocator_core.md §15.30)."""
+    before = stats()
+    mtia.caching_allocator_delete(0)  # free(nullptr) is a no-op
+    assert mtia.caching_allocator_alloc(0) == 0  # allocate(0) is a null pointer...
+    assert stats() == before  # ...and neither changes any stat
+    with pytest.raises(RuntimeError, match="invalid device pointer"):
+        mtia.caching_allocator_delete(0x7F00_DEAD_0000)
+    with pytest.raises(mtia.OutOfMemoryError, match="Tried to allocate more than 1EB memory"):
+        mtia.caching_allocator_alloc(1 << 60)
+    assert stats() == before
 
 
 # ----------------------------------------------------------------------------- devices

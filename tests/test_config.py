@@ -7,18 +7,13 @@ Options that survive a re-parse (expandable_segments, release_lock_on_cudamalloc
 max_non_split_rounding_mb, ...) are only ever set to their defaults here, so the conftest
 fixture's `_set_allocator_settings("")` really restores the default config.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 
 import mtia_alloc as mtia
 import mtia_alloc.memory
+from helpers import GiB, MiB, round_size, run_code
 
-MiB, GiB = 1 << 20, 1 << 30
 set_settings = mtia.memory._set_allocator_settings
-round_size = mtia.memory._round_size
 
 
 # ----------------------------------------------------------------------------- valid strings
@@ -125,6 +120,23 @@ def test_invalid_settings_raise_pytorch_messages(conf, message):
         set_settings(conf)
 
 
+@pytest.mark.parametrize("conf, message", [
+    pytest.param("max_split_size_mb:19", "max_split_size_mb too small, must be >= 20",
+                 id="max_split_19"),
+    pytest.param("garbage_collection_threshold:1.0",
+                 r"garbage_collect_threshold is invalid, set it in \(0\.0, 1\.0\)", id="gc_1.0"),
+    pytest.param("garbage_collection_threshold:0",
+                 r"garbage_collect_threshold is invalid, set it in \(0\.0, 1\.0\)", id="gc_0"),
+    pytest.param("expandable_segments:true", "Expected 'True' or 'False'",
+                 id="expandable_lowercase"),
+    pytest.param("not_an_option:1", "Unrecognized key 'not_an_option'", id="unknown_key"),
+])
+def test_invalid_settings_are_rejected(conf, message):
+    """Spec must-have 15 (allocator_core.md §15.15)."""
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        mtia.memory._set_allocator_settings(conf)
+
+
 @pytest.mark.parametrize("conf", [
     pytest.param("max_split_size_mb:abc", id="non-numeric-size"),
     pytest.param("garbage_collection_threshold:abc", id="non-numeric-threshold"),
@@ -147,23 +159,12 @@ def test_allocator_still_works_after_a_rejected_setting(blocks):
 
 # ----------------------------------------------------------------------------- environment, in a subprocess
 
-def run_python(code, **env):
-    """Run `code` in a fresh interpreter with no inherited MTIA_* variables except `env`."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MTIA_")}
-    full_env.update(env)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(mtia.__file__)))
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
-    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
-                          text=True, timeout=120)
-
-
 def test_env_alloc_conf_sets_max_split_size():
     code = ("import mtia_alloc as m\n"
             "p = m.caching_allocator_alloc(1 << 20)\n"
             "m.caching_allocator_delete(p)\n"
             "print(m.memory_stats()['max_split_size'])\n")
-    result = run_python(code, MTIA_ALLOC_CONF="max_split_size_mb:100")
+    result = run_code(code, env={"MTIA_ALLOC_CONF": "max_split_size_mb:100"})
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.split()[-1]) == 100 * MiB
 
@@ -171,7 +172,7 @@ def test_env_alloc_conf_sets_max_split_size():
 @pytest.mark.parametrize("value, expected", [("512MiB", 512 * MiB), ("1GiB", 1 << 30)])
 def test_env_emulator_memory_sets_device_capacity(value, expected):
     code = "import mtia_alloc as m\nprint(m.mem_get_info()[1])\n"
-    result = run_python(code, MTIA_EMULATOR_MEMORY=value)
+    result = run_code(code, env={"MTIA_EMULATOR_MEMORY": value})
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.split()[-1]) == expected
 
@@ -190,7 +191,7 @@ def test_runtime_reservation_makes_free_less_than_total(configure, free_at_start
             "try:\n    m.caching_allocator_alloc(total // 2)\n    print('fits')\n"
             "except m.OutOfMemoryError:\n    print('oom')\n"
             "print(free, total, m.emulator.runtime_reserved(), m.memory_reserved())\n")
-    result = run_python(code)
+    result = run_code(code)
     assert result.returncode == 0, result.stderr
     verdict, numbers = result.stdout.split("\n")[:2]
     free, total, runtime, reserved = map(int, numbers.split())
@@ -203,6 +204,6 @@ def test_env_emulator_memory_malformed_fails_clearly():
     code = ("import mtia_alloc as m\n"
             "m.caching_allocator_delete(m.caching_allocator_alloc(4096))\n"
             "print(m.mem_get_info()[1])\n")
-    result = run_python(code, MTIA_EMULATOR_MEMORY="12XB")
+    result = run_code(code, env={"MTIA_EMULATOR_MEMORY": "12XB"})
     assert result.returncode != 0, result.stdout
     assert "MTIA_EMULATOR_MEMORY" in result.stderr

@@ -2,12 +2,7 @@
 attributes, the zero-copy numpy view, DLPack, repr, argument checking, the block going back
 to the cache with the last reference, copy_/fill_, and kernels keeping the arrays they use
 alive until they have run."""
-import ctypes
 import gc
-import os
-import subprocess
-import sys
-import textwrap
 import threading
 import weakref
 
@@ -15,28 +10,9 @@ import numpy as np
 import pytest
 
 import mtia_alloc as mtia
-from conftest import TorchDevice
 import mtia_alloc.emulator as emulator
 import mtia_alloc.memory
-
-KiB, MiB = 1 << 10, 1 << 20
-BUSY_MS = 200
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def host_view(ptr, n, dtype=np.int32):
-    """n elements of raw emulated device memory at ptr, as a numpy view."""
-    buf = (ctypes.c_char * (n * np.dtype(dtype).itemsize)).from_address(ptr)
-    return np.frombuffer(buf, dtype=dtype)
-
-
-def block_state(ptr, device=0):
-    for seg in mtia.memory_snapshot():
-        if seg["device"] == device:
-            for blk in seg["blocks"]:
-                if blk["address"] == ptr:
-                    return blk["state"]
-    return None
+from helpers import BUSY_MS, KiB, MiB, TorchDevice, block_state, run_code, view
 
 
 # ----------------------------------------------------------------------------- attributes
@@ -306,7 +282,7 @@ def _pending_kernel_checks(s, size, kernel, gate):
     else:
         emulator.launch(lambda arr: arr.numpy().fill(9), a, stream=s)
     seen = []  # what the block holds right after the kernel (read through the raw address)
-    emulator.launch(lambda: seen.append(bool((host_view(ptr, size // 4) == 9).all())), stream=s)
+    emulator.launch(lambda: seen.append(bool((view(ptr, size // 4, "int32") == 9).all())), stream=s)
     ref = weakref.ref(a)
     del a  # right after launching: the kernel holds the array
     assert ref() is not None
@@ -342,7 +318,7 @@ def test_record_stream_on_a_device_array():
 
 
 def test_array_freed_by_a_kernel_or_at_module_level_with_memory_history_on():
-    code = textwrap.dedent("""
+    proc = run_code("""
         import mtia_alloc as mtia
         from mtia_alloc import emulator
         mtia.record_memory_history("all", context="all", stacks="python")
@@ -357,10 +333,6 @@ def test_array_freed_by_a_kernel_or_at_module_level_with_memory_history_on():
         assert mtia.memory_allocated(0) == 0, mtia.memory_allocated(0)
         print("ok")
     """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MTIA_")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
     assert proc.returncode == 0 and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
 
 
@@ -394,3 +366,9 @@ def test_the_fields_native_kernels_trust_are_read_only():
         with pytest.raises(AttributeError, match="not writable"):
             setattr(a, name, value)
     assert (a.nbytes, a.shape) == (4, (4,))
+
+
+def test_dtype_none_means_float32():
+    a = mtia.empty(4, dtype=None)
+    assert a.dtype == np.float32 and a.nbytes == 16
+    del a

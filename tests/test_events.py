@@ -9,8 +9,7 @@ import pytest
 
 import mtia_alloc as mtia
 import mtia_alloc.emulator as emulator
-
-BUSY_MS = 200
+from helpers import BUSY_MS
 
 
 def test_events():

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 import mtia_alloc as mtia
+from helpers import MiB, stats
 from mtia_alloc.memory import _set_allocator_settings, check_invariants
-
-MiB = 1 << 20
 
 
 @pytest.fixture(autouse=True)
@@ -20,10 +19,6 @@ def expandable():
     yield
     mtia.empty_cache()
     _set_allocator_settings("expandable_segments:False")  # "" would keep it (PyTorch semantics)
-
-
-def stats():
-    return mtia.memory_stats(0)
 
 
 def test_growing_allocations_map_pages_into_one_segment():

@@ -4,11 +4,7 @@ level, the ring buffer, and _dump_snapshot.
 
 Other tests run in the same process: every test here starts from a cleared, disabled history
 and an empty cache (the `history` fixture) and switches history off again at the end."""
-import os
 import pickle
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
@@ -16,11 +12,9 @@ import pytest
 import mtia_alloc as mtia
 import mtia_alloc.emulator
 import mtia_alloc.memory
+from helpers import DEVICES, MiB, run_code
 
-MiB = 1 << 20
-DEVICES = list(range(mtia.device_count()))
 ENTRY_KEYS = {"action", "size", "stream", "time_us", "compile_context", "user_metadata"}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -81,7 +75,8 @@ def test_private_alias_and_legacy_bool_form(history):
 
 # ----------------------------------------------------------------------------- §15.26-27 entries
 
-def test_mh26_trace_of_malloc_free_empty_cache(history):
+def test_trace_of_malloc_free_and_empty_cache(history):
+    """Spec must-have 26 (allocator_core.md §15.26)."""
     mtia.record_memory_history()
     size = 37 * MiB + 5  # a large request: gets a fresh segment of its own
     t0 = time.time()
@@ -253,7 +248,7 @@ def test_free_completed_and_segment_free_carry_the_call_stack_only_with_context_
 
 
 def test_stack_starts_at_the_direct_caller(tmp_path):
-    script = textwrap.dedent("""
+    r = run_code("""
         import mtia_alloc as m
         m.init()
         m.record_memory_history()
@@ -265,19 +260,17 @@ def test_stack_starts_at_the_direct_caller(tmp_path):
         e = [e for e in m.snapshot()["device_traces"][0] if e["action"] == "alloc"][-1]
         assert e["frames"][0]["name"] == "f", e["frames"]
         assert e["frames"][1]["name"] == "<module>", e["frames"]
-    """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+    """, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
 def _run(script):
-    r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", textwrap.dedent(script)],
-                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+    r = run_code(script, "-W", "error::UserWarning", timeout=60)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
-def test_mh34_record_memory_history_before_initialisation_is_ignored():
+def test_record_memory_history_before_initialisation_is_ignored():
+    """Spec must-have 34 (pools_graphs_streams_api.md §6.34)."""
     # pools_graphs_streams_api.md §6.34, as torch.mtia: no effect, no initialisation;
     # both signatures (torch.cuda's keywords, torch.mtia's positional order); a warning says why
     _run("""
@@ -335,7 +328,8 @@ def test_torch_mtia_positional_form_after_initialisation():
 
 # ----------------------------------------------------------------------------- §15.25 ring buffer
 
-def test_mh25_ring_buffer_keeps_the_last_n_entries_oldest_first(history, blocks):
+def test_ring_buffer_keeps_the_last_n_entries_oldest_first(history, blocks):
+    """Spec must-have 25 (allocator_core.md §15.25)."""
     blocks.free(blocks.alloc(4096))  # a cached small block: the pairs below need no new segment
     mtia.record_memory_history(max_entries=7)
     for i in range(20):
@@ -348,7 +342,8 @@ def test_mh25_ring_buffer_keeps_the_last_n_entries_oldest_first(history, blocks)
     assert [e["action"] for e in trace()][-1] == "snapshot"  # the previous snapshot's entry
 
 
-def test_mh25_disabling_clears_and_state_keeps_one_entry(history):
+def test_disabling_history_clears_it_and_state_keeps_one_entry(history):
+    """Spec must-have 25 (allocator_core.md §15.25)."""
     mtia.record_memory_history()
     mtia.caching_allocator_delete(mtia.caching_allocator_alloc(4096))
     assert len(trace()) >= 3
@@ -372,7 +367,8 @@ def test_clear_history_on_reenable(history):
 
 # ----------------------------------------------------------------------------- §15.28 dump
 
-def test_mh28_dump_snapshot_is_a_protocol_4_pickle(history, blocks, tmp_path):
+def test_dump_snapshot_is_a_protocol_4_pickle(history, blocks, tmp_path):
+    """Spec must-have 28 (allocator_core.md §15.28)."""
     mtia.record_memory_history()
     blocks.alloc(12345)
     path = tmp_path / "snap.pickle"

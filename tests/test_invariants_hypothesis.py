@@ -25,15 +25,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import mtia_alloc as mtia
 import mtia_alloc.emulator
 import mtia_alloc.memory
+from helpers import POOL_STATS, POOLS, MiB
 
-MiB = 1 << 20
 DEVICES = list(range(min(2, mtia.device_count())))
 SIZES = st.one_of(st.integers(1, 4096), st.integers(1, MiB), st.integers(1, 30 * MiB))
-CURRENT_KEYS = [f"{s}.{p}.current"
-                for s in ("active", "active_bytes", "allocated_bytes", "allocation",
-                          "inactive_split", "inactive_split_bytes", "requested_bytes",
-                          "reserved_bytes", "segment")
-                for p in ("all", "large_pool", "small_pool")]
+CURRENT_KEYS = [f"{s}.{p}.current" for s in POOL_STATS for p in POOLS]
 
 _side_streams = {}  # one side stream per device for the whole module, not per example
 

@@ -6,13 +6,13 @@ Each scenario runs in a fresh interpreter (the state of the test session does no
 and a leak cannot hide behind memory other tests hold). tests/conftest.py checks the same
 after the whole suite."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-import mtia_alloc as mtia
+from helpers import run_code
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 PRELUDE = textwrap.dedent("""
     import gc, sys
@@ -33,29 +33,15 @@ PRELUDE = textwrap.dedent("""
             assert held == (0, 0, 0), f"device {d}: allocated, reserved, device bytes used = {held}"
             check_invariants(d)
         assert mtia.memory_snapshot() == [], mtia.memory_snapshot()
-
-    class HostAllocator:
-        # alloc_fn/free_fn of a PythonAllocator over numpy host buffers
-        def __init__(self):
-            self.buffers = {}
-        def alloc(self, size, device, stream):
-            buf = np.empty(size + 512, np.uint8)
-            ptr = (buf.ctypes.data + 511) & ~511
-            self.buffers[ptr] = buf
-            return ptr
-        def free(self, ptr, size, device, stream):
-            del self.buffers[ptr]
-""")
+""") + f"""
+sys.path.insert(0, {TESTS!r})
+from helpers import HostAllocator  # alloc_fn/free_fn of a PythonAllocator over numpy host buffers
+"""
 
 
 def run(body, **env):
     """Runs PRELUDE + body in a fresh interpreter with no inherited MTIA_* variables."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MTIA_")}
-    full_env.update(env)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(mtia.__file__)))
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    code = PRELUDE + textwrap.dedent(body) + "\nprint('DONE')\n"
-    proc = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120)
+    proc = run_code(PRELUDE + textwrap.dedent(body) + "\nprint('DONE')\n", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "DONE" in proc.stdout, proc.stdout + proc.stderr
     assert "Fatal" not in proc.stderr and "Segmentation" not in proc.stderr, proc.stderr

@@ -1,6 +1,6 @@
 """Our snapshots load in PyTorch's memory visualizer.
 
-Without torch: mtia_alloc._viz_check applies the rules of shared/memory_viz_format.md (the
+Without torch: mtia_alloc.tools.viz_check applies the rules of shared/memory_viz_format.md (the
 schema every renderer needs, and what the pytorch.org/memory_viz page additionally needs:
 blocks tiling segments, every live block inside a segment at every point of the trace,
 device == trace index, the `category` quirk, pickle protocol <= 4, plain types) to
@@ -23,10 +23,8 @@ import pytest
 import mtia_alloc as mtia
 import mtia_alloc.emulator
 import mtia_alloc.memory
+from helpers import DEVICES, MiB
 from mtia_alloc.tools import viz_check as vc
-
-MiB = 1 << 20
-DEVICES = list(range(mtia.device_count()))
 
 
 

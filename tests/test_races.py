@@ -4,16 +4,15 @@ kernels that waited for each other through the allocator, a half-initialised all
 seen by another thread, events re-recorded while being timed, and daemon threads at exit.
 Each scenario runs in its own process (its own device size, and a hang is a timeout)."""
 import subprocess
-import sys
-import textwrap
 
 import pytest
+
+from helpers import run_code
 
 
 def _run(script, timeout=60):
     try:
-        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                              timeout=timeout)
+        proc = run_code(script, timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail("the scenario hung")
     assert proc.returncode == 0, proc.stdout + proc.stderr

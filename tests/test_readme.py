@@ -1,14 +1,11 @@
 """README.md stays true: its Python quick tour runs as written, in a fresh process, and
 every value a line's comment promises (`expr  # 4096`) is asserted."""
 import ast
-import os
 import pathlib
 import re
-import subprocess
-import sys
 import textwrap
 
-import mtia_alloc
+from helpers import fresh_python
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 # A statement whose comment starts with the value it evaluates to, e.g. `x.sum()  # 2097152.0`.
@@ -58,8 +55,6 @@ def test_readme_quick_tour_runs_and_keeps_its_promises(tmp_path):
     code, promises = with_assertions(textwrap.dedent(blocks[0]))
     assert promises >= 2, "the tour's promised values were not found"
     # The tour runs against the package these tests import, wherever it is installed.
-    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(mtia_alloc.__file__).resolve().parent.parent)}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = fresh_python("-c", code, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "snap.pickle").stat().st_size > 0  # the tour's _dump_snapshot wrote it

@@ -6,17 +6,14 @@ import json
 import os
 import pickle
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from mtia_alloc.tools.bench_suite import random_trace
+from helpers import fresh_python
 from mtia_alloc.tools.workload import read_trace
 from mtia_alloc.tools.workload import write_csv as write_trace_csv
+from mtia_alloc.tools.bench_suite import random_trace
 
-ROOT = Path(__file__).resolve().parents[1]
 # the keys of the peer harness's RESULT line (shared/peers/torch_caching_allocator/harness.cpp)
 RESULT_KEYS = ["mode", "events", "total_ns", "ns_per_op", "thread_cpu_ns_per_op", "peak_requested_bytes",
                "peak_allocated_bytes", "peak_reserved_bytes", "num_device_alloc", "num_device_free",
@@ -24,12 +21,10 @@ RESULT_KEYS = ["mode", "events", "total_ns", "ns_per_op", "thread_cpu_ns_per_op"
 
 
 def replay(*args, memory="4GiB"):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("MTIA_ALLOC_CONF", None)
-    cmd = [sys.executable, "-m", "mtia_alloc", "replay", *map(str, args)]
+    cmd = ["-m", "mtia_alloc", "replay", *map(str, args)]
     if memory:
         cmd += ["--memory", memory]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    return fresh_python(*cmd)
 
 
 def ok(*args):
@@ -99,10 +94,7 @@ memory._dump_snapshot(warm_path)
 def snapshots(tmp_path_factory):
     d = tmp_path_factory.mktemp("snapshots")
     cold, warm = d / "cold.pickle", d / "warm.pickle"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("MTIA_ALLOC_CONF", None)
-    p = subprocess.run([sys.executable, "-c", SNAPSHOT_SCRIPT, str(cold), str(warm)], capture_output=True,
-                       text=True, cwd=ROOT, env=env, timeout=120)
+    p = fresh_python("-c", SNAPSHOT_SCRIPT, str(cold), str(warm))
     assert p.returncode == 0, p.stderr
     return cold, warm
 
@@ -329,13 +321,11 @@ def test_bad_memory_size(csv_trace):
 
 
 def test_errors_name_the_environment_variable_the_bad_value_came_from(csv_trace):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MTIA_EMULATOR_MEMORY="garbage", MTIA_ALLOC_CONF="foo:1")
-    p = subprocess.run([sys.executable, "-m", "mtia_alloc", "replay", str(csv_trace[0])], capture_output=True,
-                       text=True, cwd=ROOT, env=env, timeout=120)
+    env = dict(MTIA_EMULATOR_MEMORY="garbage", MTIA_ALLOC_CONF="foo:1")
+    p = fresh_python("-m", "mtia_alloc", "replay", str(csv_trace[0]), env=env)
     assert p.returncode == 2 and "MTIA_EMULATOR_MEMORY: cannot parse 'garbage'" in p.stderr
     env["MTIA_EMULATOR_MEMORY"] = "4GiB"
-    p = subprocess.run([sys.executable, "-m", "mtia_alloc", "replay", str(csv_trace[0])], capture_output=True,
-                       text=True, cwd=ROOT, env=env, timeout=120)
+    p = fresh_python("-m", "mtia_alloc", "replay", str(csv_trace[0]), env=env)
     assert p.returncode == 2 and "MTIA_ALLOC_CONF='foo:1'" in p.stderr
 
 
@@ -358,10 +348,8 @@ def test_old_pickle_protocols_bom_and_skipped_events_are_handled(tmp_path):
 
 
 def test_bench_refuses_paths_that_do_not_exist():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     for flag in ("--traces", "--torch-build"):
-        p = subprocess.run([sys.executable, "-m", "mtia_alloc", "bench", "--quick", flag, "/no/such/dir"],
-                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        p = fresh_python("-m", "mtia_alloc", "bench", "--quick", flag, "/no/such/dir")
         assert p.returncode == 2 and f"{flag}: no directory /no/such/dir" in p.stderr
 
 

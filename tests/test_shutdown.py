@@ -1,10 +1,8 @@
 """Interpreter shutdown with live arrays, live graphs, pools and running streams exits
 cleanly: no crash, no hang (issue 7)."""
-import subprocess
-import sys
-import textwrap
+from helpers import run_code
 
-SCRIPT = textwrap.dedent("""
+SCRIPT = """
     import mtia_alloc as mtia
     s = mtia.Stream()
     arrays = [mtia.empty(1000, stream=s) for _ in range(10)]
@@ -22,11 +20,11 @@ SCRIPT = textwrap.dedent("""
     g.replay()
     mtia.record_memory_history()
     print("exiting")
-""")
+"""
 
 
 def test_exit_with_live_state_is_clean():
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60)
+    proc = run_code(SCRIPT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "exiting" in proc.stdout
     assert "Fatal" not in proc.stderr and "Segmentation" not in proc.stderr
@@ -38,13 +36,12 @@ def test_exit_while_a_python_kernel_runs_is_clean():
               "mtia.emulator.launch(time.sleep, 0.5, stream=s)\n"
               "mtia.emulator.launch(time.sleep, 5.0, stream=s)  # dropped at exit\n"
               "time.sleep(0.1)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    proc = run_code(script, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
 
 def _run(script, timeout=60):
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                          timeout=timeout)
+    proc = run_code(script, timeout=timeout)
     assert proc.returncode == 0, proc.stderr
     return proc
 

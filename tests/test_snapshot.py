@@ -6,8 +6,6 @@ import importlib
 import json
 import os
 import pickle
-import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
@@ -17,6 +15,7 @@ import pytest
 import mtia_alloc as mtia
 import mtia_alloc.emulator
 import mtia_alloc.memory
+from helpers import DEVICES, POOL_STATS, MiB, fresh_python
 from mtia_alloc.memory import Snapshot
 
 # The package attribute mtia_alloc.snapshot is the snapshot() function; the view is mtia_alloc.viz
@@ -24,14 +23,10 @@ from mtia_alloc.memory import Snapshot
 snapmod = SimpleNamespace(**{**vars(importlib.import_module("mtia_alloc.viz")),
                             **vars(importlib.import_module("mtia_alloc.tools.snapshot_cli"))})
 
-MiB = 1 << 20
-DEVICES = list(range(mtia.device_count()))
 SEGMENT_KEYS = {"device", "address", "total_size", "allocated_size", "active_size", "requested_size", "stream",
                 "segment_type", "segment_pool_id", "is_expandable", "frames", "blocks"}
 BLOCK_KEYS = {"address", "size", "requested_size", "state", "frames"}
 STATES = {"active_allocated", "active_pending_free", "inactive"}
-POOL_STATS = ["active", "active_bytes", "allocated_bytes", "allocation", "inactive_split",
-              "inactive_split_bytes", "requested_bytes", "reserved_bytes", "segment"]
 
 
 @pytest.fixture
@@ -547,13 +542,10 @@ def test_cli_on_a_bad_snapshot_fails_with_one_line(tmp_path, capsys, name, comma
 
 def test_cli_bad_snapshot_in_a_fresh_interpreter(tmp_path):
     """The real command line: non-zero exit, one `mtia_alloc:` line, no traceback."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(mtia.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
     for name, argv in (("ints.pickle", ["summary"]), ("traces-str.json", ["plot", "-o", str(tmp_path / "o.html")]),
                        ("inf.json", ["summary"]), ("overflow.pickle", ["plot", "-o", str(tmp_path / "o.html")])):
         path = _write_bad(tmp_path, name)
-        r = subprocess.run([sys.executable, "-m", "mtia_alloc", argv[0], path, *argv[1:]], env=env,
-                           capture_output=True, text=True, timeout=120)
+        r = fresh_python("-m", "mtia_alloc", argv[0], path, *argv[1:])
         err = r.stderr.strip()
         assert r.returncode != 0 and err.startswith("mtia_alloc: ") and "\n" not in err, (name, r.stderr)
         assert not (tmp_path / "o.html").exists()

@@ -12,8 +12,7 @@ import pytest
 import mtia_alloc as mtia
 import mtia_alloc.emulator as emulator
 import mtia_alloc.memory
-
-KiB, MiB = 1 << 10, 1 << 20
+from helpers import KiB, MiB
 
 
 def run_threads(target, n, *args):
