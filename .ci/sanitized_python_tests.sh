@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf build/asan && mkdir -p build/asan
 cp -r setup.py pyproject.toml README.md src_cpp tests build/asan/
-mkdir build/asan/mtia_alloc && cp mtia_alloc/*.py mtia_alloc/*.pyx mtia_alloc/*.pxd mtia_alloc/*.h build/asan/mtia_alloc/
+mkdir build/asan/mtia_alloc && cp mtia_alloc/*.py mtia_alloc/*.pyx mtia_alloc/*.pxd mtia_alloc/*.pxi mtia_alloc/*.h build/asan/mtia_alloc/
+cp -r mtia_alloc/_core build/asan/mtia_alloc/
 cd build/asan
 MTIA_ALLOC_SANITIZE=1 python setup.py build_ext --inplace -q >/dev/null
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"

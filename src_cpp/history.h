@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "block.h"
+#include "frames.h"
 #include "types.h"
 
 namespace mtia {
