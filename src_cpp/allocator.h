@@ -2,6 +2,7 @@
 // per device, the shared config, pool-id counters, pointer -> device dispatch, and the
 // history record level of all devices. This is the whole C++ API the binding (and the
 // native replayer) use.
+// Relies on: device_allocator.h (one per device), emulated_device.h, config.h.
 #pragma once
 #include <atomic>
 #include <memory>

@@ -5,10 +5,10 @@
 // states, spare blocks, the plain_ flag). Section numbers refer to
 // ../shared/spec/allocator_core.md (PyTorch's CUDACachingAllocator restated).
 //
-// Relies on: device_allocator_internal.h (block recycling and merging, inline), and, off
-// the fast path only, the other device_allocator_*.cpp files: release and GC (the
-// retries of a cache miss), expandable segments, private pools (find_pool), stats (the
-// OOM message) and history (record_trace). Everything malloc and free call on a cache hit
+// Relies on: device_allocator_internal.h (block recycling and merging, find_pool,
+// inline), and, off the fast path only, the other device_allocator_*.cpp files: release
+// and GC (the retries of a cache miss), expandable segments, stats (the OOM message) and
+// history (record_trace). Everything malloc and free call on a cache hit
 // is defined in this file or in a header, so that it inlines.
 #include "device_allocator.h"
 

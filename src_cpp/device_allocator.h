@@ -178,8 +178,8 @@ class alignas(64) DeviceAllocator {
   void merge_unmapped(Block* dst, Block* src);
   Block* split_off(Block* b, size_t offset, bool mapped);  // new block for [b->ptr + offset, end)
 
-  // device_allocator_pools.cpp
-  PrivatePool* find_pool(MempoolId id);
+  // device_allocator_internal.h
+  inline PrivatePool* find_pool(MempoolId id);
 
   // device_allocator_stats.cpp
   [[noreturn]] void raise_oom(Lock& lock, const Request& r);

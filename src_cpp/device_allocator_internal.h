@@ -1,8 +1,8 @@
 // device_allocator_internal.h: what the device_allocator*.cpp files share and nothing
 // else includes: small inline helpers, the caller-stack thread-local, the block
-// recycling and merging members (inline here, so that the fast path in
-// device_allocator.cpp and the expandable-segment and release code all inline them),
-// and InvariantReport, which the checkers write to. Relies on device_allocator.h.
+// recycling and merging members and find_pool (inline here, so that the fast path in
+// device_allocator.cpp and the expandable-segment, release and pool code all inline
+// them), and InvariantReport, which the checkers write to. Relies on device_allocator.h.
 #pragma once
 #include <sstream>
 #include <string>
@@ -103,6 +103,13 @@ MTIA_INLINE void DeviceAllocator::recycle_block(Block* b) {
   b->requested_size = 0;
   b->event_count = 0;
   recycle_clean_block(b);
+}
+
+// The private pool `id`, or null. Inline: choose_pool calls it on every malloc during a
+// capture.
+inline PrivatePool* DeviceAllocator::find_pool(MempoolId id) {
+  auto it = pools_.find(id);
+  return it == pools_.end() ? nullptr : it->second.get();
 }
 
 // ---------------------------------------------------------------- merging (§3.5)

@@ -16,11 +16,6 @@
 
 namespace mtia {
 
-PrivatePool* DeviceAllocator::find_pool(MempoolId id) {
-  auto it = pools_.find(id);
-  return it == pools_.end() ? nullptr : it->second.get();
-}
-
 void DeviceAllocator::create_or_incref_pool(MempoolId id, std::shared_ptr<RawAllocator> allocator) {
   lock();
   Lock lock(mu_, std::adopt_lock);

@@ -5,11 +5,10 @@
 // the device's streams before memory goes back (busy_streams_after_waiting), and
 // releasing whole free segments.
 //
-// Relies on: device_allocator_internal.h (recycling, the caller-stack scope),
-// process_events (device_allocator.cpp), unmap_block (device_allocator_expandable.cpp),
-// find_pool (device_allocator_pools.cpp) and record_trace (device_allocator_history.cpp).
-// None of it runs on a cache hit: every entry here is a call from a miss or a public
-// method of its own.
+// Relies on: device_allocator_internal.h (recycling, find_pool, the caller-stack scope),
+// process_events (device_allocator.cpp), unmap_block (device_allocator_expandable.cpp)
+// and record_trace (device_allocator_history.cpp). None of it runs on a cache hit: every
+// entry here is a call from a miss or a public method of its own.
 #include <algorithm>
 
 #include "device_allocator.h"
