@@ -1,6 +1,8 @@
 // _binding.h: the C++ half of the Python binding (everything that needs Python.h, so
 // the core in src_cpp/ never does): exception translation, the GIL hooks, thread-local
-// current device/stream, Python kernels as stream tasks, and Python/C raw allocators.
+// current device/stream, Python kernels as stream tasks, Python/C raw allocators, Python
+// OOM observers (in the core's registry, oom_observers.h) and stack capture. Declared
+// for Cython in _binding.pxd.
 #pragma once
 #include <Python.h>
 
@@ -15,6 +17,7 @@
 #include "allocator.h"
 #include "blocking.h"
 #include "errors.h"
+#include "oom_observers.h"
 
 namespace mtia_binding {
 
@@ -308,6 +311,29 @@ inline mtia::AllocationFilter make_filter(int kind, uint64_t capture_id) {
   return f;
 }
 inline mtia::MempoolId make_pool_id(uint64_t a, uint64_t b) { return mtia::MempoolId{a, b}; }
+
+// Allocator::malloc with the frames moved in (Cython passes them by value).
+inline uintptr_t allocator_malloc(mtia::Allocator* a, int d, size_t n, int64_t s, mtia::FramesPtr f) {
+  return a->malloc(d, n, s, std::move(f));
+}
+
+// A Python callable as an OOM observer of the core's registry, which keeps it (one
+// reference) for the life of the process. Called with the GIL held, from the binding.
+inline bool call_py_oom_observer(void* fn, const mtia::OomReport& oom) {
+  PyObject* r = PyObject_CallFunction(static_cast<PyObject*>(fn), "iKKK", oom.device,
+                                      (unsigned long long)oom.alloc_size, (unsigned long long)oom.total_or_allowed,
+                                      (unsigned long long)oom.device_free);
+  Py_XDECREF(r);
+  return r != nullptr;  // else the observer's exception is set and propagates
+}
+inline void add_oom_observer(PyObject* fn) {
+  Py_INCREF(fn);
+  mtia::oom_observers().add(mtia::OomObserver{fn, call_py_oom_observer});
+}
+// 0, or -1 with the failing observer's exception set.
+inline int notify_oom_observers(int device, size_t alloc_size, size_t total_or_allowed, size_t device_free) {
+  return mtia::oom_observers().notify(mtia::OomReport{device, alloc_size, total_or_allowed, device_free}) ? 0 : -1;
+}
 }  // namespace mtia_binding
 
 namespace mtia_binding {

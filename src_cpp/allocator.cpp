@@ -1,4 +1,5 @@
-// allocator.cpp: process-wide dispatch over the per-device allocators.
+// allocator.cpp: process-wide dispatch over the per-device allocators, and the history
+// record level they share. Relies on device_allocator.h and emulated_device.h.
 #include "allocator.h"
 
 #include "errors.h"
@@ -54,5 +55,10 @@ void Allocator::empty_cache(MempoolId pool, const FramesPtr& frames) {
 }
 
 void Allocator::set_config(const std::string& conf) { config_.parse(conf); }
+
+void Allocator::set_history(bool enabled, RecordContext context, size_t max_entries, bool clear) {
+  for (auto& d : devices_) d->set_history(enabled, context, max_entries, clear);
+  record_level_.store(enabled ? context : RecordContext::kNever, std::memory_order_relaxed);
+}
 
 }  // namespace mtia

@@ -1,6 +1,8 @@
 // allocator.h: the process-wide allocator: the emulated devices, one DeviceAllocator
-// per device, the shared config, pool-id counters and pointer -> device dispatch.
-// This is the whole C++ API the binding (and the native replayer) use.
+// per device, the shared config, pool-id counters, pointer -> device dispatch, and the
+// history record level of all devices. This is the whole C++ API the binding (and the
+// native replayer) use.
+// Relies on: device_allocator.h (one per device), emulated_device.h, config.h.
 #pragma once
 #include <atomic>
 #include <memory>
@@ -66,6 +68,14 @@ class Allocator {
 
   void shutdown() { emulator_.shutdown(); }
 
+  // History on every device (DeviceAllocator::set_history), and the process-wide level
+  // it leaves: `context` while enabled, kNever otherwise. Callers read the level before a
+  // malloc or free to decide whether to capture the caller's stack (kState and up: for
+  // mallocs; kAll: for frees and empty_cache too). Set under the binding's GIL; read
+  // without any lock (a stale level only means one stack more or less).
+  void set_history(bool enabled, RecordContext context, size_t max_entries, bool clear);
+  RecordContext record_level() const { return record_level_.load(std::memory_order_relaxed); }
+
  private:
   [[noreturn]] static void throw_exabyte();
   void free_elsewhere(uintptr_t ptr, const FramesPtr& frames);  // expandable or pluggable memory
@@ -81,6 +91,7 @@ class Allocator {
   std::vector<std::unique_ptr<DeviceAllocator>> devices_;
   std::vector<Range> device_ranges_;  // each device's memory range, for free()'s dispatch
   std::atomic<uint64_t> next_user_pool_{1}, next_graph_pool_{1};
+  std::atomic<RecordContext> record_level_{RecordContext::kNever};
 };
 
 }  // namespace mtia

@@ -12,6 +12,7 @@
 // first block and the block mostly comes back as the first again, so the hot operations
 // are erase and insert at the front of the first leaf, and with the offset those are
 // ++begin and --begin instead of moving the whole leaf by one entry.
+// Relies on: block.h (the entries are Block pointers) and errors.h; nothing else.
 #pragma once
 #include <cstdint>
 #include <cstring>

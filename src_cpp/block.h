@@ -1,7 +1,9 @@
-// block.h: Block (a range inside a segment), Segment (one device allocation),
-// BlockPool (the free blocks of one pool kind of one pool) and PrivatePool.
+// block.h: Block (a range inside a segment), its cold part BlockCold, the BlockChunk
+// blocks are made in, and Segment (one device allocation, or one reserved expandable
+// range). Relies on frames.h, raw_allocator.h and types.h; BlockPool (block_pool.h) and
+// FreeIndex (free_index.h) are only named here.
 //
-// Invariants (checked by DeviceAllocator::check_invariants):
+// Invariants (each checked by a DeviceAllocator checker, see device_allocator.cpp):
 //  - the blocks of a segment, linked by prev/next, tile [seg.base, seg.base + seg.size)
 //  - a block is in exactly one of: its pool's FreeIndex (inactive), the allocated map
 //    (allocated), pending (freed, event_count > 0 or stream uses or deferred)
@@ -9,38 +11,16 @@
 #pragma once
 #include <cstdint>
 #include <memory>
-#include <string>
 #include <vector>
 
+#include "frames.h"
+#include "raw_allocator.h"
 #include "types.h"
 
 namespace mtia {
 
-// One frame of a captured stack (what the snapshot calls `frames`). The core treats it
-// as opaque: `code` is a handle the capturer keeps alive (the binding: a Python code
-// object) and `lasti`/`line` locate the frame; the binding turns it into
-// filename/line/name only when a snapshot is taken.
-struct Frame {
-  const void* code = nullptr;
-  int lasti = -1;  // instruction offset, or -1 when `line` is already known
-  int line = 0;
-};
-using Frames = std::vector<Frame>;
-using FramesPtr = std::shared_ptr<const Frames>;
-inline const FramesPtr kNoFrames{};  // "no stack", passed by reference without refcounting
-
-// Raw device memory under the cache: the emulated device, or a user's allocator.
-// alloc returns nullptr for "out of memory" (and must not throw).
-class RawAllocator {
- public:
-  virtual ~RawAllocator() = default;
-  virtual void* alloc(size_t size, DeviceIndex device, StreamId stream) = 0;
-  virtual void free(void* ptr, size_t size, DeviceIndex device, StreamId stream) = 0;
-};
-
 struct BlockPool;
 class FreeIndex;
-struct PrivatePool;
 struct Block;
 
 // Best-fit order inside one stream's free index: (size, segment order, address).

@@ -3,6 +3,7 @@
 // release the GIL while blocked, so a thread holding the GIL never waits on a thread
 // that needs the GIL (a Python kernel, a Python raw allocator). The core itself has no
 // Python headers; without the hook a blocking scope does nothing.
+// Relies on: nothing but pthreads (the hooks are installed by the binding).
 #pragma once
 #include <pthread.h>
 

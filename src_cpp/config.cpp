@@ -1,4 +1,5 @@
 // config.cpp: the MTIA_ALLOC_CONF tokenizer and parser (allocator_core.md §10).
+// Relies on: config.h and errors.h.
 #include "config.h"
 
 #include <cctype>

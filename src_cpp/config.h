@@ -1,6 +1,7 @@
 // config.h: AllocatorConfig, the one table of allocator options, parsed from a
 // PYTORCH_CUDA_ALLOC_CONF-style string (`MTIA_ALLOC_CONF`) with PyTorch's keys,
 // syntax (`key:value,key:[k:v,>:v]`) and error messages.
+// Relies on: nothing (the parser throws the errors of errors.h).
 #pragma once
 #include <array>
 #include <cstdint>

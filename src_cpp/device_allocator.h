@@ -1,111 +1,52 @@
 // device_allocator.h: one device's caching allocator (allocator_core.md §2-§7, and the
-// private pools of pools_graphs_streams_api.md §1-§2).
+// private pools of pools_graphs_streams_api.md §1-§2). Declares DeviceAllocator only;
+// the types it is made of have headers of their own (block.h, block_pool.h,
+// private_pool.h, segment_info.h, stats.h, history.h).
+//
+// One class, several files, one concern each (every file opens with what it owns):
+//   device_allocator.cpp             the hot path: the malloc ladder, split, free, merge,
+//                                    cross-stream events, record_stream
+//   device_allocator_internal.h      inline helpers several of those files share
+//   device_allocator_release.cpp     empty_cache, oversize release, GC, waiting for streams
+//   device_allocator_expandable.cpp  expandable segments (map / unmap pages)
+//   device_allocator_pools.cpp       private pools and allocation routing
+//   device_allocator_stats.cpp       limits and stats: memory fraction, OOM message, stats
+//   device_allocator_history.cpp     history trace and snapshot
+//   device_allocator_invariants.cpp  check_invariants(), which runs the checkers that sit
+//                                    next to the code whose invariants they state
+// Everything the malloc/free fast path calls is in device_allocator.cpp or in a header,
+// so it stays inlinable (the other files hold only calls made off the fast path).
 //
 // Locking: every field below is guarded by mu_ unless marked otherwise. Public methods
 // take mu_ (through lock_blocking, so a contended lock releases the GIL while waiting).
 // No Python is ever called with mu_ held except a Python RawAllocator of a private
 // pool, which takes the GIL itself; waits for events drop mu_ first.
-//
-// Invariants (check_invariants() verifies them all):
-//   reserved_bytes[ALL] == sum of segment sizes; segment[ALL] == number of segments
-//   allocated_bytes[ALL] == sum of allocated block sizes; allocation == their count
-//   active_bytes == allocated + pending-free block sizes
-//   inactive_split(_bytes) == inactive blocks (and bytes) of split segments
-//   stat[ALL] == stat[SMALL] + stat[LARGE] for every stat and field
-//   every segment's blocks tile it; no two adjacent inactive blocks
 #pragma once
 #include <algorithm>
 #include <array>
 #include <deque>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <string>
-#include <thread>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "block.h"
+#include "block_pool.h"
 #include "blocking.h"
 #include "config.h"
 #include "emulated_device.h"
 #include "free_index.h"
 #include "history.h"
+#include "private_pool.h"
 #include "ptr_map.h"
+#include "segment_info.h"
 #include "stats.h"
 
 namespace mtia {
 
-// Unmapped ranges of expandable segments, ordered by (stream, address).
-struct UnmappedLess {
-  bool operator()(const Block* a, const Block* b) const {
-    return a->seg->stream != b->seg->stream ? a->seg->stream < b->seg->stream : a->ptr < b->ptr;
-  }
-};
-
-// The free blocks of one pool kind (small or large) of one pool, per stream.
-struct BlockPool {
-  BlockPool(bool small, PrivatePool* owner, NodeArena* arena) : is_small(small), owner(owner), arena(arena) {}
-  const bool is_small;
-  PrivatePool* const owner;  // null for the default pools
-  NodeArena* arena;
-  uint64_t get_free_blocks_call_count = 0;  // the GC clock
-  std::vector<std::pair<StreamId, std::unique_ptr<FreeIndex>>> by_stream;
-  static constexpr StreamId kDirectStreams = 8;
-  FreeIndex* direct[kDirectStreams] = {};  // by_stream's entries for stream ids 0..7, one load away
-  std::set<Block*, UnmappedLess> unmapped;  // expandable address space not backed by pages
-
-  MTIA_INLINE FreeIndex* index(StreamId s) {
-    if (uint64_t(s) < uint64_t(kDirectStreams)) return direct[s];
-    for (auto& [id, idx] : by_stream)
-      if (id == s) return idx.get();
-    return nullptr;
-  }
-  FreeIndex* index_or_create(StreamId s) {
-    if (FreeIndex* idx = index(s)) return idx;
-    by_stream.emplace_back(s, std::make_unique<FreeIndex>(arena, this));
-    if (uint64_t(s) < uint64_t(kDirectStreams)) direct[s] = by_stream.back().second.get();
-    return by_stream.back().second.get();
-  }
-};
-
-struct PrivatePool {
-  PrivatePool(MempoolId id, std::shared_ptr<RawAllocator> alloc, NodeArena* arena)
-      : id(id), allocator(std::move(alloc)), small_blocks(true, this, arena), large_blocks(false, this, arena) {}
-  MempoolId id;
-  std::shared_ptr<RawAllocator> allocator;  // null: the device's
-  int use_count = 1;
-  int64_t segment_count = 0;  // device allocations made for this pool and not yet freed
-  bool no_split = false;
-  BlockPool small_blocks, large_blocks;
-  BlockPool* blocks_for(size_t rounded) { return rounded <= kSmallSize ? &small_blocks : &large_blocks; }
-};
-
-// Who a routing context (use_mem_pool, graph capture) applies to.
-struct AllocationFilter {
-  enum Kind { kAll, kThread, kCapture } kind = kAll;
-  std::thread::id thread;
-  uint64_t capture_id = 0;
-};
-
-struct BlockInfo {
-  uintptr_t address;
-  size_t size, requested_size;
-  const char* state;  // "active_allocated" | "active_pending_free" | "inactive"
-  FramesPtr frames;
-};
-
-struct SegmentInfo {
-  DeviceIndex device = 0;
-  uintptr_t address = 0;
-  size_t total_size = 0, allocated_size = 0, active_size = 0, requested_size = 0;
-  StreamId stream = 0;
-  bool is_small = false;
-  bool is_expandable = false;
-  MempoolId pool;
-  FramesPtr frames;
-  std::vector<BlockInfo> blocks;
-};
+class InvariantReport;
 
 class alignas(64) DeviceAllocator {
  public:
@@ -113,7 +54,7 @@ class alignas(64) DeviceAllocator {
                   const AllocatorConfig* config);
   ~DeviceAllocator();
 
-  // --- the fast path ---
+  // --- the fast path (device_allocator.cpp) ---
   // Returns the block's address; throws OutOfMemory. size > 0. `frames` may be null.
   uintptr_t malloc(size_t size, StreamId stream, const FramesPtr& frames);
   // Frees an allocated block of this device; false if ptr is not one.
@@ -122,11 +63,13 @@ class alignas(64) DeviceAllocator {
 
   void record_stream(uintptr_t ptr, StreamId stream);  // throws InvalidArgument for unknown ptr
   size_t block_size(uintptr_t ptr);                      // 0 if ptr is not allocated here
-  // `frames`: the caller's stack, for the trace when history records context "all".
-  void empty_cache(MempoolId pool = MempoolId{}, const FramesPtr& frames = kNoFrames);
   void process_events();
 
-  // --- limits and stats ---
+  // --- release (device_allocator_release.cpp) ---
+  // `frames`: the caller's stack, for the trace when history records context "all".
+  void empty_cache(MempoolId pool = MempoolId{}, const FramesPtr& frames = kNoFrames);
+
+  // --- limits and stats (device_allocator_stats.cpp) ---
   void set_memory_fraction(double fraction);
   double memory_fraction();
   DeviceStats stats();
@@ -135,7 +78,7 @@ class alignas(64) DeviceAllocator {
   // Largest free cached block of each pool kind (small, large) over all pools.
   std::pair<size_t, size_t> largest_free_blocks();
 
-  // --- pools and routing ---
+  // --- pools and routing (device_allocator_pools.cpp) ---
   void create_or_incref_pool(MempoolId id, std::shared_ptr<RawAllocator> allocator);
   void release_pool(MempoolId id);
   int pool_use_count(MempoolId id);  // 0 if no such pool
@@ -146,7 +89,7 @@ class alignas(64) DeviceAllocator {
   void set_stream_capture(StreamId stream, uint64_t capture_id);  // 0 = not capturing
   bool any_capture_underway();
 
-  // --- observability ---
+  // --- observability (device_allocator_history.cpp, device_allocator_invariants.cpp) ---
   std::vector<SegmentInfo> snapshot(MempoolId pool, bool all_pools);
   std::vector<TraceEntry> trace();
   void set_history(bool enabled, RecordContext context, size_t max_entries, bool clear);
@@ -161,53 +104,69 @@ class alignas(64) DeviceAllocator {
     BlockPool* pool;
     const FramesPtr* frames;  // the caller's stack to record, or kNoFrames (no refcounting per malloc)
   };
+  using BlockActivity = std::array<int64_t, 3>;
 
   MTIA_INLINE void lock() { lock_blocking(mu_); }
   BlockPool* default_pool(size_t rounded) { return rounded <= kSmallSize ? &small_blocks_ : &large_blocks_; }
+  // f(BlockPool&) for the default pools, then each private pool's.
+  template <class F>
+  void for_each_block_pool(F f) {
+    f(small_blocks_);
+    f(large_blocks_);
+    for (auto& [id, p] : pools_) {
+      f(p->small_blocks);
+      f(p->large_blocks);
+    }
+  }
+  size_t capacity() const { return emulator_->device(device_).memory().capacity(); }
+  size_t max_split() const { return config_->max_split_size; }
+
+  // device_allocator.cpp: the malloc ladder and split (§3-§4)
   BlockPool* choose_pool(size_t size, StreamId stream);  // the default pool unless a capture routes it
   bool filter_matches(const AllocationFilter& f, StreamId stream);
   MTIA_INLINE Block* get_free_block(const Request& r, BlockPool* pool);
-  Block* alloc_block(const Request& r, bool is_retry);
   __attribute__((noinline)) Block* alloc_on_miss(Lock& lock, Request& r);
-  void process_events_in_call(const FramesPtr& frames);  // process_events with the caller's stack
+  Block* alloc_block(const Request& r, bool is_retry);
   Block* try_use_on_oom_pools(const Request& r);
+  bool should_split(const Block* b, size_t size) const;
+  MTIA_INLINE uintptr_t alloc_found_block(const Request& r, Block* block);
+  void note_active_peaks(bool small);
+  void add_block_chunk();
+  // device_allocator.cpp: free, merge and events (§5)
+  MTIA_INLINE void free_block(Block* b);
+  __attribute__((noinline)) void free_with_history_or_uses(Block* b, const FramesPtr& free_frames);
+  void free_block_with_call_frames(Block* b, const FramesPtr& frames);  // free_block, the caller's stack noted
+  void process_events_with_call_frames(const FramesPtr& frames);        // process_events, likewise
+  void begin_pending(Block* b);  // a user free that must wait (events or a capture)
+  void end_pending(Block* b);    // ... and its wait is over
+  void insert_events(Block* b);
+  // device_allocator_internal.h: block recycling and merging, shared by several files
+  MTIA_INLINE Block* new_block();
+  MTIA_INLINE void set_gc_count_base(Block* b, const BlockPool* pool);
+  MTIA_INLINE void recycle_block(Block* b);        // clears it, then recycle_clean_block
+  MTIA_INLINE void recycle_clean_block(Block* b);  // b is clean already but for its links
+  MTIA_INLINE size_t try_merge(Block* dst, Block* src);
+  MTIA_INLINE void absorb(Block* dst, Block* src);
+
+  // device_allocator_release.cpp: giving memory back (§4.4, §4.5, §6)
   bool release_available_cached_blocks(Lock& lock, const Request& r);
+  void garbage_collect_cached_blocks(Lock& lock);
   void release_cached_blocks(Lock& lock, MempoolId pool);
-  std::vector<StreamId> settle_streams(Lock& lock);  // the streams whose memory must stay
-  using BlockActivity = std::array<int64_t, 3>;
+  void synchronize_and_free_events(Lock& lock, PrivatePool* only);
+  // Waits (lock dropped) for the device's busy streams; returns the streams still busy,
+  // whose memory must stay cached (empty: everything may go).
+  std::vector<StreamId> busy_streams_after_waiting(Lock& lock);
   BlockActivity block_activity() const;
   static bool is_busy(const std::vector<StreamId>& busy, StreamId s) {
     return std::find(busy.begin(), busy.end(), s) != busy.end();
   }
   // Releases whole free segments and unmaps free expandable pages, except those of the
   // `busy` streams.
-  void release_pool_blocks(BlockPool& pool, const std::vector<StreamId>& busy);
-  void release_block(Block* b);
+  void release_free_segments(BlockPool& pool, const std::vector<StreamId>& busy);
+  void release_segment(Block* b);  // b: a whole free segment, given back to its RawAllocator
   void forget_segment(Segment* seg);
-  void garbage_collect_cached_blocks(Lock& lock);
-  MTIA_INLINE uintptr_t alloc_found_block(const Request& r, Block* block);
-  MTIA_INLINE void free_block(Block* b);
-  void free_block_in_call(Block* b, const FramesPtr& frames);  // free_block with the caller's stack
-  __attribute__((noinline)) void free_noted(Block* b, const FramesPtr& free_frames);
-  void begin_pending(Block* b);  // a user free that must wait (events or a capture)
-  void end_pending(Block* b);    // ... and its wait is over
-  void note_active_peaks(bool small);
-  MTIA_INLINE size_t try_merge(Block* dst, Block* src);
-  MTIA_INLINE void absorb(Block* dst, Block* src);
-  void insert_events(Block* b);
-  void synchronize_and_free_events(Lock& lock, PrivatePool* only);
-  [[noreturn]] void raise_oom(Lock& lock, const Request& r);
-  void record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
-                    const FramesPtr& frames);
-  MTIA_INLINE Block* new_block();
-  MTIA_INLINE void set_gc_count_base(Block* b, const BlockPool* pool);
-  MTIA_INLINE void delete_block(Block* b);
-  MTIA_INLINE void recycle_clean_block(Block* b);
-  void add_block_chunk();
-  PrivatePool* find_pool(MempoolId id);
-  bool should_split(const Block* b, size_t size) const;
-  size_t capacity() const { return emulator_->device(device_).memory().capacity(); }
-  // Expandable segments (allocator_core.md §11).
+
+  // device_allocator_expandable.cpp: expandable segments (§11)
   bool expandable_active(const BlockPool* pool) const {
     return config_->expandable_segments && !(pool->owner && pool->owner->allocator);
   }
@@ -218,7 +177,25 @@ class alignas(64) DeviceAllocator {
   void release_expandable_segment(Block* b);
   void merge_unmapped(Block* dst, Block* src);
   Block* split_off(Block* b, size_t offset, bool mapped);  // new block for [b->ptr + offset, end)
-  size_t max_split() const { return config_->max_split_size; }
+
+  // device_allocator_internal.h
+  inline PrivatePool* find_pool(MempoolId id);
+
+  // device_allocator_stats.cpp
+  [[noreturn]] void raise_oom(Lock& lock, const Request& r);
+
+  // device_allocator_history.cpp
+  void record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
+                    const FramesPtr& frames);
+
+  // The checkers check_invariants() runs, each next to the code it checks.
+  void check_segment_tiling(InvariantReport& report);   // device_allocator.cpp
+  void check_block_states(InvariantReport& report);     // device_allocator.cpp
+  void check_spare_blocks(InvariantReport& report);     // device_allocator.cpp
+  void check_plain_flag(InvariantReport& report);       // device_allocator.cpp
+  void check_expandable(InvariantReport& report);       // device_allocator_expandable.cpp
+  void check_private_pools(InvariantReport& report);    // device_allocator_pools.cpp
+  void check_stats(InvariantReport& report);            // device_allocator_stats.cpp
 
   const DeviceIndex device_;
   Emulator* const emulator_;

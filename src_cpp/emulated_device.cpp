@@ -1,4 +1,5 @@
 // emulated_device.cpp: host-memory devices with a capacity, first-fit placement, streams.
+// Relies on: emulated_device.h, stream.h, errors.h.
 #include "emulated_device.h"
 
 #include <sys/mman.h>

@@ -12,6 +12,7 @@
 //    (reserve_for_runtime): it counts as used, so mem_get_info's free < total from the start.
 //  - Streams are created once and live until shutdown(); id 0 is each device's default
 //    stream; new ids come from one process-wide counter starting at 1.
+// Relies on: stream.h and types.h.
 #pragma once
 #include <atomic>
 #include <cstdint>

@@ -1,6 +1,7 @@
 // errors.h: the only exceptions the core throws. The binding translates each to
 // one Python type: OutOfMemory -> OutOfMemoryError, InvalidArgument -> ValueError,
 // InvalidState -> RuntimeError.
+// Relies on: nothing.
 #pragma once
 #include <stdexcept>
 #include <string>

@@ -8,6 +8,7 @@
 // first non-empty bin at or above the request's bin; inside a bin a B+ tree (bin_tree.h)
 // gives the exact answer. The cost does not grow with the number of bins in use, only
 // (logarithmically) with the population of one bin.
+// Relies on: bin_tree.h and block.h (its pool, BlockPool, is only named).
 #pragma once
 #include <array>
 #include <cstdint>

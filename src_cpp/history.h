@@ -1,13 +1,14 @@
 // history.h: the memory-history trace (allocator_core.md §9): a ring buffer of trace
 // entries per device, recorded under the device lock only while history is enabled
 // (the fast path pays one branch when it is off).
+// Relies on: frames.h and types.h.
 #pragma once
 #include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
 
-#include "block.h"
+#include "frames.h"
 #include "types.h"
 
 namespace mtia {

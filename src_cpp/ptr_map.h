@@ -1,6 +1,7 @@
 // ptr_map.h: address -> Block* for allocated blocks, an open-addressing hash map with
 // linear probing and backward-shift deletion (no tombstones), so free(ptr) finds its
 // block in O(1) without touching the heap. Not thread-safe: used under a device lock.
+// Relies on: types.h (Block is only named).
 #pragma once
 #include <cstdint>
 #include <vector>

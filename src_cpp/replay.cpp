@@ -1,32 +1,32 @@
-// replay.cpp: timed trace replay and the native alloc/free loops for benchmarks.
+// replay.cpp: timed native replay of an allocation trace (replay.h), and the argument
+// checks the binding runs before it. Relies on allocator.h and the clocks of
+// bench_loops.h.
 #include "replay.h"
 
-#include <time.h>
-
 #include <algorithm>
-#include <chrono>
-#include <cstdlib>
-#include <random>
-#include <thread>
+#include <string>
 #include <type_traits>
 
+#include "bench_loops.h"
 #include "errors.h"
 
 namespace mtia {
 
-uint64_t thread_cpu_ns() {
-  timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return uint64_t(ts.tv_sec) * 1000000000ull + uint64_t(ts.tv_nsec);
+void check_replay_args(Allocator& a, int device, const std::vector<ReplayEvent>& events, uint32_t slots,
+                       const std::vector<StreamId>& streams) {
+  check_bench_device(a, device);
+  for (size_t i = 0; i < events.size(); ++i)
+    if (events[i].slot >= slots || events[i].stream >= streams.size())
+      throw InvalidArgument("event " + std::to_string(i) + ": slot " + std::to_string(events[i].slot) +
+                            " or stream index " + std::to_string(events[i].stream) + " out of range");
+  for (StreamId s : streams) a.emulator().stream(device, s);  // validates the id
 }
 
-namespace {
-uint64_t wall_ns() {
-  return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                      std::chrono::steady_clock::now().time_since_epoch())
-                      .count());
+ReplayResult replay_checked(Allocator& a, int device, const std::vector<ReplayEvent>& events, uint32_t slots,
+                            const std::vector<StreamId>& streams, bool latency, size_t prefix) {
+  check_replay_args(a, device, events, slots, streams);
+  return replay_trace(a, device, events, slots, streams, latency, prefix);
 }
-}  // namespace
 
 ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEvent>& events, uint32_t slots,
                           const std::vector<StreamId>& streams, bool latency, size_t prefix) {
@@ -100,91 +100,6 @@ ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEven
   res.num_alloc_retries = st.num_alloc_retries;
   res.num_ooms = st.num_ooms;
   return res;
-}
-
-std::pair<uint64_t, uint64_t> native_pair_loop(Allocator& a, int device, size_t size, uint64_t n) {
-  a.free(a.malloc(device, size, 0));  // warm: the block is cached from here on
-  const uint64_t t0 = wall_ns(), c0 = thread_cpu_ns();
-  for (uint64_t i = 0; i < n; ++i) a.free(a.malloc(device, size, 0));
-  return {wall_ns() - t0, thread_cpu_ns() - c0};
-}
-
-std::pair<uint64_t, uint64_t> glibc_pair_loop(size_t size, uint64_t n) {
-  const uint64_t t0 = wall_ns(), c0 = thread_cpu_ns();
-  for (uint64_t i = 0; i < n; ++i) {
-    void* volatile p = std::malloc(size);
-    std::free(p);
-  }
-  return {wall_ns() - t0, thread_cpu_ns() - c0};
-}
-
-namespace {
-// Runs body(t) on `threads` threads at once; returns the wall ns of the slowest one.
-template <class Body>
-uint64_t slowest_thread_ns(int threads, Body body) {
-  std::vector<std::thread> pool;
-  std::vector<uint64_t> wall(size_t(threads), 0);
-  for (int t = 0; t < threads; ++t)
-    pool.emplace_back([&, t] {
-      const uint64_t t0 = wall_ns();
-      body(t);
-      wall[size_t(t)] = wall_ns() - t0;
-    });
-  for (auto& th : pool) th.join();
-  return *std::max_element(wall.begin(), wall.end());
-}
-}  // namespace
-
-uint64_t threaded_pair_loop(Allocator& a, int threads, size_t size, uint64_t n) {
-  return slowest_thread_ns(threads, [&](int t) { native_pair_loop(a, t % a.device_count(), size, n); });
-}
-
-namespace {
-__attribute__((noinline)) uint64_t busy_work(uint64_t n) {
-  uint64_t a = 1, b = 2, c = 3, d = 4, e = 5, f = 6;
-  for (uint64_t i = 0; i < n; ++i) {
-    a += i;
-    b ^= a;
-    c += b >> 1;
-    d += i * 3;
-    e ^= d;
-    f += e + c;
-    asm volatile("" : "+r"(a), "+r"(b), "+r"(c), "+r"(d), "+r"(e), "+r"(f));  // keep every chain
-  }
-  return a + b + c + d + e + f;
-}
-}  // namespace
-
-uint64_t threaded_compute_loop(int threads, uint64_t n) {
-  return slowest_thread_ns(threads, [&](int) { busy_work(n); });
-}
-
-double cached_blocks_pair_ns(Allocator& a, int device, size_t cached, uint64_t pairs, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<size_t> size_dist(1, 16);  // x 512 B
-  std::vector<uintptr_t> live;
-  live.reserve(cached * 2 + 1);
-  for (size_t i = 0; i < cached * 2; ++i) live.push_back(a.malloc(device, size_dist(rng) * 512, 0));
-  for (size_t i = 0; i < live.size(); i += 2) {  // every other block: neighbours stay allocated
-    a.free(live[i]);
-    live[i] = 0;
-  }
-  std::vector<size_t> sizes(4096);
-  for (auto& s : sizes) s = size_dist(rng) * 512;
-  // The pairs run in 10 timed slices; the fastest slice is the figure (a slice that a
-  // burst of host noise slowed down says nothing about the allocator).
-  constexpr uint64_t kSlices = 10;
-  const uint64_t per_slice = std::max<uint64_t>(pairs / kSlices, 1);
-  double best = 0;
-  for (uint64_t slice = 0, i = 0; slice < kSlices; ++slice) {
-    const uint64_t c0 = thread_cpu_ns();
-    for (uint64_t end = i + per_slice; i < end; ++i) a.free(a.malloc(device, sizes[i & 4095], 0));
-    const double ns = double(thread_cpu_ns() - c0) / double(per_slice);
-    best = slice == 0 ? ns : std::min(best, ns);
-  }
-  for (uintptr_t p : live)
-    if (p) a.free(p);
-  return best;
 }
 
 }  // namespace mtia

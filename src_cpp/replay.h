@@ -1,7 +1,8 @@
 // replay.h: native replay of an allocation trace (no Python per event), the engine
 // behind `python -m mtia_alloc replay` and the trace benchmarks. Mirrors the peer
 // harness: the trace is mapped to dense slots before the clock starts, and the timed
-// loop does only malloc/free.
+// loop does only malloc/free. Relies on allocator.h. (The other native benchmark loops
+// are in bench_loops.h.)
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -34,27 +35,14 @@ struct ReplayResult {
 ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEvent>& events, uint32_t slots,
                           const std::vector<StreamId>& streams, bool latency, size_t prefix = 0);
 
-// The cached-hit loop: `n` times malloc(size) + free, on the default stream.
-// Returns {wall ns, thread CPU ns} for the whole loop.
-std::pair<uint64_t, uint64_t> native_pair_loop(Allocator& a, int device, size_t size, uint64_t n);
-// The same loop with glibc malloc/free, the floor for a general-purpose allocator.
-std::pair<uint64_t, uint64_t> glibc_pair_loop(size_t size, uint64_t n);
-
-// Throughput scaling: `threads` threads, thread t on device t % devices, each doing `n`
-// cached malloc+free pairs of `size`. Returns the wall time of the slowest thread (ns).
-uint64_t threaded_pair_loop(Allocator& a, int threads, size_t size, uint64_t n);
-// The yardstick for that scaling: the same threads doing `n` rounds each of busy integer
-// work (several independent chains, so it keeps a core as full as the allocator does)
-// with no shared data. A VM's two vCPUs may sit on one physical core, and then this
-// scales below 2x too. Returns the wall time of the slowest thread (ns).
-uint64_t threaded_compute_loop(int threads, uint64_t n);
-
-// Lookup cost against cache size: fills the cache with `cached` free blocks (sizes
-// 512 B..8 KiB kept apart by live neighbours), then times `pairs` malloc+free pairs of
-// random sizes from the same range. Returns CPU ns per pair of the fastest of 10
-// slices. Frees everything after.
-double cached_blocks_pair_ns(Allocator& a, int device, size_t cached, uint64_t pairs, uint64_t seed);
-
-uint64_t thread_cpu_ns();
+// replay_trace trusts its arguments (it runs without the GIL); these check them first.
+// Throws InvalidArgument: `device` out of range, an event whose slot is >= `slots` or
+// whose stream index is >= streams.size(), or an unknown stream id.
+void check_replay_args(Allocator& a, int device, const std::vector<ReplayEvent>& events, uint32_t slots,
+                       const std::vector<StreamId>& streams);
+// check_replay_args, then replay_trace (what the binding calls; replay_trace alone is what
+// bench/instructions_per_op.sh counts).
+ReplayResult replay_checked(Allocator& a, int device, const std::vector<ReplayEvent>& events, uint32_t slots,
+                            const std::vector<StreamId>& streams, bool latency, size_t prefix = 0);
 
 }  // namespace mtia

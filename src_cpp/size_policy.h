@@ -1,5 +1,6 @@
 // size_policy.h: pure size arithmetic of allocator_core.md §1 (rounding, segment sizes,
 // split rules) and PyTorch's format_size. No state: the config is passed in.
+// Relies on: config.h and types.h.
 #pragma once
 #include <cstdio>
 #include <string>

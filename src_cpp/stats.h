@@ -1,8 +1,9 @@
 // stats.h: PyTorch's allocator statistics (allocator_core.md §7).
-// Invariants (checked by DeviceAllocator::check_invariants):
+// Invariants (checked by DeviceAllocator::check_stats, device_allocator_stats.cpp):
 //   for every StatArray s and field f: s[ALL].f == s[SMALL].f + s[LARGE].f
 //   current == current_at_reset + allocated - freed (freed is derived from it)
 //   active(_bytes) == allocation(_bytes) + frees waiting for events (derived from it)
+// Relies on: nothing.
 #pragma once
 #include <algorithm>
 #include <array>

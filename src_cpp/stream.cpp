@@ -1,4 +1,5 @@
 // stream.cpp: worker threads, waiting and timing for emulated streams and events.
+// Relies on: stream.h, blocking.h (the GIL hook around waits), errors.h.
 #include "stream.h"
 
 #include <chrono>

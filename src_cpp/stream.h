@@ -6,6 +6,7 @@
 // task. An Event is just (stream, sequence number): it is complete once the stream
 // has completed that many tasks, so recording one on an idle stream costs nothing.
 // Streams live until the emulator shuts down; the allocator keeps raw pointers.
+// Relies on: types.h.
 #pragma once
 #include <atomic>
 #include <condition_variable>

@@ -1,4 +1,5 @@
 // types.h: small value types shared by every layer of the core.
+// Relies on: nothing.
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -1,0 +1,90 @@
+// device_allocator_history.cpp: observability (allocator_core.md §9): the memory-history
+// trace (record_trace, set_history, trace) and the segment snapshot.
+//
+// Relies on: history.h (TraceRing, the per-thread user metadata), segment_info.h (what
+// a snapshot returns). record_trace is called from every file of the allocator, always
+// behind `if (history_on_)`, so the fast path pays one branch while history is off.
+#include <algorithm>
+
+#include "device_allocator.h"
+#include "device_allocator_internal.h"
+
+namespace mtia {
+
+void DeviceAllocator::record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
+                                   const FramesPtr& frames) {
+  TraceEntry e{a, addr, size, stream, epoch_us(), pool,
+               record_context_ >= RecordContext::kAlloc ? frames : FramesPtr(), user_metadata()};
+  trace_.push(std::move(e));
+}
+
+void DeviceAllocator::set_history(bool enabled, RecordContext context, size_t max_entries, bool clear) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  if (!enabled) {
+    history_on_ = false;
+    record_context_ = RecordContext::kNever;
+    trace_.clear();
+    update_plain();
+    return;
+  }
+  if (!history_on_ || clear) trace_.set_capacity(max_entries);
+  else trace_.resize(max_entries);  // PyTorch applies a new size without clearing
+  history_on_ = true;
+  record_context_ = context;
+  update_plain();
+}
+
+std::vector<TraceEntry> DeviceAllocator::trace() {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  return trace_.ordered();
+}
+
+std::vector<SegmentInfo> DeviceAllocator::snapshot(MempoolId pool, bool all_pools) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  std::vector<SegmentInfo> out;
+  size_t total_active = 0;
+  for (Segment* seg : segments_) {
+    PrivatePool* owner = seg->pool->owner;
+    MempoolId pid = owner ? owner->id : MempoolId{};
+    if (!all_pools && pid != pool) continue;
+    // A segment is a run of mapped blocks (one run per normal segment; an expandable
+    // segment shows each contiguous mapped range, as PyTorch's snapshot does).
+    for (Block* b = seg->first; b;) {
+      if (!b->mapped) {
+        b = b->next;
+        continue;
+      }
+      SegmentInfo s;
+      s.device = device_;
+      s.address = b->ptr;
+      s.stream = seg->stream;
+      s.is_small = seg->pool->is_small;
+      s.is_expandable = seg->expandable;
+      s.pool = pid;
+      s.frames = seg->frames;
+      for (; b && b->mapped; b = b->next) {
+        const char* state = b->allocated ? "active_allocated"
+                            : (b->event_count > 0 || b->has_stream_uses || b->deferred) ? "active_pending_free"
+                                                                                        : "inactive";
+        s.total_size += b->size;
+        if (b->allocated) s.allocated_size += b->size;
+        if (state[0] == 'a') {
+          s.active_size += b->size;
+          s.requested_size += b->requested_size;
+        }
+        s.blocks.push_back(BlockInfo{b->ptr, b->size, b->requested_size, state,
+                                     state[0] == 'a' ? b->cold().frames : FramesPtr()});
+      }
+      total_active += s.active_size;
+      out.push_back(std::move(s));
+    }
+  }
+  std::sort(out.begin(), out.end(), [](const SegmentInfo& a, const SegmentInfo& b) { return a.address < b.address; });
+  if (history_on_) record_trace(TraceAction::kSnapshot, 0, total_active, 0, MempoolId{}, FramesPtr());
+  return out;
+}
+
+}  // namespace mtia
