@@ -147,7 +147,8 @@ def test_a_closed_stdout_ends_quietly(big_csv, extra):
 
 
 def test_a_closed_stdout_ends_quietly_for_help_and_summary(tmp_path):
-    assert _closed_pipe_run(["--help"]).returncode == 141
+    p = _closed_pipe_run(["--help"])  # argparse swallows the write error itself: 0 is fine, quietly
+    assert p.returncode in (0, 141) and p.stderr == "", p.stderr
     snap = tmp_path / "s.pickle"
     snap.write_bytes(pickle.dumps({"segments": [], "device_traces": [[]]}))
     p = _closed_pipe_run(["summary", snap])

@@ -81,7 +81,9 @@ def test_a_truncated_pickle_says_so(tmp_path, cut):
 
 def test_a_truncated_gzip_trace_says_so(tmp_path):
     path = tmp_path / "t.csv.gz"
-    path.write_bytes(gzip.compress(b"op,id,size_bytes,stream\n" + b"a,1,512,0\nf,1,512,0\n" * 2000)[:300])
+    data = gzip.compress(b"op,id,size_bytes,stream\n" + b"".join(b"a,%d,512,0\nf,%d,512,0\n" % (i, i)
+                                                                  for i in range(20000)))
+    path.write_bytes(data[:len(data) // 2])
     err = replay_error(path)
     assert "truncated" in err, err
 
@@ -95,7 +97,7 @@ def test_summary_and_plot_errors_have_the_replay_form_and_status(tmp_path):
         assert p.returncode == 2 and err.startswith("mtia_alloc: error: ") and "\n" not in err, (argv, p.stderr)
 
 
-def test_plot_write_failure_is_exit_1(tmp_path, capsys):
+def test_plot_write_failure_is_exit_2_like_replays_plot_check(tmp_path, capsys):
     snap = tmp_path / "s.pickle"
     snap.write_bytes(pickle.dumps({"segments": [], "device_traces": [[]]}))
     out = tmp_path / "ro"
@@ -104,7 +106,7 @@ def test_plot_write_failure_is_exit_1(tmp_path, capsys):
     try:
         if os.access(out, os.W_OK):
             pytest.skip("running as a user who can write anywhere")
-        assert main(["plot", str(snap), "-o", str(out / "x.html")]) == 1
+        assert main(["plot", str(snap), "-o", str(out / "x.html")]) == 2
     finally:
         os.chmod(out, 0o700)
     assert capsys.readouterr().err.startswith("mtia_alloc: error: cannot write")
