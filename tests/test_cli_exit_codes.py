@@ -124,6 +124,19 @@ def test_more_ooms_than_the_snapshot_recorded_are_not(tmp_path):
     assert p.returncode == 1 and "2 allocations failed" in p.stderr and "1 recorded" in p.stderr, p.stderr
 
 
+@pytest.mark.parametrize("recorded, status", [(True, 0), (False, 1)])
+def test_an_rmm_logs_allocate_failures_make_as_many_ooms_expected(tmp_path, recorded, status):
+    lines = ["Thread,Time,Action,Pointer,Size,Stream", f"1,0.1,allocate,0x10,{GiB},0x0"]
+    if recorded:
+        lines.append(f"1,0.2,allocate failure,0x20,{GiB},0x0")
+    lines += ["1,0.3,allocate,0x30,4096,0x0", "1,0.4,free,0x30,4096,0x0"]
+    path = tmp_path / "log.csv"
+    path.write_text("\n".join(lines) + "\n")
+    p = cli("replay", path, "--memory", "256MiB")
+    assert p.returncode == status and "num_ooms: 1" in p.stdout, (p.stdout, p.stderr)
+    assert ("recorded OOMs: 1" in p.stdout) == recorded
+
+
 # ------------------------------------------------------------------ item 10: pipes
 
 def _closed_pipe_run(args):

@@ -453,7 +453,7 @@ def trace_from_snapshot(snap, source="<snapshot>", device=None, rebuild=True, fl
     requested at once, when it is its pool's only free block, so the block gets its exact
     size and requested size. Otherwise the block size is requested (the layout stays exact). Trace.info holds: format, device, entries,
     segment_alloc / segment_free (counts in the trace), settings (the snapshot's allocator
-    settings string) and, when rebuilt, start_segments, start_reserved, start_live_blocks,
+    settings string), recorded_ooms (its 'oom' entries) and, when rebuilt, start_segments, start_reserved, start_live_blocks,
     start_live_bytes (block bytes), start_requested, orphan_blocks, and the peaks the trace
     records from that state on: recorded_peak_reserved, recorded_peak_requested; flushes."""
     if not isinstance(snap, dict) or not isinstance(snap.get("device_traces"), list):
