@@ -2,7 +2,8 @@
 one run. Workloads are generated here (no outside files); the shared traces and the
 PyTorch peer harness are added when present.
 
-Owns: run_bench, random_trace (a generated workload), the table's rows.
+Owns: run_bench, random_trace (a generated workload), bench_traces (the trace rows and the
+note on the shared traces), the table's rows.
 Relies on: tools.replay (setup, run_peer), tools.workload (Trace, read_trace, write_csv),
 the public API (memory, array) and _C's benchmark loops."""
 import json
@@ -60,13 +61,30 @@ def random_trace(num=20000, max_size=4 << 20, max_live=4 << 30, streams=1, seed=
                  slot_pool.count, list(range(streams)), 0, "generated")
 
 
-def _find_traces(traces_dir):
-    candidates = [traces_dir] if traces_dir else [
-        Path(__file__).resolve().parents[2].parent / "shared" / "traces", Path.cwd().parent / "shared" / "traces"]
-    for c in candidates:
-        if c and Path(c).is_dir():
-            return sorted(Path(c).glob("*.csv.gz"))
-    return []
+def default_trace_dirs():
+    """Where `bench` looks for the shared traces without --traces: shared/traces next to the
+    checkout, then next to the working directory."""
+    return [Path(__file__).resolve().parents[2].parent / "shared" / "traces", Path.cwd().parent / "shared" / "traces"]
+
+
+def bench_traces(quick=False, traces_dir=None, search=None):
+    """The trace rows of the table, [(label, Trace or None, path or None)] (the generated
+    workload first, labelled by its size, then the shared traces: *.csv.gz of traces_dir, or
+    of the first directory of `search` (default_trace_dirs()) that exists), and a line saying
+    which traces were found or why there are none."""
+    num = 5000 if quick else 20000
+    rows = [(f"generated random {num // 1000}k", random_trace(num=num), None)]
+    dirs = [Path(traces_dir)] if traces_dir else [Path(d) for d in (default_trace_dirs() if search is None else search)]
+    found = next((d for d in dirs if d.is_dir()), None)
+    if found is None:
+        where = ", ".join(str(d) for d in dirs) or "nowhere"
+        return rows, (f"traces: not found (looked in {where}; pass --traces DIR): the trace rows show the "
+                      f"generated workload only")
+    paths = sorted(found.glob("*.csv.gz"))
+    if not paths:
+        return rows, f"traces: none in {found} (no *.csv.gz files): the trace rows show the generated workload only"
+    rows += [(p.name[:-len(".csv.gz")], None, p) for p in paths]
+    return rows, f"traces: {len(paths)} from {found}"
 
 
 def _find_peer(torch_build):
@@ -102,6 +120,8 @@ def run_bench(quick=False, torch_build=None, traces_dir=None):
     n = 300_000 if quick else 3_000_000
     print(f"mtia_alloc bench  ({platform.machine()}, {os.cpu_count()} cores; device capacity 80 GiB; "
           f"peer: {peer or 'not found (build shared/peers/torch_caching_allocator/setup.sh)'})")
+    traces, traces_note = bench_traces(quick, traces_dir)
+    print(traces_note)
     print(f"{'benchmark':<42} {'mtia':>10} {'unit':<9} {'peer':>10} {'peer/mtia'}")
     print("-" * 90)
 
@@ -174,8 +194,6 @@ def run_bench(quick=False, torch_build=None, traces_dir=None):
 
     # Traces: generated, then the shared ones, in the default config and with expandable
     # segments; each side's best warm pass over interleaved runs (see ROUNDS).
-    traces = [("generated random 20k", random_trace(num=5000 if quick else 20000), None)]
-    traces += [(p.name.replace(".csv.gz", ""), None, p) for p in _find_traces(traces_dir)]
     for conf in ("", "expandable_segments:True"):
         print("-" * 90)
         print(f"{'trace, ' + (conf or 'default config') + ' (best warm pass)':<42} {'mtia':>10} {'unit':<9} "

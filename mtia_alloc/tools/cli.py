@@ -1,19 +1,32 @@
 """Command line: python -m mtia_alloc {replay,bench,summary,plot} (see --help).
 
-Owns: main (the argument parser; also the `mtia-alloc` console script) and the replay
-command's checks and report. Relies on: tools.replay, tools.workload, tools.bench_suite,
-tools.snapshot_cli, viz.render (HTML names), _format, _C."""
+Every subcommand ends with one of the statuses of tools.exit_status (0 ok, 1 a replay that
+ran out of memory where its trace did not, 2 usage or input error, 130 interrupted, 141
+stdout closed early); errors are one `mtia_alloc: error: ...` line on stderr, with no
+traceback and no usage text.
+
+Owns: main (the argument parser; also the `mtia-alloc` console script), package_version,
+and the replay command's checks, report and verdict. Relies on: tools.replay,
+tools.workload, tools.bench_suite, tools.snapshot_cli, tools.exit_status, viz.render (HTML
+names), _format, _C, the façade (its __version__)."""
 import argparse
+import importlib.metadata
 import json
 import os
+import re
 import sys
 import tempfile
+from pathlib import Path
+
+import mtia_alloc as _package
 
 from .. import _C
 from .._format import format_size
 from ..viz.render import is_html_name, not_html_message
 from . import replay as _replay
 from .bench_suite import run_bench
+from .exit_status import (BROKEN_PIPE, FAILED, INTERRUPTED, OK, STATUS_HELP, USAGE, Failure, InputError, error,
+                          note, warning)
 from .snapshot_cli import plot_main, summary_main
 from .workload import read_trace, write_csv
 
@@ -28,29 +41,37 @@ def _replay_cmd(args):
         raise ValueError("--fail-every needs --fail-after")
     if args.plot:
         _check_plot_path(args.plot)
+    if args.compare_torch is not None:
+        harness = os.path.join(args.compare_torch, "bin", "harness")
+        if not os.access(harness, os.X_OK):
+            raise InputError(f"--compare-torch: no peer harness at {harness} (build it with "
+                             f"shared/peers/torch_caching_allocator/setup.sh {args.compare_torch})")
     try:
         _replay.setup_allocator(args.memory, args.conf)
     except (ValueError, RuntimeError) as e:
         # name the input the bad value came from: the flag, or else the environment
         memory = "--memory" if args.memory else "MTIA_EMULATOR_MEMORY"
         conf = "--conf " if args.conf is not None else "MTIA_ALLOC_CONF="
-        raise type(e)(str(e).replace("memory_per_device", memory).replace("MTIA_ALLOC_CONF=", conf)) from None
+        raise InputError(str(e).replace("memory_per_device", memory).replace("MTIA_ALLOC_CONF=", conf)) from None
     try:
         trace = read_trace(args.trace, device=args.device, rebuild=not args.no_rebuild, flush=not args.no_flush)
     except OSError as e:
-        raise OSError(f"cannot read the trace {args.trace}: {e.strerror or e}") from None
+        raise InputError(f"cannot read the trace {args.trace}: {e.strerror or e}") from None
     skipped = f"{trace.skipped} events skipped (sizes <= 0, frees of unknown ids, duplicate ids)"
     if trace.trace_events == 0:
-        raise ValueError(f"{args.trace}: no allocation events to replay" + (f" ({skipped})" if trace.skipped else ""))
+        raise InputError(f"{args.trace}: no allocation events to replay" + (f" ({skipped})" if trace.skipped else ""))
     if trace.skipped and args.json:  # the text output reports them with the trace line
-        print(f"warning: {skipped}", file=sys.stderr)
+        warning(skipped)
     merge = args.streams == "merge"
     results = _replay.replay(trace, repeat=args.repeat, latency=args.latency, merge_streams=merge,
                              fail_after=args.fail_after, fail_every=args.fail_every)
     curve = results[0].pop("_curve", None)
     peer = None
     if args.compare_torch:
-        peer = _peer(args, trace)
+        try:
+            peer = _peer(args, trace)
+        except (RuntimeError, OSError) as e:  # it ran and failed (or timed out)
+            raise Failure(f"--compare-torch: {e}") from None
         if trace.prefix or trace.flushes:
             # same corrections as ours: the prefix's device allocations (the same in both
             # allocators by construction) and the flushes' failed allocations are taken off
@@ -78,8 +99,8 @@ def _replay_cmd(args):
             print(json.dumps({k: ("torch." + str(p.get(k))) if k == "mode" else p.get(k)
                               for k in _replay.RESULT_KEYS}))
         if args.plot:
-            print(f"wrote {args.plot}", file=sys.stderr)
-        return 0
+            note(f"wrote {args.plot}")
+        return _verdict(args, trace, results)
     fb = format_size
     fmt = info.get("format", "?")
     if fmt == "snapshot":
@@ -87,6 +108,9 @@ def _replay_cmd(args):
     allocs = int((trace.sizes[trace.prefix:] != 0).sum()) - len(trace.flushes)
     print(f"trace: {args.trace} ({fmt})  events: {trace.trace_events}  allocations: {allocs}  "
           f"streams: {len(trace.stream_values)} ({args.streams})  skipped lines: {trace.skipped}")
+    if info.get("recorded_ooms") and info.get("format") == "rmm":
+        print(f"recorded OOMs: {info['recorded_ooms']} ('allocate failure' lines, not replayed; as many failed "
+              f"allocations in the replay are expected)")
     if fmt.startswith("snapshot"):
         if trace.flushes:
             print(f"cache flushes: {len(trace.flushes)} (where the recorded run released segments: "
@@ -95,6 +119,9 @@ def _replay_cmd(args):
             print(_start_note(trace))
         elif not args.no_rebuild:
             print("starting state: empty (no segment or live block predates the trace)")
+        if info.get("recorded_ooms"):
+            print(f"recorded OOMs: {info['recorded_ooms']} ('oom' entries in the trace; as many failed "
+                  f"allocations in the replay are expected)")
         if info.get("settings"):
             print(f"snapshot allocator settings: {info['settings']!r} (this replay: "
                   f"{os.environ.get('MTIA_ALLOC_CONF', '')!r})")
@@ -150,7 +177,38 @@ def _replay_cmd(args):
               f"cache flushes")
     if args.plot:
         print(f"plot: wrote {args.plot}")
-    return 0
+    return _verdict(args, trace, results)
+
+
+def _verdict(args, trace, results):
+    """The replay's exit status, once its report is out: FAILED (with one error line) when a
+    pass could not rebuild a snapshot's starting state, or met more out-of-memory failures
+    than the trace records (failures injected with --fail-after are expected); OK otherwise,
+    and always with --allow-oom."""
+    if args.allow_oom:
+        return OK
+    capacity = format_size(_C.mem_get_info(0)[1])
+    hint = "give it more --memory, or pass --allow-oom to accept out-of-memory failures"
+    for r in results:
+        if r.get("prefix_failure"):
+            info = trace.info
+            error(f"{r['mode']}: the snapshot's starting state ({info.get('start_segments', 0)} segments, "
+                  f"{format_size(info.get('start_reserved', 0))}) does not fit on the device ({capacity}): "
+                  f"{hint}")
+            return FAILED
+    if args.fail_after is not None:
+        return OK
+    recorded = trace.info.get("recorded_ooms", 0)
+    worst = max(results, key=lambda r: r["num_ooms"])
+    n = worst["num_ooms"]
+    if n > recorded:
+        first = worst["first_failing_event"]
+        where = f", the first at event {first}" if first >= 0 else ""
+        rec = f" ({recorded} recorded in the trace)" if recorded else ""
+        error(f"the replay ran out of memory: {n} allocation{'s' if n != 1 else ''} failed in {worst['mode']}"
+              f"{rec}{where}, on a device of {capacity}: {hint}")
+        return FAILED
+    return OK
 
 
 MAX_REPEAT = 100_000  # every pass's figures are kept until the end
@@ -198,7 +256,7 @@ def _peer(args, trace):
 def _bench_cmd(args):
     for flag, path in (("--torch-build", args.torch_build), ("--traces", args.traces)):
         if path is not None and not os.path.isdir(path):
-            raise ValueError(f"{flag}: no directory {path}")
+            raise InputError(f"{flag}: no directory {path}")
     return run_bench(quick=args.quick, torch_build=args.torch_build, traces_dir=args.traces)
 
 
@@ -210,13 +268,61 @@ def _plot_cmd(args):
     return plot_main(args.snapshot, args.output)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mtia_alloc",
-                                description="mtia_alloc: a caching allocator for an emulated MTIA device")
-    sub = p.add_subparsers(dest="command", required=True)
+def package_version():
+    """This package's version: its installed metadata when this very package is the installed
+    one, else mtia_alloc.__version__, else pyproject.toml's (a checkout that is not installed)."""
+    here = Path(_package.__file__).resolve().parent
+    try:
+        dist = importlib.metadata.distribution("mtia_alloc")
+        if Path(dist.locate_file("mtia_alloc")).resolve() == here:
+            return dist.version
+    except (importlib.metadata.PackageNotFoundError, OSError, TypeError, ValueError):
+        pass
+    version = getattr(_package, "__version__", None)
+    if version:
+        return str(version)
+    try:
+        m = re.search(r'^version\s*=\s*"([^"]+)"', (here.parent / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+    except OSError:
+        m = None
+    return m[1] if m else "unknown"
 
-    r = sub.add_parser("replay", help="replay an allocation trace natively and report speed and memory")
-    r.add_argument("trace", help="trace CSV (op,id,size[,stream]; .gz ok), RMM log CSV, or snapshot "
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one `mtia_alloc: error: ...` line (raised, printed by main), not argparse's
+    usage text and exit."""
+
+    def error(self, message):
+        raise InputError(f"{message} (see {self.prog} --help)")
+
+
+# options that take a value which may start with '-' (argparse takes `--memory -5GiB` for two
+# options; the value is joined to its flag so that the value's own check can refuse it)
+_VALUE_OPTIONS = ("--memory", "--repeat", "--fail-after", "--fail-every", "--device")
+
+
+def _join_dash_values(argv):
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in _VALUE_OPTIONS and i + 1 < len(argv) and re.match(r"-\d", argv[i + 1]):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def _parser():
+    p = _Parser(prog="python -m mtia_alloc", epilog=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="mtia_alloc: a caching allocator for an emulated MTIA device")
+    p.add_argument("--version", action="version", version=f"mtia_alloc {package_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{replay,bench,summary,plot}")
+
+    r = sub.add_parser("replay", help="replay an allocation trace natively and report speed and memory",
+                       epilog=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("trace", help="trace CSV (op,id,size_bytes[,stream]; .gz ok), RMM log CSV, or snapshot "
                                  "(pickle or JSON with device_traces)")
     r.add_argument("--repeat", type=int, default=1,
                    help="passes; pass 1 starts cold and later ones reuse the cache (a snapshot's passes "
@@ -240,15 +346,20 @@ def main(argv=None):
                                                   "as a self-contained HTML/SVG file (extra untimed pass)")
     r.add_argument("--compare-torch", metavar="BUILD_DIR", help="also run PyTorch's allocator (peer harness)")
     r.add_argument("--fail-after", type=int, metavar="N",
-                   help="inject a device-allocation failure after N device allocations of the trace")
+                   help="inject a device-allocation failure after N device allocations of the trace "
+                        "(the out-of-memory failures that follow are expected: exit status 0)")
     r.add_argument("--fail-every", type=int, default=0, metavar="N", help="then fail every N-th allocation")
+    r.add_argument("--allow-oom", action="store_true",
+                   help="exit 0 even when allocations fail with out-of-memory where the trace did not, or a "
+                        "snapshot's starting state does not fit (they are still reported)")
     r.set_defaults(func=_replay_cmd)
 
     b = sub.add_parser("bench", help="run the standard benchmark set and print a table")
-    b.add_argument("--quick", action="store_true", help="fewer iterations")
+    b.add_argument("--quick", action="store_true", help="fewer iterations, a 5k-allocation generated workload")
     b.add_argument("--torch-build", help="peer harness build dir (default: $MTIA_TORCH_PEER or "
                                          "/tmp/torch_caching_allocator_peer when present)")
-    b.add_argument("--traces", help="directory of shared traces (default: ../shared/traces when present)")
+    b.add_argument("--traces", help="directory of shared traces, *.csv.gz (default: ../shared/traces when "
+                                    "present; the table says when none were found)")
     b.set_defaults(func=_bench_cmd)
 
     s = sub.add_parser("summary", help="print the memory summary of a snapshot pickle")
@@ -259,13 +370,51 @@ def main(argv=None):
     pl.add_argument("snapshot")
     pl.add_argument("-o", "--output", required=True)
     pl.set_defaults(func=_plot_cmd)
+    return p
 
-    args = p.parse_args(argv)
+
+def _run(argv):
+    try:
+        args = _parser().parse_args(_join_dash_values(sys.argv[1:] if argv is None else list(argv)))
+    except SystemExit as e:  # --help, --version
+        return OK if e.code is None else e.code
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:
+        raise
+    except (InputError, Failure) as e:
+        error(e)
+        return e.status
+    except (ValueError, OSError) as e:  # input the checks above did not foresee
+        error(e)
+        return USAGE
+    except RuntimeError as e:  # something failed while running
+        error(e)
+        return FAILED
+
+
+def main(argv=None):
+    """Runs the command line; returns its exit status (see exit_status)."""
+    try:
+        try:
+            status = _run(argv)
+        except InputError as e:  # a usage error
+            error(e)
+            status = USAGE
+        sys.stdout.flush()  # here, not at exit: a closed pipe must be caught below
+        return status
+    except BrokenPipeError:
+        # the reader went away (`| head`): no message; stdout goes to devnull so that the
+        # interpreter's own last flush does not complain either
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return BROKEN_PIPE
+    except KeyboardInterrupt:
+        note("interrupted")
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -46,7 +46,10 @@ class Trace:
     # leaves them out of events, time and device-allocation counts (peaks start from the
     # state they build).
     prefix: int = 0
-    info: dict = field(default_factory=dict)  # format-specific facts (snapshot: see trace_from_snapshot)
+    info: dict = field(default_factory=dict)  # format-specific facts (snapshot: see trace_from_snapshot);
+    # every format: recorded_ooms, the allocations that failed in the recorded run (a
+    # snapshot's 'oom' entries, an RMM log's 'allocate failure' lines): as many failures in
+    # the replay are expected
     # Indices of cache-flush events (allocations of FLUSH_SIZE): where a snapshot's run
     # released cached segments (empty_cache, OOM retry), the replay releases them too.
     flushes: list = field(default_factory=list)
@@ -101,6 +104,7 @@ class _Builder:
         self.stream_index = {}
         self.skipped = 0
         self.flushes = []
+        self.recorded_ooms = 0  # allocations that failed in the recorded run (not replayed)
 
     def stream(self, value):
         idx = self.stream_index.get(value)
@@ -139,12 +143,14 @@ class _Builder:
         self.streams.append(self.stream(stream))
 
     def build(self, source, prefix=0, info=None):
+        info = dict(info or {})
+        info["recorded_ooms"] = info.get("recorded_ooms", 0) + self.recorded_ooms
         if not self.stream_index:
             self.stream(0)
         values = sorted(self.stream_index, key=self.stream_index.get)
         return Trace(np.asarray(self.sizes, dtype=np.uint64), np.asarray(self.slots, dtype=np.uint32),
                      np.asarray(self.streams, dtype=np.uint32), self.slot_pool.count, values, self.skipped, source,
-                     prefix, info or {}, self.flushes)
+                     prefix, info, self.flushes)
 
 
 def _open_text(path):
@@ -163,8 +169,8 @@ def _head(path, n=64):
         try:
             with gzip.open(path, "rb") as f:
                 head = f.read(n)
-        except (OSError, EOFError) as e:
-            raise ValueError(f"{path}: not a readable gzip file: {e}") from None
+        except (OSError, EOFError):
+            raise ValueError(f"{path}: not a readable gzip file: its data is truncated or corrupt") from None
     return head
 
 
@@ -197,32 +203,56 @@ def read_trace(path, device=None, rebuild=True, flush=True):
             else:
                 trace = _read_csv(first, f, path)
                 trace.info["format"] = "csv"
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not a trace (binary data that is not a snapshot pickle): {e}") from None
-    except EOFError as e:  # truncated gzip
-        raise ValueError(f"{path}: truncated file: {e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a trace: binary data that is not a snapshot pickle; {FORMATS}") from None
+    except (EOFError, gzip.BadGzipFile):  # truncated or corrupt gzip
+        raise ValueError(f"{path}: truncated or corrupt gzip file (it ends before its end-of-stream marker, "
+                         f"or its data is damaged)") from None
     return trace
+
+
+CSV_FORM = "'op,id,size_bytes[,stream]' (op 'a' to allocate or 'f' to free, e.g. 'a,7,4096,0')"
+RMM_FORM = "'Thread,Time,Action,Pointer,Size[,Stream]' (e.g. '1,0.25,allocate,0x7f00,4096,0x0')"
+FORMATS = ("the inputs replay reads are a trace CSV (lines 'op,id,size_bytes[,stream]', .gz ok), an RMM log "
+           "CSV (header 'Thread,Time,Action,Pointer,Size,Stream') and a snapshot (pickle or JSON with device_traces)")
+
+
+def _whole(text, name, base=10):
+    try:
+        return int(text, base)
+    except ValueError:
+        raise ValueError(f"{name} {text.strip()!r} is not a whole number") from None
+
+
+def _csv_event(b, parts):
+    op = parts[0].strip()
+    if op not in ("a", "f"):
+        if len(parts) < 2:
+            raise ValueError(f"expected {CSV_FORM}, found {len(parts)} field")
+        raise ValueError(f"unknown op {op!r} (expected 'a' to allocate or 'f' to free)")
+    if len(parts) < (3 if op == "a" else 2):
+        raise ValueError(f"expected {CSV_FORM}, found {len(parts)} field{'s' if len(parts) > 1 else ''}")
+    key = parts[1]
+    stream = _whole(parts[3], "stream") if len(parts) > 3 and parts[3].strip() else None
+    if op == "a":
+        b.alloc(key, _whole(parts[2], "size_bytes"), stream or 0)
+    else:
+        b.free(key, stream)
 
 
 def _read_csv(first, lines, source):
     b = _Builder()
+    events = 0
     for line_no, line in enumerate(_chain_first(first, lines), 1):
         line = line.strip()
         if not line or line[0] == "#" or line.startswith("op,"):
             continue
-        parts = line.split(",")
         try:
-            op = parts[0]
-            key = parts[1]
-            if op == "a":
-                b.alloc(key, int(parts[2]), int(parts[3]) if len(parts) > 3 and parts[3] else 0)
-            elif op == "f":
-                b.free(key, int(parts[3]) if len(parts) > 3 and parts[3] else None)
-            else:
-                raise ValueError(f"unknown op {op!r}")
-        except (IndexError, ValueError) as e:
-            raise ValueError(f"{source}:{line_no}: cannot parse trace line {line[:80]!r} "
-                             f"(expected op,id,size_bytes[,stream]): {e}") from None
+            _csv_event(b, line.split(","))
+        except ValueError as e:
+            hint = f"; is it a trace? {FORMATS}" if events == 0 else ""
+            raise ValueError(f"{source}:{line_no}: cannot parse trace line {line[:80]!r}: {e}{hint}") from None
+        events += 1
     return b.build(source)
 
 
@@ -240,12 +270,15 @@ def _read_rmm(lines, source):
             continue
         parts = line.split(",")
         try:
-            action, ptr, size = parts[2].strip().lower(), parts[3].strip(), int(parts[4])
-            stream = int(parts[5], 0) if len(parts) > 5 and parts[5].strip() else 0
-        except (IndexError, ValueError) as e:
+            if len(parts) < 5:
+                raise ValueError(f"expected {RMM_FORM}, found {len(parts)} field{'s' if len(parts) > 1 else ''}")
+            action, ptr, size = parts[2].strip().lower(), parts[3].strip(), _whole(parts[4], "Size")
+            stream = _whole(parts[5].strip(), "Stream", 0) if len(parts) > 5 and parts[5].strip() else 0
+        except ValueError as e:
             raise ValueError(f"{source}:{line_no}: cannot parse RMM log line {line[:80]!r}: {e}") from None
         if action.startswith("allocate"):
-            if "failure" in action:
+            if "failure" in action:  # the recorded run ran out of memory here
+                b.recorded_ooms += 1
                 continue
             b.alloc(ptr, size, stream)
         elif action.startswith("free"):
@@ -420,7 +453,7 @@ def trace_from_snapshot(snap, source="<snapshot>", device=None, rebuild=True, fl
     requested at once, when it is its pool's only free block, so the block gets its exact
     size and requested size. Otherwise the block size is requested (the layout stays exact). Trace.info holds: format, device, entries,
     segment_alloc / segment_free (counts in the trace), settings (the snapshot's allocator
-    settings string) and, when rebuilt, start_segments, start_reserved, start_live_blocks,
+    settings string), recorded_ooms (its 'oom' entries) and, when rebuilt, start_segments, start_reserved, start_live_blocks,
     start_live_bytes (block bytes), start_requested, orphan_blocks, and the peaks the trace
     records from that state on: recorded_peak_reserved, recorded_peak_requested; flushes."""
     if not isinstance(snap, dict) or not isinstance(snap.get("device_traces"), list):
@@ -438,6 +471,7 @@ def trace_from_snapshot(snap, source="<snapshot>", device=None, rebuild=True, fl
     info = {"format": "snapshot", "device": device, "entries": len(entries),
             "segment_alloc": sum(1 for e in entries if e.get("action") == "segment_alloc"),
             "segment_free": sum(1 for e in entries if e.get("action") == "segment_free"),
+            "recorded_ooms": sum(1 for e in entries if e.get("action") == "oom"),
             "settings": str(settings.get("PYTORCH_CUDA_ALLOC_CONF", "") or ""),
             "start_segments": 0, "start_reserved": 0, "start_live_blocks": 0, "start_live_bytes": 0,
             "orphan_blocks": 0}

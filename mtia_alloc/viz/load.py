@@ -44,7 +44,10 @@ def load(path):
     with open(os.fspath(path), "rb") as f:
         data = f.read()
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, ValueError):
+            raise ValueError(f"{path}: not a readable gzip file: its data is truncated or corrupt") from None
     if data[:3] == b"\xef\xbb\xbf":  # a UTF-8 BOM, as some Windows editors and tools write JSON
         data = data[3:]
     head = data.lstrip()[:1]
@@ -59,8 +62,11 @@ def load(path):
         return _PlainDataUnpickler(io.BytesIO(data)).load()
     except UnsafePickleError:
         raise
-    except Exception as e:  # truncated or foreign files raise many types
-        raise ValueError(f"{path}: not a snapshot pickle ({type(e).__name__}: {e})") from None
+    except Exception:  # truncated or foreign files raise many types, none of them telling
+        what = ("the pickle is truncated or corrupt" if data[:1] in (b"\x80", b"(", b"}", b"]")
+                else "the file is neither a pickle nor JSON")
+        raise ValueError(f"{path}: not a snapshot pickle: {what} (expected a snapshot dict with 'segments' "
+                         f"and 'device_traces', pickled or as JSON, optionally gzip-compressed)") from None
 
 
 def plain(obj):
