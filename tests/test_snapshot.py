@@ -355,9 +355,9 @@ def test_cli_summary_and_plot_on_a_pytorch_pickle(tmp_path, capsys):
     html_path = tmp_path / "out.html"
     assert snapmod.plot_main(str(path), str(html_path)) == 0
     assert html_path.read_text().count("<svg") >= 2
-    assert snapmod.summary_main(str(tmp_path / "missing.pickle")) == 1
+    assert snapmod.summary_main(str(tmp_path / "missing.pickle")) == 2
     assert "cannot read snapshot" in capsys.readouterr().err
-    assert snapmod.plot_main(str(path), str(tmp_path / "no" / "such" / "dir.html")) == 1
+    assert snapmod.plot_main(str(path), str(tmp_path / "no" / "such" / "dir.html")) == 2
     capsys.readouterr()
     assert snapmod.plot_main(str(path), str(tmp_path / "out.png")) == 2  # not HTML under a .png name
     assert "name it .html" in capsys.readouterr().err and not (tmp_path / "out.png").exists()
