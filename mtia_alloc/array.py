@@ -2,13 +2,15 @@
 cache when the last reference dies; kernels that use it hold a reference until they run.
 
 Owns: DeviceArray, empty (the binding's fast path, with _empty_general behind it).
-Relies on: memory (record_stream), _kernels (the copy kernel of __copy__), streams,
+Relies on: memory (record_stream), _kernels (the copy kernel of __copy__; in_kernel),
+_kernel_errors (numpy() raises what the stream's kernels raised), streams,
 devices (_Device), _errors, _C (ArrayBase owns the block)."""
 import numpy as np
 
 from . import _C
 from ._errors import OutOfMemoryError
-from ._kernels import submit
+from ._kernel_errors import pending, raise_kernel_errors
+from ._kernels import in_kernel, submit
 from .devices import _Device
 from .memory import record_stream
 from .streams import Stream
@@ -51,9 +53,18 @@ class DeviceArray(_C.ArrayBase):
         return n
 
     def numpy(self):
-        """A zero-copy numpy view (the emulated device memory is host memory)."""
+        """A zero-copy numpy view (the emulated device memory is host memory). As torch's
+        .cpu(), it first waits for the work queued on the array's stream (so a view taken
+        after a queued fill_ shows the fill) and raises, once, the KernelError of a kernel
+        of that stream that failed. Work queued on other streams is not waited for: order
+        it with events or wait_stream first. Inside a kernel it does not wait (the kernel
+        runs in its stream's order; waiting on its own stream would wait for itself)."""
         if self._ptr == 0:
             return np.empty(self.shape, dtype=self.dtype)
+        if not in_kernel():
+            _C.stream_synchronize(self._device, self._stream_id)
+            if pending:
+                raise_kernel_errors([(self._device, self._stream_id)])
         return np.asarray(_HostView(self))
 
     def record_stream(self, stream):
@@ -63,9 +74,7 @@ class DeviceArray(_C.ArrayBase):
     def __dlpack__(self, stream=None, **kwargs):
         """Exports a host (kDLCPU) view. The consumer reads it at once, with no stream to
         order on, so the work already queued on the array's stream is waited for first."""
-        if self._ptr:
-            _C.stream_synchronize(self._device, self._stream_id)
-        return self.numpy().__dlpack__(**kwargs)
+        return self.numpy().__dlpack__(**kwargs)  # numpy() waits for the array's stream
 
     def __dlpack_device__(self):
         return (1, 0)  # kDLCPU: the emulated device's memory is host-addressable
