@@ -7,10 +7,11 @@ Owns: the `settings` table (written before initialisation only), parse_memory,
 conf_items (the top-level key:value pairs of an MTIA_ALLOC_CONF string),
 check_unsupported_conf (refuses the keys the core parses but the emulator does not do),
 NO_DEVICE_MESSAGE (what every device call raises when MTIA_EMULATOR_DEVICES=0).
-Relies on: _C.parse_memory_size (the core parses size strings; Python never does)."""
+Relies on: _errors (as_integer), _C.parse_memory_size (the core parses size strings; Python never does)."""
 import os
 
 from . import _C
+from ._errors import as_integer
 
 DEFAULT_DEVICES = 2
 NO_DEVICE_MESSAGE = ("No MTIA devices are available (MTIA_EMULATOR_DEVICES=0): set MTIA_EMULATOR_DEVICES "
@@ -32,7 +33,7 @@ def _env_device_count():
     except ValueError:
         raise ValueError(f"MTIA_EMULATOR_DEVICES must be a whole number of devices, got {text!r}") from None
     if not 0 <= n <= 64:  # 0: no device (is_available() is False), as a machine without one
-        raise ValueError(f"MTIA_EMULATOR_DEVICES must be between 0 and 64, got {n}")
+        raise ValueError(f"MTIA_EMULATOR_DEVICES must be between 1 and 64, got {n} (or 0: no device)")
     return n
 
 
@@ -57,8 +58,8 @@ def parse_memory(value, what="memory_per_device"):
     64 TiB). Errors name `what` (the argument or environment variable)."""
     if isinstance(value, bool):
         raise TypeError(f"{what} must be an int number of bytes or a string like '16GiB', got bool")
-    if isinstance(value, int):
-        nbytes = value
+    if as_integer(value) is not None:
+        nbytes = as_integer(value)
     elif isinstance(value, str):
         nbytes = parse_size(value, what)
     else:

@@ -8,7 +8,7 @@ devices (_Device), _errors, _C (ArrayBase owns the block)."""
 import numpy as np
 
 from . import _C
-from ._errors import OutOfMemoryError
+from ._errors import OutOfMemoryError, as_integer
 from ._kernel_errors import pending, raise_kernel_errors
 from ._kernels import in_kernel, submit
 from .devices import _Device
@@ -111,18 +111,21 @@ def _shape_arg(shape):
         return (shape,)
     if isinstance(shape, bool):
         raise TypeError("shape must be an int or a tuple of ints, got bool")
-    if isinstance(shape, (int, np.integer)):
+    if as_integer(shape) is not None:
         shape = (shape,)
     try:
         shape = tuple(shape)
     except TypeError:
         raise TypeError(f"shape must be an int or a tuple of ints, got {type(shape).__name__}") from None
+    out = []
     for s in shape:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+        n = as_integer(s)  # int, numpy integer, anything with __index__ (not bool)
+        if n is None:
             raise TypeError(f"shape entries must be ints, got {s!r}")
-        if s < 0:
+        if n < 0:
             raise ValueError(f"shape entries must be non-negative, got {shape}")
-    return tuple(int(s) for s in shape)
+        out.append(n)
+    return tuple(out)
 
 
 _MAX_NBYTES = 1 << 63

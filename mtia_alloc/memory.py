@@ -9,7 +9,7 @@ Relies on: the modules named above, streams (Stream), _C."""
 from . import _C
 from ._alloc_conf import round_size as _round_size
 from ._alloc_conf import set_allocator_settings as _set_allocator_settings
-from ._errors import OutOfMemoryError
+from ._errors import OutOfMemoryError, as_integer
 from ._format import format_size
 from .history import (_dump_snapshot, _get_memory_metadata, _record_memory_history, _set_memory_metadata,
                       record_memory_history, snapshot)
@@ -44,8 +44,9 @@ def record_stream(ptr, stream):
     """Marks block `ptr` as used on `stream`: freeing it waits for the stream's work."""
     if not isinstance(stream, Stream):
         raise TypeError(f"record_stream expects an mtia_alloc.Stream, got {type(stream).__name__}")
-    if not isinstance(ptr, int) or isinstance(ptr, bool):
+    if as_integer(ptr) is None:
         raise TypeError(f"ptr must be an int, got {type(ptr).__name__}")
+    ptr = as_integer(ptr)
     if ptr == 0:
         return
     d = _C.device_of(ptr) if 0 < ptr < (1 << 64) else -1

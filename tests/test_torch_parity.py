@@ -155,3 +155,26 @@ def test_facade_takes_index_integers(blocks):
     e.record(s)
     assert mtia.empty(np.int64(4), device=one).shape == (4,)
     assert mtia.memory_stats(np.int8(0))["num_alloc_retries"] >= 0
+
+
+def test_more_facade_sizes_and_indices_take_index_integers(blocks):
+    assert mtia.memory.format_size(np.int64(2048)) == "2.00 KiB"
+    a = mtia.empty((np.int32(2), np.uint8(3)), "float32")
+    assert a.shape == (2, 3) and all(type(n) is int for n in a.shape)
+    mtia.set_device(np.int64(-1))  # ignored, as -1
+    with mtia.device(np.int64(-1)):
+        pass
+    p = blocks.alloc(4096, device=0)
+    mtia.record_stream(np.uint64(p), mtia.current_stream(0))
+    emulator.sleep(np.int64(1))
+    emulator.sleep(np.float32(0.5))
+    emulator.fail_device_allocations(np.int64(5), np.int64(0), device=0)
+    emulator.fail_device_allocations(None, device=0)
+    mtia.manual_seed(np.uint32(7))
+    pool = mtia.MemPool()
+    assert mtia.memory.memory_snapshot((np.int64(pool.id[0]), np.int64(pool.id[1]))) == pool.snapshot()
+    mtia.memory._record_memory_history("all", max_entries=np.int64(10))
+    mtia.memory._record_memory_history(None)
+    for bad in (True, 1.5, "3"):
+        with pytest.raises(ValueError):
+            mtia.memory.format_size(bad)
