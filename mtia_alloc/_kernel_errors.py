@@ -96,9 +96,10 @@ def _report_unobserved():
         pending.clear()
     for (device, stream_id), errors in left:
         for seq, exc, tb in errors:
-            warnings.warn(f"a kernel on stream {stream_id} of mtia:{device} raised {type(exc).__name__}: {exc}, "
-                          f"and no synchronize() or query() observed it\n\nKernel traceback:\n{tb}",
-                          UnobservedKernelErrorWarning, stacklevel=1)
+            # warn_explicit: no source line of this module under the message
+            warnings.warn_explicit(f"a kernel on stream {stream_id} of mtia:{device} raised {type(exc).__name__}: "
+                                   f"{exc}, and no synchronize() or query() observed it\n\nKernel traceback:\n{tb}",
+                                   UnobservedKernelErrorWarning, "<mtia_alloc at exit>", 0)
 
 
 # Registered when the package is first imported, before mtia_alloc/__init__.py registers

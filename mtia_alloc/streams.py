@@ -15,12 +15,13 @@ import threading
 from . import _C
 from ._capture import capture_of_stream, note_event_record, note_event_wait
 from ._device_arg import device_index
-from ._kernel_errors import KernelError, pending, raise_kernel_errors, raise_kernel_errors_upto
+from ._kernel_errors import (KernelError, UnobservedKernelErrorWarning, pending, raise_kernel_errors,
+                             raise_kernel_errors_upto)
 from ._lazy_init import lazy_init
 from .devices import _Device
 
 __all__ = ["Stream", "Event", "StreamContext", "stream", "current_stream", "default_stream", "set_stream",
-           "KernelError"]
+           "KernelError", "UnobservedKernelErrorWarning"]
 
 DEVICE_TYPE_MTIA = 19  # PyTorch's DeviceType value for MTIA
 # The emulator's stream priorities, as torch.cuda's: 0 is the least (the default), lower

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 import mtia_alloc as mtia
+import mtia_alloc.streams
 from mtia_alloc import emulator
 from mtia_alloc.streams import KernelError
 
@@ -160,6 +161,7 @@ def test_an_unobserved_error_is_a_warning_at_exit():
     assert proc.returncode == 0, proc.stderr
     assert "done" in proc.stdout
     assert "UnobservedKernelErrorWarning" in proc.stderr, proc.stderr
+    assert mtia.streams.UnobservedKernelErrorWarning.__name__ in proc.stderr
     assert "ValueError: nobody looked" in proc.stderr
     assert "no synchronize() or query() observed it" in proc.stderr
 

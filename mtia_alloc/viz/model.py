@@ -19,7 +19,8 @@ or a gzip-compressed pickle. Pickles are read with an unpickler that accepts pla
 
 Owns: the classes above. Works on plain dicts (viz.load validates them first).
 Relies on: viz.load, viz.render (plot), _format (format_bytes, summary_table), _C (the
-current device, for a device argument 'mtia'), and history.snapshot for `Snapshot()` without an argument (the one call into the live allocator).
+current device, for a device argument 'mtia'), and history.snapshot for `Snapshot()`
+without an argument (the one call into the live allocator).
 """
 import operator
 import os
