@@ -12,6 +12,7 @@ Owns: KernelError, UnobservedKernelErrorWarning, the per-stream error registry
 exit report.
 Relies on: nothing of mtia_alloc (the stream workers, devices and streams call in)."""
 import atexit
+import os
 import threading
 import traceback
 import warnings
@@ -101,6 +102,14 @@ def _report_unobserved():
                                    f"{exc}, and no synchronize() or query() observed it\n\nKernel traceback:\n{tb}",
                                    UnobservedKernelErrorWarning, "<mtia_alloc at exit>", 0)
 
+
+def _forget_in_child():
+    with _lock:  # a forked child has none of its parent's streams: their errors are not its own
+        pending.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 # Registered when the package is first imported, before mtia_alloc/__init__.py registers
 # the workers' shutdown: exit handlers run last-in first-out, so this runs after it.

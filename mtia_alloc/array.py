@@ -4,13 +4,14 @@ cache when the last reference dies; kernels that use it hold a reference until t
 Owns: DeviceArray, empty (the binding's fast path, with _empty_general behind it).
 Relies on: memory (record_stream), _kernels (the copy kernel of __copy__; in_kernel),
 _kernel_errors (numpy() raises what the stream's kernels raised), streams,
-devices (_Device), _errors, _C (ArrayBase owns the block)."""
+devices (_Device), _errors, _lazy_init (a forked child does not wait), _C (ArrayBase owns the block)."""
 import numpy as np
 
 from . import _C
 from ._errors import OutOfMemoryError, as_integer
 from ._kernel_errors import pending, raise_kernel_errors
 from ._kernels import in_kernel, submit
+from ._lazy_init import is_initialized
 from .devices import _Device
 from .memory import record_stream
 from .streams import Stream
@@ -58,10 +59,11 @@ class DeviceArray(_C.ArrayBase):
         after a queued fill_ shows the fill) and raises, once, the KernelError of a kernel
         of that stream that failed. Work queued on other streams is not waited for: order
         it with events or wait_stream first. Inside a kernel it does not wait (the kernel
-        runs in its stream's order; waiting on its own stream would wait for itself)."""
+        runs in its stream's order; waiting on its own stream would wait for itself), nor in
+        a forked child (its parent's stream workers do not run there)."""
         if self._ptr == 0:
             return np.empty(self.shape, dtype=self.dtype)
-        if not in_kernel():
+        if not in_kernel() and is_initialized():
             _C.stream_synchronize(self._device, self._stream_id)
             if pending:
                 raise_kernel_errors([(self._device, self._stream_id)])

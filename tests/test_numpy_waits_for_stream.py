@@ -52,3 +52,36 @@ def test_dlpack_still_waits():
     emulator.sleep(50, stream=s)
     emulator.fill_(a, 9, stream=s)
     assert (np.from_dlpack(a) == 9).all()
+
+
+def test_numpy_in_a_forked_child_does_not_wait_for_the_parents_streams():
+    import os
+    if not hasattr(os, "fork"):
+        return
+    s = mtia.Stream()
+    a = mtia.empty(4, "int32", stream=s)
+    emulator.fill_(a, 5, stream=s)
+    s.synchronize()
+    gate = threading.Event()
+    emulator.launch(lambda: gate.wait(30), stream=s)  # the parent's stream is busy at the fork
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ok = (a.numpy() == 5).all()  # the child has no worker for s: waiting would hang
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    gate.set()
+    import signal, time
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("numpy() in the forked child hung")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0
+    s.synchronize()
