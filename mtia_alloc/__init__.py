@@ -26,11 +26,12 @@ from .devices import (current_device, device, device_count, get_device_capabilit
                       is_available, is_bf16_supported, set_device, synchronize)
 from .graphs import MTIAGraph, graph, graph_pool_handle, is_current_stream_capturing
 from .memory import (MemPool, attach_out_of_memory_observer, caching_allocator_alloc, caching_allocator_delete,
-                     empty_cache, get_per_process_memory_fraction, max_memory_allocated, max_memory_reserved,
-                     mem_get_info, memory_allocated, memory_reserved, memory_snapshot, memory_stats,
-                     memory_stats_as_nested_dict, memory_summary, record_memory_history, record_stream,
-                     reset_accumulated_memory_stats, reset_peak_memory_stats, set_per_process_memory_fraction,
-                     snapshot, use_mem_pool)
+                     empty_cache, get_allocator_backend, get_per_process_memory_fraction, max_memory_allocated,
+                     max_memory_cached, max_memory_reserved, mem_get_info, memory_allocated, memory_cached,
+                     memory_reserved, memory_snapshot, memory_stats, memory_stats_as_nested_dict, memory_summary,
+                     record_memory_history, record_stream, reset_accumulated_memory_stats, reset_max_memory_allocated,
+                     reset_max_memory_cached, reset_peak_memory_stats, set_per_process_memory_fraction, snapshot,
+                     use_mem_pool)
 from .rng import (get_rng_state, get_rng_state_all, initial_seed, manual_seed, manual_seed_all, seed, seed_all,
                   set_rng_state, set_rng_state_all)
 from .streams import Event, Stream, StreamContext, current_stream, default_stream, set_stream, stream
@@ -50,7 +51,8 @@ __all__ = [
     "record_memory_history", "record_stream", "reset_accumulated_memory_stats", "reset_peak_memory_stats",
     "seed", "seed_all", "set_device", "set_per_process_memory_fraction", "set_rng_state", "set_rng_state_all",
     "set_stream",
-    "snapshot", "stream", "synchronize", "use_mem_pool",
+    "snapshot", "stream", "synchronize", "use_mem_pool", "get_allocator_backend", "memory_cached",
+    "max_memory_cached", "reset_max_memory_allocated", "reset_max_memory_cached",
 ]
 
 # Stream workers must stop before the interpreter finalises (queued Python kernels are

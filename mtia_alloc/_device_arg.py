@@ -5,17 +5,20 @@ raises the façade's OutOfMemoryError.
 
 Owns: device_index, check_device_arg; the one call of _C._configure_hooks.
 Relies on: _lazy_init, _settings (the device count before initialisation), _errors."""
+import operator
+
 from . import _C
 from ._errors import OutOfMemoryError
 from ._lazy_init import is_initialized, lazy_init
-from ._settings import configured_device_count
+from ._settings import NO_DEVICE_MESSAGE, configured_device_count
 
 __all__ = ["device_index", "check_device_arg"]
 
 
 def device_index(device, optional=True):
-    """Index of a device argument: None/'mtia' (current), int, 'mtia:N', or an object with
-    .type == 'mtia' and .index (a torch.device). Raises ValueError otherwise."""
+    """Index of a device argument: None/'mtia' (current), an integer (int, numpy integer,
+    anything with __index__), 'mtia:N', or an object with .type == 'mtia' and .index (a
+    torch.device). Raises ValueError otherwise."""
     lazy_init()
     return _parse_device(device, optional, _C.device_count(), _C.current_device)
 
@@ -30,6 +33,8 @@ def check_device_arg(device):
 
 
 def _parse_device(device, optional, n, current):
+    if n == 0:  # MTIA_EMULATOR_DEVICES=0: no device to name (checked before initialising)
+        raise RuntimeError(NO_DEVICE_MESSAGE)
     if device is None:
         if not optional:
             raise ValueError("Expected a mtia device with a specified index or an integer, but got: None")
@@ -54,8 +59,14 @@ def _parse_device(device, optional, n, current):
         if device.index is None:
             return current()
         index = device.index
-        if not isinstance(index, int) or isinstance(index, bool):
+        if isinstance(index, bool) or not hasattr(index, "__index__"):
             raise ValueError(f"Invalid device index {index!r}")
+        index = operator.index(index)
+    elif hasattr(device, "__index__"):  # a numpy integer, or any integer type
+        try:
+            index = operator.index(device)
+        except TypeError:
+            raise ValueError(f"Expected a mtia device, but got: {device!r}") from None
     else:
         raise ValueError(f"Expected a mtia device (None, int, 'mtia:N' or torch.device), but got: {device!r}")
     if not 0 <= index < n:

@@ -1,10 +1,26 @@
 """The façade's exception types and its refusal to copy objects that own allocator state.
 
 Owns: OutOfMemoryError (the binding raises it; the core's hooks get it from _device_arg),
-DeferredMtiaCallError (lazy initialisation raises it), refuse_copy (MemPool, MTIAGraph).
+DeferredMtiaCallError (lazy initialisation raises it), refuse_copy (MemPool, MTIAGraph),
+as_integer (sizes and indices: any integer type, numpy's included, never bool).
 Relies on: nothing but Python. Lowest layer: every module may import it."""
 
-__all__ = ["OutOfMemoryError", "DeferredMtiaCallError", "refuse_copy"]
+import operator
+
+__all__ = ["OutOfMemoryError", "DeferredMtiaCallError", "refuse_copy", "as_integer"]
+
+
+def as_integer(value):
+    """`value` as an int if it is an integer of any type (int, numpy integer, anything with
+    __index__) other than bool, else None."""
+    if type(value) is int:
+        return value
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 class OutOfMemoryError(RuntimeError):

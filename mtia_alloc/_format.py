@@ -10,16 +10,19 @@ Owns:
                  view reads like PyTorch's memory_viz, the messages like PyTorch's allocator.
   summary_table  torch.cuda.memory_summary's table from a flat memory_stats()-shaped dict
                  (memory_summary() of the live allocator and Snapshot.summary() both use it).
-Relies on: _C.format_size_ only; no allocator state."""
+Relies on: _C.format_size_ and _errors.as_integer only; no allocator state."""
 from . import _C
+from ._errors import as_integer
 
 __all__ = ["format_size", "format_bytes", "summary_table"]
 
 
 def format_size(size):
     """PyTorch's format_size: '1024 bytes', '1.00 KiB', '2.00 MiB', '3.00 GiB'."""
-    if not isinstance(size, int) or size < 0:
+    n = as_integer(size)
+    if n is None or n < 0:
         raise ValueError(f"size must be a non-negative int, got {size!r}")
+    size = n
     if size >= 1 << 64:  # beyond the native uint64: the same format, in Python
         return f"{size / (1 << 30):.2f} GiB"
     return _C.format_size_(size)

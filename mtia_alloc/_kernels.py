@@ -6,15 +6,26 @@ A kernel is a tuple: ("python", fn, args), ("sleep", ms), ("copy", dst, src) or
 ("fill", dst, pattern bytes); dst/src are DeviceArrays (or, in a captured graph,
 references that keep their address and size only).
 
-Owns: submit, stream_arg (which stream a kernel goes to), run_kernel.
+Owns: submit, stream_arg (which stream a kernel goes to), run_kernel, in_kernel (true on
+a stream worker while it runs a Python kernel).
 Relies on: streams (Stream, current_stream), _capture (record_if_capturing),
-_kernel_errors (a Python kernel's exception is kept for synchronize), _C (launch_*)."""
+_kernel_errors (a Python kernel's exception is kept, with its place in the stream, for the
+calls that observe the stream), _C (launch_*, stream_progress)."""
+import threading
+
 from . import _C
 from ._capture import record_if_capturing
 from ._kernel_errors import record_kernel_error
 from .streams import Stream, current_stream
 
-__all__ = ["submit", "stream_arg", "run_kernel"]
+__all__ = ["submit", "stream_arg", "run_kernel", "in_kernel"]
+
+_worker = threading.local()  # .running: a Python kernel runs on this thread
+
+
+def in_kernel():
+    """True inside a Python kernel (on a stream's worker thread)."""
+    return getattr(_worker, "running", False)
 
 
 def stream_arg(stream, device=None):
@@ -31,10 +42,15 @@ def _enqueue_python(stream, fn, args):
     d, sid = stream.device_index, stream.stream_id
 
     def kernel():
+        _worker.running = True
         try:
             fn(*args)
-        except BaseException as e:  # surfaces at the next synchronize()
-            record_kernel_error(d, sid, e)
+        except BaseException as e:  # surfaces at the next call that observes the stream
+            # The worker runs tasks in order and publishes each one's number when it
+            # ends: this kernel's number is one past the last completed.
+            record_kernel_error(d, sid, _C.stream_progress(d, sid)[1] + 1, e)
+        finally:
+            _worker.running = False
 
     _C.launch_python(d, sid, kernel)
 

@@ -10,7 +10,8 @@ import traceback
 
 from . import _C
 from ._errors import DeferredMtiaCallError
-from ._settings import DEFAULT_MEMORY, configured_device_count, default_runtime_reserved, parse_memory, settings
+from ._settings import (DEFAULT_MEMORY, NO_DEVICE_MESSAGE, check_unsupported_conf, configured_device_count,
+                        default_runtime_reserved, parse_memory, settings)
 
 __all__ = ["is_initialized", "lazy_init", "lazy_call"]
 
@@ -48,11 +49,14 @@ def lazy_init():
                 "Cannot re-initialize MTIA in forked subprocess. To use MTIA with multiprocessing, "
                 "you must use the 'spawn' start method")
         count = configured_device_count()
+        if count == 0:
+            raise RuntimeError(NO_DEVICE_MESSAGE)
         memory = settings["memory_per_device"]
         if memory is None:
             memory = parse_memory(os.environ.get("MTIA_EMULATOR_MEMORY", DEFAULT_MEMORY) or DEFAULT_MEMORY,
                                   "MTIA_EMULATOR_MEMORY")
         conf = os.environ.get("MTIA_ALLOC_CONF", "")
+        check_unsupported_conf(conf, f"MTIA_ALLOC_CONF={conf!r}")
         reserve = settings["runtime_reserved"]
         reserve = default_runtime_reserved(memory) if reserve is None else reserve
         if reserve >= memory:

@@ -2,13 +2,16 @@
 cache when the last reference dies; kernels that use it hold a reference until they run.
 
 Owns: DeviceArray, empty (the binding's fast path, with _empty_general behind it).
-Relies on: memory (record_stream), _kernels (the copy kernel of __copy__), streams,
-devices (_Device), _errors, _C (ArrayBase owns the block)."""
+Relies on: memory (record_stream), _kernels (the copy kernel of __copy__; in_kernel),
+_kernel_errors (numpy() raises what the stream's kernels raised), streams,
+devices (_Device), _errors, _lazy_init (a forked child does not wait), _C (ArrayBase owns the block)."""
 import numpy as np
 
 from . import _C
-from ._errors import OutOfMemoryError
-from ._kernels import submit
+from ._errors import OutOfMemoryError, as_integer
+from ._kernel_errors import pending, raise_kernel_errors
+from ._kernels import in_kernel, submit
+from ._lazy_init import is_initialized
 from .devices import _Device
 from .memory import record_stream
 from .streams import Stream
@@ -51,9 +54,19 @@ class DeviceArray(_C.ArrayBase):
         return n
 
     def numpy(self):
-        """A zero-copy numpy view (the emulated device memory is host memory)."""
+        """A zero-copy numpy view (the emulated device memory is host memory). As torch's
+        .cpu(), it first waits for the work queued on the array's stream (so a view taken
+        after a queued fill_ shows the fill) and raises, once, the KernelError of a kernel
+        of that stream that failed. Work queued on other streams is not waited for: order
+        it with events or wait_stream first. Inside a kernel it does not wait (the kernel
+        runs in its stream's order; waiting on its own stream would wait for itself), nor in
+        a forked child (its parent's stream workers do not run there)."""
         if self._ptr == 0:
             return np.empty(self.shape, dtype=self.dtype)
+        if not in_kernel() and is_initialized():
+            _C.stream_synchronize(self._device, self._stream_id)
+            if pending:
+                raise_kernel_errors([(self._device, self._stream_id)])
         return np.asarray(_HostView(self))
 
     def record_stream(self, stream):
@@ -63,9 +76,7 @@ class DeviceArray(_C.ArrayBase):
     def __dlpack__(self, stream=None, **kwargs):
         """Exports a host (kDLCPU) view. The consumer reads it at once, with no stream to
         order on, so the work already queued on the array's stream is waited for first."""
-        if self._ptr:
-            _C.stream_synchronize(self._device, self._stream_id)
-        return self.numpy().__dlpack__(**kwargs)
+        return self.numpy().__dlpack__(**kwargs)  # numpy() waits for the array's stream
 
     def __dlpack_device__(self):
         return (1, 0)  # kDLCPU: the emulated device's memory is host-addressable
@@ -102,18 +113,21 @@ def _shape_arg(shape):
         return (shape,)
     if isinstance(shape, bool):
         raise TypeError("shape must be an int or a tuple of ints, got bool")
-    if isinstance(shape, (int, np.integer)):
+    if as_integer(shape) is not None:
         shape = (shape,)
     try:
         shape = tuple(shape)
     except TypeError:
         raise TypeError(f"shape must be an int or a tuple of ints, got {type(shape).__name__}") from None
+    out = []
     for s in shape:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+        n = as_integer(s)  # int, numpy integer, anything with __index__ (not bool)
+        if n is None:
             raise TypeError(f"shape entries must be ints, got {s!r}")
-        if s < 0:
+        if n < 0:
             raise ValueError(f"shape entries must be non-negative, got {shape}")
-    return tuple(int(s) for s in shape)
+        out.append(n)
+    return tuple(out)
 
 
 _MAX_NBYTES = 1 << 63

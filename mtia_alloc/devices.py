@@ -5,10 +5,13 @@ Owns: is_available, init, device_count, current_device, set_device, device (cont
 manager), synchronize, get_device_capability, get_device_properties, is_bf16_supported,
 and _Device (the torch.device look-alike that .device attributes return).
 Relies on: _lazy_init, _device_arg, _settings (the count before initialisation),
-_kernel_errors (synchronize raises what kernels raised), _C."""
+_kernel_errors (synchronize raises what kernels raised), _errors (as_integer), _C."""
+import warnings
+
 from . import _C
 from ._device_arg import device_index
-from ._kernel_errors import device_error_keys, raise_kernel_errors
+from ._errors import as_integer
+from ._kernel_errors import device_error_keys, pending, raise_kernel_errors
 from ._lazy_init import is_initialized, lazy_init
 from ._settings import configured_device_count
 
@@ -17,8 +20,14 @@ __all__ = ["is_available", "init", "device_count", "current_device", "set_device
 
 
 def is_available():
-    """True (there is always at least one emulated device); does not initialise."""
-    return device_count() > 0
+    """True if there is at least one emulated device (MTIA_EMULATOR_DEVICES=0 gives none).
+    Does not initialise and, as torch's, never raises: a malformed MTIA_EMULATOR_DEVICES
+    gives False with a warning naming the fault."""
+    try:
+        return device_count() > 0
+    except ValueError as e:
+        warnings.warn(f"MTIA is not available: {e}", stacklevel=2)
+        return False
 
 
 def init():
@@ -42,7 +51,8 @@ def current_device():
 def set_device(device):
     """Makes `device` current for this thread; negative indices are ignored, and None (as
     every device argument in API.md) means the current device, so it changes nothing."""
-    if isinstance(device, int) and not isinstance(device, bool) and device < 0:
+    index = as_integer(device)
+    if index is not None and index < 0:
         return
     _C.set_current_device(device_index(device))
 
@@ -51,7 +61,8 @@ class device:
     """Context manager that makes a device current and restores the previous one."""
 
     def __init__(self, device):
-        if isinstance(device, int) and not isinstance(device, bool) and device < 0:
+        index = as_integer(device)
+        if index is not None and index < 0:
             self.idx = -1
         else:
             self.idx = device_index(device, optional=True)
@@ -73,7 +84,8 @@ def synchronize(device=None):
     """Waits for all work on every stream of the device; raises kernel errors."""
     d = device_index(device)
     _C.device_synchronize(d)
-    raise_kernel_errors(device_error_keys(d))
+    if pending:
+        raise_kernel_errors(device_error_keys(d))
 
 
 class _Device:

@@ -5,11 +5,14 @@ capture, kernels launched on a capturing stream are recorded by the graph instea
 
 Owns: configure, runtime_reserved, launch, sleep, copy_, fill_, fail_device_allocations.
 Relies on: _kernels (submission), array (DeviceArray), _settings (what configure sets),
-_lazy_init, _device_arg, _C."""
+_lazy_init, _device_arg, _errors (as_integer), _C."""
+import numbers
+
 import numpy as np
 
 from . import _C
 from ._device_arg import device_index
+from ._errors import as_integer
 from ._kernels import stream_arg, submit
 from ._lazy_init import is_initialized
 from ._settings import parse_memory, parse_size, settings
@@ -28,15 +31,18 @@ def configure(device_count=None, memory_per_device=None, runtime_reserved=None):
     if is_initialized() or _C.is_initialized():
         raise RuntimeError("emulator.configure() must be called before mtia_alloc is initialized")
     if device_count is not None:
-        if not isinstance(device_count, int) or isinstance(device_count, bool):
+        if as_integer(device_count) is None:
             raise TypeError(f"device_count must be an int, got {type(device_count).__name__}")
+        device_count = as_integer(device_count)
         if not 1 <= device_count <= 64:
             raise ValueError(f"device_count must be between 1 and 64, got {device_count}")
     memory = parse_memory(memory_per_device) if memory_per_device is not None else None
     if runtime_reserved is not None:
-        if isinstance(runtime_reserved, bool) or not isinstance(runtime_reserved, (int, str)):
-            raise TypeError(f"runtime_reserved must be an int number of bytes or a string like '64MiB', "
-                            f"got {type(runtime_reserved).__name__}")
+        if not isinstance(runtime_reserved, str):
+            if as_integer(runtime_reserved) is None:
+                raise TypeError(f"runtime_reserved must be an int number of bytes or a string like '64MiB', "
+                                f"got {type(runtime_reserved).__name__}")
+            runtime_reserved = as_integer(runtime_reserved)
         reserved = (parse_size(runtime_reserved, "runtime_reserved")
                     if isinstance(runtime_reserved, str) else runtime_reserved)
         if reserved < 0:
@@ -65,7 +71,7 @@ def launch(fn, *args, stream=None):
 
 def sleep(ms, stream=None):
     """Queues a kernel that keeps the stream busy for `ms` milliseconds."""
-    if isinstance(ms, bool) or not isinstance(ms, (int, float)):
+    if isinstance(ms, bool) or not isinstance(ms, numbers.Real):  # int, float, numpy numbers
         raise TypeError(f"ms must be a number, got {type(ms).__name__}")
     if not 0 <= ms <= 3_600_000:
         raise ValueError(f"ms must be between 0 and 3600000, got {ms}")
@@ -107,7 +113,10 @@ def fail_device_allocations(after_n=None, every=0, device=None):
     if after_n is None:
         _C.fail_device_allocations(d, -1, 0)
         return
+    values = []
     for name, v in (("after_n", after_n), ("every", every)):
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 63:
+        n = as_integer(v)
+        if n is None or not 0 <= n < 1 << 63:
             raise ValueError(f"{name} must be a non-negative int below 2**63, got {v!r}")
-    _C.fail_device_allocations(d, after_n, every)
+        values.append(n)
+    _C.fail_device_allocations(d, *values)

@@ -9,8 +9,11 @@ _dump_snapshot, the per-thread memory metadata, snapshot_segments (the segment l
 Relies on: _lazy_init, _C (the core records the history and builds the dicts)."""
 import contextlib
 import gc
+import operator
 import pickle
 import sys
+import threading
+import time
 import warnings
 
 from . import _C
@@ -53,6 +56,8 @@ def snapshot(device=None):
         # records shows up in the next one.
         traces = [_C.device_trace(d) for d in range(_C.device_count())]
         segments = _C.snapshot_segments(None)
+        if _skip_epochs:
+            traces = [_without_skipped(t) for t in traces]
     return {
         "segments": segments,
         "device_traces": traces,
@@ -62,14 +67,72 @@ def snapshot(device=None):
 
 
 _CONTEXTS = {None: 0, "state": 1, "alloc": 2, "all": 3}
+# The trace actions skip_actions may name (torch's, with the expandable segments' map/unmap).
+TRACE_ACTIONS = ("alloc", "free_requested", "free_completed", "segment_alloc", "segment_free", "segment_map",
+                 "segment_unmap", "oom", "snapshot")
+
+# skip_actions in force since a time: [(epoch microseconds, frozenset of actions)], in
+# order; empty while no call named any. The core records every action; snapshot() drops
+# those recorded while they were skipped (the binding's set_history takes no filter).
+_skip_epochs = []
+_skip_lock = threading.Lock()
+
+
+def _without_skipped(trace):
+    epochs = list(_skip_epochs)
+    out = []
+    for e in trace:
+        t = e["time_us"]
+        skip = ()
+        for since, actions in epochs:
+            if t < since:
+                break
+            skip = actions
+        if e["action"] not in skip:
+            out.append(e)
+    return out
+
+
+def _note_skip_actions(enabled, skip, clear):
+    """Called as a setting applies: from now on `skip` is in force (a history that is
+    stopped or cleared forgets the earlier epochs)."""
+    now = time.time_ns() // 1000
+    with _skip_lock:
+        if enabled is None or clear:
+            _skip_epochs.clear()
+        if enabled is not None and (skip or _skip_epochs):
+            _skip_epochs.append((now, skip))
+
+
+def _skip_actions_arg(skip_actions):
+    if skip_actions is None:
+        return frozenset()
+    if isinstance(skip_actions, (str, bytes)) or not hasattr(skip_actions, "__iter__"):
+        raise TypeError(f"skip_actions must be a list of action names, got {type(skip_actions).__name__}")
+    actions = list(skip_actions)
+    for a in actions:
+        if a not in TRACE_ACTIONS:
+            raise ValueError(f"Invalid action {a!r} in skip_actions; valid actions are {', '.join(TRACE_ACTIONS)}")
+    return frozenset(actions)
 
 
 def record_memory_history(enabled="all", context="all", stacks="python", max_entries=sys.maxsize, device=None,
-                          clear_history=False, **legacy):
+                          clear_history=False, compile_context=False, global_record_annotations=False,
+                          skip_actions=None, **legacy):
     """Records alloc/free history for snapshots: enabled None/'state'/'all', context
     None/'state'/'alloc'/'all', stacks 'python'/'all', max_entries = ring buffer size
-    (the signature of torch.cuda.memory._record_memory_history). torch.mtia's positional
-    form record_memory_history(enabled, stacks, max_entries) is understood too.
+    (the signature of torch.cuda.memory._record_memory_history, torch 2.13's included).
+    torch.mtia's positional form record_memory_history(enabled, stacks, max_entries) is
+    understood too.
+
+    skip_actions: trace actions not to record, e.g. ["free_requested"] (names from
+    TRACE_ACTIONS; others raise ValueError). The core records every action and snapshot()
+    leaves out those recorded while they were skipped, so skipped actions still take
+    places in the max_entries ring buffer. compile_context: torch records the torch.compile
+    context of each entry; there is none here, so it is accepted and entries keep
+    compile_context 'N/A'. global_record_annotations: torch records profiler annotations
+    from every thread into external_annotations; the emulator has no profiler annotations,
+    so it is accepted and external_annotations stays empty.
 
     As torch.mtia.record_memory_history, it does nothing before the device is initialised
     (it warns here, as that is easy to trip over): call mtia_alloc.init() first, or use
@@ -78,7 +141,8 @@ def record_memory_history(enabled="all", context="all", stacks="python", max_ent
     recording and clears the history; clear_history=True clears it when (re)enabling.
     The legacy form record_memory_history(True/False, record_context=True,
     trace_alloc_max_entries=1, trace_alloc_record_context=False) is understood too."""
-    apply = _history_setter(enabled, context, stacks, max_entries, clear_history, legacy)
+    apply = _history_setter(enabled, context, stacks, max_entries, clear_history, legacy, compile_context,
+                            global_record_annotations, skip_actions)
     if not is_initialized():
         warnings.warn("record_memory_history() before the device is initialised is ignored, as in torch.mtia; "
                       "call mtia_alloc.init() first (or use mtia_alloc.memory._record_memory_history, which "
@@ -88,19 +152,29 @@ def record_memory_history(enabled="all", context="all", stacks="python", max_ent
 
 
 def _record_memory_history(enabled="all", context="all", stacks="python", max_entries=sys.maxsize, device=None,
-                           clear_history=False, **legacy):
+                           clear_history=False, compile_context=False, global_record_annotations=False,
+                           skip_actions=None, **legacy):
     """torch.cuda.memory._record_memory_history: as record_memory_history, but it initialises
     the device first (as torch.cuda's does), so it may be the first call of a program. The
     legacy form (enabled: bool, record_context, trace_alloc_max_entries, ...) works too."""
-    apply = _history_setter(enabled, context, stacks, max_entries, clear_history, legacy)
+    apply = _history_setter(enabled, context, stacks, max_entries, clear_history, legacy, compile_context,
+                            global_record_annotations, skip_actions)
     lazy_init()
     apply()
 
 
-def _history_setter(enabled, context, stacks, max_entries, clear_history, legacy):
+def _history_setter(enabled, context, stacks, max_entries, clear_history, legacy, compile_context=False,
+                    global_record_annotations=False, skip_actions=None):
     """Validates record_memory_history's arguments; returns the call that applies them."""
     if isinstance(enabled, bool):
+        if compile_context is not False or global_record_annotations is not False or skip_actions is not None:
+            raise TypeError("the legacy record_memory_history(enabled: bool, ...) form takes no compile_context, "
+                            "global_record_annotations or skip_actions; pass enabled='all'")
         return _legacy_history_setter(enabled, context, stacks, max_entries, legacy)
+    for name, flag in (("compile_context", compile_context), ("global_record_annotations", global_record_annotations)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    skip = _skip_actions_arg(skip_actions)
     if legacy:
         raise TypeError(f"record_memory_history() got unexpected keyword arguments {sorted(legacy)}")
     int_stacks = isinstance(stacks, int) and not isinstance(stacks, bool)
@@ -114,14 +188,20 @@ def _history_setter(enabled, context, stacks, max_entries, clear_history, legacy
         raise ValueError("expected context to be 'state', 'alloc', 'all', or None")
     if stacks not in ("python", "all", "cpp"):
         raise ValueError("expected stacks to be 'python', or 'all'")
-    if not isinstance(max_entries, int) or isinstance(max_entries, bool):
+    if isinstance(max_entries, bool) or not hasattr(max_entries, "__index__"):
         raise TypeError(f"max_entries must be an int, got {type(max_entries).__name__}")
+    max_entries = operator.index(max_entries)
     if max_entries < 0:  # PyTorch's binding takes a size_t
         raise ValueError(f"max_entries must be non-negative, got {max_entries}")
     entries = 1 if enabled == "state" else max(1, min(max_entries, 1 << 62))  # 0 means one, as in PyTorch
     level = _CONTEXTS[context] if enabled is not None else 0
     clear = bool(clear_history)
-    return lambda: _C.set_history(enabled is not None, level, entries, clear)
+
+    def apply():
+        _C.set_history(enabled is not None, level, entries, clear)
+        _note_skip_actions(enabled, skip, clear)
+
+    return apply
 
 
 def _legacy_history_setter(enabled, context, stacks, max_entries, legacy):

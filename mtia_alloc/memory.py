@@ -9,16 +9,17 @@ Relies on: the modules named above, streams (Stream), _C."""
 from . import _C
 from ._alloc_conf import round_size as _round_size
 from ._alloc_conf import set_allocator_settings as _set_allocator_settings
-from ._errors import OutOfMemoryError
+from ._errors import OutOfMemoryError, as_integer
 from ._format import format_size
 from .history import (_dump_snapshot, _get_memory_metadata, _record_memory_history, _set_memory_metadata,
                       record_memory_history, snapshot)
 from .history import snapshot as _snapshot
 from .pools import MemPool, memory_snapshot, use_mem_pool
 from .raw_allocators import PluggableAllocator, PythonAllocator, change_current_allocator
-from .stats import (check_invariants, empty_cache, get_per_process_memory_fraction, max_memory_allocated,
-                    max_memory_reserved, mem_get_info, memory_allocated, memory_reserved, memory_stats,
-                    memory_stats_as_nested_dict, memory_summary, reset_accumulated_memory_stats,
+from .stats import (check_invariants, empty_cache, get_allocator_backend, get_per_process_memory_fraction,
+                    max_memory_allocated, max_memory_cached, max_memory_reserved, mem_get_info, memory_allocated,
+                    memory_cached, memory_reserved, memory_stats, memory_stats_as_nested_dict, memory_summary,
+                    reset_accumulated_memory_stats, reset_max_memory_allocated, reset_max_memory_cached,
                     reset_peak_memory_stats, set_per_process_memory_fraction)
 from .streams import Stream
 from .viz.model import Snapshot
@@ -34,7 +35,8 @@ __all__ = [
     "set_per_process_memory_fraction", "get_per_process_memory_fraction", "memory_summary", "mem_get_info",
     "snapshot", "memory_snapshot", "record_memory_history", "attach_out_of_memory_observer",
     "OutOfMemoryError", "MemPool", "use_mem_pool", "PythonAllocator", "PluggableAllocator",
-    "change_current_allocator", "check_invariants", "format_size", "Snapshot",
+    "change_current_allocator", "check_invariants", "format_size", "Snapshot", "memory_cached",
+    "max_memory_cached", "reset_max_memory_allocated", "reset_max_memory_cached", "get_allocator_backend",
 ]
 
 
@@ -42,8 +44,9 @@ def record_stream(ptr, stream):
     """Marks block `ptr` as used on `stream`: freeing it waits for the stream's work."""
     if not isinstance(stream, Stream):
         raise TypeError(f"record_stream expects an mtia_alloc.Stream, got {type(stream).__name__}")
-    if not isinstance(ptr, int) or isinstance(ptr, bool):
+    if as_integer(ptr) is None:
         raise TypeError(f"ptr must be an int, got {type(ptr).__name__}")
+    ptr = as_integer(ptr)
     if ptr == 0:
         return
     d = _C.device_of(ptr) if 0 < ptr < (1 << 64) else -1

@@ -11,7 +11,7 @@ import sys
 from . import _C
 from ._capture import retain_pool_in_capture
 from ._device_arg import device_index
-from ._errors import refuse_copy
+from ._errors import as_integer, refuse_copy
 from ._lazy_init import lazy_init
 from .history import snapshot_segments
 from .raw_allocators import PluggableAllocator, PythonAllocator
@@ -22,9 +22,10 @@ __all__ = ["MemPool", "use_mem_pool", "memory_snapshot", "pool_id_of"]
 def pool_id_of(pool):
     if isinstance(pool, MemPool):
         return pool.id
-    if (isinstance(pool, tuple) and len(pool) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                           and 0 <= x < (1 << 64) for x in pool)):
-        return pool
+    if isinstance(pool, tuple) and len(pool) == 2:
+        ids = tuple(as_integer(x) for x in pool)
+        if all(x is not None and 0 <= x < (1 << 64) for x in ids):
+            return ids
     raise TypeError(f"expected a MemPool or a (int, int) pool id, got {pool!r}")
 
 

@@ -8,7 +8,7 @@ ByteTensor torch.cuda.get_rng_state() returns. It is plain data: set_rng_state()
 unpickles anything it is given.
 
 Owns: the generators and the RNG functions of API.md §1. Relies on: _lazy_init
-(lazy_call queues seeding until init), _device_arg, _C."""
+(lazy_call queues seeding until init), _device_arg, _errors (as_integer), _C."""
 import random
 import threading
 
@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _C
 from ._device_arg import device_index
+from ._errors import as_integer
 from ._lazy_init import lazy_call, lazy_init
 
 _DEFAULT_SEED = 67280421310721  # torch's default_generator seed
@@ -104,9 +105,9 @@ def set_rng_state_all(new_states):
 
 
 def _check_seed(seed):
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    if as_integer(seed) is None:
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    return int(seed) & ((1 << 64) - 1)
+    return as_integer(seed) & ((1 << 64) - 1)
 
 
 def manual_seed(seed):

@@ -5,16 +5,24 @@ tests run after random operation sequences).
 
 Before initialisation the statistics are empty (0 or {}), as torch's, after checking the
 device argument.
-Owns: the functions above. Relies on: _lazy_init, _device_arg, _format (summary_table), _C."""
+Also torch.cuda's deprecated aliases (reset_max_memory_allocated, reset_max_memory_cached,
+memory_cached, max_memory_cached: FutureWarning with torch's text, in mtia's names) and
+get_allocator_backend.
+Owns: the functions above. Relies on: _lazy_init, _device_arg, _format (summary_table),
+_settings (which raw allocator is installed), _C."""
+import warnings
+
 from . import _C
 from ._device_arg import check_device_arg, device_index
 from ._format import summary_table
 from ._lazy_init import is_initialized
+from ._settings import settings
 
 __all__ = ["memory_stats", "memory_stats_as_nested_dict", "memory_allocated", "max_memory_allocated",
            "memory_reserved", "max_memory_reserved", "reset_peak_memory_stats", "reset_accumulated_memory_stats",
            "empty_cache", "mem_get_info", "set_per_process_memory_fraction", "get_per_process_memory_fraction",
-           "memory_summary", "check_invariants"]
+           "memory_summary", "check_invariants", "reset_max_memory_allocated", "reset_max_memory_cached",
+           "memory_cached", "max_memory_cached", "get_allocator_backend"]
 
 
 def memory_stats_as_nested_dict(device=None):
@@ -80,6 +88,42 @@ def memory_reserved(device=None):
 
 def max_memory_reserved(device=None):
     return _stat(device, "reserved_bytes", "peak")
+
+
+def memory_cached(device=None):
+    """Deprecated; see memory_reserved."""
+    warnings.warn("torch.mtia.memory_cached has been renamed to torch.mtia.memory_reserved", FutureWarning,
+                  stacklevel=2)
+    return memory_reserved(device=device)
+
+
+def max_memory_cached(device=None):
+    """Deprecated; see max_memory_reserved."""
+    warnings.warn("torch.mtia.max_memory_cached has been renamed to torch.mtia.max_memory_reserved", FutureWarning,
+                  stacklevel=2)
+    return max_memory_reserved(device=device)
+
+
+def reset_max_memory_allocated(device=None):
+    """Deprecated: resets every peak statistic (reset_peak_memory_stats), as torch's."""
+    warnings.warn("torch.mtia.reset_max_memory_allocated now calls torch.mtia.reset_peak_memory_stats, "
+                  "which resets /all/ peak memory stats.", FutureWarning, stacklevel=2)
+    return reset_peak_memory_stats(device=device)
+
+
+def reset_max_memory_cached(device=None):
+    """Deprecated: resets every peak statistic (reset_peak_memory_stats), as torch's."""
+    warnings.warn("torch.mtia.reset_max_memory_cached now calls torch.mtia.reset_peak_memory_stats, "
+                  "which resets /all/ peak memory stats.", FutureWarning, stacklevel=2)
+    return reset_peak_memory_stats(device=device)
+
+
+def get_allocator_backend():
+    """The allocator backend, as torch.cuda.get_allocator_backend(): "native" (the caching
+    allocator over the emulated device), or "pluggable" (the name torch's
+    CUDAPluggableAllocator reports) once change_current_allocator() put a PythonAllocator or
+    PluggableAllocator under the default pools. Does not initialise."""
+    return "native" if settings["raw_allocator"] is None else "pluggable"
 
 
 def reset_peak_memory_stats(device=None):

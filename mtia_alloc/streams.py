@@ -1,65 +1,102 @@
 """Streams and events with torch.mtia's API over the emulated devices.
 
 Streams run work asynchronously (one worker thread per stream, in order). A Python
-kernel that raises does not kill its stream: the error is kept and raised, with its
-traceback, by the next synchronize() of that stream or of its device (KernelError).
+kernel that raises does not kill its stream: the error is kept, as an asynchronous device
+error is, and raised once (KernelError, with the kernel's traceback) by the first call that
+observes the stream past that kernel: Stream.synchronize()/query(), synchronize() of its
+device, Event.synchronize()/query() of an event recorded after it (see _kernel_errors).
 
 Owns: Stream, Event, StreamContext, stream, current_stream, default_stream, set_stream.
 Relies on: devices (_Device), _device_arg, _lazy_init, _capture (an event recorded or
 waited on inside a graph capture joins streams to it), _kernel_errors, _C."""
+import operator
 import threading
 
 from . import _C
 from ._capture import capture_of_stream, note_event_record, note_event_wait
 from ._device_arg import device_index
-from ._kernel_errors import KernelError, raise_kernel_errors
+from ._kernel_errors import (KernelError, UnobservedKernelErrorWarning, pending, raise_kernel_errors,
+                             raise_kernel_errors_upto)
 from ._lazy_init import lazy_init
 from .devices import _Device
 
 __all__ = ["Stream", "Event", "StreamContext", "stream", "current_stream", "default_stream", "set_stream",
-           "KernelError"]
+           "KernelError", "UnobservedKernelErrorWarning"]
 
 DEVICE_TYPE_MTIA = 19  # PyTorch's DeviceType value for MTIA
-_MIN_PRIORITY, _MAX_PRIORITY = -(1 << 31), (1 << 31) - 1  # the emulator takes any C int
+# The emulator's stream priorities, as torch.cuda's: 0 is the least (the default), lower
+# numbers are higher; four levels, 0 to -3, as c10/cuda keeps. Others map to the nearest.
+LEAST_PRIORITY, GREATEST_PRIORITY = 0, -3
+_UNSET = object()
+
+
+def _int_arg(value, what):
+    """An int from any integer object (int, numpy integer, anything with __index__; not bool)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}") from None
 
 
 class Stream:
-    """An emulated stream (torch.Stream semantics). Stream(device=None, *, priority=0)
-    makes a new one; Stream(stream_id=..., device_index=..., device_type=...), or the same
-    three positionally as torch.Stream takes them, is a handle to an existing one."""
+    """An emulated stream (torch.Stream semantics). Stream(device=None, priority=0) makes a
+    new one (device and priority positional or by keyword, as torch.cuda.Stream(device,
+    priority); a priority outside priority_range() maps to the nearest valid one);
+    Stream(stream_id=..., device_index=..., device_type=...), or the same three
+    positionally as torch.Stream takes them, is a handle to an existing one.
+
+    Streams are not picklable (a stream exists only in the process that made it): pass its
+    (stream_id, device_index, device_type) and rebuild the handle. copy.copy and
+    copy.deepcopy give the stream itself (a handle: copies would be equal anyway)."""
 
     __slots__ = ("stream_id", "device_index", "device_type", "priority")
 
-    def __init__(self, device=None, *rebuild, priority=0, stream_id=None, device_index=None, device_type=None):
-        if rebuild:  # Stream(stream_id, device_index, device_type)
-            if len(rebuild) != 2 or stream_id is not None or device_index is not None or device_type is not None:
-                raise TypeError("Stream() takes (device=None, *, priority=0) or (stream_id, device_index, "
+    def __init__(self, device=None, *positional, priority=_UNSET, stream_id=None, device_index=None,
+                 device_type=None):
+        if len(positional) == 2:  # Stream(stream_id, device_index, device_type)
+            if stream_id is not None or device_index is not None or device_type is not None \
+                    or priority is not _UNSET:
+                raise TypeError("Stream() takes (device=None, priority=0) or (stream_id, device_index, "
                                 "device_type) positionally, not a mix")
             stream_id, device = device, None
-            device_index, device_type = rebuild
+            device_index, device_type = positional
             if stream_id is None:
                 raise TypeError("stream_id must be an int, got NoneType")
+        elif len(positional) == 1:  # Stream(device, priority), as torch.cuda.Stream
+            if priority is not _UNSET:
+                raise TypeError("Stream() got multiple values for argument 'priority'")
+            priority = positional[0]
+        elif positional:
+            raise TypeError(f"Stream() takes at most 3 positional arguments ({len(positional) + 1} given)")
+        if priority is _UNSET:
+            priority = 0
         lazy_init()
         if stream_id is not None:
             d = _device_index_of(device_index if device_index is not None else device)
             if device_type is not None and device_type != DEVICE_TYPE_MTIA:
                 raise ValueError(f"device_type must be {DEVICE_TYPE_MTIA} (MTIA), got {device_type!r}")
-            if not isinstance(stream_id, int) or isinstance(stream_id, bool):
-                raise TypeError(f"stream_id must be an int, got {type(stream_id).__name__}")
+            stream_id = _int_arg(stream_id, "stream_id")
             if not -(1 << 63) <= stream_id < (1 << 63):  # no stream has an id beyond int64
                 raise ValueError(f"unknown stream {stream_id} on device {d}")
             _C.stream_query(d, stream_id)  # raises ValueError for an unknown stream
             self.stream_id = stream_id
             self.device_index = d
         else:
-            if not isinstance(priority, int) or isinstance(priority, bool):
-                raise TypeError(f"priority must be an int, got {type(priority).__name__}")
-            # As torch.Stream: a priority outside the valid range maps to the nearest valid one.
-            priority = min(max(priority, _MIN_PRIORITY), _MAX_PRIORITY)
+            priority = _int_arg(priority, "priority")
+            # As torch.cuda.Stream: a priority outside the valid range maps to the nearest valid one.
+            priority = min(max(priority, GREATEST_PRIORITY), LEAST_PRIORITY)
             self.device_index = _device_index_of(device)
             self.stream_id = _C.new_stream(self.device_index, priority)
         self.device_type = DEVICE_TYPE_MTIA
         self.priority = priority
+
+    @staticmethod
+    def priority_range():
+        """(least, greatest) priority, as torch.cuda.Stream.priority_range(): (0, -3); lower
+        numbers are higher priorities."""
+        return LEAST_PRIORITY, GREATEST_PRIORITY
 
     @classmethod
     def _handle(cls, device, stream_id):
@@ -72,11 +109,17 @@ class Stream:
         return _Device(self.device_index)
 
     def query(self):
-        return _C.stream_query(self.device_index, self.stream_id)
+        """True if all work queued on the stream has completed. Raises (once) the KernelError
+        of a kernel of this stream that has failed."""
+        done = _C.stream_query(self.device_index, self.stream_id)
+        if pending:
+            raise_kernel_errors([(self.device_index, self.stream_id)])
+        return done
 
     def synchronize(self):
         _C.stream_synchronize(self.device_index, self.stream_id)
-        raise_kernel_errors([(self.device_index, self.stream_id)])
+        if pending:
+            raise_kernel_errors([(self.device_index, self.stream_id)])
 
     def wait_event(self, event):
         if not isinstance(event, Event):
@@ -111,6 +154,17 @@ class Stream:
     def __repr__(self):
         return f"torch.Stream device_type=mtia, device_index={self.device_index}, stream_id={self.stream_id}"
 
+    def __reduce_ex__(self, protocol):
+        raise TypeError("Stream objects cannot be pickled: a stream exists only in the process that created it "
+                        "(send its stream_id, device_index and device_type and rebuild it with Stream(stream_id=..., "
+                        "device_index=..., device_type=...) in this process)")
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
     def __enter__(self):
         ctx = StreamContext(self)
         stack = getattr(_ctx_tls, "stack", None)
@@ -133,7 +187,10 @@ def _device_index_of(device):
 
 
 class Event:
-    """An emulated event: Event(device=None, *, enable_timing=False, blocking=False, interprocess=False)."""
+    """An emulated event: Event(device=None, *, enable_timing=False, blocking=False, interprocess=False).
+
+    query() and synchronize() raise (once) the KernelError of a kernel that failed on the
+    event's stream before the event was recorded; not pickled or copied (as torch's)."""
 
     _next_id = 1
     _id_lock = threading.Lock()
@@ -144,6 +201,8 @@ class Event:
         self._handle = _C.EventHandle(bool(enable_timing), self._device)
         self.enable_timing = bool(enable_timing)
         self.event_id = 0
+        self._stream_key = None  # (device, stream_id) it was last recorded on
+        self._seq = 0  # the stream's task count when it was recorded: the kernels it follows
 
     @property
     def device(self):
@@ -160,6 +219,11 @@ class Event:
         self._device = stream.device_index
         note_event_record(self, stream)
         self._handle.record(stream.device_index, stream.stream_id)
+        # The tasks queued so far (with a timing event's marker): the event follows them.
+        # The binding does not return the mark's own number; a kernel that another thread
+        # queues on the stream at this very moment may be counted as before the event.
+        self._seq = _C.stream_progress(stream.device_index, stream.stream_id)[0]
+        self._stream_key = (stream.device_index, stream.stream_id)
         if not self.event_id:
             with Event._id_lock:
                 self.event_id = Event._next_id
@@ -173,20 +237,37 @@ class Event:
         note_event_wait(self, stream)
         self._handle.wait(stream.device_index, stream.stream_id)
 
+    def _raise_errors_before(self):
+        key = self._stream_key
+        if key is not None:
+            raise_kernel_errors_upto(key, self._seq)
+
     def query(self):
-        return self._handle.query()
+        done = self._handle.query()
+        if pending:
+            self._raise_errors_before()
+        return done
 
     def synchronize(self):
         self._handle.synchronize()
+        if pending:
+            self._raise_errors_before()
 
     def elapsed_time(self, end_event):
+        """Milliseconds from this event to `end_event`. As torch: both must be timing events,
+        recorded and complete (it does not wait: RuntimeError if one is still pending)."""
         if not isinstance(end_event, Event):
             raise TypeError(f"elapsed_time expects an Event, got {type(end_event).__name__}")
         if not (self.enable_timing and end_event.enable_timing):
             raise ValueError("Both events must be created with argument 'enable_timing=True'")
         if not (self._handle.recorded and end_event._handle.recorded):
             raise ValueError("Both events must be recorded before calculating elapsed time")
+        if not (self._handle.query() and end_event._handle.query()):
+            raise RuntimeError("Both events must be completed before calculating elapsed time.")
         return self._handle.elapsed_ms(end_event._handle)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("Event objects cannot be pickled")
 
     def __repr__(self):
         return (f"torch.Event device_type=mtia, device_index={self._device}, "

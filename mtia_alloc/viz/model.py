@@ -18,19 +18,44 @@ older PyTorch snapshot (blocks with a legacy `history`), a JSON file of the same
 or a gzip-compressed pickle. Pickles are read with an unpickler that accepts plain data only.
 
 Owns: the classes above. Works on plain dicts (viz.load validates them first).
-Relies on: viz.load, viz.render (plot), _format (format_bytes, summary_table), and
-history.snapshot for `Snapshot()` without an argument (the one call into the live allocator).
+Relies on: viz.load, viz.render (plot), _format (format_bytes, summary_table), _C (the
+current device, for a device argument 'mtia'), and history.snapshot for `Snapshot()`
+without an argument (the one call into the live allocator).
 """
 import operator
 import os
 import pickle
 
+from .. import _C
 from .._format import format_bytes, summary_table
 from ..history import snapshot
 from .load import SIZED_ACTIONS, normalize, plain
 from .render import is_html_name, not_html_message, render_html
 
 __all__ = ["Snapshot", "Segment", "Block", "Fragmentation"]
+
+
+def _device_number(device):
+    """The device index a device argument names, without the live device-count check (a
+    snapshot may come from another process): int/__index__, 'mtia:N', 'mtia' (the current
+    device), or an object with .type == 'mtia' and .index."""
+    what = f"device must be an integer, 'mtia:N' or a torch.device, got {type(device).__name__} {device!r:.40}"
+    if isinstance(device, str):
+        text = device.strip()
+        if text == "mtia":
+            return _C.current_device() if _C.is_initialized() else 0
+        if text.startswith("mtia:") and text[5:].isdigit():
+            return int(text[5:])
+        raise TypeError(what)
+    if hasattr(device, "type") and hasattr(device, "index") and not hasattr(device, "__index__"):
+        if device.type != "mtia":
+            raise TypeError(what)
+        if device.index is None:
+            return _C.current_device() if _C.is_initialized() else 0
+        device = device.index
+    if isinstance(device, bool) or not hasattr(device, "__index__"):
+        raise TypeError(what)
+    return operator.index(device)
 
 ACTIVE_STATES = ("active_allocated", "active_pending_free")
 SMALL_SEGMENT_MAX = 2 << 20  # PyTorch's small-pool segment size (kSmallBuffer)
@@ -346,14 +371,15 @@ class Snapshot:
         return [s for s in self.segments if s.device == device]
 
     def _check_device(self, device):
-        """`device` if this snapshot has it (a segment or a trace list; device 0 of an empty
-        snapshot), else a ValueError naming the devices it has: a table of zeros would mislead."""
+        """The index of `device` (an integer, 'mtia:N', or a torch.device-like object with
+        .type 'mtia', as every device argument; 'mtia' alone is the current device) if this
+        snapshot has it (a segment or a trace list; device 0 of an empty snapshot), else a
+        ValueError naming the devices it has: a table of zeros would mislead."""
         known = sorted(set(self.devices) | set(range(len(self.device_traces)))) or [0]
-        if isinstance(device, bool) or not hasattr(device, "__index__"):
-            raise TypeError(f"device must be an integer, got {type(device).__name__} {device!r:.40}")
-        if operator.index(device) not in known:
+        index = _device_number(device)
+        if index not in known:
             raise ValueError(f"device {device} is not in this snapshot (devices: {known})")
-        return operator.index(device)
+        return index
 
     @property
     def reserved(self):
