@@ -12,6 +12,7 @@ import sys
 
 cimport cython
 
+from cpython.number cimport PyIndex_Check, PyNumber_Index
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint64_t, uintptr_t
 from libcpp cimport bool as cbool
@@ -37,8 +38,9 @@ from mtia_alloc._core.stream cimport Event, Stream, stream_wait_mark
 from mtia_alloc._core.types cimport MempoolId
 
 
-cdef Allocator* _alloc = NULL
+cdef Allocator* _alloc = NULL     # NULL: not initialised, or forgotten in a forked child
 cdef int _ndev = 0
+cdef bint _forgotten = False      # a forked child's: the parent's allocator was forgotten
 cdef object _lazy_init = None     # the façade's init, called on first use
 cdef object _device_parser = None  # the façade's device-argument parser
 cdef object _oom_error = None
@@ -98,6 +100,24 @@ def is_initialized():
     return _alloc != NULL
 
 
+def after_fork_in_child():
+    """In a forked child (the façade's at-fork handler): forgets the parent's allocator,
+    if there was one, and says whether there was. The child has only the forking thread
+    and a copy of the parent's memory: the stream workers are gone and a device lock may
+    be held by a thread that no longer exists, so the copy is never used (nor freed, nor
+    shut down at exit). _alloc reads NULL again, so every entry point, the fast paths
+    included, falls into lazy initialisation, which raises PyTorch's bad-fork error; the
+    arrays inherited from the parent free nothing when they die."""
+    global _alloc, _ndev, _forgotten
+    reset_gil_hooks_after_fork()
+    if _alloc == NULL:
+        return False
+    _alloc = NULL
+    _ndev = 0
+    _forgotten = True
+    return True
+
+
 def shutdown():
     """Stops every stream worker (queued work is dropped). Called at interpreter exit."""
     if _alloc != NULL:
@@ -112,6 +132,23 @@ def parse_memory_size(str text, str what):
 cdef inline void _ensure_init() except *:
     if _alloc == NULL:
         _lazy_init()
+
+
+cdef Allocator* _allocator() except NULL:
+    """The allocator, initialised on first use, for the entry points that do not check
+    _alloc themselves. In a forked child lazy initialisation raises (after_fork_in_child)."""
+    if _alloc == NULL:
+        _lazy_init()
+        if _alloc == NULL:
+            raise RuntimeError("mtia_alloc is not initialized")
+    return _alloc
+
+
+cdef object _index_arg(object value, str what):
+    """`value` as an int: any integer type (numpy's, anything with __index__) but bool."""
+    if isinstance(value, bool) or not PyIndex_Check(value):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    return PyNumber_Index(value)
 
 
 def device_count():
@@ -142,6 +179,8 @@ cdef inline int64_t _stream_of(object stream, int d) except? -1:
         if sid is None:
             raise TypeError(f"stream must be an mtia_alloc.Stream, got {type(stream).__name__}")
         raise ValueError(f"stream {stream!r} is on device {stream.device_index}, not on device {d}")
+    if type(sid) is not int:
+        sid = _index_arg(sid, "stream_id")
     _alloc.emulator().stream(d, sid)  # validates the id
     return sid
 
@@ -159,9 +198,7 @@ cdef inline int _record_level() noexcept:
 
 cdef inline size_t _size_arg(object size) except? 0:
     if type(size) is not int:
-        if isinstance(size, bool) or not isinstance(size, int):
-            raise TypeError(f"size must be an int, got {type(size).__name__}")
-        size = int(size)
+        size = _index_arg(size, "size")
     if size < 0:
         raise ValueError(f"size must be non-negative, got {size}")
     if size >= (1 << 64):
@@ -183,17 +220,18 @@ def caching_allocator_alloc(size, device=None, stream=None):
         device = getattr(stream, "device_index", None)
     d = _device(device)
     s = _stream_of(stream, d)
-    return _malloc(n, d, s)
+    return _malloc(n, d, s, False)
 
 
-cdef uintptr_t _malloc(size_t n, int d, int64_t s) except? 0:
+cdef uintptr_t _malloc(size_t n, int d, int64_t s, bint array_owned) except? 0:
     """The allocation itself: stack capture (history on), then the core; OOM observers
-    run (outside the allocator lock) before the OutOfMemoryError propagates."""
+    run (outside the allocator lock) before the OutOfMemoryError propagates. An
+    array_owned block (a DeviceArray's) is freed only by its array's death."""
     cdef FramesPtr frames
     if _record_level():
         frames = _capture_frames()
     try:
-        return allocator_malloc(_alloc, d, n, s, frames)
+        return allocator_malloc(_alloc, d, n, s, frames, array_owned)
     except BaseException as e:
         if isinstance(e, _oom_error):
             _notify_oom(e)
@@ -217,19 +255,21 @@ def attach_out_of_memory_observer(fn):
 
 
 def caching_allocator_delete(ptr):
-    """Frees a block; unknown pointers raise RuntimeError("invalid device pointer: ...")."""
+    """Frees a block; unknown pointers raise RuntimeError("invalid device pointer: ..."),
+    and so does the block of a live DeviceArray (freed when the array dies)."""
     cdef FramesPtr frames
     if type(ptr) is not int:
-        if isinstance(ptr, bool) or not isinstance(ptr, int):
-            raise TypeError(f"ptr must be an int, got {type(ptr).__name__}")
+        ptr = _index_arg(ptr, "ptr")
     if ptr == 0:
         return
     if ptr < 0 or ptr >= (1 << 64) or _alloc == NULL:
+        if _forgotten:
+            _lazy_init()  # raises the bad-fork error
         raise RuntimeError(f"invalid device pointer: {ptr:#x}" if ptr >= 0 else f"invalid device pointer: {ptr}")
     if _record_level() >= 3:
         frames = _capture_frames()
     try:
-        _alloc.free(<uintptr_t>ptr, frames)
+        _alloc.free(<uintptr_t>ptr, frames, False)
     except ValueError as e:
         raise RuntimeError(str(e)) from None
 
@@ -237,12 +277,14 @@ def caching_allocator_delete(ptr):
 def device_of(uintptr_t ptr):
     """The device owning allocated block `ptr`, or -1."""
     if _alloc == NULL:
+        if _forgotten:
+            _lazy_init()  # raises the bad-fork error
         return -1
     return _alloc.device_of(ptr)
 
 
 def record_stream(uintptr_t ptr, int device, int64_t stream_id):
-    _alloc.device(device).record_stream(ptr, stream_id)
+    _allocator().device(device).record_stream(ptr, stream_id)
 
 
 def block_size(uintptr_t ptr):

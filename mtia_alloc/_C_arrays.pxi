@@ -15,7 +15,10 @@ def _mark_shut_down():
 
 @cython.auto_pickle(False)  # a pickled or copied _ptr would free the block twice
 cdef class ArrayBase:
-    """Owns one allocated block and gives it back to the cache when the object dies.
+    """Owns one allocated block and gives it back to the cache when the object dies. The
+    block is allocated marked as an array's (the core's Block::deferred bit, which means
+    nothing else while a block is allocated), so caching_allocator_delete() of its address
+    raises instead of freeing memory the array still uses; the mark goes with the free.
     mtia_alloc.DeviceArray subclasses it with the array API. The fields are read-only
     from Python: the native kernels and the host view trust them."""
     cdef readonly uintptr_t _ptr
@@ -36,7 +39,7 @@ cdef class ArrayBase:
         if _record_level() >= 3:
             frames = _capture_frames()
         try:
-            _alloc.free(self._ptr, frames)
+            _alloc.free(self._ptr, frames, True)  # by the array: its block's only free (the mark)
         except Exception:
             pass  # cannot happen for a block this object owns; never raise from a destructor
         self._ptr = 0
@@ -68,7 +71,7 @@ def alloc_array(cls, tuple shape, dtype, Py_ssize_t itemsize, device=None, strea
     a._device = d
     a._stream_id = s
     if n:
-        a._ptr = _malloc(n, d, s)
+        a._ptr = _malloc(n, d, s, True)  # marked: caching_allocator_delete refuses it
     return a
 
 

@@ -22,8 +22,9 @@ def replay(int device, const uint64_t[:] sizes, const unsigned int[:] slots, con
         ev.push_back(e)
     for s in stream_ids:
         sids.push_back(s)
+    cdef Allocator* a = _allocator()
     with nogil:
-        r = replay_checked(_alloc[0], device, ev, nslots, sids, latency, prefix)
+        r = replay_checked(a[0], device, ev, nslots, sids, latency, prefix)
     out = {
         "events": r.events, "total_ns": r.total_ns,
         "ns_per_op": r.total_ns / r.events if r.events else 0.0,
@@ -43,8 +44,9 @@ def native_pair(int device, size_t size, uint64_t n):
     """(wall ns, CPU ns) per malloc+free pair in a native loop."""
     cdef pair[double, double] r
     _ensure_init()
+    cdef Allocator* a = _allocator()
     with nogil:
-        r = native_pair_ns(_alloc[0], device, size, n)
+        r = native_pair_ns(a[0], device, size, n)
     return r.first, r.second
 
 
@@ -59,8 +61,9 @@ def threaded_pairs(int threads, size_t size, uint64_t n):
     """Pairs per second of `threads` threads (thread t on device t % devices), n pairs each."""
     cdef double rate
     _ensure_init()
+    cdef Allocator* a = _allocator()
     with nogil:
-        rate = threaded_pairs_per_second(_alloc[0], threads, size, n)
+        rate = threaded_pairs_per_second(a[0], threads, size, n)
     return rate
 
 
@@ -77,6 +80,7 @@ def cached_blocks_pair(int device, size_t cached, uint64_t pairs, uint64_t seed=
     """CPU ns per malloc+free pair with `cached` free blocks in the cache."""
     cdef double ns
     _ensure_init()
+    cdef Allocator* a = _allocator()
     with nogil:
-        ns = cached_blocks_pair_checked(_alloc[0], device, cached, pairs, seed)
+        ns = cached_blocks_pair_checked(a[0], device, cached, pairs, seed)
     return ns

@@ -55,7 +55,7 @@ def snapshot_segments(pool=None):
 
 
 def device_trace(int device):
-    cdef vector[TraceEntry] entries = _alloc.device(device).trace()
+    cdef vector[TraceEntry] entries = _allocator().device(device).trace()
     cdef dict cache = {}
     out = []
     for e in entries:

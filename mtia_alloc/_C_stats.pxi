@@ -10,7 +10,7 @@ cdef dict _stat_array(StatArray& a):
 
 
 def memory_stats_nested(int device):
-    cdef DeviceStats st = _alloc.device(device).stats()
+    cdef DeviceStats st = _allocator().device(device).stats()
     return {
         "active": _stat_array(st.active),
         "active_bytes": _stat_array(st.active_bytes),
@@ -33,16 +33,16 @@ def memory_stats_nested(int device):
 
 
 def largest_free_blocks(int device):
-    cdef pair[size_t, size_t] p = _alloc.device(device).largest_free_blocks()
+    cdef pair[size_t, size_t] p = _allocator().device(device).largest_free_blocks()
     return p.first, p.second
 
 
 def reset_peak_memory_stats(int device):
-    _alloc.device(device).reset_peak_stats()
+    _allocator().device(device).reset_peak_stats()
 
 
 def reset_accumulated_memory_stats(int device):
-    _alloc.device(device).reset_accumulated_stats()
+    _allocator().device(device).reset_accumulated_stats()
 
 
 def empty_cache(pool=None):
@@ -63,43 +63,44 @@ def empty_cache_device(int device, pool):
     cdef FramesPtr frames
     if _record_level() >= 3:
         frames = _capture_frames()
+    cdef Allocator* a = _allocator()
     with nogil:
-        _alloc.device(device).empty_cache(pid, frames)
+        a.device(device).empty_cache(pid, frames)
 
 
 def set_memory_fraction(double fraction, int device):
-    _alloc.device(device).set_memory_fraction(fraction)
+    _allocator().device(device).set_memory_fraction(fraction)
 
 
 def get_memory_fraction(int device):
-    return _alloc.device(device).memory_fraction()
+    return _allocator().device(device).memory_fraction()
 
 
 def mem_get_info(int device):
-    cdef DeviceMemory* m = &_alloc.emulator().device(device).memory()
+    cdef DeviceMemory* m = &_allocator().emulator().device(device).memory()
     return m.capacity() - m.used(), m.capacity()
 
 
 def device_memory_counters(int device):
-    cdef DeviceMemory* m = &_alloc.emulator().device(device).memory()
+    cdef DeviceMemory* m = &_allocator().emulator().device(device).memory()
     return {"used": m.used(), "capacity": m.capacity(), "malloc_calls": m.malloc_calls(),
             "free_calls": m.free_calls(), "runtime_reserved": m.runtime_reserved()}
 
 
 def fail_device_allocations(int device, int64_t after_n, int64_t every):
-    _alloc.emulator().device(device).memory().fail_allocations(after_n, every)
+    _allocator().emulator().device(device).memory().fail_allocations(after_n, every)
 
 
 def check_invariants(int device):
-    return _alloc.device(device).check_invariants().decode()
+    return _allocator().device(device).check_invariants().decode()
 
 
 def set_config(str conf):
-    _alloc.set_config(conf.encode())
+    _allocator().set_config(conf.encode())
 
 
 def round_size_(size_t size):
-    return round_size(size, _alloc.config())
+    return round_size(size, _allocator().config())
 
 
 def format_size_(uint64_t size):
@@ -107,7 +108,7 @@ def format_size_(uint64_t size):
 
 
 def allocator_settings():
-    cdef const AllocatorConfig* c = &_alloc.config()
+    cdef const AllocatorConfig* c = &_allocator().config()
     return {
         "PYTORCH_CUDA_ALLOC_CONF": c.last_settings.decode(),
         "max_split_size": -1 if c.max_split_size == <size_t>-1 else <int64_t>c.max_split_size,

@@ -1,29 +1,43 @@
 # _C_streams.pxi, part of _C.pyx (included; one extension module): the current device
 # and stream (thread-local, _binding.h), streams, kernels (Python callables and native
-# copy/fill/sleep tasks) and events.
+# copy/fill/sleep tasks) and events. Every entry point goes through _allocator() (or
+# _not_forgotten()), so in a child forked after initialisation it raises the bad-fork
+# error instead of waiting for streams whose workers do not exist there. Waits for a
+# stream or an event end with the pending KeyboardInterrupt on Ctrl-C (_binding.h,
+# check_signals): Cython's `except +` keeps a pending Python exception.
+
+cdef inline int _not_forgotten() except -1:
+    if _forgotten and _alloc == NULL:
+        _lazy_init()  # raises the bad-fork error
+    return 0
+
 
 def current_device():
+    _not_forgotten()
     return tls_current_device()
 
 
 def set_current_device(int d):
+    _not_forgotten()
     tls_set_current_device(d)
 
 
 def current_stream_id(int d):
+    _not_forgotten()
     return tls_current_stream(d)
 
 
 def set_current_stream_id(int d, int64_t s):
+    _not_forgotten()
     tls_set_current_stream(d, s)
 
 
 def new_stream(int device, int priority):
-    return _alloc.emulator().new_stream(device, priority).id()
+    return _allocator().emulator().new_stream(device, priority).id()
 
 
 cdef inline Stream* _stream_ptr(int device, int64_t sid) except NULL:
-    return _alloc.emulator().stream(device, sid)
+    return _allocator().emulator().stream(device, sid)
 
 
 def stream_query(int device, int64_t sid):
@@ -43,7 +57,7 @@ def stream_progress(int device, int64_t sid):
 
 
 def device_synchronize(int device):
-    cdef EmulatedDevice* dev = &_alloc.emulator().device(device)
+    cdef EmulatedDevice* dev = &_allocator().emulator().device(device)
     with nogil:
         dev.synchronize()
 
@@ -87,9 +101,11 @@ cdef class EventHandle:
         self.ev.record(_stream_ptr(device, sid))
 
     def query(self):
+        _allocator()
         return self.ev.query()
 
     def synchronize(self):
+        _allocator()
         with nogil:
             self.ev.synchronize()
 
@@ -106,6 +122,7 @@ cdef class EventHandle:
 
     def elapsed_ms(self, EventHandle end):
         cdef double ms
+        _allocator()
         with nogil:
             ms = self.ev.elapsed_ms(end.ev[0])
         return ms

@@ -34,6 +34,10 @@ inline thread_local PyObject* raw_allocator_error = nullptr;
 inline void raise_py_error() {
   try {
     throw;
+  } catch (const mtia::Interrupted&) {
+    // The interrupt hook (check_signals) left the signal handler's exception set: keep it.
+    // (Cython's own `except +` translation keeps a pending exception too.)
+    if (!PyErr_Occurred()) PyErr_SetNone(PyExc_KeyboardInterrupt);
   } catch (const mtia::OutOfMemory& e) {
     PyObject* args = Py_BuildValue("(s)", e.what());
     PyObject* exc = args ? PyObject_Call(oom_error_type(), args, nullptr) : nullptr;
@@ -117,10 +121,34 @@ inline void park_other_threads_at_exit() {
   for (int ms = 0; ms < 2000 && restoring_gil.load(); ++ms) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   PyEval_RestoreThread(self);
 }
+// The interrupt hook of the core's waits for streams and events (blocking.h), polled
+// every few tens of milliseconds with no core lock held: on the main thread it runs the
+// Python signal handlers, as the interpreter does between bytecodes. If one raised
+// (Ctrl-C: KeyboardInterrupt), the exception stays set in this thread's state, the core
+// abandons the wait by throwing mtia::Interrupted, and the binding's translation of that
+// (raise_py_error, or Cython's own, which keeps a pending exception) raises it. Other
+// threads never handle signals: they keep waiting without taking the GIL.
+inline bool check_signals() {
+  if (PyThread_get_thread_ident() != main_thread_ident || exiting.load(std::memory_order_relaxed) ||
+      !Py_IsInitialized() || interpreter_finalizing())
+    return false;
+  PyGILState_STATE st = PyGILState_Ensure();
+  const bool raised = PyErr_CheckSignals() != 0;
+  PyGILState_Release(st);
+  return raised;
+}
 inline void install_gil_hooks(unsigned long main_ident) {
   main_thread_ident = main_ident;
   mtia::blocking_hooks().enter = release_gil;
   mtia::blocking_hooks().leave = restore_gil;
+  mtia::blocking_hooks().interrupted = check_signals;
+}
+// In a forked child (at-fork handler, GIL held): the forking thread is the main thread
+// now, and the parent's other threads, counted in restoring_gil, do not exist.
+inline void reset_gil_hooks_after_fork() {
+  main_thread_ident = PyThread_get_thread_ident();
+  exiting.store(false);
+  restoring_gil.store(0);
 }
 
 // Thread-local current device and per-device current stream (torch.mtia semantics).
@@ -313,8 +341,9 @@ inline mtia::AllocationFilter make_filter(int kind, uint64_t capture_id) {
 inline mtia::MempoolId make_pool_id(uint64_t a, uint64_t b) { return mtia::MempoolId{a, b}; }
 
 // Allocator::malloc with the frames moved in (Cython passes them by value).
-inline uintptr_t allocator_malloc(mtia::Allocator* a, int d, size_t n, int64_t s, mtia::FramesPtr f) {
-  return a->malloc(d, n, s, std::move(f));
+inline uintptr_t allocator_malloc(mtia::Allocator* a, int d, size_t n, int64_t s, mtia::FramesPtr f,
+                                  bool array_owned) {
+  return a->malloc(d, n, s, std::move(f), array_owned);
 }
 
 // A Python callable as an OOM observer of the core's registry, which keeps it (one

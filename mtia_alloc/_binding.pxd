@@ -2,6 +2,7 @@
 # binding that need Python.h). Cimported by _C.pyx.
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint64_t, uintptr_t
+from libcpp cimport bool as cbool
 from libcpp.memory cimport shared_ptr
 from libcpp.string cimport string
 
@@ -17,6 +18,7 @@ cdef extern from "_binding.h" namespace "mtia_binding":
     void raise_py_error()
     void set_oom_error_type(object t)
     void install_gil_hooks(unsigned long main_ident)
+    void reset_gil_hooks_after_fork()
     void park_other_threads_at_exit()
     int tls_current_device "mtia_binding::current_device"()
     void tls_set_current_device "mtia_binding::set_current_device"(int d)
@@ -36,6 +38,7 @@ cdef extern from "_binding.h" namespace "mtia_binding":
     uintptr_t frames_key(const FramesPtr& f)
     AllocationFilter make_filter(int kind, uint64_t capture_id)
     MempoolId make_pool_id(uint64_t a, uint64_t b)
-    uintptr_t allocator_malloc(Allocator* a, int d, size_t n, int64_t s, FramesPtr f) except +raise_py_error
+    uintptr_t allocator_malloc(Allocator* a, int d, size_t n, int64_t s, FramesPtr f,
+                               cbool array_owned) except +raise_py_error
     void add_oom_observer(object fn)
     int notify_oom_observers(int device, size_t alloc_size, size_t total_or_allowed, size_t device_free) except -1

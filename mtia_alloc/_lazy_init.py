@@ -23,8 +23,14 @@ _queued_calls = []  # (callable, traceback of the queueing site)
 
 
 def _after_fork_in_child():
-    global _in_bad_fork
-    if _initialized:
+    """A forked child has only the forking thread and a copy of its parent's memory: the
+    stream workers are gone and a device lock (or _init_lock) may be held by a thread that
+    no longer exists. After initialisation the binding forgets the parent's allocator
+    (_C.after_fork_in_child), so that every device and allocator call comes back here and
+    raises the bad-fork error, as PyTorch's first device call in such a child does."""
+    global _in_bad_fork, _init_lock
+    _init_lock = threading.Lock()
+    if _C.after_fork_in_child() or _initialized:
         _in_bad_fork = True
 
 

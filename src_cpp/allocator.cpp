@@ -42,9 +42,9 @@ DeviceIndex Allocator::device_of(uintptr_t ptr) {
   return -1;
 }
 
-void Allocator::free_elsewhere(uintptr_t ptr, const FramesPtr& frames) {
+void Allocator::free_elsewhere(uintptr_t ptr, const FramesPtr& frames, bool by_array) {
   for (int d = 0; d < device_count(); ++d)
-    if (!in_device_range(size_t(d), ptr) && devices_[size_t(d)]->free(ptr, frames)) return;
+    if (!in_device_range(size_t(d), ptr) && devices_[size_t(d)]->free(ptr, frames, by_array)) return;
   char buf[64];
   snprintf(buf, sizeof buf, "%p", reinterpret_cast<void*>(ptr));
   throw InvalidState(std::string("invalid device pointer: ") + buf);

@@ -40,21 +40,24 @@ class Allocator {
   DeviceAllocator& device(DeviceIndex d) { return *devices_[size_t(d)]; }
   void check_device(DeviceIndex d) const;  // throws InvalidArgument naming the valid range
 
-  // size 0 returns 0; size >= 1 EB throws OutOfMemory at once.
-  uintptr_t malloc(DeviceIndex device, size_t size, StreamId stream, const FramesPtr& frames = kNoFrames) {
+  // size 0 returns 0; size >= 1 EB throws OutOfMemory at once. `array_owned`: for a
+  // DeviceArray, whose death (free with by_array) is then the block's only free.
+  uintptr_t malloc(DeviceIndex device, size_t size, StreamId stream, const FramesPtr& frames = kNoFrames,
+                   bool array_owned = false) {
     if (size == 0) return 0;
     if (size >= kOneExaByte) throw_exabyte();
-    return devices_[size_t(device)]->malloc(size, stream, frames);
+    return devices_[size_t(device)]->malloc(size, stream, frames, array_owned);
   }
-  // Throws InvalidState("invalid device pointer: ...") for unknown pointers; 0 is a no-op.
-  void free(uintptr_t ptr, const FramesPtr& frames = kNoFrames) {
+  // Throws InvalidState("invalid device pointer: ...") for unknown pointers, and for a live
+  // DeviceArray's block unless `by_array`; 0 is a no-op.
+  void free(uintptr_t ptr, const FramesPtr& frames = kNoFrames, bool by_array = false) {
     if (ptr == 0) return;
     for (size_t d = 0; d < device_ranges_.size(); ++d)  // fast path: the device whose range holds ptr
       if (in_device_range(d, ptr)) {
-        if (devices_[d]->free(ptr, frames)) return;
+        if (devices_[d]->free(ptr, frames, by_array)) return;
         break;
       }
-    free_elsewhere(ptr, frames);
+    free_elsewhere(ptr, frames, by_array);
   }
   // The device whose allocator owns allocated block `ptr`, or -1.
   DeviceIndex device_of(uintptr_t ptr);
@@ -78,7 +81,7 @@ class Allocator {
 
  private:
   [[noreturn]] static void throw_exabyte();
-  void free_elsewhere(uintptr_t ptr, const FramesPtr& frames);  // expandable or pluggable memory
+  void free_elsewhere(uintptr_t ptr, const FramesPtr& frames, bool by_array);  // expandable or pluggable memory
   bool in_device_range(size_t d, uintptr_t ptr) const {
     return ptr - device_ranges_[d].base < device_ranges_[d].size;
   }

@@ -73,7 +73,8 @@ struct alignas(64) Block {
   uint64_t order : 40;                // == seg->order, kept here for the index key
   uint64_t event_count : 16;          // cross-stream events still pending
   bool allocated : 1;
-  bool deferred : 1;                  // freed during a capture with stream uses
+  bool deferred : 1;                  // freed during a capture with stream uses; while allocated:
+                                      // owned by a DeviceArray (see DeviceAllocator::free)
   bool in_index : 1;
   bool has_stream_uses : 1;           // == !cold().stream_uses.empty()
   bool mapped : 1;                    // false: unmapped address space of an expandable segment

@@ -2,12 +2,16 @@
 // contended allocator lock, an event, a stream). The Python binding installs it to
 // release the GIL while blocked, so a thread holding the GIL never waits on a thread
 // that needs the GIL (a Python kernel, a Python raw allocator). The core itself has no
-// Python headers; without the hook a blocking scope does nothing.
+// Python headers; without the hook a blocking scope does nothing. A second hook,
+// `interrupted`, is polled between the slices (kWaitSlice) of every wait for a stream or
+// an event: when it says so the wait throws Interrupted (errors.h); the binding's runs
+// the Python signal handlers on the main thread, so Ctrl-C ends a wait.
 // Relies on: nothing but pthreads (the hooks are installed by the binding).
 #pragma once
 #include <pthread.h>
 
 #include <atomic>
+#include <chrono>
 #include <mutex>
 #include <thread>
 
@@ -23,8 +27,14 @@ namespace mtia {
 struct BlockingHooks {
   void* (*enter)() = nullptr;      // e.g. release the GIL; returns a token
   void (*leave)(void*) = nullptr;  // e.g. re-acquire it
+  // Called, with no lock of the core held, between the slices of a wait for a stream or
+  // an event; true abandons the wait (it throws Interrupted). May be null.
+  bool (*interrupted)() = nullptr;
 };
 BlockingHooks& blocking_hooks();
+
+// How long a wait blocks before it polls BlockingHooks::interrupted.
+constexpr std::chrono::milliseconds kWaitSlice{25};
 
 class BlockingScope {
  public:

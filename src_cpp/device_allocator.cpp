@@ -13,6 +13,8 @@
 #include "device_allocator.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <string>
 
 #include "device_allocator_internal.h"
 #include "errors.h"
@@ -58,7 +60,7 @@ bool DeviceAllocator::should_split(const Block* b, size_t size) const {
 
 // ---------------------------------------------------------------- malloc (§4.1)
 
-uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const FramesPtr& frames) {
+uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const FramesPtr& frames, bool array_owned) {
   lock_blocking(mu_);
   Lock lock(mu_, std::adopt_lock);
 
@@ -68,6 +70,7 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
   r.size = round_size(orig_size, *config_);
   r.stream = stream;
   r.alloc_size = 0;  // sized on a miss
+  r.array_owned = array_owned;
   if (plain_) {
     r.pool = default_pool(r.size);
     r.frames = &kNoFrames;
@@ -248,6 +251,7 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
     stat_sub(stats_.inactive_split_bytes, small, int64_t(block->size));
   }
   result->allocated = true;
+  result->deferred = r.array_owned;  // while allocated: the DeviceArray mark (block.h)
   result->requested_size = r.orig_size;
   if (*r.frames || result->has_frames) {  // without history, the cold part stays untouched
     result->cold().frames = *r.frames;
@@ -287,13 +291,15 @@ bool DeviceAllocator::owns(uintptr_t ptr) {
   return allocated_.find(ptr) != nullptr;
 }
 
-bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames) {
+bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames, bool by_array) {
   lock();
   Lock lock(mu_, std::adopt_lock);
   Block* b = allocated_.erase(ptr);
   if (!b) return false;
+  if (__builtin_expect(b->deferred && !by_array, 0)) refuse_array_owned_free(b);
   const bool small = pool_of(b)->is_small;
   b->allocated = false;
+  b->deferred = false;
   stat_sub(stats_.allocation, small, 1);
   stat_sub(stats_.allocated_bytes, small, int64_t(b->size));
   if (b->oversize) stats_.oversize_allocations.decrease(1);
@@ -301,6 +307,17 @@ bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames) {
   if (__builtin_expect(history_on_ || b->has_stream_uses, 0)) free_with_history_or_uses(b, free_frames);
   else free_block(b);
   return true;
+}
+
+// A free of a live DeviceArray's block by anyone but the array: the block stays allocated
+// (back in the pointer map) and the caller gets InvalidState. Out of line (cold).
+void DeviceAllocator::refuse_array_owned_free(Block* b) {
+  allocated_.insert(b->ptr, b);
+  char buf[32];
+  snprintf(buf, sizeof buf, "%#llx", static_cast<unsigned long long>(b->ptr));
+  throw InvalidState(std::string("pointer ") + buf +
+                     " belongs to a live DeviceArray: it is freed when the array is deleted, and freeing it "
+                     "now would let the array's memory be handed out again while the array still uses it");
 }
 
 // The rest of free() when history is on or the block has stream uses, out of line: the

@@ -56,9 +56,12 @@ class alignas(64) DeviceAllocator {
 
   // --- the fast path (device_allocator.cpp) ---
   // Returns the block's address; throws OutOfMemory. size > 0. `frames` may be null.
-  uintptr_t malloc(size_t size, StreamId stream, const FramesPtr& frames);
-  // Frees an allocated block of this device; false if ptr is not one.
-  bool free(uintptr_t ptr, const FramesPtr& frames);
+  // `array_owned`: the block belongs to a DeviceArray (only its death may free it).
+  uintptr_t malloc(size_t size, StreamId stream, const FramesPtr& frames, bool array_owned = false);
+  // Frees an allocated block of this device; false if ptr is not one. An array-owned
+  // block is freed only `by_array` (its DeviceArray dying): any other free of it throws
+  // InvalidState and frees nothing.
+  bool free(uintptr_t ptr, const FramesPtr& frames, bool by_array = false);
   bool owns(uintptr_t ptr);  // is ptr an allocated block of this device?
 
   void record_stream(uintptr_t ptr, StreamId stream);  // throws InvalidArgument for unknown ptr
@@ -103,6 +106,7 @@ class alignas(64) DeviceAllocator {
     StreamId stream;
     BlockPool* pool;
     const FramesPtr* frames;  // the caller's stack to record, or kNoFrames (no refcounting per malloc)
+    bool array_owned;         // for a DeviceArray (the block's mark, see free())
   };
   using BlockActivity = std::array<int64_t, 3>;
 
@@ -134,6 +138,7 @@ class alignas(64) DeviceAllocator {
   void add_block_chunk();
   // device_allocator.cpp: free, merge and events (§5)
   MTIA_INLINE void free_block(Block* b);
+  [[noreturn]] __attribute__((noinline)) void refuse_array_owned_free(Block* b);
   __attribute__((noinline)) void free_with_history_or_uses(Block* b, const FramesPtr& free_frames);
   void free_block_with_call_frames(Block* b, const FramesPtr& frames);  // free_block, the caller's stack noted
   void process_events_with_call_frames(const FramesPtr& frames);        // process_events, likewise
@@ -156,6 +161,7 @@ class alignas(64) DeviceAllocator {
   // Waits (lock dropped) for the device's busy streams; returns the streams still busy,
   // whose memory must stay cached (empty: everything may go).
   std::vector<StreamId> busy_streams_after_waiting(Lock& lock);
+  bool anything_to_release(MempoolId id) const;  // could release_cached_blocks(id) give back memory?
   BlockActivity block_activity() const;
   static bool is_busy(const std::vector<StreamId>& busy, StreamId s) {
     return std::find(busy.begin(), busy.end(), s) != busy.end();

@@ -106,7 +106,9 @@ void DeviceAllocator::release_cached_blocks(Lock& lock, MempoolId id) {
   } else if (PrivatePool* p = find_pool(id); p && p->use_count == 0 && captures_underway_.empty()) {
     synchronize_and_free_events(lock, p);
   }
-  const std::vector<StreamId> busy = busy_streams_after_waiting(lock);
+  // Nothing that could go back: no wait for busy streams (it would release nothing).
+  const std::vector<StreamId> busy = anything_to_release(id) ? busy_streams_after_waiting(lock)
+                                                             : std::vector<StreamId>{};
   if (id.is_default() && captures_underway_.empty()) {
     release_free_segments(large_blocks_, busy);
     release_free_segments(small_blocks_, busy);
@@ -121,6 +123,25 @@ void DeviceAllocator::release_cached_blocks(Lock& lock, MempoolId id) {
     if (p->segment_count == 0) gone.push_back(pid);
   }
   for (MempoolId pid : gone) pools_.erase(pid);
+}
+
+// Whether release_cached_blocks(id) would give anything back were every stream idle: a
+// whole free segment or a free block of an expandable segment, in the default pools (for
+// the default id, while no capture is underway) or in a freeable private pool (use count
+// 0) that `id` selects. A freeable pool without segments only needs erasing: no wait.
+bool DeviceAllocator::anything_to_release(MempoolId id) const {
+  const bool defaults = id.is_default() && captures_underway_.empty();
+  for (const Segment* seg : segments_) {
+    const PrivatePool* owner = seg->pool->owner;
+    if (owner ? owner->use_count > 0 || (!id.is_default() && owner->id != id) : !defaults) continue;
+    if (!seg->expandable) {
+      if (seg->first->in_index && !seg->first->next) return true;
+      continue;
+    }
+    for (const Block* b = seg->first; b; b = b->next)
+      if (b->in_index) return true;
+  }
+  return false;
 }
 
 // Waits (with mu_ released, so kernels that allocate can finish) for every outstanding
@@ -151,7 +172,9 @@ void DeviceAllocator::synchronize_and_free_events(Lock& lock, PrivatePool* only)
 // as cudaFree (and unmapping) synchronizes the device: a kernel queued before a free on
 // the same stream may still use the block, and a graph's replay uses its pool's memory
 // on the stream it was replayed on. From the host this waits, with the lock dropped (as
-// for events), for every stream of the device with queued work. If the device saw no
+// for events), for every stream of the device with queued work (release_cached_blocks
+// calls it only when it has something to release). A wait the interrupt hook abandons
+// (Ctrl-C, blocking.h) throws Interrupted with the lock dropped and nothing changed. If the device saw no
 // malloc and no free meanwhile, all free memory predates the wait and none of it is in
 // use: everything may go, even if other threads queued new work (kernels that touch no
 // memory must not keep a cache from ever being released). Otherwise it waits again, up to

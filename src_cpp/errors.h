@@ -1,6 +1,7 @@
 // errors.h: the only exceptions the core throws. The binding translates each to
 // one Python type: OutOfMemory -> OutOfMemoryError, InvalidArgument -> ValueError,
-// InvalidState -> RuntimeError.
+// InvalidState -> RuntimeError; Interrupted -> the exception the binding's interrupt
+// hook left pending (KeyboardInterrupt for Ctrl-C).
 // Relies on: nothing.
 #pragma once
 #include <stdexcept>
@@ -14,6 +15,12 @@ struct InvalidArgument : std::invalid_argument {
 
 struct InvalidState : std::runtime_error {
   using std::runtime_error::runtime_error;
+};
+
+// A wait abandoned because BlockingHooks::interrupted said so (blocking.h). Thrown only
+// where the allocator's state is consistent (its waits run with the device lock dropped).
+struct Interrupted : std::runtime_error {
+  Interrupted() : std::runtime_error("interrupted while waiting for a stream") {}
 };
 
 // Out of device memory. Carries what an OOM observer is told.

@@ -73,8 +73,23 @@ void Stream::wait_until(uint64_t seq) {
   BlockingScope blocking;
   std::unique_lock<std::mutex> lock(mu_);
   waiters_.fetch_add(1, std::memory_order_acq_rel);
-  done_cv_.wait(lock, [&] { return reached(seq) || stopping_; });
-  waiters_.fetch_sub(1, std::memory_order_acq_rel);
+  struct Leave {
+    std::atomic<int>& waiters;
+    ~Leave() { waiters.fetch_sub(1, std::memory_order_acq_rel); }
+  } leave{waiters_};
+  auto done = [&] { return reached(seq) || stopping_; };
+  bool (*interrupted)() = blocking_hooks().interrupted;
+  if (!interrupted) {
+    done_cv_.wait(lock, done);
+    return;
+  }
+  // In slices, polling the hook between them without mu_ (the binding's takes the GIL,
+  // which a Python kernel finishing on this stream may hold while it waits for mu_).
+  while (!done_cv_.wait_for(lock, kWaitSlice, done)) {
+    lock.unlock();
+    if (interrupted()) throw Interrupted();
+    lock.lock();
+  }
 }
 
 void Stream::begin_shutdown() {

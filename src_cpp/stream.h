@@ -54,7 +54,8 @@ class Stream {
   bool reached(uint64_t seq) const { return completed() >= seq; }
   // Blocks until task `seq` has run (spins briefly first: short kernels finish in microseconds).
   // From inside one of this stream's own tasks a wait for a later task would wait for
-  // itself forever: that throws InvalidState instead.
+  // itself forever: that throws InvalidState instead. Throws Interrupted if the interrupt
+  // hook (blocking.h), polled every kWaitSlice, asks for it.
   void wait_until(uint64_t seq);
   void synchronize() { wait_until(enqueued()); }
   // True on this stream's worker thread, i.e. while one of its own tasks runs.

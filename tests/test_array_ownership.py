@@ -40,8 +40,9 @@ def test_deleting_a_live_arrays_pointer_raises_and_frees_nothing(make):
     q = mtia.caching_allocator_alloc(x.nbytes)
     assert q != p
     mtia.caching_allocator_delete(q)
+    freed = mtia.memory_stats()["allocation.all.freed"]
     del x  # the array's death frees its block
-    assert mtia.memory_stats()["allocation.all.freed"] == before["allocation.all.freed"] + 1
+    assert mtia.memory_stats()["allocation.all.freed"] == freed + 1
     with pytest.raises(RuntimeError, match="invalid device pointer"):
         mtia.caching_allocator_delete(p)
     mtia.memory.check_invariants()

@@ -200,7 +200,7 @@ def child(queue):
             steps.append([name, type(e).__name__, str(e)])
     state = {}
     step("caching_allocator_alloc", lambda: state.update(p=mtia.caching_allocator_alloc(1 << 20)))
-    step("caching_allocator_delete", lambda: mtia.caching_allocator_delete(state.get("p", 0)))
+    step("caching_allocator_delete", lambda: mtia.caching_allocator_delete(state.get("p", 1 << 40)))
     step("empty", lambda: state.update(a=mtia.empty(1024, "float32")))
     step("Stream", lambda: state.update(s=mtia.Stream()))
     step("fill_", lambda: emulator.fill_(state["a"], 3, stream=mtia.current_stream()))

@@ -32,6 +32,8 @@ def test_empty_cache_waits_again_for_a_stream_that_got_work_while_it_waited():
         s1, s3 = mtia.Stream(), mtia.Stream()
         N = 4 << 20
         keep = mtia.caching_allocator_alloc(N, stream=s1)
+        # a whole free segment: empty_cache has something to release, so it waits (item 3)
+        mtia.caching_allocator_delete(mtia.caching_allocator_alloc(32 << 20, stream=s1))
         emulator.sleep(400, stream=s1)
         t = threading.Thread(target=mtia.empty_cache)
         t.start()

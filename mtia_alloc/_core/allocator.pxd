@@ -21,7 +21,8 @@ cdef extern from "allocator.h" namespace "mtia":
         Emulator& emulator() nogil
         DeviceAllocator& device(int d) nogil
         uintptr_t malloc(int device, size_t size, int64_t stream, FramesPtr frames) except +
-        void free(uintptr_t ptr, FramesPtr frames) except +
+        # by_array: the free of a DeviceArray's block by the array itself (else refused)
+        void free(uintptr_t ptr, FramesPtr frames, cbool by_array) except +
         int device_of(uintptr_t ptr) except +
         void empty_cache(MempoolId pool, const FramesPtr& frames) except + nogil
         void set_config(const string& conf) except +
