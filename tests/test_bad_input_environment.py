@@ -15,8 +15,9 @@ PROBE = "import mtia_alloc as m\nm.caching_allocator_delete(m.caching_allocator_
 
 ENV_CASES = {
     # id: (environment, code, exception type name, message fragment)
-    "devices-0": ({"MTIA_EMULATOR_DEVICES": "0"}, PROBE, "ValueError",
-                  r"MTIA_EMULATOR_DEVICES must be between 1 and 64, got 0"),
+    # MTIA_EMULATOR_DEVICES=0 is a machine without devices (tests/test_no_devices.py)
+    "devices-0": ({"MTIA_EMULATOR_DEVICES": "0"}, PROBE, "RuntimeError",
+                  r"No MTIA devices are available \(MTIA_EMULATOR_DEVICES=0\)"),
     "devices-abc": ({"MTIA_EMULATOR_DEVICES": "abc"}, PROBE, "ValueError",
                     r"MTIA_EMULATOR_DEVICES must be a whole number of devices, got 'abc'"),
     "devices-100": ({"MTIA_EMULATOR_DEVICES": "100"}, PROBE, "ValueError",

@@ -67,7 +67,8 @@ def test_timing_events_measure_the_sleep():
     start.record(s)
     emulator.sleep(BUSY_MS, stream=s)
     end.record(s)
-    ms = start.elapsed_time(end)  # waits for both events
+    end.synchronize()  # elapsed_time needs both events completed, as torch's
+    ms = start.elapsed_time(end)
     assert end.query()
     assert BUSY_MS * 0.999 <= ms < 60_000
     # Stream.record_event and a timing event behind busy work on another device.
@@ -75,6 +76,7 @@ def test_timing_events_measure_the_sleep():
     a = s1.record_event(mtia.Event(device=1, enable_timing=True))
     emulator.sleep(100, stream=s1)
     b = s1.record_event(mtia.Event(device=1, enable_timing=True))
+    b.synchronize()
     assert 100 * 0.999 <= a.elapsed_time(b) < 60_000
     assert b.elapsed_time(b) == 0
 

@@ -98,7 +98,11 @@ def test_failed_kernel_does_not_keep_its_arguments_alive():
     a = mtia.empty(MiB, "uint8", stream=s)
     emulator.launch(failing_kernel_with_array, a, stream=s)
     del a
-    s.record_event().synchronize()  # the kernel ran; its error is not collected yet
+    # The kernel ran (another stream waited for it, which observes no error of s); its
+    # error is not collected yet.
+    done = mtia.Stream()
+    done.wait_event(s.record_event())
+    done.synchronize()
     gc.collect()
     assert mtia.memory_allocated(0) == before
     with pytest.raises(KernelError, match="array kernel boom"):

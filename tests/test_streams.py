@@ -29,8 +29,8 @@ def test_stream_rebuilt_from_positional_ids():
     s = mtia.Stream(1)
     t = mtia.Stream(s.stream_id, s.device_index, s.device_type)
     assert t == s and hash(t) == hash(s)
-    with pytest.raises(TypeError, match="not a mix"):
-        mtia.Stream(s.stream_id, s.device_index)
+    two = mtia.Stream(1, -1)  # two positionals are (device, priority), as torch.mtia.Stream
+    assert (two.device_index, two.priority) == (1, -1) and two != s
     with pytest.raises(ValueError, match="device_type must be 19"):
         mtia.Stream(s.stream_id, s.device_index, 1)
     with pytest.raises(ValueError, match="unknown stream"):
@@ -61,9 +61,10 @@ def test_stream_ids_equality_hash_and_repr():
 
 def test_out_of_range_priority_maps_to_the_nearest_valid_one():
     """As torch.Stream: no error for a priority outside the range (it used to overflow a C int)."""
+    least, greatest = mtia.Stream.priority_range()
     with state_unchanged():
-        assert mtia.Stream(priority=1 << 40).priority == (1 << 31) - 1
-        assert mtia.Stream(priority=-(1 << 40)).priority == -(1 << 31)
+        assert mtia.Stream(priority=1 << 40).priority == least
+        assert mtia.Stream(priority=-(1 << 40)).priority == greatest
 
 
 # ----------------------------------------------------------------------------- current and default streams
