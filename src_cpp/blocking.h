@@ -27,8 +27,9 @@ namespace mtia {
 struct BlockingHooks {
   void* (*enter)() = nullptr;      // e.g. release the GIL; returns a token
   void (*leave)(void*) = nullptr;  // e.g. re-acquire it
-  // Called, with no lock of the core held, between the slices of a wait for a stream or
-  // an event; true abandons the wait (it throws Interrupted). May be null.
+  // Called, with no lock of the core held, between the slices of a host thread's wait for
+  // a stream or an event (never on a stream worker); true abandons the wait (it throws
+  // Interrupted). May be null.
   bool (*interrupted)() = nullptr;
 };
 BlockingHooks& blocking_hooks();

@@ -79,7 +79,7 @@ void Stream::wait_until(uint64_t seq) {
   } leave{waiters_};
   auto done = [&] { return reached(seq) || stopping_; };
   bool (*interrupted)() = blocking_hooks().interrupted;
-  if (!interrupted) {
+  if (!interrupted || on_worker_thread()) {  // a kernel's wait is never abandoned (nothing would catch it)
     done_cv_.wait(lock, done);
     return;
   }

@@ -3,7 +3,10 @@
 // (see .ci/run). Several threads on two devices interleave malloc, free, record_stream
 // with busy streams, private pools, empty_cache, snapshots, history and injected
 // device-allocation failures; every block carries a fill pattern that must survive until
-// it is freed. Afterwards every invariant must hold and all memory must be back.
+// it is freed. Some blocks are array-owned (a plain free of one must throw and free
+// nothing), and an interrupt hook abandons some of the waits for busy streams (empty_cache,
+// the OOM path, pending frees) with Interrupted. Afterwards every invariant must hold and
+// all memory must be back.
 // Exit code 0 = pass.
 #include <atomic>
 #include <cstdio>
@@ -25,9 +28,21 @@ struct Live {
   size_t size;
   unsigned char pattern;
   int device;
+  bool array_owned;
 };
 
 void sleep_task(void* arg) { std::this_thread::sleep_for(std::chrono::microseconds(reinterpret_cast<uintptr_t>(arg))); }
+
+// The interrupt hook (blocking.h): abandons every other poll of a driver thread's waits
+// while its t_interruptible is set.
+thread_local bool t_interruptible = false;
+thread_local unsigned t_polls = 0;
+std::atomic<uint64_t> interrupted_waits{0};
+bool interrupt_every_other_poll() {
+  if (!t_interruptible || ++t_polls % 2) return false;
+  interrupted_waits++;
+  return true;
+}
 
 void worker(Allocator& a, int id, int steps, std::atomic<uint64_t>& ops) {
   std::mt19937_64 rng(1234 + id);
@@ -37,6 +52,7 @@ void worker(Allocator& a, int id, int steps, std::atomic<uint64_t>& ops) {
   MempoolId pool = a.new_user_pool_id();
   a.device(device).create_or_incref_pool(pool, nullptr);
   bool routed = false;
+  t_interruptible = true;
   for (int step = 0; step < steps; ++step) {
     int op = int(rng() % 100);
     if (op < 45 || live.empty()) {
@@ -47,13 +63,15 @@ void worker(Allocator& a, int id, int steps, std::atomic<uint64_t>& ops) {
         default: size = 1 + rng() % (24 << 20); break;
       }
       StreamId s = (rng() % 4 == 0) ? side->id() : 0;
+      const bool owned = rng() % 4 == 0;
       try {
-        uintptr_t p = a.malloc(device, size, s);
+        uintptr_t p = a.malloc(device, size, s, kNoFrames, owned);
         unsigned char pat = static_cast<unsigned char>(rng());
         size_t touch = size < 4096 ? size : 4096;  // first page only: keeps RSS small
         std::memset(reinterpret_cast<void*>(p), pat, touch);
-        live.push_back({p, size, pat, device});
+        live.push_back({p, size, pat, device, owned});
       } catch (const OutOfMemory&) {
+      } catch (const Interrupted&) {  // the OOM path's wait for a busy stream, abandoned
       }
     } else if (op < 85) {
       size_t i = rng() % live.size();
@@ -64,12 +82,25 @@ void worker(Allocator& a, int id, int steps, std::atomic<uint64_t>& ops) {
       auto* bytes = reinterpret_cast<unsigned char*>(l.ptr);
       for (size_t k = 0; k < touch; k += 97) CHECK(bytes[k] == l.pattern, "block %#lx lost its fill", l.ptr);
       if (rng() % 5 == 0) {
-        side->enqueue(Task{sleep_task, reinterpret_cast<void*>(uintptr_t(rng() % 200)), nullptr});
+        // now and then long enough for a waiter to poll the interrupt hook
+        uintptr_t us = rng() % 500 == 0 ? 30000 + rng() % 20000 : rng() % 200;
+        side->enqueue(Task{sleep_task, reinterpret_cast<void*>(us), nullptr});
         a.device(device).record_stream(l.ptr, side->id());
       }
-      a.free(l.ptr);
+      if (l.array_owned) {
+        try {
+          a.free(l.ptr);
+          CHECK(false, "a plain free of an array-owned block did not throw");
+        } catch (const InvalidState&) {
+        }
+        CHECK(a.device(device).block_size(l.ptr) >= l.size, "a refused free changed block %#lx", l.ptr);
+      }
+      a.free(l.ptr, kNoFrames, l.array_owned);
     } else if (op < 88) {
-      a.device(device).empty_cache(MempoolId{});
+      try {
+        a.device(device).empty_cache(MempoolId{});
+      } catch (const Interrupted&) {
+      }
     } else if (op < 92) {
       if (!routed) {
         AllocationFilter f;
@@ -98,13 +129,67 @@ void worker(Allocator& a, int id, int steps, std::atomic<uint64_t>& ops) {
     }
     ops++;
   }
+  t_interruptible = false;
   if (routed) {
     a.device(device).end_allocate_to_pool(pool);
     a.device(device).release_pool(pool);
   }
-  for (auto& l : live) a.free(l.ptr);
+  for (auto& l : live) a.free(l.ptr, kNoFrames, l.array_owned);
   a.device(device).release_pool(pool);
+  t_interruptible = false;
   side->synchronize();
+}
+
+// Each of the allocator's waits for a busy stream, abandoned by the interrupt hook: the
+// call throws Interrupted and leaves every invariant holding; the same calls afterwards
+// (the stream idle) do their work.
+void interrupted_waits_leave_the_state_intact(Allocator& a, int device) {
+  DeviceAllocator& dev = a.device(device);
+  Stream* side = a.emulator().new_stream(device, 0);
+  auto busy = [&] { side->enqueue(Task{sleep_task, reinterpret_cast<void*>(uintptr_t(200000)), nullptr}); };
+  auto expect_interrupted = [&](const char* what, auto call) {
+    t_interruptible = true;
+    uint64_t before = interrupted_waits.load();
+    try {
+      call();
+      CHECK(false, "%s: the wait was not interrupted", what);
+    } catch (const Interrupted&) {
+    }
+    t_interruptible = false;
+    CHECK(interrupted_waits.load() == before + 1, "%s: the hook did not end the wait", what);
+    std::string err = dev.check_invariants();
+    CHECK(err.empty(), "%s: %s", what, err.c_str());
+  };
+  const size_t big = a.emulator().device(device).memory().capacity() / 4 * 3;
+  // empty_cache waiting for a busy stream that owns a free segment
+  a.free(a.malloc(device, 64 << 20, side->id()));
+  busy();
+  expect_interrupted("empty_cache", [&] { dev.empty_cache(MempoolId{}); });
+  // the OOM path: a segment cached on the busy stream must go before `big` fits
+  side->synchronize();
+  a.free(a.malloc(device, big, side->id()));
+  busy();
+  expect_interrupted("malloc's release of cached blocks", [&] { a.malloc(device, big, 0); });
+  // a pending cross-stream free: empty_cache waits for its event first
+  side->synchronize();
+  dev.empty_cache(MempoolId{});
+  uintptr_t p = a.malloc(device, 1 << 20, 0, kNoFrames, true);
+  dev.record_stream(p, side->id());
+  busy();
+  a.free(p, kNoFrames, true);
+  expect_interrupted("empty_cache's wait for a pending free", [&] { dev.empty_cache(MempoolId{}); });
+  // Stream and event waits
+  Event ev(false);
+  busy();
+  ev.record(side);
+  expect_interrupted("Event::synchronize", [&] { ev.synchronize(); });
+  busy();
+  expect_interrupted("Stream::synchronize", [&] { side->synchronize(); });
+  busy();
+  expect_interrupted("EmulatedDevice::synchronize", [&] { a.emulator().device(device).synchronize(); });
+  side->synchronize();
+  a.free(a.malloc(device, big, 0));  // all of it can go now
+  dev.empty_cache(MempoolId{});
 }
 
 }  // namespace
@@ -113,6 +198,7 @@ int main(int argc, char** argv) {
   int threads = argc > 1 ? std::atoi(argv[1]) : 4;
   int steps = argc > 2 ? std::atoi(argv[2]) : 20000;
   std::atomic<uint64_t> ops{0};
+  blocking_hooks().interrupted = interrupt_every_other_poll;
   for (const char* conf : {"", "expandable_segments:True", "max_split_size_mb:40,roundup_power2_divisions:4"}) {
     Allocator a(2, size_t(4) << 30, conf);
     // Bad input leaves the state unchanged.
@@ -131,6 +217,7 @@ int main(int argc, char** argv) {
     for (auto& t : pool) t.join();
     for (int d = 0; d < a.device_count(); ++d) {
       a.emulator().device(d).memory().fail_allocations(-1, 0);
+      interrupted_waits_leave_the_state_intact(a, d);
       a.device(d).empty_cache(MempoolId{});
       std::string err = a.device(d).check_invariants();
       CHECK(err.empty(), "%s", err.c_str());
@@ -141,9 +228,8 @@ int main(int argc, char** argv) {
       CHECK(a.emulator().device(d).memory().used() == 0, "device %d memory not all returned", d);
     }
   }
-  std::printf("core_stress: %d threads x 3 configurations, %llu operations, %d failures\n", threads,
-              (unsigned long long)ops.load(),
-              failures.load());
+  std::printf("core_stress: %d threads x 3 configurations, %llu operations, %llu interrupted waits, %d failures\n",
+              threads, (unsigned long long)ops.load(), (unsigned long long)interrupted_waits.load(), failures.load());
   std::printf("%d passed, %d failed\n", failures.load() == 0 ? 1 : 0, failures.load() == 0 ? 0 : 1);
   return failures.load() == 0 ? 0 : 1;
 }
