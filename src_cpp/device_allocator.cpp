@@ -251,7 +251,7 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
     stat_sub(stats_.inactive_split_bytes, small, int64_t(block->size));
   }
   result->allocated = true;
-  result->deferred = r.array_owned;  // while allocated: the DeviceArray mark (block.h)
+  if (r.array_owned) result->deferred = true;  // while allocated: the DeviceArray mark (block.h)
   result->requested_size = r.orig_size;
   if (*r.frames || result->has_frames) {  // without history, the cold part stays untouched
     result->cold().frames = *r.frames;
