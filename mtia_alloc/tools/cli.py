@@ -13,6 +13,7 @@ from .. import _C
 from .._format import format_size
 from ..viz.render import is_html_name, not_html_message
 from . import replay as _replay
+from . import analysis_cli
 from .bench_suite import run_bench
 from .snapshot_cli import plot_main, summary_main
 from .workload import read_trace, write_csv
@@ -259,6 +260,8 @@ def main(argv=None):
     pl.add_argument("snapshot")
     pl.add_argument("-o", "--output", required=True)
     pl.set_defaults(func=_plot_cmd)
+
+    analysis_cli.add_commands(sub)  # fit (--sweep), diff, ranks
 
     args = p.parse_args(argv)
     try:
