@@ -60,6 +60,15 @@ def site_profile(snap, device, key, top=0):
     traces = snap.get("device_traces") or []
     entries = [e for e in (traces[device] if device < len(traces) else []) if isinstance(e, dict)]
     segs = [s for s in snap.get("segments") or [] if isinstance(s, dict) and _as_int(s.get("device", 0)) == device]
+    allocated_in_trace, first_free_frames = set(), {}
+    for e in entries:
+        a = e.get("action")
+        if a == "alloc":
+            allocated_in_trace.add(_as_int(e.get("addr")))
+        elif a in ("free_completed", "free"):
+            addr = _as_int(e.get("addr"))
+            if addr not in allocated_in_trace and addr not in first_free_frames:
+                first_free_frames[addr] = e.get("frames")
     end = {}
     final_frames = {}  # block address -> frames of the final snapshot's allocated blocks
     largest = []
@@ -72,7 +81,8 @@ def site_profile(snap, device, key, top=0):
                 if frames is None and b.get("history"):
                     frames = (b["history"][0] or {}).get("frames")
                 req = _requested(b)
-                site = key(frames)
+                site = key(frames, missing=NO_STACK if addr in allocated_in_trace or not entries
+                           else BEFORE_RECORDING)
                 end[site] = end.get(site, 0) + req
                 final_frames[addr] = frames
                 if top:
@@ -90,20 +100,8 @@ def site_profile(snap, device, key, top=0):
         out.update(peak=None, live_peak=None, peak_event=None, curve=None)
         return out
     seg0, live0 = starting_state(snap, device, entries)
-    first_free_frames, allocated_in_trace = {}, set()
-    for e in entries:
-        a = e.get("action")
-        if a == "alloc":
-            allocated_in_trace.add(_as_int(e.get("addr")))
-        elif a in ("free_completed", "free"):
-            addr = _as_int(e.get("addr"))
-            if addr not in allocated_in_trace and addr not in first_free_frames:
-                first_free_frames[addr] = e.get("frames")
-    live = {}
-    for addr, blk in live0.items():
-        frames = first_free_frames.get(addr) if addr in first_free_frames else final_frames.get(addr)
-        live[addr] = (blk["requested"], key(frames, missing=BEFORE_RECORDING))
-    total = sum(v[0] for v in live.values())
+    total = sum(blk["requested"] for blk in live0.values())
+    live = {addr: (blk["requested"], None) for addr, blk in live0.items()}
     reserved = sum(s["size"] for s in seg0.values())
     peak, peak_i = total, -1
     n = len(entries)
@@ -135,7 +133,6 @@ def site_profile(snap, device, key, top=0):
             curve_res.append(bucket_res)
             bucket_live = bucket_res = 0
     # second pass: the live set at the peak entry, by site
-    live = {addr: v for addr, v in ((a, (blk["requested"], None)) for a, blk in live0.items())}
     sites0 = {addr: key(first_free_frames.get(addr) if addr in first_free_frames else final_frames.get(addr),
                         missing=BEFORE_RECORDING) for addr in live0}
     live = {addr: (live0[addr]["requested"], sites0[addr]) for addr in live0}
@@ -165,12 +162,6 @@ def _replays(works, memory=None):
     for i, r in zip(idx, _sweep.run_parallel(specs)):
         out[i] = r
     return out
-
-
-def _side(path, snap, device, prof, replay):
-    d = {"input": path, "device": device, "live_end": prof["live_end"], "live_peak": prof["live_peak"],
-         "peak_event": prof["peak_event"], "curve": prof["curve"]}
-    return d
 
 
 def diff_profiles(a, b, by, pa, pb, ra=None, rb=None, meta_a=None, meta_b=None):

@@ -91,7 +91,7 @@ def plan(grid, base_conf=""):
                          "note": "; ".join(notes) + f": same as {eff or '(defaults)'}"})
         elif setting not in seen:
             seen[setting] = True
-            rows.append({"setting": setting, "conf": conf, "status": "run", "note": ""})
+            rows.append({"setting": setting, "conf": conf, "status": "run", "note": "", "order": len(rows)})
     return rows
 
 
@@ -108,7 +108,8 @@ def _job(spec):
         work = _WORKS.get(key) or _fit.load_workload(path, device=device)
         _fit.setup(memory, conf)
         r = _fit.run(work, stop_at_failure=stop)
-        r.pop("stats", None) if not stop else None
+        if not stop:
+            r.pop("stats", None)
         return r
     except (ValueError, RuntimeError) as e:
         return {"error": str(e)}
@@ -159,7 +160,7 @@ def sweep(work, memory, grid=DEFAULT_GRID, base_conf="", workers=None):
             r["note"] = f"{res['num_ooms']} failed allocations, first at event {r['first_failure']}"
     ran = sorted((r for r in rows if r["status"] == "ran"),
                  key=lambda r: (r["oom"], r["peak_reserved"], r["num_alloc_retries"], r["num_device_alloc"],
-                                r["setting"].count(":"), r["setting"]))
+                                r["setting"].count(":"), r["order"]))
     rest = [r for r in rows if r["status"] != "ran"]
     default = next((r for r in ran if r["setting"] == ""), None)
     rec = next((r for r in ran if not r["oom"]), None)

@@ -38,6 +38,7 @@ _FRAMEWORK_PY = ("-packages/torch/", "/torch/nn/", "/torch/_", "/torch/utils/", 
                  "/torch/functional.py", "/torch/overrides.py", "/torch/serialization.py", "/torch/storage.py",
                  "-packages/mtia_alloc/")
 
+_COMPREHENSIONS = ("<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>")
 _cache = {}
 
 
@@ -48,6 +49,8 @@ def _internal(name, filename):
     for s in _OMIT_FILES:
         if s in filename:
             return True
+    if name in _COMPREHENSIONS:
+        return True  # the enclosing function's frame (next) names the site
     if filename in ("??", "", "<unknown>") or filename.startswith("<frozen"):
         return True  # unsymbolised C++ frame, or the import machinery
     if filename.endswith(".py") or filename.endswith(".pyc"):

@@ -21,6 +21,7 @@ Owns: the classes above. Works on plain dicts (viz.load validates them first).
 Relies on: viz.load, viz.render (plot), _format (format_bytes, summary_table), and
 history.snapshot for `Snapshot()` without an argument (the one call into the live allocator).
 """
+import contextlib
 import operator
 import os
 import pickle
@@ -31,6 +32,7 @@ from . import runner
 from .frames import format_frame, user_frames, where
 from .load import SIZED_ACTIONS, normalize, plain
 from .render import is_html_name, not_html_message, render_html
+from .reports import DiffReport, FitReport, RanksReport, SweepReport
 
 __all__ = ["Snapshot", "Segment", "Block", "Fragmentation"]
 
@@ -613,6 +615,50 @@ class Snapshot:
             if e.get("action") == "oom":
                 out["oom"].append(i)
         return out
+
+    # -------------------------------------------------------------- what-if and comparisons
+    # Each runs the command line in a child process (viz.runner): a replay needs a fresh
+    # allocator of its own, which this process's may not be.
+
+    def fit(self, memory, conf="", device=None, by="site"):
+        """Would this snapshot's workload (its trace, from the rebuilt starting state) fit on a
+        device of `memory` ("24GiB" or bytes) under settings `conf`? A FitReport (`fit`)."""
+        args = ["--memory", str(memory), "--conf", conf, "--by", by] + \
+            (["--device", str(self._check_device(device))] if device is not None else [])
+        with runner.snapshot_file(self) as path:
+            return FitReport(runner.run_json(["fit", path, *args, "--json"], ok=(0, 3)))
+
+    def sweep(self, memory, grid=None, conf="", device=None, jobs=None):
+        """Replays the trace under a grid of allocator settings on a `memory` device, all
+        cores at once: a SweepReport sorted by peak reserved with the recommended setting.
+        grid: {key: [values]} ("none" = unset); default: tools.sweep.DEFAULT_GRID."""
+        args = ["--memory", str(memory), "--conf", conf, "--sweep"]
+        for key, values in (grid or {}).items():
+            args += ["--grid", f"{key}={','.join(str(v) for v in values)}"]
+        if device is not None:
+            args += ["--device", str(self._check_device(device))]
+        if jobs is not None:
+            args += ["--jobs", str(jobs)]
+        with runner.snapshot_file(self) as path:
+            return SweepReport(runner.run_json(["fit", path, *args, "--json"], ok=(0, 3)))
+
+    def diff(self, other, by="site", device=None, replay=True):
+        """This snapshot (A) against `other` (B, a Snapshot or a path): per call site, live
+        bytes at the end and at each run's peak, and the run-level deltas. A DiffReport."""
+        other = other if isinstance(other, Snapshot) else Snapshot(other)
+        args = ["--by", by, "--json"] + (["--device", str(device)] if device is not None else []) + \
+            ([] if replay else ["--no-replay"])
+        with runner.snapshot_file(self) as a, runner.snapshot_file(other) as b:
+            return DiffReport(runner.run_json(["diff", a, b, *args]))
+
+    @staticmethod
+    def ranks(snapshots, by="site", top=3):
+        """One snapshot (or path) per rank: a RanksReport (peaks per rank, the rank that peaks
+        and its difference from the median rank per call site)."""
+        snaps = [s if isinstance(s, Snapshot) else Snapshot(s) for s in snapshots]
+        with contextlib.ExitStack() as stack:
+            paths = [stack.enter_context(runner.snapshot_file(s)) for s in snaps]
+            return RanksReport(runner.run_json(["ranks", *paths, "--by", by, "--top", str(top), "--json"]))
 
     # -------------------------------------------------------------- output
 

@@ -168,7 +168,7 @@ class SweepReport(Report):
         d = self.data
         ran = sum(1 for r in d["rows"] if r["status"] == "ran")
         rec = d.get("recommended")
-        rec_txt = f"recommended {rec['setting']!r}: peak reserved {_b(rec['peak_reserved'])}" if rec else \
+        rec_txt = f"recommended {rec['setting'] or '(defaults)'}: peak reserved {_b(rec['peak_reserved'])}" if rec else \
             "no setting fits"
         return (f"SweepReport({len(d['rows'])} settings, {ran} replayed on {_b(d['memory'])} in "
                 f"{d.get('seconds', 0):.2f} s on {d.get('workers', 1)} processes; {rec_txt})")
@@ -176,22 +176,29 @@ class SweepReport(Report):
     def table(self):
         d = self.data
         header = ["setting", "OOM", "peak reserved", "peak allocated", "retries", "device allocs", "note"]
-        rows = []
+        rows, ignored = [], {}
         for r in d["rows"]:
             if r["status"] == "ran":
                 rows.append([r["setting"] or "(defaults)", "yes" if r["oom"] else "no", _b(r["peak_reserved"]),
                              _b(r["peak_allocated"]), str(r["num_alloc_retries"]), str(r["num_device_alloc"]),
                              r.get("note", "")])
+            elif r["status"] == "ignored":
+                reason = r["note"].rsplit(": same as", 1)[0]
+                ignored.setdefault(reason, []).append(r)
             else:
                 rows.append([r["setting"] or "(defaults)", "-", "-", "-", "-", "-", f"{r['status']}: {r['note']}"])
         rec = d.get("recommended")
+        ran = sum(1 for r in d["rows"] if r["status"] == "ran")
         head = (f"sweep: {d.get('input', '?')} on a {_b(d['memory'])} device, {len(d['rows'])} settings "
-                f"({sum(1 for r in d['rows'] if r['status'] == 'ran')} replayed, {d.get('seconds', 0):.2f} s on "
-                f"{d.get('workers', 1)} processes)")
-        tail = (f"recommended: {rec['setting'] or '(defaults)'!s} (peak reserved {_b(rec['peak_reserved'])}, "
-                f"{rec['num_device_alloc']} device allocations; {rec.get('why', '')})" if rec
-                else "recommended: none: every setting runs out of memory")
-        return "\n".join([head, _grid(header, rows, ["<", "<", ">", ">", ">", ">", "<"]), tail])
+                f"({ran} replayed in {d.get('seconds', 0):.2f} s on {d.get('workers', 1)} processes)")
+        out = [head, _grid(header, rows, ["<", "<", ">", ">", ">", ">", "<"])]
+        for reason, rs in ignored.items():
+            out.append(f"not run, {len(rs)} settings: PyTorch ignores them ({reason}); each is the same as the "
+                       f"setting without it (rows in .rows / --json)")
+        out.append(f"recommended: {rec['setting'] or '(defaults)'!s} (peak reserved {_b(rec['peak_reserved'])}, "
+                   f"{rec['num_device_alloc']} device allocations; {rec.get('why', '')})" if rec
+                   else "recommended: none: every setting runs out of memory")
+        return "\n".join(out)
 
     def plot(self, path):
         """A bar chart of peak reserved per setting (OOM settings in red), as HTML/SVG."""
