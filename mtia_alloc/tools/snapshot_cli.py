@@ -32,7 +32,7 @@ def summary_main(path):
         print()
         print(snap.fragmentation())
         print()
-        print(snap.summary(), end="")
+        print(snap.summary(notes=True), end="")
     except (KeyError, TypeError, ValueError) as e:
         print(f"mtia_alloc: malformed snapshot {path}: {e}", file=sys.stderr)
         return 1

@@ -49,7 +49,11 @@ _KIND_HINTS = (("cuda", "CUDA"), ("hip", "ROCm"), ("xpu", "XPU"), ("mtia", "MTIA
 def detect_device_kind(data, limit=2000):
     """The device kind a snapshot was recorded on, as its stacks tell it ("CUDA" for frames of
     torch.cuda / c10::cuda, "MTIA" for torch.mtia or mtia_alloc, ...); "" when nothing tells.
-    Looks at the stacks of at most `limit` blocks and trace entries."""
+    Looks at the stacks of at most `limit` blocks and trace entries. A "device_kind" key
+    (Snapshot().dump() writes one) decides first."""
+    kind = data.get("device_kind")
+    if isinstance(kind, str) and kind.isalnum() and len(kind) <= 16:
+        return kind
     seen = set()
     lists = []
     for seg in data.get("segments", ()):
@@ -376,6 +380,9 @@ class Snapshot:
             device_kind = "MTIA" if live else (snapshot_or_path.device_kind if isinstance(snapshot_or_path, Snapshot)
                                                else detect_device_kind(self.data))
         self.device_kind = device_kind
+        if live:
+            # carried by dump() (a top-level key no renderer reads), so that a reload knows it
+            self.data = dict(self.data, device_kind="MTIA")
 
     # -------------------------------------------------------------- contents
 
@@ -557,14 +564,16 @@ class Snapshot:
                 self._replayed[device] = runner.replay_figures(self, device)
         return self._replayed[device]
 
-    def summary(self, device=None, abbreviated=False, replay=True):
+    def summary(self, device=None, abbreviated=False, replay=True, notes=False):
         """The memory_summary() table of this state, one per device (or of `device`), titled
         with the snapshot's device kind. "Cur Usage" is counted from the segments; "Peak
         Usage" comes from replaying the device's trace from its rebuilt starting state (the
         peaks since recording began; n/a without a trace, or with replay=False); the totals
-        cannot be known from a snapshot and say n/a."""
+        cannot be known from a snapshot and say n/a. notes=True adds lines under each table
+        saying where the peaks come from (the summary command prints them)."""
         devices = [self._check_device(device)] if device is not None else (self.devices or [0])
         tables = []
+        notes_on = notes
         for d in devices:
             stats = self.stats(d, replay=replay)
             figures = self._replayed.get(d) if replay else None
@@ -575,7 +584,7 @@ class Snapshot:
             else:
                 notes = ["Peak Usage n/a: no allocation events recorded for this device"] if replay else []
             notes.append("Tot Alloc/Freed n/a: a snapshot does not record the totals")
-            tables.append(summary_table(stats, d, abbreviated, kind=self.device_kind, notes=notes))
+            tables.append(summary_table(stats, d, abbreviated, kind=self.device_kind, notes=notes if notes_on else ()))
         return "\n".join(tables)
 
     def memory_over_time(self, device):
