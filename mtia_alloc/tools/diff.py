@@ -150,17 +150,45 @@ def site_profile(snap, device, key, top=0):
     return out
 
 
-def _replays(works, memory=None):
-    """Peak figures of each workload (None entries skipped), replayed in parallel."""
-    specs, idx = [], []
-    for i, w in enumerate(works):
-        if w is not None:
-            mem = memory or _fit.auto_memory(w)
-            specs.append((_sweep.share(w), w.path, w.device, mem, "", False))
-            idx.append(i)
-    out = [None] * len(works)
-    for i, r in zip(idx, _sweep.run_parallel(specs)):
-        out[i] = r
+def _analyse(spec):
+    """One snapshot, in a worker process of its own: loads it, profiles its sites and replays
+    its trace on a fresh allocator. spec = (path, device, by, top, replay). Returns
+    {kind, device, profile, replay} or {"error": message} (bad input)."""
+    path, device, by, top, replay = spec
+    try:
+        snap = _fit.load_snapshot_dict(path)
+        dev = pick_device(snap, device, path)
+        prof = site_profile(snap, dev, SiteKey(by), top=top)
+        rep = None
+        traces = snap.get("device_traces") or []
+        if replay and dev < len(traces) and any(isinstance(e, dict) and e.get("action") == "alloc"
+                                                for e in traces[dev]):
+            work = _fit.Workload(path, trace_from_snapshot(snap, path, dev), snap, dev)
+            try:
+                _fit.setup(_fit.auto_memory(work))
+                rep = _fit.run(work, stop_at_failure=False)
+                rep.pop("stats", None)
+            except (ValueError, RuntimeError) as e:
+                rep = {"error": str(e)}
+        return {"kind": detect_device_kind(snap), "device": dev, "profile": prof, "replay": rep}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        return {"error": str(e) if isinstance(e, ValueError) else f"{path}: malformed snapshot ({e})"}
+
+
+def analyse(paths, by="site", device=None, top=0, replay=True, workers=None):
+    """_analyse of every path, all at once (one process each, all cores); raises ValueError
+    for the first bad input, and when the snapshots come from different kinds of device."""
+    for p in paths:
+        if not os.path.exists(p):
+            raise ValueError(f"{p}: no such file")
+    out = _sweep.run_parallel([(p, device, by, top, replay) for p in paths], workers, fn=_analyse)
+    for r in out:
+        if "error" in r:
+            raise ValueError(r["error"])
+    kinds = {p: r["kind"] for p, r in zip(paths, out)}
+    if len({k for k in kinds.values() if k}) > 1:
+        desc = ", ".join(f"{os.path.basename(p)}: {k or 'unknown'}" for p, k in kinds.items())
+        raise ValueError(f"the snapshots come from different kinds of device ({desc})")
     return out
 
 
@@ -194,40 +222,17 @@ def diff_profiles(a, b, by, pa, pb, ra=None, rb=None, meta_a=None, meta_b=None):
             "rows": rows}
 
 
-def _load(path, device):
-    snap = _fit.load_snapshot_dict(path)
-    dev = pick_device(snap, device, path)
-    work = None
-    traces = snap.get("device_traces") or []
-    if dev < len(traces) and any(isinstance(e, dict) and e.get("action") == "alloc" for e in traces[dev]):
-        trace = trace_from_snapshot(snap, path, dev)
-        work = _fit.Workload(path, trace, snap, dev)
-    return snap, dev, work
-
-
-def check_kinds(paths, snaps):
-    kinds = {p: detect_device_kind(s) for p, s in zip(paths, snaps)}
-    known = {k for k in kinds.values() if k}
-    if len(known) > 1:
-        desc = ", ".join(f"{os.path.basename(p)}: {k or 'unknown'}" for p, k in kinds.items())
-        raise ValueError(f"the snapshots come from different kinds of device ({desc})")
+def _meta(path, r):
+    p = r["profile"]
+    return {"input": path, "device": r["device"], "kind": r["kind"], "live_end": p["live_end"],
+            "live_peak": p["live_peak"], "peak_event": p["peak_event"], "curve": p["curve"]}
 
 
 def diff_snapshots(a, b, by="site", device=None, replay=True):
     """The DiffReport data of snapshot files a and b."""
-    key = SiteKey(by)
-    sa, da, wa = _load(a, device)
-    sb, db, wb = _load(b, device)
-    check_kinds((a, b), (sa, sb))
-    pa, pb = site_profile(sa, da, key), site_profile(sb, db, key)
-    ra = rb = None
-    if replay:
-        ra, rb = _replays([wa, wb])
-    meta_a = {"input": a, "device": da, "live_end": pa["live_end"], "live_peak": pa["live_peak"],
-              "peak_event": pa["peak_event"], "curve": pa["curve"]}
-    meta_b = {"input": b, "device": db, "live_end": pb["live_end"], "live_peak": pb["live_peak"],
-              "peak_event": pb["peak_event"], "curve": pb["curve"]}
-    return diff_profiles(a, b, by, pa, pb, ra, rb, meta_a, meta_b)
+    ra, rb = analyse([a, b], by, device, replay=replay)
+    return diff_profiles(a, b, by, ra["profile"], rb["profile"], ra["replay"], rb["replay"], _meta(a, ra),
+                         _meta(b, rb))
 
 
 def diff_main(args):

@@ -19,20 +19,19 @@ def ranks(paths, by="site", device=None, top=3, replay=True):
     """The RanksReport data of the snapshots at `paths` (rank = position)."""
     if len(paths) < 2:
         raise ValueError("ranks needs at least two snapshots (one per rank)")
-    key = SiteKey(by)
-    loaded = [_diff._load(p, device) for p in paths]
-    _diff.check_kinds(paths, [s for s, _, _ in loaded])
-    profiles = [_diff.site_profile(s, d, key, top=top) for s, d, _ in loaded]
-    reps = _diff._replays([w for _, _, w in loaded]) if replay else [None] * len(paths)
+    results = _diff.analyse(paths, by, device, top=top, replay=replay)
+    profiles = [r["profile"] for r in results]
+    reps = [r["replay"] for r in results]
     rows = []
-    for i, (p, (s, d, w), prof, r) in enumerate(zip(paths, loaded, profiles, reps)):
-        ok = r is not None and "error" not in r
-        rows.append({"rank": i, "input": p, "device": d,
-                     "peak_allocated": r["peak_allocated"] if ok else None,
-                     "peak_reserved": r["peak_reserved"] if ok else None,
+    for i, (p, r) in enumerate(zip(paths, results)):
+        prof, rep = r["profile"], r["replay"]
+        ok = rep is not None and "error" not in rep
+        rows.append({"rank": i, "input": p, "device": r["device"],
+                     "peak_allocated": rep["peak_allocated"] if ok else None,
+                     "peak_reserved": rep["peak_reserved"] if ok else None,
                      "reserved": prof["reserved"], "segments": prof["segments"], "live_end": prof["live_end"],
                      "live_peak": prof["live_peak"], "largest": prof.get("largest", []),
-                     "replay_error": r["error"] if r is not None and not ok else None})
+                     "replay_error": rep["error"] if rep is not None and not ok else None})
 
     def weight(row):
         return row["peak_reserved"] if row["peak_reserved"] is not None else row["reserved"]
@@ -43,13 +42,9 @@ def ranks(paths, by="site", device=None, top=3, replay=True):
     if median_rank == peak_rank:
         median_rank = order[-2]
     pa, pb = profiles[median_rank], profiles[peak_rank]
-    diff = _diff.diff_profiles(paths[median_rank], paths[peak_rank], by, pa, pb, reps[median_rank], reps[peak_rank],
-                               {"input": paths[median_rank], "device": rows[median_rank]["device"],
-                                "live_end": pa["live_end"], "live_peak": pa["live_peak"],
-                                "peak_event": pa["peak_event"], "curve": pa["curve"]},
-                               {"input": paths[peak_rank], "device": rows[peak_rank]["device"],
-                                "live_end": pb["live_end"], "live_peak": pb["live_peak"],
-                                "peak_event": pb["peak_event"], "curve": pb["curve"]})
+    diff = _diff.diff_profiles(paths[median_rank], paths[peak_rank], by, pa, pb, reps[median_rank],
+                               reps[peak_rank], _diff._meta(paths[median_rank], results[median_rank]),
+                               _diff._meta(paths[peak_rank], results[peak_rank]))
     return {"command": "ranks", "by": by, "rows": rows, "peak_rank": peak_rank, "median_rank": median_rank,
             "diff": diff}
 

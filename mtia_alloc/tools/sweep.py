@@ -17,6 +17,7 @@ Relies on: tools.fit (the replay engine), viz.reports (SweepReport), _C."""
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import time
 
@@ -115,20 +116,56 @@ def _job(spec):
         return {"error": str(e)}
 
 
-def run_parallel(specs, workers=None):
-    """Runs _job(spec) for every spec, each in a process of its own (one replay per process,
-    so each has a fresh allocator), `workers` at a time (default: all cores). Workloads are
-    handed to the workers by fork when this process has not started the allocator, else
-    reloaded from their paths."""
-    workers = max(1, min(len(specs), workers or os.cpu_count() or 1))
+def _child(fn, spec, conn):
+    try:
+        conn.send(fn(spec))
+    except BaseException as e:  # noqa: B902 - reported to the parent, never raised there
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+    finally:
+        conn.close()
+
+
+def run_parallel(specs, workers=None, fn=None):
+    """Runs fn(spec) (default _job) for every spec, each in a process of its own (one replay
+    per process, so each has a fresh allocator), `workers` at a time (default: all cores),
+    and returns the results in order. Workloads reach the workers by fork when this process
+    has not started the allocator (its threads would not survive a fork), else the workers
+    are spawned and reload them from their paths."""
     if not specs:
         return []
+    fn = fn or _job
+    workers = max(1, min(len(specs), workers or os.cpu_count() or 1))
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() and not _C.is_initialized() else "spawn"
-    if method == "spawn":
+    if method == "spawn" and fn is _job:
         specs = [(None,) + tuple(s[1:]) for s in specs]
     ctx = multiprocessing.get_context(method)
-    with ctx.Pool(workers, maxtasksperchild=1) as pool:
-        return pool.map(_job, specs, chunksize=1)
+    results = [None] * len(specs)
+    pending = list(enumerate(specs))
+    running = {}
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                i, spec = pending.pop(0)
+                r, w = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_child, args=(fn, spec, w), daemon=True)
+                p.start()
+                w.close()
+                running[r] = (i, p)
+            for r in multiprocessing.connection.wait(list(running)):
+                i, p = running.pop(r)
+                try:
+                    results[i] = r.recv()
+                except EOFError:
+                    p.join()
+                    results[i] = {"error": f"the worker process died (exit status {p.exitcode})"}
+                r.close()
+                p.join()
+    finally:
+        for r, (_, p) in running.items():
+            p.kill()
+            p.join()
+            r.close()
+    return results
 
 
 def share(work):

@@ -23,7 +23,7 @@ BEFORE_RECORDING = "<allocated before recording, no stack>"
 
 # PyTorch's viewer hides these (torch/cuda/_memory_viz.py _frame_filter, MemoryViz.js):
 # the unwinder and the traceback gatherers, process start-up and the interpreter's C frames.
-_OMIT_NAMES = ("unwind::unwind", "CapturedTraceback::gather", "gather_with_cpp", "_start", "__libc_start_main",
+_OMIT_NAMES = ("unwind::unwind", "CapturedTraceback::gather", "gather_with_cpp", "__libc_start_main",
                "PyEval_", "PyObject_", "PyFunction_", "_PyEval", "_PyObject", "_PyFunction", "PyVectorcall",
                "_PyVectorcall", "method_vectorcall", "cfunction_call")
 _OMIT_FILES = ("core/boxing", "/Register", "/Redispatch", "pythonrun.c", "Modules/main.c", "Objects/call.c",
@@ -38,11 +38,10 @@ _FRAMEWORK_PY = ("-packages/torch/", "/torch/nn/", "/torch/_", "/torch/utils/", 
                  "/torch/functional.py", "/torch/overrides.py", "/torch/serialization.py", "/torch/storage.py",
                  "-packages/mtia_alloc/")
 
-_COMPREHENSIONS = ("<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>")
-_cache = {}
-
 
 def _internal(name, filename):
+    if name == "_start":  # torch matches "_start" anywhere in a name; a user's fit_start is user code
+        return True
     for s in _OMIT_NAMES:
         if s in name:
             return True
@@ -64,25 +63,41 @@ def _internal(name, filename):
     return filename.endswith((".so", ".so.1", ".so.6")) or ".so." in filename
 
 
-def is_internal(frame):
-    """True for a frame that does not name user code (see the module docstring)."""
+_COMPREHENSIONS = ("<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>")
+_cache = {}  # (name, filename) -> 0 user frame, 1 internal but shown by torch's viewer, 2 hidden by it
+
+
+def _classify(frame):
     try:
         key = (frame.get("name", ""), frame.get("filename", ""))
     except AttributeError:
-        return True
+        return 2
     hit = _cache.get(key)
     if hit is None:
         if len(_cache) > 200_000:
             _cache.clear()
-        hit = _cache[key] = _internal(str(key[0]), str(key[1]))
+        name, filename = str(key[0]), str(key[1])
+        if not _internal(name, filename):
+            hit = 0
+        elif name == "_start" or any(s in name for s in _OMIT_NAMES) or any(s in filename for s in _OMIT_FILES) \
+                or filename == "??":
+            hit = 2
+        else:
+            hit = 1
+        _cache[key] = hit
     return hit
+
+
+def is_internal(frame):
+    """True for a frame that does not name user code (see the module docstring)."""
+    return _classify(frame) != 0
 
 
 def user_frames(frames):
     """The frames of a stack that name user code, innermost first."""
     if not isinstance(frames, (list, tuple)):
         return []
-    return [fr for fr in frames if isinstance(fr, dict) and not is_internal(fr)]
+    return [fr for fr in frames if isinstance(fr, dict) and not _classify(fr)]
 
 
 def site_frame(frames):
@@ -93,15 +108,11 @@ def site_frame(frames):
         return None
     fallback = None
     for fr in frames:
-        if not isinstance(fr, dict):
-            continue
-        if not is_internal(fr):
+        c = _classify(fr)
+        if c == 0:
             return fr
-        if fallback is None:
-            name, filename = str(fr.get("name", "")), str(fr.get("filename", ""))
-            if not any(s in name for s in _OMIT_NAMES) and not any(s in filename for s in _OMIT_FILES) \
-                    and filename != "??":
-                fallback = fr
+        if c == 1 and fallback is None:
+            fallback = fr
     return fallback
 
 
