@@ -141,3 +141,13 @@ def main(out_dir, steps=40):
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 40)
+
+
+_DIR = {}
+
+
+def snapshots_dir(tmp_path_factory, steps=40):
+    """The directory of the snapshots above, recorded once per test session."""
+    if steps not in _DIR:
+        _DIR[steps] = main(str(tmp_path_factory.mktemp(f"memdebug{steps}")), steps)
+    return _DIR[steps]

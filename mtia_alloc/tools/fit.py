@@ -29,6 +29,7 @@ from ..stats import memory_stats
 from ..streams import Stream
 from ..viz.frames import SiteKey, format_frame, site_frame, user_frames
 from ..viz.load import load as load_snapshot
+from ..viz.load import normalize
 from ..viz.reports import FitReport
 from .workload import _as_int, read_trace, starting_state, trace_from_snapshot
 
@@ -84,13 +85,14 @@ def load_snapshot_dict(path):
         raise ValueError(f"{path}: not a memory snapshot ({e})") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
-    if isinstance(snap, list):
-        snap = {"segments": snap, "device_traces": []}
-    if not isinstance(snap, dict) or "segments" not in snap:
+    if isinstance(snap, list) and not all(isinstance(s, dict) for s in snap):
+        raise ValueError(f"{path}: not a memory snapshot (a list that is not a list of segments)")
+    if not isinstance(snap, (dict, list)) or isinstance(snap, dict) and "segments" not in snap:
         raise ValueError(f"{path}: not a memory snapshot (a pickle of {type(snap).__name__} without 'segments')")
-    if not isinstance(snap.get("device_traces", []), list):
-        raise ValueError(f"{path}: malformed snapshot: device_traces must be a list")
-    return snap
+    try:
+        return normalize(snap)  # validated: later code may index what it checked
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: malformed snapshot: {e}") from None
 
 
 def _entry_map(snap, device, entries, trace, rebuild=True, flush=True):
@@ -140,6 +142,11 @@ def load_workload(path, device=None, rebuild=True):
                              f"record_memory_history() on)")
         trace = trace_from_snapshot(snap, path, device, rebuild)
         dev = trace.info["device"]
+        if trace.trace_events == 0:
+            busy = [i for i, t in enumerate(snap["device_traces"])
+                    if any(isinstance(e, dict) and e.get("action") == "alloc" for e in t)]
+            raise ValueError(f"{path}: device {dev} recorded no allocations to replay (devices with allocations: "
+                             f"{busy or 'none'})")
         entries = [e for e in snap["device_traces"][dev]]
         return Workload(path, trace, snap, dev, _entry_map(snap, dev, entries, trace, rebuild))
     if device is not None:
