@@ -42,9 +42,19 @@ class Workload:
     CSV / RMM inputs), its device, and for each trace event (after the prefix) the index of
     the snapshot trace entry it came from (-1 for cache flushes)."""
 
-    def __init__(self, path, trace, snap=None, device=None, entry_of=None):
+    def __init__(self, path, trace, snap=None, device=None, rebuild=True):
         self.path, self.trace, self.snap, self.device = path, trace, snap, device
-        self.entry_of = entry_of or []
+        self._rebuild = rebuild
+        self._entry_of = None
+
+    @property
+    def entry_of(self):
+        """Per trace event (prefix excluded), the index of its snapshot entry (computed on
+        first use: only a failure report needs it)."""
+        if self._entry_of is None:
+            self._entry_of = [] if self.snap is None else _entry_map(self.snap, self.device, self.entries, self.trace,
+                                                                       self._rebuild)
+        return self._entry_of
 
     @property
     def entries(self):
@@ -147,8 +157,7 @@ def load_workload(path, device=None, rebuild=True):
                     if any(isinstance(e, dict) and e.get("action") == "alloc" for e in t)]
             raise ValueError(f"{path}: device {dev} recorded no allocations to replay (devices with allocations: "
                              f"{busy or 'none'})")
-        entries = [e for e in snap["device_traces"][dev]]
-        return Workload(path, trace, snap, dev, _entry_map(snap, dev, entries, trace, rebuild))
+        return Workload(path, trace, snap, dev, rebuild)
     if device is not None:
         raise ValueError("--device applies to snapshot inputs only")
     try:
