@@ -107,3 +107,15 @@ def test_bad_input(case, snaps, tmp_path):
             "wrong pickle": [base, wrong]}[case]
     proc = fresh_python("-m", "mtia_alloc", "diff", *map(str, args))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_snapshot_plot_shows_a_diff_and_a_sweep(snaps, tmp_path):
+    a = Snapshot(f"{snaps}/base.pickle")
+    sweep = a.sweep("1GiB", grid={"roundup_power2_divisions": ["none", 4]})
+    out = a.plot(tmp_path / "p.html", diff=f"{snaps}/bigger.pickle", sweep=sweep)
+    page = out.read_text()
+    assert "Compared with another run" in page and "Change per site" in page
+    assert "Allocator settings sweep" in page and "roundup_power2_divisions:4" in page
+    assert page.count("<svg") >= 5 and "<script" not in page
+    with pytest.raises(TypeError, match="SweepReport"):
+        a.plot(tmp_path / "q.html", sweep="nope")

@@ -25,6 +25,10 @@ def _guard(fn):
 
 
 def _fit_cmd(args):
+    if not (args.sweep or args.grid):
+        for flag, value in (("--plot", args.plot), ("--jobs", args.jobs)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to --sweep only")
     work = _fit.load_workload(args.input, device=args.device)
     if args.sweep or args.grid:
         return _sweep.sweep_main(args, work)
@@ -34,7 +38,8 @@ def _fit_cmd(args):
 def add_commands(sub):
     f = sub.add_parser("fit", help="will a snapshot's or trace's workload fit on a device of a given capacity?")
     f.add_argument("input", help="snapshot pickle / JSON (its device_traces), trace CSV or RMM log")
-    f.add_argument("--memory", required=True, help="device capacity, e.g. 24GiB")
+    f.add_argument("--memory", required=True, help="device capacity, e.g. 24GiB ('auto': twice what the "
+                                                   "workload can need, for measuring only)")
     f.add_argument("--conf", default="", help="allocator settings (MTIA_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF syntax)")
     f.add_argument("--device", type=int, help="snapshot input: the device whose trace is replayed "
                                               "(default: the one with the most events)")

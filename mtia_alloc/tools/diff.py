@@ -239,6 +239,8 @@ def diff_main(args):
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     SiteKey(args.by)  # checks --by before reading anything
+    if args.plot:
+        _sweep._check_plot(args.plot)
     report = DiffReport(diff_snapshots(args.a, args.b, args.by, args.device, replay=not args.no_replay))
     if args.plot:
         report.plot(args.plot)

@@ -22,6 +22,7 @@ import os
 import time
 
 from .. import _C
+from ..viz.render import is_html_name, not_html_message
 from ..viz.reports import SweepReport
 from . import fit as _fit
 
@@ -224,7 +225,7 @@ def sweep_main(args, work):
     if args.jobs is not None and not 1 <= args.jobs <= 256:
         raise ValueError(f"--jobs must be between 1 and 256, got {args.jobs}")
     if args.plot:
-        from_render_check(args.plot)
+        _check_plot(args.plot)
     report = SweepReport(sweep(work, memory, grid, args.conf or "", args.jobs))
     if args.plot:
         report.plot(args.plot)
@@ -237,7 +238,9 @@ def sweep_main(args, work):
     return _fit.EXIT_FITS if report.recommended else _fit.EXIT_DOES_NOT_FIT
 
 
-def from_render_check(path):
-    from_dir = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(from_dir):
-        raise ValueError(f"--plot: no directory for {path}")
+def _check_plot(path):
+    """Refuses a --plot file that cannot be written, before the replays run."""
+    if not is_html_name(path):
+        raise ValueError(f"--plot: {not_html_message(path)}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))) or os.path.isdir(path):
+        raise ValueError(f"--plot: cannot write {path}")

@@ -315,6 +315,15 @@ class Fragmentation:
         """internal / free (torch's "(X% internal)")."""
         return self.internal / self.free if self.free else 0.0
 
+    @property
+    def rows(self):
+        """[as_dict()]: the figures as plain data, like the reports' rows."""
+        return [self.as_dict()]
+
+    def table(self):
+        """The figures as text (str(self))."""
+        return str(self)
+
     def as_dict(self):
         return {
             "reserved": self.reserved, "requested": self.requested, "allocated": self.allocated,
@@ -681,15 +690,27 @@ class Snapshot:
             pickle.dump(self.to_dict(), f, protocol=4)
         return path
 
-    def plot(self, path, device=None):
+    def plot(self, path, device=None, diff=None, sweep=None):
         """Writes a self-contained HTML page (inline SVG, no script, no network): the summary,
         a map of the segments coloured by block state, and memory over time rebuilt from the
-        trace, for every device (or `device`). Returns path."""
+        trace, for every device (or `device`). diff: another snapshot (or path, or a
+        DiffReport) to compare with: adds both timelines and the per-site bar chart; sweep: a
+        SweepReport (Snapshot.sweep) to add. Returns path."""
         if not is_html_name(os.fspath(path)):
             raise ValueError(not_html_message(os.fspath(path)))
         if device is not None:
             device = self._check_device(device)
         text = render_html(self, device)
+        extra = []
+        if diff is not None:
+            report = diff if isinstance(diff, DiffReport) else self.diff(diff)
+            extra += ["<h2>Compared with another run</h2>", *report.html_parts()]
+        if sweep is not None:
+            if not isinstance(sweep, SweepReport):
+                raise TypeError(f"sweep must be a SweepReport (Snapshot.sweep), got {type(sweep).__name__}")
+            extra += ["<h2>Allocator settings sweep</h2>", *sweep.html_parts()]
+        if extra:
+            text = text.replace("</body>", "\n".join(extra) + "\n</body>", 1)
         with open(os.fspath(path), "w", encoding="utf-8") as f:
             f.write(text)
         return path

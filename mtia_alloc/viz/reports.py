@@ -200,8 +200,8 @@ class SweepReport(Report):
                    else "recommended: none: every setting runs out of memory")
         return "\n".join(out)
 
-    def plot(self, path):
-        """A bar chart of peak reserved per setting (OOM settings in red), as HTML/SVG."""
+    def html_parts(self):
+        """The sweep's HTML: its table and a bar chart of peak reserved per setting."""
         d = self.data
         ran = [r for r in d["rows"] if r["status"] == "ran"]
         esc = html.escape
@@ -230,8 +230,12 @@ class SweepReport(Report):
                        f'<title>{esc(r["setting"] or "(defaults)")}: peak reserved '
                        f'{esc(format_bytes(r["peak_reserved"]))}, OOM {"yes" if r["oom"] else "no"}</title></rect>')
         svg.append("</svg>")
-        body = [f"<pre>{esc(self.table())}</pre>", "<h2>Peak reserved per setting</h2>", *svg]
-        return self._write_html(path, f"Allocator settings sweep: {d.get('input', '')}", body)
+        return [f"<pre>{esc(self.table())}</pre>", "<h2>Peak reserved per setting</h2>", "".join(svg)]
+
+    def plot(self, path):
+        """A bar chart of peak reserved per setting (OOM settings in red) and the table, as
+        a self-contained HTML page (inline SVG, no script)."""
+        return self._write_html(path, f"Allocator settings sweep: {self.data.get('input', '')}", self.html_parts())
 
 
 # ------------------------------------------------------------------ diff
@@ -289,7 +293,13 @@ class DiffReport(Report):
 
     def plot(self, path, limit=20):
         """Two memory timelines (A and B: live and reserved bytes over their trace entries)
-        and the per-site bar chart of the deltas at peak, as HTML/SVG."""
+        and the per-site bar chart of the deltas at peak, as a self-contained HTML page."""
+        d = self.data
+        return self._write_html(path, f"Memory diff: {d['a']['input']} vs {d['b']['input']}",
+                                self.html_parts(limit))
+
+    def html_parts(self, limit=20):
+        """The diff's HTML: its table, both timelines and the per-site bar chart."""
         d = self.data
         esc = html.escape
         body = [f"<pre>{esc(self.table(limit=limit))}</pre>"]
@@ -299,7 +309,7 @@ class DiffReport(Report):
             body.append(_timeline_svg(curve) if curve else "<p>No trace recorded.</p>")
         body.append("<h2>Change per site (B - A)</h2>")
         body.append(_delta_bars_svg(d["rows"][:limit]))
-        return self._write_html(path, f"Memory diff: {d['a']['input']} vs {d['b']['input']}", body)
+        return body
 
 
 def _timeline_svg(curve, width=900, height=220):
