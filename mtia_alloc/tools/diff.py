@@ -81,8 +81,9 @@ def site_profile(snap, device, key, top=0):
                 if frames is None and b.get("history"):
                     frames = (b["history"][0] or {}).get("frames")
                 req = _requested(b)
-                site = key(frames, missing=NO_STACK if addr in allocated_in_trace or not entries
-                           else BEFORE_RECORDING)
+                # without a stack: allocated in the trace (recorded without stacks), or before
+                # the recording began (or with no recording at all)
+                site = key(frames, missing=NO_STACK if addr in allocated_in_trace else BEFORE_RECORDING)
                 end[site] = end.get(site, 0) + req
                 final_frames[addr] = frames
                 if top:

@@ -196,6 +196,9 @@ def sweep(work, memory, grid=DEFAULT_GRID, base_conf="", workers=None):
                  first_failure=res["failure"]["event"] if res.get("failure") else None)
         if r["oom"]:
             r["note"] = f"{res['num_ooms']} failed allocations, first at event {r['first_failure']}"
+    failed = [r for r in todo if r["status"] == "failed"]
+    if failed and len(failed) == len(todo) and all("starting state does not fit" in r["note"] for r in failed):
+        raise ValueError(failed[0]["note"])  # the device is too small for every setting: bad input
     ran = sorted((r for r in rows if r["status"] == "ran"),
                  key=lambda r: (r["oom"], r["peak_reserved"], r["num_alloc_retries"], r["num_device_alloc"],
                                 r["setting"].count(":"), r["order"]))

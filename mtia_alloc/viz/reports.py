@@ -286,6 +286,13 @@ class DiffReport(Report):
         if len(d["rows"]) > limit:
             lines.append(f"... {len(d['rows']) - limit} more sites (.rows, or --json)")
         for side in ("a", "b"):
+            nostack = sum((r[f"{side}_peak"] or 0) for r in d["rows"] if r["site"] == "<no stack recorded>")
+            live = d["totals"][side]["live_peak"]
+            if nostack and live:
+                lines.append(f"note: {nostack / live:.0%} of {side.upper()}'s live bytes at its peak were allocated "
+                             f"without a recorded stack (history recorded with context=None?): their sites are "
+                             f"unknown, not unchanged")
+        for side in ("a", "b"):
             if d[side].get("peak_event") is not None:
                 lines.append(f"{side.upper()}'s peak: trace entry {d[side]['peak_event']} "
                              f"({_b(d[side]['live_peak'])} live)")
