@@ -71,6 +71,7 @@ def test_memdebug_command(what, snaps):
     limit = 5.0 if what == "sweep-20" else 1.0
     if what == "sweep-20":
         assert "20 settings (20 replayed" in out, out[:300]
+        print("  " + out.splitlines()[0])  # the replays' own time, how many ran at once, their CPU
     # On a machine busy with other work the wall time measures the others too: the target is
     # then checked on the CPU time the command and its workers used.
     assert (wall if load < (os.cpu_count() or 1) else cpu) < limit

@@ -119,7 +119,11 @@ def _job(spec):
 
 def _child(fn, spec, conn):
     try:
-        conn.send(fn(spec))
+        t0 = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
+        out = fn(spec)
+        if isinstance(out, dict):
+            out["_busy"] = (t0, time.monotonic(), time.process_time())
+        conn.send(out)
     except BaseException as e:  # noqa: B902 - reported to the parent, never raised there
         conn.send({"error": f"{type(e).__name__}: {e}"})
     finally:
@@ -184,6 +188,11 @@ def sweep(work, memory, grid=DEFAULT_GRID, base_conf="", workers=None):
     t0 = time.perf_counter()
     results = run_parallel([(key, work.path, work.device, memory, r["conf"], False) for r in todo], workers)
     seconds = time.perf_counter() - t0
+    busy = [r.pop("_busy", None) for r in results]
+    busy = [b for b in busy if b]
+    # how many replays ran at once, on average (the workers' busy time over the sweep's time)
+    parallelism = sum(b[1] - b[0] for b in busy) / seconds if seconds and busy else 0.0
+    cpu = sum(b[2] for b in busy)
     for r, res in zip(todo, results):
         if "error" in res:
             r["status"] = "refused" if "refused" in res["error"] else "failed"
@@ -219,6 +228,7 @@ def sweep(work, memory, grid=DEFAULT_GRID, base_conf="", workers=None):
         recommended = dict(rec, why=why)
     return {"command": "sweep", "input": work.path, "device": work.device, "memory": memory,
             "base_conf": base_conf, "rows": ran + rest, "recommended": recommended, "seconds": seconds,
+            "parallelism": parallelism, "worker_cpu_seconds": cpu,
             "workers": max(1, min(len(todo), workers or os.cpu_count() or 1)), "events": work.trace.trace_events}
 
 

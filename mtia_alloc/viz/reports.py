@@ -190,7 +190,8 @@ class SweepReport(Report):
         rec = d.get("recommended")
         ran = sum(1 for r in d["rows"] if r["status"] == "ran")
         head = (f"sweep: {d.get('input', '?')} on a {_b(d['memory'])} device, {len(d['rows'])} settings "
-                f"({ran} replayed in {d.get('seconds', 0):.2f} s on {d.get('workers', 1)} processes)")
+                f"({ran} replayed in {d.get('seconds', 0):.2f} s on {d.get('workers', 1)} processes, "
+                f"{d.get('parallelism', 0):.1f} at a time on average, {d.get('worker_cpu_seconds', 0):.2f} s CPU)")
         out = [head, _grid(header, rows, ["<", "<", ">", ">", ">", ">", "<"])]
         for reason, rs in ignored.items():
             out.append(f"not run, {len(rs)} settings: PyTorch ignores them ({reason}); each is the same as the "
