@@ -1,8 +1,9 @@
-"""Command line: python -m mtia_alloc {replay,bench,summary,plot} (see --help).
+"""Command line: python -m mtia_alloc {replay,bench,summary,plot,fit,diff,ranks} (see --help;
+the last three are added by tools.analysis_cli).
 
 Owns: main (the argument parser; also the `mtia-alloc` console script) and the replay
 command's checks and report. Relies on: tools.replay, tools.workload, tools.bench_suite,
-tools.snapshot_cli, viz.render (HTML names), _format, _C."""
+tools.snapshot_cli, tools.analysis_cli, viz.render (HTML names), _format, _C."""
 import argparse
 import json
 import os
