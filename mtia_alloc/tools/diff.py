@@ -20,7 +20,7 @@ import json
 import os
 
 from ..viz.frames import BEFORE_RECORDING, NO_STACK, SiteKey, where
-from ..viz.model import Fragmentation, Segment, detect_device_kind
+from ..viz.model import Fragmentation, Segment, _requested, detect_device_kind
 from ..viz.reports import DiffReport
 from . import fit as _fit
 from . import sweep as _sweep
@@ -29,11 +29,6 @@ from .workload import _as_int, starting_state, trace_from_snapshot
 __all__ = ["site_profile", "diff_snapshots", "diff_main"]
 
 _CURVE_POINTS = 600
-
-
-def _requested(b):
-    req = b.get("requested_size")
-    return _as_int(req, _as_int(b.get("size"))) if req is not None else _as_int(b.get("size"))
 
 
 def pick_device(snap, device, path):

@@ -281,8 +281,12 @@ class DiffReport(Report):
         lines.append(_grid(header, rows))
         lines.append("")
         header = ["site", "A at end", "B at end", "delta end", "A at peak", "B at peak", "delta peak"]
-        srows = [[r["site"], _b(r["a_end"]), _b(r["b_end"]), _signed(r["delta_end"]), _b(r["a_peak"]),
-                  _b(r["b_peak"]), _signed(r["delta_peak"])] for r in d["rows"][:limit]]
+        shown = d["rows"][:limit]
+        prefix = _common_dir([r["site"] for r in shown])
+        if prefix:
+            lines.append(f"sites under {prefix}/ are shown relative to it")
+        srows = [[_relative(r["site"], prefix), _b(r["a_end"]), _b(r["b_end"]), _signed(r["delta_end"]), _b(r["a_peak"]),
+                  _b(r["b_peak"]), _signed(r["delta_peak"])] for r in shown]
         lines.append(_grid(header, srows))
         if len(d["rows"]) > limit:
             lines.append(f"... {len(d['rows']) - limit} more sites (.rows, or --json)")
@@ -318,6 +322,21 @@ class DiffReport(Report):
         body.append("<h2>Change per site (B - A)</h2>")
         body.append(_delta_bars_svg(d["rows"][:limit]))
         return body
+
+
+def _common_dir(sites):
+    """The longest directory shared by every site that is a path ('' if none or just '/')."""
+    files = [s.split(":", 1)[0] for s in sites if s.startswith("/")]
+    if len(files) < 2:
+        return ""
+    prefix = os.path.commonpath([os.path.dirname(f) for f in files])
+    return prefix if len(prefix) > 1 else ""
+
+
+def _relative(site, prefix):
+    if prefix and site.startswith(prefix + "/"):
+        return " < ".join(p[len(prefix) + 1:] if p.startswith(prefix + "/") else p for p in site.split(" < "))
+    return site
 
 
 def _timeline_svg(curve, width=900, height=220):
