@@ -131,15 +131,16 @@ def site_profile(snap, device, key, top=0):
     # second pass: the live set at the peak entry, by site
     sites0 = {addr: key(first_free_frames.get(addr) if addr in first_free_frames else final_frames.get(addr),
                         missing=BEFORE_RECORDING) for addr in live0}
-    live = {addr: (live0[addr]["requested"], sites0[addr]) for addr in live0}
+    live = {addr: (live0[addr]["requested"], None, sites0[addr]) for addr in live0}
     for e in entries[:peak_i + 1]:
         a = e.get("action")
-        if a == "alloc":
-            live[_as_int(e.get("addr"))] = (_as_int(e.get("size")), key(e.get("frames")))
+        if a == "alloc":  # the stack is keyed only if the block is still live at the peak
+            live[_as_int(e.get("addr"))] = (_as_int(e.get("size")), e.get("frames"), None)
         elif a in ("free_completed", "free"):
             live.pop(_as_int(e.get("addr")), None)
     at_peak = {}
-    for size, site in live.values():
+    for size, frames, site in live.values():
+        site = site if site is not None else key(frames)
         at_peak[site] = at_peak.get(site, 0) + size
     out.update(peak=at_peak, live_peak=peak, peak_event=peak_i,
                curve={"live": curve_live, "reserved": curve_res, "entries": n})
