@@ -4,13 +4,15 @@
     >>> s = Snapshot()                      # the allocator's state now (mtia_alloc.snapshot())
     >>> s = Snapshot("snap.pickle")          # a pickle from _dump_snapshot, or from PyTorch itself
     >>> s
-    Snapshot(devices=[0], segments=3, blocks=7, reserved=42.00 MiB, allocated=12.50 MiB,
-             largest_free_block=17.00 MiB, fragmentation=2.4%)
-    >>> s.segments[0], s.blocks[:3]          # small objects with readable reprs
-    >>> print(s.summary())                   # the memory_summary table for that state
-    >>> s.fragmentation()                    # free bytes in partly used segments, largest free blocks
+    Snapshot(MTIA devices=[0], segments=3, blocks=7, reserved=42.00 MiB, allocated=12.50 MiB
+             (requested 12.31 MiB), largest_free_block=17.00 MiB, fragmentation=2.4%)
+    >>> s.segments[0], s.blocks[:3]          # small objects with readable reprs; Block.where = call site
+    >>> print(s.summary())                   # the memory_summary table (peaks replayed from the trace)
+    >>> s.fragmentation()                    # torch's viewer's figures, and the one fragmentation figure
     >>> s.plot("snap.html")                  # self-contained HTML + inline SVG (no network, no matplotlib)
     >>> s.dump("copy.pickle")                # pickle protocol 4 (the memory_viz page refuses 5)
+    >>> s.fit("24GiB"), s.sweep("24GiB")     # will the trace fit? which allocator settings?
+    >>> s.diff("other.pickle")               # per call site: what changed between two runs
 
 A snapshot is PyTorch's dict (segments, device_traces, allocator_settings,
 external_annotations). `Snapshot` also takes a bare segment list (memory_snapshot()), an
@@ -18,8 +20,10 @@ older PyTorch snapshot (blocks with a legacy `history`), a JSON file of the same
 or a gzip-compressed pickle. Pickles are read with an unpickler that accepts plain data only.
 
 Owns: the classes above. Works on plain dicts (viz.load validates them first).
-Relies on: viz.load, viz.render (plot), _format (format_bytes, summary_table), and
-history.snapshot for `Snapshot()` without an argument (the one call into the live allocator).
+Relies on: viz.load, viz.frames (call sites), viz.render (plot), viz.reports and viz.runner
+(fit, sweep, diff, ranks and the summary's peaks: the command line in a child process, as a
+replay needs a fresh allocator), _format (format_bytes, summary_table), and history.snapshot
+for `Snapshot()` without an argument (the one call into the live allocator).
 """
 import contextlib
 import operator
@@ -38,9 +42,6 @@ __all__ = ["Snapshot", "Segment", "Block", "Fragmentation"]
 
 ACTIVE_STATES = ("active_allocated", "active_pending_free")
 SMALL_SEGMENT_MAX = 2 << 20  # PyTorch's small-pool segment size (kSmallBuffer)
-
-
-_where = where  # the call site: first user frame (viz.frames)
 
 
 _KIND_HINTS = (("cuda", "CUDA"), ("hip", "ROCm"), ("xpu", "XPU"), ("mtia", "MTIA"))
@@ -117,7 +118,7 @@ class Block:
     def where(self):
         """The allocation site ('file.py:12 in fn'): the first user frame of the stack,
         unwinder, torch/c10 and mtia_alloc frames skipped (viz.frames); '' without a stack."""
-        return _where(self.frames)
+        return where(self.frames)
 
     @property
     def user_frames(self):
@@ -228,7 +229,7 @@ class Segment:
 
     @property
     def where(self):
-        return _where(self.frames)
+        return where(self.frames)
 
     def __repr__(self):
         parts = [f"device {self.device}", f"{self.address:#x}", f"{format_bytes(self.total_size)} {self.segment_type}",
