@@ -11,6 +11,8 @@ Owns:
   summary_table  torch.cuda.memory_summary's table from a flat memory_stats()-shaped dict
                  (memory_summary() of the live allocator and Snapshot.summary() both use it).
 Relies on: _C.format_size_ only; no allocator state."""
+import textwrap
+
 from . import _C
 
 __all__ = ["format_size", "format_bytes", "summary_table"]
@@ -115,7 +117,7 @@ def summary_table(stats, device, abbreviated=False, kind="MTIA", notes=()):
         lines.append(f" {name:<24} | " + " | ".join(_cell(_fmt_count, v, v) for v in vals) + " ")
     lines.append("=" * width)
     for note in notes:
-        lines.append(f" {note}"[:width].ljust(width))
+        lines.extend(f" {part}".ljust(width) for part in textwrap.wrap(note, width - 2))
     if notes:
         lines.append("=" * width)
     return "|" + "|\n|".join(lines) + "|\n"

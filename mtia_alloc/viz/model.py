@@ -590,7 +590,11 @@ class Snapshot:
             if figures and figures.get("error"):
                 notes = [f"Peak Usage n/a: the replay failed ({figures['error']})"]
             elif figures:
-                notes = [f"Peak Usage: replay of {figures.get('events', '?')} trace events from the rebuilt state"]
+                conf = figures.get("conf") or "default settings"
+                notes = [f"Peak Usage: replay of {figures.get('events', '?')} trace events from the rebuilt state "
+                         f"({conf})"]
+                if figures.get("note"):
+                    notes.append(figures["note"])
             else:
                 notes = ["Peak Usage n/a: no allocation events recorded for this device"] if replay else []
             notes.append("Tot Alloc/Freed n/a: a snapshot does not record the totals")

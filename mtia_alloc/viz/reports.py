@@ -115,6 +115,10 @@ class FitReport(Report):
             src += f", device {d['device']}"
         src += f", {d.get('events', '?')} events)"
         lines = [f"fit: {src} on a {_b(d['memory'])} device, settings {d.get('conf', '')!r}"]
+        rec = d.get("recorded_settings")
+        if rec is not None and rec != d.get("conf", ""):
+            lines.append(f"note: the snapshot was recorded with settings {rec!r}; this replay uses "
+                         f"{d.get('conf', '')!r} (--conf)")
         if d.get("start_reserved"):
             lines.append(f"starting state (rebuilt from the snapshot): {_b(d['start_reserved'])} reserved in "
                          f"{d.get('start_segments', 0)} segments, {_b(d.get('start_live_bytes'))} live")

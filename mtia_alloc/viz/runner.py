@@ -63,9 +63,24 @@ def run_json(args, ok=(0,), timeout=600):
 
 def replay_figures(snap, device):
     """The fit command's figures for `device`'s trace on a device big enough for it (peaks
-    and memory_stats() peaks from the rebuilt starting state on), or {"error": message}."""
+    and memory_stats() peaks from the rebuilt starting state on), under the settings the
+    snapshot was recorded with (its allocator_settings string; the defaults, with a "note",
+    if this allocator refuses them), or {"error": message}."""
+    settings = snap.allocator_settings if isinstance(snap.allocator_settings, dict) else {}
+    conf = settings.get("PYTORCH_CUDA_ALLOC_CONF") or ""
+    conf = conf if isinstance(conf, str) else ""
+    # host (pinned memory) options do not change the device allocator: left out
+    conf = ",".join(p for p in conf.split(",") if p.strip() and not p.strip().startswith("pinned_"))
     try:
         with snapshot_file(snap) as path:
-            return run_json(["fit", path, "--device", str(device), "--memory", "auto", "--json"], ok=(0, 3))
+            args = ["fit", path, "--device", str(device), "--memory", "auto", "--json"]
+            try:
+                return run_json(args + ["--conf", conf], ok=(0, 3))
+            except ToolError as e:
+                if not conf or "refused" not in str(e):
+                    raise
+                out = run_json(args, ok=(0, 3))
+                out["note"] = f"replayed with the default settings: the recorded {conf!r} was refused ({e})"
+                return out
     except (ToolError, OSError, subprocess.SubprocessError) as e:
         return {"error": str(e)}
