@@ -105,3 +105,15 @@ def test_live_snapshot_is_mtia_and_round_trips(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["MTIA", "MTIA"]
     assert json.dumps(pickle.loads((tmp_path / "s.pickle").read_bytes())["device_kind"]) == '"MTIA"'
+
+
+def test_peaks_replay_under_the_recorded_settings(snaps):
+    with open(f"{snaps}/base.pickle", "rb") as f:
+        data = pickle.load(f)
+    data["allocator_settings"]["PYTORCH_CUDA_ALLOC_CONF"] = "pinned_num_register_threads:4,expandable_segments:True"
+    figures = Snapshot(data).replay_figures(0)
+    assert figures["conf"] == "expandable_segments:True" and "note" not in figures
+    data["allocator_settings"]["PYTORCH_CUDA_ALLOC_CONF"] = "no_such_option:1"
+    snap = Snapshot(data)
+    assert snap.replay_figures(0)["conf"] == "" and "was refused" in snap.replay_figures(0)["note"]
+    assert "replayed with the default settings" in snap.summary(0, notes=True)
