@@ -169,7 +169,9 @@ def load_workload(path, device=None, rebuild=True):
 def auto_memory(work):
     """A capacity comfortably above what the workload can need (for replays that only measure)."""
     info = work.trace.info
-    if work.snap is not None:
+    if info.get("recorded_peak_reserved"):
+        need = info["recorded_peak_reserved"]  # what the recorded run itself reserved at most
+    elif work.snap is not None:
         seg = sum(int(e.get("size", 0) or 0) for e in work.entries
                   if isinstance(e, dict) and e.get("action") in ("segment_alloc", "segment_map"))
         need = info.get("start_reserved", 0) + seg
