@@ -12,6 +12,7 @@ name PYTORCH_CUDA_ALLOC_CONF. Files written:
   bigger.pickle   the same with 1.5x larger activations and a leaked buffer per step
   rank0..3.pickle four ranks; rank 2 keeps an extra cache (its peak is the highest)
   nostack.pickle  base's workload with history recorded without stacks
+  oom.pickle      bigger's workload on a 200 MiB device: the trace ends with an `oom` entry
   segments.pickle a bare memory_snapshot() segment list (no trace)
 """
 import os
@@ -85,10 +86,14 @@ def leak(mtia, size):
     return mtia.caching_allocator_alloc(size)
 
 
-def record(out, steps=40, scale=1.0, leak_size=0, cache=0, stacks=True, seed=1):
-    """Runs the workload in this (fresh) process and writes a torch-style snapshot."""
+def record(out, steps=40, scale=1.0, leak_size=0, cache=0, stacks=True, seed=1, memory=None):
+    """Runs the workload in this (fresh) process and writes a torch-style snapshot. With
+    `memory` (a device that small), the run ends at its first OOM, as a snapshot dumped by
+    an OOM observer does."""
     import mtia_alloc as mtia
     rng = random.Random(seed)
+    if memory:
+        mtia.emulator.configure(memory_per_device=memory)
     mtia.init()
     weights = load_weights(mtia, 8, 12 * MiB)  # live before the recording window
     if stacks:
@@ -98,7 +103,10 @@ def record(out, steps=40, scale=1.0, leak_size=0, cache=0, stacks=True, seed=1):
     state = None
     kept = []
     for _ in range(steps):
-        acts = forward(mtia, rng, scale)
+        try:
+            acts = forward(mtia, rng, scale)
+        except mtia.OutOfMemoryError:
+            break
         grads = backward(mtia, acts, rng)
         if state is None:
             state = optimizer_state(mtia, 24 * MiB)
@@ -120,7 +128,8 @@ def main(out_dir, steps=40):
     jobs = {"base": {}, "bigger": {"scale": 1.5, "leak_size": 3 * MiB // 2},
             "nostack": {"stacks": False},
             "rank0": {"seed": 10}, "rank1": {"seed": 11}, "rank2": {"seed": 12, "cache": 40 * MiB},
-            "rank3": {"seed": 13}}
+            "rank3": {"seed": 13},
+            "oom": {"scale": 1.5, "leak_size": 3 * MiB // 2, "memory": "200MiB"}}
     procs = []
     for name, kw in jobs.items():
         code = (f"import sys; sys.path[:0] = [{os.path.dirname(os.path.abspath(__file__))!r}]; "

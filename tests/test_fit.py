@@ -112,3 +112,25 @@ def test_repl_fit_report(snaps):
     assert repr(yes).startswith("FitReport(fits on 1.00 GiB") and "NOT fit" in repr(no)
     assert yes.rows[0]["headroom"] == yes.data["headroom"] and no.rows[0]["failure_size"] == 24 * MiB
     assert "DOES NOT FIT" in no.table() and str(no) == no.table()
+
+
+def test_memory_recorded_re_enacts_and_explains_the_recorded_oom(snaps):
+    with open(f"{snaps}/oom.pickle", "rb") as f:
+        entries = pickle.load(f)["device_traces"][0]
+    oom_at = next(i for i, e in enumerate(entries) if e["action"] == "oom")
+    proc = cli("fit", f"{snaps}/oom.pickle", "--memory", "recorded", "--json")
+    assert proc.returncode == 3, proc.stderr
+    d = json.loads(proc.stdout)
+    f = d["failure"]
+    assert d["recorded_ooms"] == 1
+    assert f["entry"] == oom_at and f["size"] == entries[oom_at]["size"]
+    assert f["state"]["device_free"] == entries[oom_at]["device_free"]  # the recorded run's free memory
+    assert f["where"].endswith("in forward")
+    # free memory there was, but no piece of it could serve the request
+    assert f["state"]["free_but_unusable"] > f["size"] > max(f["state"]["largest_free_block"].values())
+    text = cli("fit", f"{snaps}/oom.pickle", "--memory", "recorded").stdout
+    assert "raised 1 OOM(s)" in text and "free but unusable" in text
+    # on a larger device the failed request is a transient allocation, and it fits
+    assert cli("fit", f"{snaps}/oom.pickle", "--memory", "1GiB").returncode == 0
+    no_oom = cli("fit", f"{snaps}/base.pickle", "--memory", "recorded")
+    assert no_oom.returncode == 2 and "records no OOM" in no_oom.stderr

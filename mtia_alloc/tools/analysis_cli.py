@@ -38,8 +38,10 @@ def _fit_cmd(args):
 def add_commands(sub):
     f = sub.add_parser("fit", help="will a snapshot's or trace's workload fit on a device of a given capacity?")
     f.add_argument("input", help="snapshot pickle / JSON (its device_traces), trace CSV or RMM log")
-    f.add_argument("--memory", required=True, help="device capacity, e.g. 24GiB ('auto': twice what the "
-                                                   "workload can need, for measuring only)")
+    f.add_argument("--memory", required=True, help="device capacity, e.g. 24GiB; 'recorded': what the recorded "
+                                                   "run had when its first OOM was raised (reserved + device_free "
+                                                   "of the oom entry): re-enacts and explains that OOM; 'auto': "
+                                                   "twice what the workload can need, for measuring only")
     f.add_argument("--conf", default="", help="allocator settings (MTIA_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF syntax)")
     f.add_argument("--device", type=int, help="snapshot input: the device whose trace is replayed "
                                               "(default: the one with the most events)")

@@ -20,6 +20,8 @@ import json
 import os
 import pickle
 
+import numpy as np
+
 from .. import _C, emulator
 from .._errors import OutOfMemoryError
 from .._format import format_bytes
@@ -40,7 +42,7 @@ GiB = 1 << 30
 class Workload:
     """A replay trace plus what the report needs to name things: the snapshot dict (None for
     CSV / RMM inputs), its device, and for each trace event (after the prefix) the index of
-    the snapshot trace entry it came from (-1 for cache flushes)."""
+    the snapshot trace entry it came from (negative for cache flushes)."""
 
     def __init__(self, path, trace, snap=None, device=None, rebuild=True):
         self.path, self.trace, self.snap, self.device = path, trace, snap, device
@@ -107,7 +109,7 @@ def load_snapshot_dict(path):
 
 def _entry_map(snap, device, entries, trace, rebuild=True, flush=True):
     """For each trace event after the prefix, the index of the snapshot entry it came from
-    (-1 for a cache flush): the walk of workload.trace_from_snapshot, whose prefix leaves
+    (-2 - the index of its segment_free entry for a cache flush): the walk of workload.trace_from_snapshot, whose prefix leaves
     the starting state's live blocks live under their addresses. [] if the walk disagrees
     with the trace (then no event is named)."""
     live = set(starting_state(snap, device, [e for e in entries if isinstance(e, dict)])[1]) if rebuild else set()
@@ -129,7 +131,7 @@ def _entry_map(snap, device, entries, trace, rebuild=True, flush=True):
                 out.append(i)
         elif a in ("segment_free", "segment_unmap"):
             if flush and not releasing:
-                out.append(-1)
+                out.append(-2 - i)  # a cache flush: no entry of its own (entry() gives None)
             releasing = True
             continue
         elif a not in ("segment_alloc", "segment_map", "oom"):
@@ -157,13 +159,76 @@ def load_workload(path, device=None, rebuild=True):
                     if any(isinstance(e, dict) and e.get("action") == "alloc" for e in t)]
             raise ValueError(f"{path}: device {dev} recorded no allocations to replay (devices with allocations: "
                              f"{busy or 'none'})")
-        return Workload(path, trace, snap, dev, rebuild)
+        work = Workload(path, trace, snap, dev, rebuild)
+        _add_recorded_ooms(work)
+        return work
     if device is not None:
         raise ValueError("--device applies to snapshot inputs only")
     try:
         return Workload(path, read_trace(path))
     except OSError as e:
         raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _add_recorded_ooms(work):
+    """The allocations that failed in the recorded run (its `oom` entries: the request, no
+    alloc entry) are part of the workload: each becomes an allocation of its size at its
+    place, freed at once (on a device where it succeeds it is a transient; where it fails,
+    the report names it with the oom entry's stack). Trace.info["recorded_ooms"] counts them."""
+    entries = work.entries
+    ooms = [i for i, e in enumerate(entries) if isinstance(e, dict) and e.get("action") == "oom"
+            and _as_int(e.get("size")) > 0]
+    work.trace.info["recorded_ooms"] = len(ooms)
+    if not ooms:
+        return
+    t = work.trace
+    entry_of = work.entry_of
+    if len(entry_of) != t.trace_events:
+        return  # the walk disagrees with the trace: cannot place them
+    sizes, slots, streams = t.sizes.tolist(), t.slots.tolist(), t.streams.tolist()
+    p = t.prefix
+    new_sizes, new_slots, new_streams, new_entry = sizes[:p], slots[:p], streams[:p], []
+    slot = t.nslots
+    stream_values = list(t.stream_values)
+    flushes = set(t.flushes)
+    new_flushes = [f for f in t.flushes if f < p]
+    k = 0
+    for j in range(t.trace_events):
+        at = entry_of[j] if entry_of[j] >= 0 else -2 - entry_of[j]  # a flush: its segment_free entry
+        while k < len(ooms) and at > ooms[k]:
+            e = entries[ooms[k]]
+            sv = _as_int(e.get("stream", 0))
+            if sv not in stream_values:
+                stream_values.append(sv)
+            si = stream_values.index(sv)
+            new_sizes += [_as_int(e.get("size")), 0]
+            new_slots += [slot, slot]
+            new_streams += [si, si]
+            new_entry += [ooms[k], ooms[k]]
+            k += 1
+        if p + j in flushes:
+            new_flushes.append(len(new_sizes))
+        new_sizes.append(sizes[p + j])
+        new_slots.append(slots[p + j])
+        new_streams.append(streams[p + j])
+        new_entry.append(entry_of[j])
+    for i in ooms[k:]:  # OOMs after the last replayed event
+        e = entries[i]
+        sv = _as_int(e.get("stream", 0))
+        if sv not in stream_values:
+            stream_values.append(sv)
+        si = stream_values.index(sv)
+        new_sizes += [_as_int(e.get("size")), 0]
+        new_slots += [slot, slot]
+        new_streams += [si, si]
+        new_entry += [i, i]
+    t.sizes = np.asarray(new_sizes, dtype=np.uint64)
+    t.slots = np.asarray(new_slots, dtype=np.uint32)
+    t.streams = np.asarray(new_streams, dtype=np.uint32)
+    t.nslots = slot + 1
+    t.stream_values = stream_values
+    t.flushes = new_flushes
+    work._entry_of = new_entry
 
 
 def auto_memory(work):
@@ -179,6 +244,27 @@ def auto_memory(work):
         need = work.trace.peak_live_bytes()
     need = 2 * need + GiB
     return -(-need // GiB) * GiB
+
+
+def recorded_capacity(work):
+    """The memory the recorded run had when its first OOM was raised: the bytes reserved at
+    that `oom` entry (rebuilt starting state plus the trace's segment events) plus the
+    entry's device_free. Replaying on exactly that much memory re-enacts the recorded OOM.
+    ValueError if the trace records no OOM."""
+    if work.snap is None:
+        raise ValueError("--memory recorded needs a snapshot whose trace records an OOM")
+    reserved = work.trace.info.get("start_reserved", 0)
+    for e in work.entries:
+        if not isinstance(e, dict):
+            continue
+        a = e.get("action")
+        if a in ("segment_alloc", "segment_map"):
+            reserved += _as_int(e.get("size"))
+        elif a in ("segment_free", "segment_unmap"):
+            reserved -= _as_int(e.get("size"))
+        elif a == "oom":
+            return reserved + _as_int(e.get("device_free"))
+    raise ValueError(f"{work.path}: the trace of device {work.device} records no OOM: give --memory a capacity")
 
 
 def setup(memory, conf=""):
@@ -314,7 +400,8 @@ def describe_input(work):
     info = work.trace.info
     d = {"input": work.path, "format": info.get("format", "?"), "events": work.trace.trace_events}
     if work.snap is not None:
-        d.update(device=work.device, start_reserved=info.get("start_reserved", 0),
+        d.update(device=work.device, recorded_ooms=info.get("recorded_ooms", 0),
+                 start_reserved=info.get("start_reserved", 0),
                  start_live_bytes=info.get("start_live_bytes", 0), start_segments=info.get("start_segments", 0),
                  recorded_settings=info.get("settings", ""))
     return d
@@ -335,8 +422,17 @@ def fit_main(args):
     return fit_work(args, work)
 
 
+def capacity(args, work):
+    """--memory: a size, "auto" (room to spare) or "recorded" (what the recorded run had at its OOM)."""
+    if args.memory == "auto":
+        return auto_memory(work)
+    if args.memory == "recorded":
+        return recorded_capacity(work)
+    return parse_capacity(args.memory)
+
+
 def fit_work(args, work):
-    memory = auto_memory(work) if args.memory == "auto" else parse_capacity(args.memory)
+    memory = capacity(args, work)
     setup(memory, args.conf or "")
     result = run(work, by=args.by)
     result.update(describe_input(work), conf=args.conf or "", command="fit")

@@ -233,7 +233,7 @@ def sweep(work, memory, grid=DEFAULT_GRID, base_conf="", workers=None):
 
 
 def sweep_main(args, work):
-    memory = _fit.auto_memory(work) if args.memory == "auto" else _fit.parse_capacity(args.memory)
+    memory = _fit.capacity(args, work)
     grid = parse_grid(args.grid) if args.grid else DEFAULT_GRID
     if args.jobs is not None and not 1 <= args.jobs <= 256:
         raise ValueError(f"--jobs must be between 1 and 256, got {args.jobs}")

@@ -119,6 +119,9 @@ class FitReport(Report):
         if rec is not None and rec != d.get("conf", ""):
             lines.append(f"note: the snapshot was recorded with settings {rec!r}; this replay uses "
                          f"{d.get('conf', '')!r} (--conf)")
+        if d.get("recorded_ooms"):
+            lines.append(f"the recorded run raised {d['recorded_ooms']} OOM(s): each failed request is replayed "
+                         f"at its place (and freed at once if it succeeds here)")
         if d.get("start_reserved"):
             lines.append(f"starting state (rebuilt from the snapshot): {_b(d['start_reserved'])} reserved in "
                          f"{d.get('start_segments', 0)} segments, {_b(d.get('start_live_bytes'))} live")
