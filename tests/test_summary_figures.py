@@ -117,3 +117,11 @@ def test_peaks_replay_under_the_recorded_settings(snaps):
     snap = Snapshot(data)
     assert snap.replay_figures(0)["conf"] == "" and "was refused" in snap.replay_figures(0)["note"]
     assert "replayed with the default settings" in snap.summary(0, notes=True)
+
+
+def test_peaks_of_a_run_that_ended_in_an_oom_are_what_it_did(snaps):
+    with open(f"{snaps}/oom.pickle", "rb") as f:
+        info = trace_from_snapshot(pickle.load(f)).info
+    stats = Snapshot(f"{snaps}/oom.pickle").stats(0, replay=True)
+    assert stats["reserved_bytes.all.peak"] == info["recorded_peak_reserved"]  # the failed request left out
+    assert stats["num_ooms"] == 1

@@ -29,7 +29,7 @@ def _fit_cmd(args):
         for flag, value in (("--plot", args.plot), ("--jobs", args.jobs)):
             if value is not None:
                 raise ValueError(f"{flag} applies to --sweep only")
-    work = _fit.load_workload(args.input, device=args.device)
+    work = _fit.load_workload(args.input, device=args.device, recorded_ooms=not args.skip_recorded_ooms)
     if args.sweep or args.grid:
         return _sweep.sweep_main(args, work)
     return _fit.fit_work(args, work)
@@ -46,6 +46,9 @@ def add_commands(sub):
     f.add_argument("--device", type=int, help="snapshot input: the device whose trace is replayed "
                                               "(default: the one with the most events)")
     f.add_argument("--by", default="site", help="call sites as site (default), file or frame:N")
+    f.add_argument("--skip-recorded-ooms", action="store_true",
+                   help="snapshot input: leave out the requests that failed in the recorded run (its oom "
+                        "entries); the replay then measures what the run did (the summary's peaks)")
     f.add_argument("--json", action="store_true", help="one JSON document")
     f.add_argument("--sweep", action="store_true",
                    help="replay a grid of allocator settings in parallel and recommend one")

@@ -140,8 +140,9 @@ def _entry_map(snap, device, entries, trace, rebuild=True, flush=True):
     return out if len(out) == trace.events - trace.prefix else []
 
 
-def load_workload(path, device=None, rebuild=True):
-    """The replay trace of `path` (snapshot pickle / JSON, trace CSV, RMM log)."""
+def load_workload(path, device=None, rebuild=True, recorded_ooms=True):
+    """The replay trace of `path` (snapshot pickle / JSON, trace CSV, RMM log); with
+    recorded_ooms, a snapshot's failed requests are part of it (_add_recorded_ooms)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such file")
@@ -160,7 +161,8 @@ def load_workload(path, device=None, rebuild=True):
             raise ValueError(f"{path}: device {dev} recorded no allocations to replay (devices with allocations: "
                              f"{busy or 'none'})")
         work = Workload(path, trace, snap, dev, rebuild)
-        _add_recorded_ooms(work)
+        if recorded_ooms:
+            _add_recorded_ooms(work)
         return work
     if device is not None:
         raise ValueError("--device applies to snapshot inputs only")

@@ -73,7 +73,7 @@ def replay_figures(snap, device):
     conf = ",".join(p for p in conf.split(",") if p.strip() and not p.strip().startswith("pinned_"))
     try:
         with snapshot_file(snap) as path:
-            args = ["fit", path, "--device", str(device), "--memory", "auto", "--json"]
+            args = ["fit", path, "--device", str(device), "--memory", "auto", "--skip-recorded-ooms", "--json"]
             try:
                 return run_json(args + ["--conf", conf], ok=(0, 3))
             except ToolError as e:
