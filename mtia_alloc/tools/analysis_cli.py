@@ -5,6 +5,7 @@ non-zero on bad input (2), like the others; `fit` exits 3 when the workload does
 Owns: add_commands. Relies on: tools.fit, tools.sweep, tools.diff, tools.ranks."""
 import sys
 
+from ..viz.frames import SiteKey
 from . import diff as _diff
 from . import fit as _fit
 from . import ranks as _ranks
@@ -25,6 +26,7 @@ def _guard(fn):
 
 
 def _fit_cmd(args):
+    SiteKey(args.by)  # a bad --by fails before any work
     if not (args.sweep or args.grid):
         for flag, value in (("--plot", args.plot), ("--jobs", args.jobs)):
             if value is not None:
