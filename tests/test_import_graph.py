@@ -52,6 +52,9 @@ LAYERS = {
     "mtia_alloc.viz.load": CORE,
     "mtia_alloc.viz.render": CORE,
     "mtia_alloc.viz.model": CORE,
+    "mtia_alloc.viz.frames": CORE,
+    "mtia_alloc.viz.runner": CORE,
+    "mtia_alloc.viz.reports": CORE,
     # the public modules
     "mtia_alloc.memory": PUBLIC,
     "mtia_alloc.array": PUBLIC,
@@ -69,6 +72,11 @@ LAYERS = {
     "mtia_alloc.tools.bench_suite": TOP,
     "mtia_alloc.tools.snapshot_cli": TOP,
     "mtia_alloc.tools.viz_check": TOP,
+    "mtia_alloc.tools.analysis_cli": TOP,
+    "mtia_alloc.tools.fit": TOP,
+    "mtia_alloc.tools.sweep": TOP,
+    "mtia_alloc.tools.diff": TOP,
+    "mtia_alloc.tools.ranks": TOP,
 }
 # Subpackages whose modules take the subpackage's layer unless listed above. mtia_alloc.torch
 # is reserved for the PyTorch backend (written elsewhere): above the façade, like the tools.
