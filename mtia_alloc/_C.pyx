@@ -863,3 +863,4 @@ def empty(shape, dtype="float32", device=None, stream=None):
         if entry is not None:
             return alloc_array(_empty_cls, (shape,), entry[0], entry[1], device, stream)
     return _empty_general(shape, dtype, device, stream)
+include "_capi.pxi"
