@@ -1,0 +1,50 @@
+"""mtia_alloc as PyTorch's MTIA backend: torch.mtia, device="mtia" tensors, streams,
+events, graphs and memory observability, all answered by mtia_alloc's caching allocator
+on the emulated devices.
+
+    import torch                 # with mtia_alloc installed, its entry point loads this
+    import mtia_alloc.torch      # or load it explicitly
+    x = torch.ones(4, device="mtia")
+
+Supports torch 2.13.* only: the C++ MTIA hooks interface changes between releases.
+Importing this module must happen before anything asks torch.mtia or torch.accelerator
+about MTIA (PyTorch creates its MTIA hooks once, on first use, and keeps them)."""
+SUPPORTED_TORCH = "2.13"
+
+try:
+    import torch
+except ImportError as e:  # pragma: no cover - exercised without torch
+    raise ImportError("mtia_alloc.torch needs PyTorch 2.13: pip install 'mtia_alloc[torch]' "
+                      "(or pip install torch==2.13.*)") from e
+
+_version = torch.__version__.split("+")[0]
+if _version.split(".")[:2] != SUPPORTED_TORCH.split("."):
+    raise ImportError(f"mtia_alloc.torch supports torch {SUPPORTED_TORCH}.* only (its C++ MTIA hooks interface "
+                      f"changes between releases), but torch {torch.__version__} is installed: "
+                      f"pip install 'torch=={SUPPORTED_TORCH}.*' (or pip install 'mtia_alloc[torch]')")
+
+import mtia_alloc  # noqa: E402
+from mtia_alloc import _C  # noqa: E402
+
+from . import _build  # noqa: E402
+
+_ext = _build.load()
+_ext.install(_C._capi_capsule())
+if not _ext.hooks_are_ours():
+    raise RuntimeError(
+        "torch.mtia was used in this process before mtia_alloc.torch was loaded, and PyTorch keeps the MTIA "
+        "hooks it made then (no backend) for the life of the process. Import mtia_alloc.torch (or just import "
+        "torch with mtia_alloc installed, whose entry point loads it) before calling anything in torch.mtia, "
+        "torch.accelerator or creating an MTIA tensor.")
+
+__all__ = ["SUPPORTED_TORCH", "is_loaded"]
+
+
+def is_loaded():
+    """True: the backend is loaded and answers torch.mtia."""
+    return True
+
+
+def _recorded_ops(graph):
+    """The number of torch ops a torch.mtia.MTIAGraph recorded (tests)."""
+    return _ext.recorded_ops(graph._handle) if hasattr(graph, "_handle") else None
