@@ -353,6 +353,14 @@ C10_REGISTER_GUARD_IMPL(MTIA, MtiaGuardImpl);
 
 // ------------------------------------------------------------------ hooks
 
+static bool python_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing();
+#else
+  return _Py_IsFinalizing();
+#endif
+}
+
 static int64_t next_graph = 1;
 static std::mutex graph_mu;
 
@@ -461,10 +469,17 @@ struct MTIAHooks final : at::MTIAHooksInterface {
     bridge("graph_create", h, keep_graph);
     return h;
   }
-  void mtiagraphDestroy(int64_t handle) const override {
+  void mtiagraphDestroy(int64_t handle) const override {  // from a destructor: never throws
     forget(handle);
+    if (!Py_IsInitialized() || python_finalizing()) return;  // at exit the pool goes with the process
     GIL;
-    bridge("graph_destroy", handle);
+    try {
+      bridge("graph_destroy", handle);
+    } catch (py::error_already_set& e) {
+      e.discard_as_unraisable("mtia_alloc: destroying an MTIAGraph");
+    } catch (const std::exception& e) {
+      TORCH_WARN("mtia_alloc: destroying an MTIAGraph failed: ", e.what());
+    }
   }
   void mtiagraphCaptureBegin(int64_t handle, c10::MempoolId_t pool) const override {
     GIL;
