@@ -306,3 +306,16 @@ def test_autoload_entry_point_when_installed():
     r = run_python("import torch\nprint(torch.mtia.is_available(), torch.ones(2, device='mtia').device)")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "mtia:0"]
+
+
+def test_readme_pytorch_example_runs_and_keeps_its_promise():
+    import re
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("## Use it from PyTorch", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    lines = ["import mtia_alloc.torch  # the entry point does this once installed"]
+    for line in block.splitlines():
+        m = re.match(r"^(?P<code>[^#]+?)\s+#\s*(?P<value>\d+)$", line)
+        lines.append(f"assert ({m['code'].strip()}) == {m['value']}" if m else line)
+    r = run_python("\n".join(lines))
+    assert r.returncode == 0, r.stderr

@@ -42,7 +42,8 @@ def load(verbose=False):
     cached build (with a progress line on stderr: it takes a minute or two)."""
     directory = build_dir()
     lib = _library_path(directory)
-    if os.path.exists(lib):
+    # A build under way in another process holds torch's lock file: then wait for it below.
+    if os.path.exists(lib) and not os.path.exists(os.path.join(directory, "lock")):
         spec = importlib.util.spec_from_file_location(_NAME, lib,
                                                       loader=importlib.machinery.ExtensionFileLoader(_NAME, lib))
         module = importlib.util.module_from_spec(spec)
