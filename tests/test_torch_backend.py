@@ -319,3 +319,33 @@ def test_readme_pytorch_example_runs_and_keeps_its_promise():
         lines.append(f"assert ({m['code'].strip()}) == {m['value']}" if m else line)
     r = run_python("\n".join(lines))
     assert r.returncode == 0, r.stderr
+
+
+def test_private_pools_route_torch_allocations():
+    pool = mtia_alloc.MemPool()
+    with mtia_alloc.use_mem_pool(pool):
+        x = torch.empty(100, device="mtia")
+    y = torch.empty(100, device="mtia")
+    pools = {seg["segment_pool_id"] for seg in mtia_alloc.memory_snapshot()
+             for b in seg["blocks"] if b["address"] == x.data_ptr()}
+    assert pools == {pool.id}
+    assert all(seg["segment_pool_id"] == (0, 0) for seg in mtia_alloc.memory_snapshot()
+               if seg["address"] <= y.data_ptr() < seg["address"] + seg["total_size"])
+    del x, y, pool
+    torch.mtia.empty_cache()
+
+
+def test_accelerator_api_reaches_the_allocator():
+    x = torch.empty(3 << 20, dtype=torch.uint8, device="mtia:0")
+    assert torch.accelerator.memory_reserved(0) == mtia_alloc.memory_reserved(0) > 0
+    free, total = torch.accelerator.get_memory_info(0)
+    assert (free, total) == mtia_alloc.mem_get_info(0)
+    del x
+    torch.accelerator.reset_peak_memory_stats(0)
+    assert torch.accelerator.max_memory_allocated(0) == mtia_alloc.memory_allocated(0)
+    torch.accelerator.empty_cache()
+    assert mtia_alloc.memory_reserved(0) == 0
+    assert torch.mtia.get_device_capability() == (1, 0)
+    assert torch.mtia.get_device_properties(1)["total_memory"] == mtia_alloc.get_device_properties(1)["total_memory"]
+    assert torch._C._mtia_getCurrentRawStream(0) == mtia_alloc.current_stream(0).stream_id
+    torch.mtia.synchronize()
