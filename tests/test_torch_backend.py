@@ -349,3 +349,16 @@ def test_accelerator_api_reaches_the_allocator():
     assert torch.mtia.get_device_properties(1)["total_memory"] == mtia_alloc.get_device_properties(1)["total_memory"]
     assert torch._C._mtia_getCurrentRawStream(0) == mtia_alloc.current_stream(0).stream_id
     torch.mtia.synchronize()
+
+
+def test_ops_run_after_the_work_queued_on_their_stream():
+    import ctypes
+    import struct
+    x = torch.zeros(4, device="mtia")
+    ptr, data = x.data_ptr(), struct.pack("4f", 1, 2, 3, 4)
+    stream = mtia_alloc.current_stream()
+    mtia_alloc.emulator.sleep(30, stream=stream)
+    mtia_alloc.emulator.launch(lambda: ctypes.memmove(ptr, data, len(data)), stream=stream)
+    assert (x * 1).cpu().tolist() == [1.0, 2.0, 3.0, 4.0]  # waited for the sleep and the write
+    mtia_alloc.emulator.launch(lambda: ctypes.memmove(ptr, struct.pack("4f", 0, 0, 0, 9), 16), stream=stream)
+    assert x[3].item() == 9.0

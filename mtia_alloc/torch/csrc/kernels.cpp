@@ -4,7 +4,8 @@
 // copied into memory from mtia_alloc's allocator; results that view an input become views
 // of the MTIA input; arguments an op writes get a resizable alias, and if the CPU kernel
 // resized it the MTIA tensor is resized to match. Ops run synchronously on the calling
-// thread, in program order (so in stream order).
+// thread, in program order, each after the work already queued on its device's current
+// stream (so in stream order).
 //
 // Graph capture: while a graph captures on (device, stream), every op run there is also
 // recorded (the CPU op and its arguments, MTIA tensors as aliases of their memory, which
@@ -246,6 +247,22 @@ static at::Tensor to_mtia_result(const at::Tensor& r, int device, const std::vec
   return out;
 }
 
+// Stream order: an op runs on the calling thread once the work already queued on the
+// current stream of its device (mtia_alloc kernels, event waits) has run.
+static void wait_for_current_stream(int device) {
+  const MtiaAllocCAPI& a = api();
+  int64_t s = a.current_stream(device);
+  int idle = a.stream_query(device, s);
+  if (idle == 1) return;
+  int rc = idle < 0 ? -1 : a.stream_synchronize(device, s);
+  if (rc) raise_capi_error(rc, "waiting for the current stream");
+}
+
+static at::Scalar local_scalar_dense_mtia(const at::Tensor& self) {
+  wait_for_current_stream(self.device().index());
+  return at::native::_local_scalar_dense_cpu(self);
+}
+
 // Runs `op`'s CPU kernel on the arguments at the top of `stack` (MTIA tensors replaced by
 // CPU aliases) and leaves its results there, as MTIA tensors. `same_device`: all MTIA
 // arguments must be on one device (every op but copy_).
@@ -255,11 +272,13 @@ static void run_on_cpu(const c10::OperatorHandle& op, Stack* stack, bool same_de
   const size_t n = args.size();
   const size_t base = stack->size() - n;
   int device = -1;
+  int other_device = -1;  // copy_ between devices: the second one
   auto note = [&](int d) {
     if (device < 0) {
       device = d;
       return;
     }
+    if (d != device) other_device = d;
     TORCH_CHECK(!same_device || d == device,
                 "Expected all tensors to be on the same device, but found at least two devices, mtia:", device,
                 " and mtia:", d, "! (when checking arguments for ", schema.name(), ")");
@@ -330,6 +349,8 @@ static void run_on_cpu(const c10::OperatorHandle& op, Stack* stack, bool same_de
     device = api().current_device();
   }
   for (size_t i : none_generators) (*stack)[base + i] = cpu_generator_of(default_generator(c10::DeviceIndex(device)));
+  wait_for_current_stream(device);
+  if (other_device >= 0) wait_for_current_stream(other_device);
 
   Capture* cap = nullptr;
   std::unique_lock<std::mutex> cap_lock;
@@ -436,7 +457,7 @@ TORCH_LIBRARY_IMPL(aten, MTIA, m) {
   m.impl("empty.memory_format", TORCH_FN(empty_mtia));
   m.impl("empty_strided", TORCH_FN(empty_strided_mtia));
   m.impl("copy_", torch::CppFunction::makeFromBoxedFunction<&copy_boxed>());
-  m.impl("_local_scalar_dense", TORCH_FN(at::native::_local_scalar_dense_cpu));
+  m.impl("_local_scalar_dense", TORCH_FN(local_scalar_dense_mtia));
   m.impl("view", TORCH_FN(at::native::view));
   m.impl("view.dtype", TORCH_FN(at::native::view_dtype));
   m.impl("as_strided", TORCH_FN(at::native::as_strided_tensorimpl));
