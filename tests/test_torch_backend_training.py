@@ -113,3 +113,18 @@ def test_memory_figures_match_the_tensors():
     assert torch.accelerator.max_memory_allocated() == stats["allocated_bytes.all.peak"]
     del model, opt, x, y, loss, params, buffers, grads, state
     assert mtia_alloc.memory_allocated() == base
+
+
+def test_training_on_the_second_device():
+    torch.manual_seed(0)
+    on_cpu = mlp()
+    on_mtia = copy.deepcopy(on_cpu).to("mtia:1")
+    before0 = mtia_alloc.memory_allocated(0)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 20, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
+    a = train(on_cpu, OPTIMIZERS["sgd"](on_cpu.parameters()), batches, "cpu")
+    b = train(on_mtia, OPTIMIZERS["sgd"](on_mtia.parameters()), batches, "mtia:1")
+    assert [x.item() for x in a] == [x.item() for x in b]
+    assert all(p.device == torch.device("mtia:1") for p in on_mtia.parameters())
+    assert mtia_alloc.memory_allocated(0) == before0  # nothing landed on device 0
+    assert mtia_alloc.memory_allocated(1) >= live_mtia_bytes(on_mtia.parameters())
