@@ -155,12 +155,22 @@ static std::unordered_map<int64_t, Capture>& captures() {
 }
 static std::atomic<int> active_captures{0};
 
-// The capture recording ops run on device d's current stream, or null. Called with cap_mu.
-static Capture* capture_on(int d) {
+// The handle of the capture recording ops run on device d's current stream, or 0.
+static int64_t capture_on(int d) {
+  if (!active_captures.load(std::memory_order_relaxed)) return 0;
   int64_t s = api().current_stream(d);
+  std::lock_guard<std::mutex> lock(cap_mu);
   for (auto& [h, c] : captures())
-    if (c.active && c.device == d && c.stream == s) return &c;
-  return nullptr;
+    if (c.active && c.device == d && c.stream == s) return h;
+  return 0;
+}
+
+// Appends a record to capture `handle` if it is still capturing (it may have ended, from
+// another thread, while the op ran: the lock is not held across the op).
+static void append_record(int64_t handle, OpRecord&& r) {
+  std::lock_guard<std::mutex> lock(cap_mu);
+  auto it = captures().find(handle);
+  if (it != captures().end() && it->second.active) it->second.ops.push_back(std::move(r));
 }
 
 void capture_begin(int64_t handle, int device, int64_t stream) {
@@ -352,13 +362,7 @@ static void run_on_cpu(const c10::OperatorHandle& op, Stack* stack, bool same_de
   wait_for_current_stream(device);
   if (other_device >= 0) wait_for_current_stream(other_device);
 
-  Capture* cap = nullptr;
-  std::unique_lock<std::mutex> cap_lock;
-  if (active_captures.load(std::memory_order_relaxed)) {
-    cap_lock = std::unique_lock<std::mutex>(cap_mu);
-    cap = capture_on(device);
-    if (!cap) cap_lock.unlock();
-  }
+  const int64_t cap = capture_on(device);
   Stack cpu_args;
   if (cap) cpu_args.assign(stack->begin() + base, stack->end());
 
@@ -391,7 +395,9 @@ static void run_on_cpu(const c10::OperatorHandle& op, Stack* stack, bool same_de
   std::vector<std::pair<size_t, at::Tensor>> outs;
   for (size_t r = 0; r < nret; ++r) {
     c10::IValue& v = (*stack)[rbase + r];
-    if (rets[r].alias_info()) {  // returns an argument (in-place and out= ops): return the MTIA one
+    if (rets[r].alias_info() && rets[r].alias_info()->isWrite()) {
+      // returns the argument it wrote (in-place and out= ops): return the MTIA one. (Views,
+      // non-writing aliases, become views of the MTIA input in to_mtia_result.)
       bool found = false;
       for (size_t i = 0; i < n && !found; ++i) {
         if (args[i].alias_info() && args[i].alias_info()->beforeSets() == rets[r].alias_info()->beforeSets()) {
@@ -417,7 +423,7 @@ static void run_on_cpu(const c10::OperatorHandle& op, Stack* stack, bool same_de
       v = out;
     }
   }
-  if (cap) cap->ops.push_back(OpRecord{op, std::move(cpu_args), std::move(outs)});
+  if (cap) append_record(cap, OpRecord{op, std::move(cpu_args), std::move(outs)});
 }
 
 static void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet, Stack* stack) { run_on_cpu(op, stack, true); }
