@@ -302,7 +302,7 @@ def test_autoload_entry_point_when_installed():
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("mtia_alloc is not pip-installed here: its entry points do not exist")
     eps = [ep for ep in dist.entry_points if ep.group == "torch.backends"]
-    assert [ep.value for ep in eps] == ["mtia_alloc.torch._autoload:load"]
+    assert [ep.value for ep in eps] == ["mtia_alloc._torch_autoload:load"]
     r = run_python("import torch\nprint(torch.mtia.is_available(), torch.ones(2, device='mtia').device)")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "mtia:0"]
@@ -362,3 +362,12 @@ def test_ops_run_after_the_work_queued_on_their_stream():
     assert (x * 1).cpu().tolist() == [1.0, 2.0, 3.0, 4.0]  # waited for the sleep and the write
     mtia_alloc.emulator.launch(lambda: ctypes.memmove(ptr, struct.pack("4f", 0, 0, 0, 9), 16), stream=stream)
     assert x[3].item() == 9.0
+
+
+def test_autoload_with_a_wrong_torch_version_warns_instead_of_breaking_import_torch():
+    r = run_python("import warnings, torch\ntorch.__version__ = '2.14.0'\nfrom mtia_alloc._torch_autoload import load\n"
+                   "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n    load()\n"
+                   "print(w[0].message)\nprint(torch.mtia.is_available())", {"TORCH_DEVICE_BACKEND_AUTOLOAD": "0"})
+    assert r.returncode == 0, r.stderr
+    assert "the PyTorch MTIA backend was not loaded: ImportError: mtia_alloc.torch supports torch 2.13.* only" in r.stdout
+    assert r.stdout.split()[-1] == "False"

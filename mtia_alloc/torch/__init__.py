@@ -44,7 +44,3 @@ def is_loaded():
     """True: the backend is loaded and answers torch.mtia."""
     return True
 
-
-def _recorded_ops(graph):
-    """The number of torch ops a torch.mtia.MTIAGraph recorded (tests)."""
-    return _ext.recorded_ops(graph._handle) if hasattr(graph, "_handle") else None
