@@ -128,3 +128,41 @@ def test_training_on_the_second_device():
     assert all(p.device == torch.device("mtia:1") for p in on_mtia.parameters())
     assert mtia_alloc.memory_allocated(0) == before0  # nothing landed on device 0
     assert mtia_alloc.memory_allocated(1) >= live_mtia_bytes(on_mtia.parameters())
+
+
+def test_process_ending_right_after_backward_exits_cleanly():
+    # autograd's device threads must be done with their graph tasks before finalization
+    # (they hold a Python object: an abort at exit, before mtia_alloc.torch drained them).
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import mtia_alloc.torch, torch\n"
+            "x = torch.ones(4, device='mtia:1', requires_grad=True)\n(x * 2).sum().backward()\n")
+    for _ in range(6):
+        r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_concurrent_training_on_both_devices_and_cpu():
+    import threading
+    torch.manual_seed(0)
+    template = cnn()
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(8, 3, 12, 12, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(5)]
+    out, errors = {}, []
+
+    def run(device):
+        try:
+            model = copy.deepcopy(template).to(device)
+            out[device] = [x.item() for x in train(model, OPTIMIZERS["adam"](model.parameters()), batches, device)]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(d,)) for d in ("mtia:0", "mtia:1", "cpu")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert out["mtia:0"] == out["mtia:1"] == out["cpu"]
+    mtia_alloc.memory.check_invariants()

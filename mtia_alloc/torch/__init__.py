@@ -40,6 +40,32 @@ if not _ext.hooks_are_ours():
 __all__ = ["SUPPORTED_TORCH", "is_loaded"]
 
 
+def _drain_autograd_device_threads():
+    """At exit: a backward pass on an MTIA device runs in autograd's device thread, which
+    drops its last reference to the finished graph task a moment after backward() has
+    returned; torch 2.13 stashes a Python object (contextvars) in that task, so if the
+    interpreter is already finalizing then, its decref kills the thread inside a noexcept
+    frame and the process aborts ("terminate called without an active exception"). A
+    last, Python-free backward through every device's queue makes each device thread
+    finish with the user's graph tasks before finalization begins."""
+    try:
+        if not torch.mtia.is_initialized():
+            return
+        engine = torch.autograd.Variable._execution_engine
+        for d in range(torch.mtia.device_count()):
+            x = torch.ones(1, device=f"mtia:{d}", requires_grad=True)
+            y = x.sum()
+            # The engine itself, not torch.autograd.backward: that would stash the context again.
+            engine.run_backward((y,), (torch.ones_like(y),), False, False, (), True, True)
+    except Exception:  # noqa: BLE001 - best effort at exit
+        pass
+
+
+import atexit  # noqa: E402
+
+atexit.register(_drain_autograd_device_threads)
+
+
 def is_loaded():
     """True: the backend is loaded and answers torch.mtia."""
     return True
