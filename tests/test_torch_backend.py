@@ -303,7 +303,8 @@ def test_autoload_entry_point_when_installed():
         pytest.skip("mtia_alloc is not pip-installed here: its entry points do not exist")
     eps = [ep for ep in dist.entry_points if ep.group == "torch.backends"]
     assert [ep.value for ep in eps] == ["mtia_alloc._torch_autoload:load"]
-    r = run_python("import torch\nprint(torch.mtia.is_available(), torch.ones(2, device='mtia').device)")
+    r = run_python("import torch\nprint(torch.mtia.is_available(), torch.ones(2, device='mtia').device)",
+                   {"TORCH_DEVICE_BACKEND_AUTOLOAD": "1"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "mtia:0"]
 
