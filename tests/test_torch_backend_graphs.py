@@ -163,3 +163,36 @@ def test_sharing_a_pool_saves_a_segment_and_replays_in_order():
     assert b.cpu().tolist() == [10.0] * 1000
     del keep, a, b, g0, g1
     torch.mtia.empty_cache()
+
+
+
+def test_capture_a_momentum_sgd_step_with_foreach_ops():
+    # (Adam needs capturable=True to be replayable, which torch 2.13 refuses for MTIA.)
+    model = make_model()
+    reference = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, foreach=True)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, foreach=True)
+    x = torch.randn(6, 8, device="mtia")
+    y = torch.randint(0, 4, (6,), device="mtia")
+
+    def step(m, o):
+        o.zero_grad(set_to_none=False)
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        o.step()
+        return loss
+    for _ in range(2):  # warm-up: creates the grads and the momentum buffers
+        step(model, opt)
+        step(reference, ref_opt)
+    g = torch.mtia.MTIAGraph()
+    with torch.mtia.graph(g):
+        static_loss = step(model, opt)
+    step(reference, ref_opt)  # the capture ran the step once
+    for _ in range(3):
+        g.replay()
+        ref_loss = step(reference, ref_opt)
+        assert torch.equal(static_loss.cpu(), ref_loss.cpu())
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a.cpu(), b.cpu())
+    del g, static_loss
+    torch.mtia.empty_cache()

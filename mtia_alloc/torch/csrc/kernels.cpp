@@ -138,7 +138,8 @@ static bool is_mtia(const at::Tensor& t) { return t.defined() && t.device().type
 struct OpRecord {
   c10::OperatorHandle op;
   Stack args;                                         // CPU view of the arguments
-  std::vector<std::pair<size_t, at::Tensor>> outs;    // (flat return index, alias of the captured result)
+  // (return index, list element or -1, alias of the result the capture got)
+  std::vector<std::tuple<size_t, int64_t, at::Tensor>> outs;
 };
 
 struct Capture {
@@ -215,9 +216,10 @@ void replay(int64_t handle) {
   for (auto& r : ops) {
     Stack stack = r.args;
     r.op.redispatchBoxed(kCpuKeys, &stack);
-    for (auto& [i, target] : r.outs) {
+    for (auto& [i, k, target] : r.outs) {
       const c10::IValue& v = stack[i];
-      if (v.isTensor() && v.toTensor().defined()) target.copy_(v.toTensor());
+      if (k < 0 && v.isTensor() && v.toTensor().defined()) target.copy_(v.toTensor());
+      if (k >= 0 && v.isTensorList()) target.copy_(v.toTensorList().get(size_t(k)));
     }
   }
 }
@@ -392,7 +394,7 @@ static void run_on_cpu(const c10::OperatorHandle& op, Stack* stack, bool same_de
   const auto& rets = schema.returns();
   const size_t nret = rets.size();
   const size_t rbase = stack->size() - nret;
-  std::vector<std::pair<size_t, at::Tensor>> outs;
+  std::vector<std::tuple<size_t, int64_t, at::Tensor>> outs;
   for (size_t r = 0; r < nret; ++r) {
     c10::IValue& v = (*stack)[rbase + r];
     if (rets[r].alias_info() && rets[r].alias_info()->isWrite()) {
@@ -410,15 +412,14 @@ static void run_on_cpu(const c10::OperatorHandle& op, Stack* stack, bool same_de
     if (v.isTensor()) {
       bool fresh = false;
       v = to_mtia_result(v.toTensor(), device, inputs, &fresh);
-      if (cap && fresh) outs.emplace_back(r, cpu_alias(v.toTensor(), false));
+      if (cap && fresh) outs.emplace_back(r, -1, cpu_alias(v.toTensor(), false));
     } else if (v.isTensorList()) {
       auto list = v.toTensorList();
       c10::List<at::Tensor> out;
-      for (const at::Tensor& t : list) {
+      for (size_t k = 0; k < list.size(); ++k) {
         bool fresh = false;
-        out.push_back(to_mtia_result(t, device, inputs, &fresh));
-        TORCH_CHECK(!(cap && fresh), "mtia_alloc: ", schema.operator_name(),
-                    " returns a list of new tensors, which graph capture cannot record yet");
+        out.push_back(to_mtia_result(list.get(k), device, inputs, &fresh));
+        if (cap && fresh) outs.emplace_back(r, int64_t(k), cpu_alias(out.get(k), false));
       }
       v = out;
     }
