@@ -375,11 +375,11 @@ def test_autoload_with_a_wrong_torch_version_warns_instead_of_breaking_import_to
 
 
 def test_memory_fraction_set_through_mtia_alloc_limits_torch():
-    mtia_alloc.set_per_process_memory_fraction(0.0001, 0)  # ~1.7 MB of 16 GiB (conftest restores 1.0)
+    mtia_alloc.set_per_process_memory_fraction(0.001, 0)  # ~17 MB of 16 GiB (conftest restores 1.0)
     with pytest.raises(torch.OutOfMemoryError, match="MTIA out of memory"):
-        torch.empty(4 << 20, dtype=torch.uint8, device="mtia:0")
+        torch.empty(32 << 20, dtype=torch.uint8, device="mtia:0")
     small = torch.ones(1000, device="mtia:0")
     assert small.sum().item() == 1000
     mtia_alloc.set_per_process_memory_fraction(1.0, 0)
-    big = torch.empty(4 << 20, dtype=torch.uint8, device="mtia:0")
-    assert big.numel() == 4 << 20
+    big = torch.empty(32 << 20, dtype=torch.uint8, device="mtia:0")
+    assert big.numel() == 32 << 20
