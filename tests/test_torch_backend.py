@@ -383,3 +383,20 @@ def test_memory_fraction_set_through_mtia_alloc_limits_torch():
     mtia_alloc.set_per_process_memory_fraction(1.0, 0)
     big = torch.empty(32 << 20, dtype=torch.uint8, device="mtia:0")
     assert big.numel() == 32 << 20
+
+
+def test_no_python_runs_on_the_allocation_path():
+    torch.empty(1024, device="mtia")  # warm: initialised, stream known
+    calls = []
+
+    def profiler(frame, event, arg):
+        if event == "call":  # a Python function was entered
+            calls.append(frame.f_code.co_qualname if hasattr(frame.f_code, "co_qualname") else frame.f_code.co_name)
+    sys.setprofile(profiler)
+    try:
+        for _ in range(100):
+            x = torch.empty(1024, device="mtia")
+            del x
+    finally:
+        sys.setprofile(None)
+    assert calls == [], calls[:10]
