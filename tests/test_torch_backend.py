@@ -191,7 +191,7 @@ def test_record_stream_reaches_the_allocator():
     x.record_stream(s)
     ptr = x.data_ptr()
     ours = mtia_alloc.Stream(stream_id=s.stream_id, device_index=s.device_index)  # the same stream
-    mtia_alloc.emulator.sleep(50, stream=ours)  # s busy: the block must not be reused yet
+    mtia_alloc.emulator.sleep(300, stream=ours)  # s busy: the block must not be reused yet
     del x
     y = torch.empty(1024, device="mtia")
     assert y.data_ptr() != ptr
