@@ -199,7 +199,7 @@ at::Generator cpu_generator_of(const at::Generator& g) {
 }
 
 static at::Generator new_generator(c10::DeviceIndex d) {
-  return at::make_generator<MTIAGeneratorImpl>(d, at::make_generator<at::CPUGeneratorImpl>(c10::detail::getNonDeterministicRandom()));
+  return at::make_generator<MTIAGeneratorImpl>(d, at::make_generator<at::CPUGeneratorImpl>(at::default_rng_seed_val));
 }
 
 const at::Generator& default_generator(c10::DeviceIndex device) {
