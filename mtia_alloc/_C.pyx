@@ -298,3 +298,4 @@ include "_C_streams.pxi"
 include "_C_pools.pxi"
 include "_C_bench.pxi"
 include "_C_arrays.pxi"
+include "_capi.pxi"  # the C function table the PyTorch backend calls (mtia_alloc/torch)

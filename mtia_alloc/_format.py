@@ -11,6 +11,8 @@ Owns:
   summary_table  torch.cuda.memory_summary's table from a flat memory_stats()-shaped dict
                  (memory_summary() of the live allocator and Snapshot.summary() both use it).
 Relies on: _C.format_size_ and _errors.as_integer only; no allocator state."""
+import textwrap
+
 from . import _C
 from ._errors import as_integer
 
@@ -79,14 +81,28 @@ _METRICS = [
 ]
 
 
-def summary_table(stats, device, abbreviated=False):
-    """The torch.cuda.memory_summary table of a flat stats dict, with MTIA wording."""
+def _cell(fmt, v, r):
+    """A table cell; None (a figure that cannot be known) prints as n/a."""
+    if v is None:
+        return f"{'n/a':>10}"
+    return fmt(v, v if r is None else r)
+
+
+def summary_table(stats, device, abbreviated=False, kind="MTIA", notes=()):
+    """The torch.cuda.memory_summary table of a flat stats dict, with MTIA wording (or the
+    device kind `kind` names: "CUDA", ...; "" when unknown). A value of None is a figure that
+    cannot be known: its cell says n/a. `notes`: lines added under the table."""
     # PyTorch's layout, with the metric column widened from 21 to 24 for "Device reserved memory"
     width = 78
-    lines = ["=" * width, f" {'':16} PyTorch MTIA memory summary, device ID {device:<20d} ", "-" * width,
-             f"  {'':9} MTIA OOMs: {stats.get('num_ooms', 0):<12d} | {'':6} "
-             f"device alloc retries: {stats.get('num_alloc_retries', 0):<9d}  ",
+    title = f"PyTorch {kind + ' ' if kind else ''}memory summary, device ID {device}"
+    ooms, retries = stats.get("num_ooms", 0), stats.get("num_alloc_retries", 0)
+    ooms = "n/a" if ooms is None else str(ooms)
+    retries = "n/a" if retries is None else str(retries)
+    lines = ["=" * width, f" {'':16} {title:<60}"[:width], "-" * width,
+             f"  {'':9} {(kind or 'Device') + ' OOMs:':<10} {ooms:<12} | {'':6} "
+             f"device alloc retries: {retries:<9}  "[:width],
              "=" * width, "        Metric            | Cur Usage  | Peak Usage | Tot Alloc  | Tot Freed  "]
+    lines = [line.ljust(width) for line in lines]
     for key, name, fmt in _METRICS:
         lines.append("-" * width)
         subs = [("all", name)]
@@ -96,11 +112,15 @@ def summary_table(stats, device, abbreviated=False):
         for sub, sub_name in subs:
             vals = [stats.get(f"{key}.{sub}.{f}", 0) for f in ("current", "peak", "allocated", "freed")]
             ref = ref or vals
-            cells = " | ".join(fmt(v, r) for v, r in zip(vals, ref))
+            cells = " | ".join(_cell(fmt, v, r) for v, r in zip(vals, ref))
             lines.append(f" {sub_name:<24} | {cells} ")
     for key, name in (("oversize_allocations", "Oversize allocations"), ("oversize_segments", "Oversize Device segments")):
         lines.append("-" * width)
         vals = [stats.get(f"{key}.{f}", 0) for f in ("current", "peak", "allocated", "freed")]
-        lines.append(f" {name:<24} | " + " | ".join(_fmt_count(v, v) for v in vals) + " ")
+        lines.append(f" {name:<24} | " + " | ".join(_cell(_fmt_count, v, v) for v in vals) + " ")
     lines.append("=" * width)
+    for note in notes:
+        lines.extend(f" {part}".ljust(width) for part in textwrap.wrap(note, width - 2))
+    if notes:
+        lines.append("=" * width)
     return "|" + "|\n|".join(lines) + "|\n"

@@ -181,7 +181,8 @@ def test_fragmentation_figures():
         assert (f.reserved, f.free, f.free_in_partly_used, f.releasable) == (20 * MiB, 12 * MiB, 12 * MiB, 0)
         assert f.largest_free_block == {"all": 8 * MiB, "small_pool": 0, "large_pool": 8 * MiB}
         assert f.partly_used_segments == 1 and f.ratio == pytest.approx(0.6)
-        assert f.external == pytest.approx(1 - 8 / 12)
+        # torch's viewer's terms (issue 20): free = internal (rounding) + external (free blocks)
+        assert (f.external, f.internal, f.requested) == (12 * MiB, 0, 8 * MiB) and f.fragmentation == f.ratio
         assert f.largest_free_block_by_pool == {(0, 0): 8 * MiB}
         whole = snap.fragmentation(0)
         stats = mtia.memory_stats(0)

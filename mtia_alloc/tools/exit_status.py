@@ -1,7 +1,7 @@
 """The command line's exit statuses and the one form of its messages on stderr
 (`mtia_alloc: error: ...`, `mtia_alloc: warning: ...`, `mtia_alloc: interrupted`).
 
-Owns: the statuses (OK, FAILED, USAGE, INTERRUPTED, BROKEN_PIPE), STATUS_HELP (their
+Owns: the statuses (OK, FAILED, USAGE, DOES_NOT_FIT, INTERRUPTED, BROKEN_PIPE), STATUS_HELP (their
 description for --help), InputError and Failure (exceptions that carry their status),
 error, warning, note. Relies on nothing of mtia_alloc."""
 import sys
@@ -11,6 +11,7 @@ FAILED = 1       # a replay ran out of memory where its trace did not, could not
                  # snapshot's starting state, or failed while running (the peer harness, a benchmark)
 USAGE = 2        # usage or input error: bad arguments, an unreadable or malformed input file,
                  # an output file that cannot be written
+DOES_NOT_FIT = 3  # fit: the workload does not fit the device (fit --sweep: no setting fits)
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports a process that SIGINT ended)
 BROKEN_PIPE = 141  # stdout closed early (`... | head`): 128 + SIGPIPE, as for cat or grep
 
@@ -24,6 +25,7 @@ STATUS_HELP = f"""exit status:
        snapshot's starting state could not be rebuilt; --allow-oom reports them and exits 0.
        Also: the peer harness or a benchmark failed while running
   {USAGE:<4} usage or input error (one 'mtia_alloc: error: ...' line on stderr)
+  {DOES_NOT_FIT:<4} fit: the workload does not fit the device (--sweep: under no setting)
   {INTERRUPTED:<4} interrupted (Ctrl-C)
   {BROKEN_PIPE:<4} stdout was closed before the output was written (e.g. '| head -1'), quietly"""
 

@@ -40,7 +40,7 @@ def summary_main(path):
         print()
         print(snap.fragmentation())
         print()
-        print(snap.summary(), end="")
+        print(snap.summary(notes=True), end="")
     except (KeyError, TypeError, ValueError) as e:
         error(f"malformed snapshot {_without_path(e, path)}")
         return USAGE

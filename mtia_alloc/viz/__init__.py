@@ -2,8 +2,11 @@
 REPL (Snapshot, Segment, Block, Fragmentation) and drawn as HTML (render). Named `viz` so
 that the package attribute `mtia_alloc.snapshot` stays the snapshot() function.
 
-Modules, lowest first: load (unpickler, loader, validator; plain dicts only), render
-(HTML/SVG; reads a Snapshot through its methods), model (the classes). The public class
+Modules, lowest first: load (unpickler, loader, validator; plain dicts only), frames
+(which stack frame names an allocation's call site), render (HTML/SVG; reads a Snapshot
+through its methods), reports (the faces of fit/sweep/diff/ranks results), runner (starts
+those commands in a child process for the REPL: a replay needs a fresh allocator), model
+(the classes). The public class
 is also `mtia_alloc.memory.Snapshot`. The summary/plot commands are mtia_alloc.tools.snapshot_cli.
 Relies on: _format and history (model: Snapshot() of the live allocator)."""
 from .load import UnsafePickleError, load

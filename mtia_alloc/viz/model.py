@@ -4,13 +4,15 @@
     >>> s = Snapshot()                      # the allocator's state now (mtia_alloc.snapshot())
     >>> s = Snapshot("snap.pickle")          # a pickle from _dump_snapshot, or from PyTorch itself
     >>> s
-    Snapshot(devices=[0], segments=3, blocks=7, reserved=42.00 MiB, allocated=12.50 MiB,
-             largest_free_block=17.00 MiB, fragmentation=2.4%)
-    >>> s.segments[0], s.blocks[:3]          # small objects with readable reprs
-    >>> print(s.summary())                   # the memory_summary table for that state
-    >>> s.fragmentation()                    # free bytes in partly used segments, largest free blocks
+    Snapshot(MTIA devices=[0], segments=3, blocks=7, reserved=42.00 MiB, allocated=12.50 MiB
+             (requested 12.31 MiB), largest_free_block=17.00 MiB, fragmentation=2.4%)
+    >>> s.segments[0], s.blocks[:3]          # small objects with readable reprs; Block.where = call site
+    >>> print(s.summary())                   # the memory_summary table (peaks replayed from the trace)
+    >>> s.fragmentation()                    # torch's viewer's figures, and the one fragmentation figure
     >>> s.plot("snap.html")                  # self-contained HTML + inline SVG (no network, no matplotlib)
     >>> s.dump("copy.pickle")                # pickle protocol 4 (the memory_viz page refuses 5)
+    >>> s.fit("24GiB"), s.sweep("24GiB")     # will the trace fit? which allocator settings?
+    >>> s.diff("other.pickle")               # per call site: what changed between two runs
 
 A snapshot is PyTorch's dict (segments, device_traces, allocator_settings,
 external_annotations). `Snapshot` also takes a bare segment list (memory_snapshot()), an
@@ -18,10 +20,13 @@ older PyTorch snapshot (blocks with a legacy `history`), a JSON file of the same
 or a gzip-compressed pickle. Pickles are read with an unpickler that accepts plain data only.
 
 Owns: the classes above. Works on plain dicts (viz.load validates them first).
-Relies on: viz.load, viz.render (plot), _format (format_bytes, summary_table), _C (the
-current device, for a device argument 'mtia'), and history.snapshot for `Snapshot()`
-without an argument (the one call into the live allocator).
+Relies on: viz.load, viz.frames (call sites), viz.render (plot), viz.reports and viz.runner
+(fit, sweep, diff, ranks and the summary's peaks: the command line in a child process, as a
+replay needs a fresh allocator), _format (format_bytes, summary_table), _C (the current
+device, for a device argument 'mtia'), and history.snapshot for `Snapshot()` without an
+argument (the one call into the live allocator).
 """
+import contextlib
 import operator
 import os
 import pickle
@@ -29,8 +34,11 @@ import pickle
 from .. import _C
 from .._format import format_bytes, summary_table
 from ..history import snapshot
+from . import runner
+from .frames import format_frame, user_frames, where
 from .load import SIZED_ACTIONS, normalize, plain
 from .render import is_html_name, not_html_message, render_html
+from .reports import DiffReport, FitReport, RanksReport, SweepReport
 
 __all__ = ["Snapshot", "Segment", "Block", "Fragmentation"]
 
@@ -59,24 +67,43 @@ def _device_number(device):
 
 ACTIVE_STATES = ("active_allocated", "active_pending_free")
 SMALL_SEGMENT_MAX = 2 << 20  # PyTorch's small-pool segment size (kSmallBuffer)
-# frames inside the package itself are skipped when naming an allocation site
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
-def _where(frames):
-    """'file.py:12 in fn' for the innermost frame outside mtia_alloc itself, or ''."""
-    if not isinstance(frames, (list, tuple)):
-        return ""
-    frames = [fr for fr in frames if isinstance(fr, dict)]  # display only: skip what is not a frame
-    if not frames:
-        return ""
-    chosen = frames[0]
-    for fr in frames:
-        fn = str(fr.get("filename", ""))
-        if not fn.startswith(_PACKAGE_DIR) and not fn.startswith("<frozen"):
-            chosen = fr
+_KIND_HINTS = (("cuda", "CUDA"), ("hip", "ROCm"), ("xpu", "XPU"), ("mtia", "MTIA"))
+
+
+def detect_device_kind(data, limit=2000):
+    """The device kind a snapshot was recorded on, as its stacks tell it ("CUDA" for frames of
+    torch.cuda / c10::cuda, "MTIA" for torch.mtia or mtia_alloc, ...); "" when nothing tells.
+    Looks at the stacks of at most `limit` blocks and trace entries. A "device_kind" key
+    (Snapshot().dump() writes one) decides first."""
+    kind = data.get("device_kind")
+    if isinstance(kind, str) and kind.isalnum() and len(kind) <= 16:
+        return kind
+    seen = set()
+    lists = []
+    for seg in data.get("segments", ()):
+        lists.append(seg.get("frames"))
+        lists.extend(b.get("frames") for b in seg.get("blocks", ()) if isinstance(b, dict))
+        if len(lists) > limit:
             break
-    return f"{os.path.basename(str(chosen.get('filename', '?')))}:{chosen.get('line', '?')} in {chosen.get('name', '?')}"
+    for t in data.get("device_traces", ()):
+        lists.extend(e.get("frames") for e in t[:limit] if isinstance(e, dict))
+    for frames in lists:
+        if not frames or id(frames) in seen or not isinstance(frames, list):
+            continue
+        seen.add(id(frames))
+        for fr in frames:
+            if not isinstance(fr, dict):
+                continue
+            text = f"{fr.get('filename', '')} {fr.get('name', '')}".lower()
+            if "mtia_alloc" in text:
+                return "MTIA"
+            for hint, kind in _KIND_HINTS:
+                if f"/{hint}/" in text or f"{hint}::" in text or f"torch.{hint}" in text or \
+                        f"{hint}cachingallocator" in text:
+                    return kind
+    return ""
 
 
 class Block:
@@ -114,8 +141,19 @@ class Block:
 
     @property
     def where(self):
-        """The allocation site ('file.py:12 in fn') if a stack was recorded, else ''."""
-        return _where(self.frames)
+        """The allocation site ('file.py:12 in fn'): the first user frame of the stack,
+        unwinder, torch/c10 and mtia_alloc frames skipped (viz.frames); '' without a stack."""
+        return where(self.frames)
+
+    @property
+    def user_frames(self):
+        """The stack's user frames, innermost first (self.frames is the full stack)."""
+        return user_frames(self.frames)
+
+    @property
+    def stack(self):
+        """The full stack as 'file.py:12 in fn' lines, innermost first."""
+        return [format_frame(fr) for fr in self.frames if isinstance(fr, dict)]
 
     def __repr__(self):
         parts = [f"{self.address:#x}", format_bytes(self.size), self.state]
@@ -134,7 +172,8 @@ class Segment:
     on first use of .blocks."""
     __slots__ = ("device", "address", "total_size", "stream", "segment_type", "pool_id", "is_expandable",
                  "frames", "allocated_size", "active_size", "requested_size", "pending_free_size",
-                 "largest_free_block", "n_blocks", "n_allocated", "n_active", "_raw_blocks", "_blocks")
+                 "largest_free_block", "n_blocks", "n_allocated", "n_active", "_raw_blocks", "_blocks",
+                 "allocated_requested_size")
 
     def __init__(self, d):
         self.device = int(d.get("device", 0))
@@ -149,13 +188,14 @@ class Segment:
         self.is_expandable = bool(d.get("is_expandable", False))
         self.frames = d.get("frames") or []
         raw = d.get("blocks", ())
-        allocated = active = requested = pending = largest = n_alloc = n_active = 0
+        allocated = active = requested = pending = largest = n_alloc = n_active = alloc_req = 0
         for b in raw:
             state = b.get("state")
             size = b["size"]
             if state == "active_allocated":
                 allocated += size
                 n_alloc += 1
+                alloc_req += _requested(b)
             elif state != "active_pending_free":
                 if size > largest:
                     largest = size
@@ -168,6 +208,7 @@ class Segment:
         self.allocated_size = int(allocated)
         self.active_size = int(active)
         self.requested_size = int(requested)
+        self.allocated_requested_size = int(alloc_req)  # requested bytes of allocated blocks only
         self.pending_free_size = int(pending)
         self.largest_free_block = int(largest)
         self.n_blocks = len(raw)
@@ -213,7 +254,7 @@ class Segment:
 
     @property
     def where(self):
-        return _where(self.frames)
+        return where(self.frames)
 
     def __repr__(self):
         parts = [f"device {self.device}", f"{self.address:#x}", f"{format_bytes(self.total_size)} {self.segment_type}",
@@ -242,73 +283,108 @@ def _requested(b):
 
 
 class Fragmentation:
-    """How much cached memory is free but hard to use.
+    """Where the reserved memory goes, in torch's viewer's terms (torch.cuda._memory_viz
+    segsum: total_reserved, total_allocated, total_free with its internal share).
 
-    reserved              bytes of all segments
-    free                  bytes of inactive blocks
-    free_in_partly_used   inactive bytes inside segments that also hold active blocks: they
-                          cannot go back to the device (PyTorch's non-releasable memory)
+    reserved              bytes of all segments (torch: total_reserved)
+    requested             bytes the user asked for, over allocated blocks (torch's viewer
+                          calls this total_allocated; memory_stats: requested_bytes)
+    allocated             block bytes of allocated blocks (memory_stats: allocated_bytes);
+                          allocated - requested is the rounding
+    free                  reserved - requested (torch: total_free) = internal + external
+    internal              allocated - requested: free because requests are rounded up
+    external              bytes of blocks that are not allocated (inactive, or pending free)
+    pending_free          bytes freed by the user but still used by another stream (part of external)
+    free_in_partly_used   inactive bytes in segments that also hold active blocks: neither
+                          usable for a request larger than its pieces nor releasable
+                          (memory_stats: inactive_split_bytes)
     partly_used_segments  how many such segments
     releasable            inactive bytes in segments without an active block (empty_cache frees them)
-    pending_free          bytes freed by the user but still used by another stream
     largest_free_block    {"all", "small_pool", "large_pool"}: the biggest inactive block of each kind
     largest_free_block_by_pool  {segment_pool_id: bytes}; (0, 0) is the default pool
-    ratio                 free_in_partly_used / reserved
-    external              1 - largest free block / free bytes (0 = all free memory is one block)
+    fragmentation         free_in_partly_used / reserved: THE fragmentation figure of mtia_alloc,
+                          the same as memory_stats()'s fragmentation.all (inactive_split_bytes /
+                          reserved_bytes). `ratio` is the same number.
     """
 
     def __init__(self, segments):
-        self.reserved = self.free = self.free_in_partly_used = self.releasable = self.pending_free = 0
+        self.reserved = self.free_in_partly_used = self.releasable = self.pending_free = 0
+        self.requested = self.allocated = self.inactive = 0
         self.partly_used_segments = 0
         self.largest_free_block = lf = {"all": 0, "small_pool": 0, "large_pool": 0}
         self.largest_free_block_by_pool = by_pool = {}
         for s in segments:
             self.reserved += s.total_size
             self.pending_free += s.pending_free_size
+            self.allocated += s.allocated_size
+            self.requested += s.allocated_requested_size
             free_here = s.total_size - s.active_size
+            self.inactive += free_here
             largest = s.largest_free_block
             if largest:
                 kind = "small_pool" if s.segment_type == "small" else "large_pool"
                 lf[kind] = max(lf[kind], largest)
                 lf["all"] = max(lf["all"], largest)
                 by_pool[s.pool_id] = max(by_pool.get(s.pool_id, 0), largest)
-            self.free += free_here
             if s.active_size == 0:
                 self.releasable += free_here
             elif free_here:
                 self.free_in_partly_used += free_here
                 self.partly_used_segments += 1
-        self.ratio = self.free_in_partly_used / self.reserved if self.reserved else 0.0
-        self.external = 1.0 - lf["all"] / self.free if self.free else 0.0
+        self.internal = self.allocated - self.requested
+        self.external = self.reserved - self.allocated
+        self.free = self.internal + self.external
+        self.fragmentation = self.ratio = self.free_in_partly_used / self.reserved if self.reserved else 0.0
+
+    @property
+    def internal_share(self):
+        """internal / free (torch's "(X% internal)")."""
+        return self.internal / self.free if self.free else 0.0
+
+    @property
+    def rows(self):
+        """[as_dict()]: the figures as plain data, like the reports' rows."""
+        return [self.as_dict()]
+
+    def table(self):
+        """The figures as text (str(self))."""
+        return str(self)
 
     def as_dict(self):
         return {
-            "reserved": self.reserved, "free": self.free, "free_in_partly_used": self.free_in_partly_used,
-            "partly_used_segments": self.partly_used_segments, "releasable": self.releasable,
-            "pending_free": self.pending_free, "largest_free_block": dict(self.largest_free_block),
-            "largest_free_block_by_pool": dict(self.largest_free_block_by_pool), "ratio": self.ratio,
-            "external": self.external,
+            "reserved": self.reserved, "requested": self.requested, "allocated": self.allocated,
+            "free": self.free, "internal": self.internal, "external": self.external,
+            "free_in_partly_used": self.free_in_partly_used, "partly_used_segments": self.partly_used_segments,
+            "releasable": self.releasable, "pending_free": self.pending_free,
+            "largest_free_block": dict(self.largest_free_block),
+            "largest_free_block_by_pool": dict(self.largest_free_block_by_pool),
+            "fragmentation": self.fragmentation, "ratio": self.ratio,
         }
 
     def __repr__(self):
         lf = self.largest_free_block
-        return (f"Fragmentation({self.ratio:.1%} of {format_bytes(self.reserved)} reserved is free inside "
-                f"{self.partly_used_segments} partly used segments ({format_bytes(self.free_in_partly_used)}); "
-                f"largest free block {format_bytes(lf['all'])} (small pool {format_bytes(lf['small_pool'])}, "
-                f"large pool {format_bytes(lf['large_pool'])}); releasable {format_bytes(self.releasable)})")
+        return (f"Fragmentation(fragmentation {self.fragmentation:.1%}: {format_bytes(self.free_in_partly_used)} of "
+                f"{format_bytes(self.reserved)} reserved is free inside {self.partly_used_segments} partly used "
+                f"segments; total_free {format_bytes(self.free)} ({self.internal_share:.1%} internal); largest free "
+                f"block {format_bytes(lf['all'])}; releasable {format_bytes(self.releasable)})")
 
     def __str__(self):
         lf = self.largest_free_block
         lines = [
-            f"reserved                      {format_bytes(self.reserved)}",
-            f"free (inactive blocks)        {format_bytes(self.free)}",
-            f"  inside partly used segments {format_bytes(self.free_in_partly_used)} in "
-            f"{self.partly_used_segments} segments = {self.ratio:.1%} of reserved (not releasable)",
-            f"  in unused segments          {format_bytes(self.releasable)} (empty_cache() releases it)",
-            f"pending free (other streams)  {format_bytes(self.pending_free)}",
-            f"largest free block            {format_bytes(lf['all'])} (small pool {format_bytes(lf['small_pool'])}, "
-            f"large pool {format_bytes(lf['large_pool'])})",
-            f"external fragmentation        {self.external:.1%} (1 - largest free block / free)",
+            f"reserved (total_reserved)        {format_bytes(self.reserved)}",
+            f"requested (total_allocated)      {format_bytes(self.requested)}",
+            f"allocated (block bytes)          {format_bytes(self.allocated)}",
+            f"total_free                       {format_bytes(self.free)} ({self.internal_share:.1%} internal)",
+            f"  internal (rounding)            {format_bytes(self.internal)}",
+            f"  external (free blocks)         {format_bytes(self.external)}"
+            + (f", of which {format_bytes(self.pending_free)} pending free on other streams"
+               if self.pending_free else ""),
+            f"    inside partly used segments  {format_bytes(self.free_in_partly_used)} in "
+            f"{self.partly_used_segments} segments (not releasable)",
+            f"    in unused segments           {format_bytes(self.releasable)} (empty_cache() releases it)",
+            f"largest free block               {format_bytes(lf['all'])} (small pool "
+            f"{format_bytes(lf['small_pool'])}, large pool {format_bytes(lf['large_pool'])})",
+            f"fragmentation                    {self.fragmentation:.1%} (free inside partly used segments / reserved)",
         ]
         for pool, size in sorted(self.largest_free_block_by_pool.items()):
             if pool != (0, 0):
@@ -327,12 +403,21 @@ class Snapshot:
     `Snapshot(x)` wraps x: a snapshot dict, a memory_snapshot() segment list, another
     Snapshot, or the path of a pickle / JSON file (ours or PyTorch's)."""
 
-    def __init__(self, snapshot_or_path=None):
-        if snapshot_or_path is None:
+    def __init__(self, snapshot_or_path=None, device_kind=None):
+        live = snapshot_or_path is None
+        if live:
             snapshot_or_path = snapshot()
         self.source = os.fspath(snapshot_or_path) if isinstance(snapshot_or_path, (str, os.PathLike)) else None
         self.data = snapshot_or_path.data if isinstance(snapshot_or_path, Snapshot) else normalize(snapshot_or_path)
         self._segments = None
+        self._replayed = {}  # device -> the replay's figures (runner.replay_figures)
+        if device_kind is None:
+            device_kind = "MTIA" if live else (snapshot_or_path.device_kind if isinstance(snapshot_or_path, Snapshot)
+                                               else detect_device_kind(self.data))
+        self.device_kind = device_kind
+        if live:
+            # carried by dump() (a top-level key no renderer reads), so that a reload knows it
+            self.data = dict(self.data, device_kind="MTIA")
 
     # -------------------------------------------------------------- contents
 
@@ -413,10 +498,12 @@ class Snapshot:
         frag = Fragmentation(segs)
         n_trace = sum(len(t) for t in self.device_traces)
         trace = f", trace_entries={n_trace}" if n_trace else ""
-        return (f"Snapshot(devices={self.devices}, segments={len(segs)}, blocks={sum(s.n_blocks for s in segs)}, "
-                f"reserved={format_bytes(frag.reserved)}, allocated={format_bytes(self.allocated)}, "
+        kind = f"{self.device_kind} " if self.device_kind else ""
+        return (f"Snapshot({kind}devices={self.devices}, segments={len(segs)}, blocks={sum(s.n_blocks for s in segs)}, "
+                f"reserved={format_bytes(frag.reserved)}, allocated={format_bytes(frag.allocated)} "
+                f"(requested {format_bytes(frag.requested)}), "
                 f"largest_free_block={format_bytes(frag.largest_free_block['all'])}, "
-                f"fragmentation={frag.ratio:.1%}{trace})")
+                f"fragmentation={frag.fragmentation:.1%}{trace})")
 
     # -------------------------------------------------------------- analysis
 
@@ -435,11 +522,14 @@ class Snapshot:
             m = -1
         return m if m > 0 else None
 
-    def stats(self, device=None):
+    def stats(self, device=None, replay=False):
         """A flat memory_stats()-shaped dict for this state (one device, or all). "current" is
-        counted from the segments; the snapshot holds no history of the counters, so "peak"
-        and "allocated" equal "current" and "freed" is 0 (the state as if built from empty).
-        num_ooms counts the `oom` entries in the device trace."""
+        counted from the segments. The snapshot holds no counters, so every other figure is
+        None (unknown) except: num_ooms, the `oom` entries of the trace; and, with
+        `replay=True` and a device whose trace has events, the "peak" figures, measured by
+        replaying the trace on a fresh emulated allocator from the rebuilt starting state
+        (so they are the peaks from the start of the recording on). "allocated"/"freed"
+        totals and num_alloc_retries stay None: the run before the recording is unknown."""
         if device is not None:
             device = self._check_device(device)
         cur = {m: {"all": 0, "small_pool": 0, "large_pool": 0} for m in _POOL_METRICS}
@@ -464,32 +554,77 @@ class Snapshot:
             if max_split and s.allocated_size >= max_split:
                 oversize_allocations += sum(1 for b in s._raw_blocks
                                             if b.get("state") == "active_allocated" and b["size"] >= max_split)
+        peaks = {}
+        if replay and device is not None:
+            figures = self.replay_figures(device)
+            peaks = figures.get("stats") or {} if figures else {}
         flat = {}
         for m, pools in cur.items():
             pools["all"] = pools["small_pool"] + pools["large_pool"]
             for pool, v in pools.items():
-                flat.update({f"{m}.{pool}.current": v, f"{m}.{pool}.peak": v, f"{m}.{pool}.allocated": v,
-                             f"{m}.{pool}.freed": 0})
+                flat.update({f"{m}.{pool}.current": v, f"{m}.{pool}.peak": peaks.get(f"{m}.{pool}.peak"),
+                             f"{m}.{pool}.allocated": None, f"{m}.{pool}.freed": None})
         for name, v in (("oversize_allocations", oversize_allocations), ("oversize_segments", oversize_segments)):
-            flat.update({f"{name}.current": v, f"{name}.peak": v, f"{name}.allocated": v, f"{name}.freed": 0})
+            flat.update({f"{name}.current": v, f"{name}.peak": peaks.get(f"{name}.peak"), f"{name}.allocated": None,
+                         f"{name}.freed": None})
         traces = self.device_traces
         idx = range(len(traces)) if device is None else ([device] if 0 <= device < len(traces) else [])
         flat["num_ooms"] = sum(1 for i in idx for e in traces[i] if isinstance(e, dict) and e.get("action") == "oom")
-        flat["num_alloc_retries"] = 0
-        flat["num_device_alloc"] = cur["segment"]["all"]
-        flat["num_device_free"] = 0
-        flat["num_sync_all_streams"] = 0
+        flat["num_alloc_retries"] = None
+        flat["num_device_alloc"] = None
+        flat["num_device_free"] = None
+        flat["num_sync_all_streams"] = None
         flat["max_split_size"] = max_split or -1
-        lf = Fragmentation(segs).largest_free_block
-        for k, v in lf.items():
+        frag = Fragmentation(segs)
+        for k, v in frag.largest_free_block.items():
             flat[f"largest_free_block_bytes.{k}"] = v
+        flat["fragmentation.all"] = frag.fragmentation
         return dict(sorted(flat.items()))
 
-    def summary(self, device=None, abbreviated=False):
-        """The memory_summary() table of this state, one per device (or of `device`). Only the
-        "Cur Usage" column is measured; see stats() for the other columns."""
+    def _trace_events(self, device):
+        traces = self.device_traces
+        return sum(1 for e in (traces[device] if device < len(traces) else ())
+                   if isinstance(e, dict) and e.get("action") in ("alloc", "free_completed", "free"))
+
+    def replay_figures(self, device):
+        """What replaying `device`'s trace (from the rebuilt starting state, on a fresh emulated
+        allocator in a separate process: `python -m mtia_alloc fit --json`) measures: a dict
+        with "stats" (memory_stats() peaks from the start of the recording on), peak_reserved,
+        peak_allocated, peak_requested, num_device_alloc, ...; None when the device's trace has
+        no allocation events, or {"error": reason} when the replay failed. Cached."""
+        device = self._check_device(device)
+        if device not in self._replayed:
+            if not self._trace_events(device):
+                self._replayed[device] = None
+            else:
+                self._replayed[device] = runner.replay_figures(self, device)
+        return self._replayed[device]
+
+    def summary(self, device=None, abbreviated=False, replay=True, notes=False):
+        """The memory_summary() table of this state, one per device (or of `device`), titled
+        with the snapshot's device kind. "Cur Usage" is counted from the segments; "Peak
+        Usage" comes from replaying the device's trace from its rebuilt starting state (the
+        peaks since recording began; n/a without a trace, or with replay=False); the totals
+        cannot be known from a snapshot and say n/a. notes=True adds lines under each table
+        saying where the peaks come from (the summary command prints them)."""
         devices = [self._check_device(device)] if device is not None else (self.devices or [0])
-        tables = [summary_table(self.stats(d), d, abbreviated) for d in devices]
+        tables = []
+        notes_on = notes
+        for d in devices:
+            stats = self.stats(d, replay=replay)
+            figures = self._replayed.get(d) if replay else None
+            if figures and figures.get("error"):
+                notes = [f"Peak Usage n/a: the replay failed ({figures['error']})"]
+            elif figures:
+                conf = figures.get("conf") or "default settings"
+                notes = [f"Peak Usage: replay of {figures.get('events', '?')} trace events from the rebuilt state "
+                         f"({conf})"]
+                if figures.get("note"):
+                    notes.append(figures["note"])
+            else:
+                notes = ["Peak Usage n/a: no allocation events recorded for this device"] if replay else []
+            notes.append("Tot Alloc/Freed n/a: a snapshot does not record the totals")
+            tables.append(summary_table(stats, d, abbreviated, kind=self.device_kind, notes=notes if notes_on else ()))
         return "\n".join(tables)
 
     def memory_over_time(self, device):
@@ -530,6 +665,50 @@ class Snapshot:
                 out["oom"].append(i)
         return out
 
+    # -------------------------------------------------------------- what-if and comparisons
+    # Each runs the command line in a child process (viz.runner): a replay needs a fresh
+    # allocator of its own, which this process's may not be.
+
+    def fit(self, memory, conf="", device=None, by="site"):
+        """Would this snapshot's workload (its trace, from the rebuilt starting state) fit on a
+        device of `memory` ("24GiB" or bytes) under settings `conf`? A FitReport (`fit`)."""
+        args = ["--memory", str(memory), "--conf", conf, "--by", by] + \
+            (["--device", str(self._check_device(device))] if device is not None else [])
+        with runner.snapshot_file(self) as path:
+            return FitReport(runner.run_json(["fit", path, *args, "--json"], ok=(0, 3)))
+
+    def sweep(self, memory, grid=None, conf="", device=None, jobs=None):
+        """Replays the trace under a grid of allocator settings on a `memory` device, all
+        cores at once: a SweepReport sorted by peak reserved with the recommended setting.
+        grid: {key: [values]} ("none" = unset); default: tools.sweep.DEFAULT_GRID."""
+        args = ["--memory", str(memory), "--conf", conf, "--sweep"]
+        for key, values in (grid or {}).items():
+            args += ["--grid", f"{key}={','.join(str(v) for v in values)}"]
+        if device is not None:
+            args += ["--device", str(self._check_device(device))]
+        if jobs is not None:
+            args += ["--jobs", str(jobs)]
+        with runner.snapshot_file(self) as path:
+            return SweepReport(runner.run_json(["fit", path, *args, "--json"], ok=(0, 3)))
+
+    def diff(self, other, by="site", device=None, replay=True):
+        """This snapshot (A) against `other` (B, a Snapshot or a path): per call site, live
+        bytes at the end and at each run's peak, and the run-level deltas. A DiffReport."""
+        other = other if isinstance(other, Snapshot) else Snapshot(other)
+        args = ["--by", by, "--json"] + (["--device", str(device)] if device is not None else []) + \
+            ([] if replay else ["--no-replay"])
+        with runner.snapshot_file(self) as a, runner.snapshot_file(other) as b:
+            return DiffReport(runner.run_json(["diff", a, b, *args]))
+
+    @staticmethod
+    def ranks(snapshots, by="site", top=3):
+        """One snapshot (or path) per rank: a RanksReport (peaks per rank, the rank that peaks
+        and its difference from the median rank per call site)."""
+        snaps = [s if isinstance(s, Snapshot) else Snapshot(s) for s in snapshots]
+        with contextlib.ExitStack() as stack:
+            paths = [stack.enter_context(runner.snapshot_file(s)) for s in snaps]
+            return RanksReport(runner.run_json(["ranks", *paths, "--by", by, "--top", str(top), "--json"]))
+
     # -------------------------------------------------------------- output
 
     def to_dict(self):
@@ -542,15 +721,27 @@ class Snapshot:
             pickle.dump(self.to_dict(), f, protocol=4)
         return path
 
-    def plot(self, path, device=None):
+    def plot(self, path, device=None, diff=None, sweep=None):
         """Writes a self-contained HTML page (inline SVG, no script, no network): the summary,
         a map of the segments coloured by block state, and memory over time rebuilt from the
-        trace, for every device (or `device`). Returns path."""
+        trace, for every device (or `device`). diff: another snapshot (or path, or a
+        DiffReport) to compare with: adds both timelines and the per-site bar chart; sweep: a
+        SweepReport (Snapshot.sweep) to add. Returns path."""
         if not is_html_name(os.fspath(path)):
             raise ValueError(not_html_message(os.fspath(path)))
         if device is not None:
             device = self._check_device(device)
         text = render_html(self, device)
+        extra = []
+        if diff is not None:
+            report = diff if isinstance(diff, DiffReport) else self.diff(diff)
+            extra += ["<h2>Compared with another run</h2>", *report.html_parts()]
+        if sweep is not None:
+            if not isinstance(sweep, SweepReport):
+                raise TypeError(f"sweep must be a SweepReport (Snapshot.sweep), got {type(sweep).__name__}")
+            extra += ["<h2>Allocator settings sweep</h2>", *sweep.html_parts()]
+        if extra:
+            text = text.replace("</body>", "\n".join(extra) + "\n</body>", 1)
         with open(os.fspath(path), "w", encoding="utf-8") as f:
             f.write(text)
         return path
