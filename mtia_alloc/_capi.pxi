@@ -304,11 +304,18 @@ cdef int _capi_event_record(void* e, int d, int64_t s) noexcept nogil:
     return capi_event_record_(_alloc, e, d, s)
 
 
+# The event entry points that read or wait for an event's stream check _alloc first: in a
+# child forked after initialisation (_C.after_fork_in_child) the stream is the parent's,
+# whose worker does not run there, and lazy initialisation fails with the bad-fork error.
 cdef int _capi_event_query(void* e) noexcept nogil:
+    if _alloc == NULL and _capi_ensure_init() != 0:
+        return -1
     return capi_event_query_(e)
 
 
 cdef int _capi_event_synchronize(void* e) noexcept nogil:
+    if _alloc == NULL and _capi_ensure_init() != 0:
+        return -1
     return capi_event_synchronize_(e)
 
 
@@ -317,6 +324,8 @@ cdef int _capi_event_wait(void* e, int d, int64_t s) noexcept nogil:
 
 
 cdef int _capi_event_elapsed_ms(void* a, void* b, double* out) noexcept nogil:
+    if _alloc == NULL and _capi_ensure_init() != 0:
+        return -1
     return capi_event_elapsed_(a, b, out)
 
 

@@ -247,3 +247,56 @@ def test_multiprocessing_spawn_child_works_and_fork_child_raises(tmp_path):
     steps, ok, initialized = results["fork"]
     assert all(st[1:] == ["RuntimeError", FORK_MESSAGE] for st in steps[:4]), steps
     assert not initialized
+
+
+def test_the_c_api_in_a_child_forked_after_init_fails_instead_of_hanging():
+    # The capsule C API (what the PyTorch backend calls) in the child: the parent's event
+    # on a busy stream is not waited for, allocations and stream calls fail with the
+    # bad-fork message; in the parent the same calls work.
+    out = _run(f"""
+        import ctypes
+        import mtia_alloc as mtia
+        from mtia_alloc import _C, emulator
+
+        NAMES = ["ensure_init", "is_initialized", "device_count", "last_error", "last_oom", "current_device",
+                 "set_current_device", "current_stream", "set_current_stream", "malloc", "free",
+                 "record_stream", "device_of", "notify_oom", "stream_exists", "new_stream", "stream_query",
+                 "stream_synchronize", "device_synchronize", "mem_get_info", "event_create", "event_destroy",
+                 "event_record", "event_query", "event_synchronize", "event_wait", "event_elapsed_ms",
+                 "event_recorded", "record_level"]
+        class Table(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_int), ("struct_size", ctypes.c_int)] + [(n, ctypes.c_void_p) for n in NAMES]
+        get = ctypes.pythonapi.PyCapsule_GetPointer
+        get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+        t = Table.from_address(get(_C._capi_capsule(), b"mtia_alloc._C._capi"))
+        I, P, U, L = ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64
+        fn = lambda name, res, *args: ctypes.CFUNCTYPE(res, *args)(getattr(t, name))
+        last_error = fn("last_error", ctypes.c_char_p)
+        malloc = fn("malloc", I, I, U, L, ctypes.POINTER(ctypes.c_uint64))
+        event_create, event_record = fn("event_create", P, I), fn("event_record", I, P, I, L)
+        event_synchronize, event_query = fn("event_synchronize", I, P), fn("event_query", I, P)
+        stream_synchronize = fn("stream_synchronize", I, I, L)
+
+        s = mtia.Stream()
+        emulator.sleep(5000, stream=s)
+        ev = event_create(0)
+        assert event_record(ev, 0, s.stream_id) == 0
+        assert event_query(ev) == 0
+        pid = os.fork()
+        if pid == 0:
+            out = ctypes.c_uint64()
+            results = [event_synchronize(ev)]
+            message = last_error().decode()
+            results += [event_query(ev), malloc(0, 4096, 0, ctypes.byref(out)), stream_synchronize(0, s.stream_id)]
+            ok = results == [-1] * 4 and {FORK_MESSAGE!r} in message
+            if not ok:
+                print(results, message, flush=True)
+            os._exit(0 if ok else 1)
+        print("child", wait_child(pid))
+        assert event_synchronize(ev) == 0 and event_query(ev) == 1
+        out = ctypes.c_uint64()
+        assert malloc(0, 4096, 0, ctypes.byref(out)) == 0 and out.value
+        mtia.caching_allocator_delete(out.value)
+        print("parent ok")
+    """)
+    assert out.split()[-4:] == ["child", "0", "parent", "ok"], out
