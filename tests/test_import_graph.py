@@ -55,6 +55,8 @@ LAYERS = {
     "mtia_alloc.viz.frames": CORE,
     "mtia_alloc.viz.runner": CORE,
     "mtia_alloc.viz.reports": CORE,
+    "mtia_alloc.viz.columns": CORE,
+    "mtia_alloc.viz.timeline": CORE,
     # the public modules
     "mtia_alloc.memory": PUBLIC,
     "mtia_alloc.array": PUBLIC,
@@ -77,6 +79,7 @@ LAYERS = {
     "mtia_alloc.tools.sweep": TOP,
     "mtia_alloc.tools.diff": TOP,
     "mtia_alloc.tools.ranks": TOP,
+    "mtia_alloc.tools.synth_snapshot": TOP,
 }
 # Subpackages whose modules take the subpackage's layer unless listed above. mtia_alloc.torch
 # is reserved for the PyTorch backend (written elsewhere): above the façade, like the tools.

@@ -23,6 +23,8 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.long cimport PyLong_AsUnsignedLongLong, PyLong_AsLongLong
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.ref cimport PyObject
 
 import struct
 
@@ -59,6 +61,30 @@ DEF P_DFREE = 16
 DEF P_FRAMES = 32
 
 _KEYS = {"action": 0, "addr": 1, "size": 2, "stream": 3, "time_us": 4, "device_free": 5, "frames": 6}
+cdef dict _KEYS_C = _KEYS
+
+
+cdef inline Py_ssize_t _ptr(object o):
+    return <Py_ssize_t><void*>o
+
+
+cdef uint64_t _ptr_hash(list frames):
+    """A hash of the identities of a list's items (FNV-1a over the pointers)."""
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(frames)
+    cdef uint64_t h = 1469598103934665603ULL ^ <uint64_t>n
+    for i in range(n):
+        h = (h ^ <uint64_t><size_t>PyList_GET_ITEM(frames, i)) * 1099511628211ULL
+    return h
+
+
+cdef bint _same_items(list a, list b):
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(a)
+    if n != PyList_GET_SIZE(b):
+        return False
+    for i in range(n):
+        if PyList_GET_ITEM(a, i) != PyList_GET_ITEM(b, i):
+            return False
+    return True
 
 DEF CHUNK = 1 << 24
 
@@ -175,6 +201,7 @@ cdef class Reader:
     cdef public list stack_table
     cdef dict stack_by_key
     cdef dict stack_by_id
+    cdef dict stack_by_ptrs     # hash of the canonical frames' identities -> stack id
     cdef dict tmp               # id(obj) -> replacement, for the batch being committed
     cdef public list actions
     cdef dict action_code
@@ -198,6 +225,7 @@ cdef class Reader:
         self.stack_table = []
         self.stack_by_key = {}
         self.stack_by_id = {}
+        self.stack_by_ptrs = {}
         self.tmp = {}
         self.actions = []
         self.action_code = {}
@@ -299,6 +327,8 @@ cdef class Reader:
 
     cdef int commit(self, TraceBuilder t, list items) except -1:
         cdef Py_ssize_t i, n
+        cdef dict tmp
+        cdef list memo
         for d in items:
             self.add_entry(t, d)
         n = len(self.memo)
@@ -307,7 +337,7 @@ cdef class Reader:
         if tmp:
             for i in range(self.scan_mark, n):
                 o = memo[i]
-                r = tmp.get(id(o))
+                r = tmp.get(_ptr(o))
                 if r is not None:
                     memo[i] = r
             tmp.clear()
@@ -331,7 +361,7 @@ cdef class Reader:
         t.action[row] = 255
         extra = None
         for k, v in (<dict>d).items():
-            kk = _KEYS.get(k)
+            kk = _KEYS_C.get(k)
             if kk is None:
                 if extra is None:
                     extra = {}
@@ -388,16 +418,22 @@ cdef class Reader:
         if extra is not None:
             t.extras[row] = extra
         t.n = row + 1
-        self.tmp[id(d)] = Stub(t, row)
+        self.tmp[_ptr(d)] = Stub(t, row)
         return 0
 
     cdef int32_t intern_stack(self, list frames) except -2:
-        sid = self.stack_by_id.get(id(frames))
+        cdef uint64_t h = _ptr_hash(frames)
+        sid = self.stack_by_ptrs.get(h)
+        if sid is not None and _same_items(frames, <list>self.stack_table[<Py_ssize_t>sid]):
+            if self.stack_table[<Py_ssize_t>sid] is not frames:
+                self.tmp[_ptr(frames)] = self.stack_table[<Py_ssize_t>sid]
+            return sid
+        sid = self.stack_by_id.get(_ptr(frames))
         if sid is not None:
             return sid
         fids = []
         for fr in frames:
-            fid = self.frame_by_id.get(id(fr))
+            fid = self.frame_by_id.get(_ptr(fr))
             if fid is None:
                 key = _frame_key(fr)
                 fid = self.frame_by_key.get(key)
@@ -405,9 +441,9 @@ cdef class Reader:
                     fid = len(self.frame_table)
                     self.frame_table.append(fr)
                     self.frame_by_key[key] = fid
-                    self.frame_by_id[id(fr)] = fid
+                    self.frame_by_id[_ptr(fr)] = fid
                 else:
-                    self.tmp[id(fr)] = self.frame_table[fid]
+                    self.tmp[_ptr(fr)] = self.frame_table[fid]
             fids.append(fid)
         key = tuple(fids)
         sid = self.stack_by_key.get(key)
@@ -417,17 +453,21 @@ cdef class Reader:
             frames[:] = canon
             self.stack_table.append(frames)
             self.stack_by_key[key] = sid
-            self.stack_by_id[id(frames)] = sid
+            self.stack_by_id[_ptr(frames)] = sid
+            self.stack_by_ptrs[_ptr_hash(frames)] = sid
         else:
-            self.tmp[id(frames)] = self.stack_table[sid]
+            self.tmp[_ptr(frames)] = self.stack_table[sid]
         return sid
 
     def run(self):
         cdef unsigned char op
         cdef Py_ssize_t n, m
         cdef uint64_t u
-        cdef int64_t s
-        st = self.stack
+        cdef Py_ssize_t i
+        cdef list st = self.stack
+        cdef list memo = self.memo
+        cdef list marks = self.marks
+        cdef object v, k, d, target
         while True:
             self.need(1)
             op = self.p[self.pos]
@@ -445,7 +485,7 @@ cdef class Reader:
                     raise NeedsFallback("empty stack")
                 return st.pop()
             elif op == 0x28:    # MARK
-                self.marks.append(len(st))
+                marks.append(len(st))
             elif op == 0x7d:    # EMPTY_DICT
                 st.append({})
             elif op == 0x5d:    # EMPTY_LIST
@@ -453,7 +493,7 @@ cdef class Reader:
             elif op == 0x29:    # EMPTY_TUPLE
                 st.append(())
             elif op == 0x94:    # MEMOIZE
-                self.memo.append(st[-1])
+                memo.append(st[len(st) - 1])
             elif op == 0x71:    # BINPUT
                 self.need(1)
                 self.memo_put(self.le(1), st[-1])

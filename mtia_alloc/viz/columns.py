@@ -214,16 +214,30 @@ class TraceColumns(collections.abc.Sequence):
                         stacks.append(v)
                     cols["stack"][i] = sid
                     p |= P_FRAMES
-                elif k in keys and type(v) is int and keys[k][1] <= v < keys[k][2]:
-                    bit = keys[k][0]
-                    cols[k][i] = v
-                    p |= bit
+                elif k in keys and _whole(v) is not None and keys[k][1] <= _whole(v) < keys[k][2]:
+                    cols[k][i] = _whole(v)
+                    p |= keys[k][0]
+                    if type(v) is not int:  # an integral float or numpy integer: kept as given
+                        extra[k] = v
                 else:
                     extra[k] = v
             cols["present"][i] = p
             if extra:
                 extras[i] = extra
         return cls(cols, actions, stacks, extras)
+
+
+def _whole(v):
+    """v as an int when it is one (or an integral float, a numpy integer), else None."""
+    if type(v) is int:
+        return v
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, float):
+        return int(v) if v == v and v not in (float("inf"), float("-inf")) and v.is_integer() else None
+    if hasattr(v, "__index__"):
+        return int(v.__index__())
+    return None
 
 
 # -------------------------------------------------------------------- reading

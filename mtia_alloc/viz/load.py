@@ -128,6 +128,8 @@ def plain(obj):
     OrderedDicts become lists and dicts): what the memory_viz page can read."""
     if obj is None or type(obj) in (str, bool, int, float):
         return obj
+    if isinstance(obj, TraceColumns):
+        return [plain(e) for e in obj]
     if isinstance(obj, dict):
         return {(k if type(k) is str else plain(k)): plain(v) for k, v in obj.items()}
     if isinstance(obj, tuple):

@@ -34,7 +34,10 @@ import pickle
 from .. import _C
 from .._format import format_bytes, summary_table
 from ..history import snapshot
-from . import runner
+import numpy as np
+
+from . import runner, timeline
+from .columns import TraceColumns, write_pickle
 from .frames import format_frame, user_frames, where
 from .load import SIZED_ACTIONS, normalize, plain
 from .render import is_html_name, not_html_message, render_html
@@ -447,7 +450,8 @@ class Snapshot:
         adds one to every device's trace)."""
         devs = {s.device for s in self.segments}
         devs.update(i for i, t in enumerate(self.device_traces)
-                    if any(isinstance(e, dict) and e.get("action") != "snapshot" for e in t))
+                    if (len(t) > t.count("snapshot") if isinstance(t, TraceColumns) else
+                        any(isinstance(e, dict) and e.get("action") != "snapshot" for e in t)))
         return sorted(devs)
 
     def _segments_of(self, device):
@@ -569,7 +573,9 @@ class Snapshot:
                          f"{name}.freed": None})
         traces = self.device_traces
         idx = range(len(traces)) if device is None else ([device] if 0 <= device < len(traces) else [])
-        flat["num_ooms"] = sum(1 for i in idx for e in traces[i] if isinstance(e, dict) and e.get("action") == "oom")
+        flat["num_ooms"] = sum(traces[i].count("oom") if isinstance(traces[i], TraceColumns) else
+                               sum(1 for e in traces[i] if isinstance(e, dict) and e.get("action") == "oom")
+                               for i in idx)
         flat["num_alloc_retries"] = None
         flat["num_device_alloc"] = None
         flat["num_device_free"] = None
@@ -583,8 +589,10 @@ class Snapshot:
 
     def _trace_events(self, device):
         traces = self.device_traces
-        return sum(1 for e in (traces[device] if device < len(traces) else ())
-                   if isinstance(e, dict) and e.get("action") in ("alloc", "free_completed", "free"))
+        t = traces[device] if device < len(traces) else ()
+        if isinstance(t, TraceColumns):
+            return int(np.count_nonzero(t.is_action("alloc", "free_completed", "free")))
+        return sum(1 for e in t if isinstance(e, dict) and e.get("action") in ("alloc", "free_completed", "free"))
 
     def replay_figures(self, device):
         """What replaying `device`'s trace (from the rebuilt starting state, on a fresh emulated
@@ -636,34 +644,39 @@ class Snapshot:
         device = self._check_device(device)
         traces = self.device_traces
         entries = traces[device] if device < len(traces) else []
-        d_alloc, d_res = [], []
-        for e in entries:
-            a = e.get("action")
-            size = int(e["size"]) if a in SIZED_ACTIONS else 0  # validated for these actions only
-            if a == "alloc":
-                d_alloc.append(size), d_res.append(0)
-            elif a in ("free_completed", "free"):
-                d_alloc.append(-size), d_res.append(0)
-            elif a in ("segment_alloc", "segment_map"):
-                d_alloc.append(0), d_res.append(size)
-            elif a in ("segment_free", "segment_unmap"):
-                d_alloc.append(0), d_res.append(-size)
-            else:
-                d_alloc.append(0), d_res.append(0)
+        columnar = isinstance(entries, TraceColumns)
+        tc = timeline.as_columns(entries)
         segs = self._segments_of(device)
-        alloc = sum(s.requested_size for s in segs) - sum(d_alloc)
-        res = sum(s.total_size for s in segs) - sum(d_res)
-        out = {"index": [], "time_us": [], "allocated": [], "reserved": [], "oom": []}
-        for i, e in enumerate(entries):
-            alloc += d_alloc[i]
-            res += d_res[i]
-            out["index"].append(i)
-            out["time_us"].append(e.get("time_us"))
-            out["allocated"].append(alloc)
-            out["reserved"].append(res)
-            if e.get("action") == "oom":
-                out["oom"].append(i)
-        return out
+        alloc, res = timeline.curves(tc, sum(s.requested_size for s in segs), sum(s.total_size for s in segs))
+        n = len(tc)
+        times = np.where((tc.present & 8) != 0, tc.time_us, -1)
+        oom = np.flatnonzero(tc.action == tc.code("oom")) if tc.code("oom") >= 0 else np.zeros(0, dtype=np.int64)
+        if columnar:  # arrays: a list of Python ints per entry would not fit for millions of entries
+            return {"index": np.arange(n), "time_us": times, "allocated": alloc, "reserved": res,
+                    "oom": oom.tolist()}
+        return {"index": list(range(n)), "time_us": [t if t >= 0 else e.get("time_us") for t, e in
+                                                     zip(times.tolist(), (e for e in entries if isinstance(e, dict)))],
+                "allocated": alloc.tolist(), "reserved": res.tolist(), "oom": oom.tolist()}
+
+    def top_sites_at(self, device, points, top=5):
+        """For each trace entry index in `points` (sorted) of `device`, the `top` call sites
+        (Block.where's naming) holding the most live requested bytes just after it:
+        [[(site, bytes), ...], ...]."""
+        device = self._check_device(device)
+        traces = self.device_traces
+        tc = timeline.as_columns(traces[device] if device < len(traces) else [])
+        return timeline.top_sites(tc, self.data["segments"], device, points, where, top)
+
+    def window(self, t0=None, t1=None, events=None, device=None):
+        """The snapshot of a window of the recording: trace entries with t0 <= time_us <= t1
+        (µs; None = the start / the end), or events=(a, b) (entry indices of `device`, b
+        exclusive). Its segments and live blocks are the real state at the window's end, so
+        that the state it starts from (undoing the window's entries) is the real state at
+        t0: its figures at t0 and over the window equal this snapshot's. A Snapshot."""
+        if device is not None:
+            device = self._check_device(device)
+        data, _ = timeline.window(self.data, t0, t1, events, device)
+        return Snapshot(data, device_kind=self.device_kind)
 
     # -------------------------------------------------------------- what-if and comparisons
     # Each runs the command line in a child process (viz.runner): a replay needs a fresh
@@ -717,6 +730,9 @@ class Snapshot:
 
     def dump(self, path):
         """Writes the snapshot as a pickle with protocol 4 (loads on pytorch.org/memory_viz)."""
+        if any(isinstance(t, TraceColumns) for t in self.data.get("device_traces") or ()):
+            write_pickle(path, self.data)  # streamed from the columns
+            return path
         with open(os.fspath(path), "wb") as f:
             pickle.dump(self.to_dict(), f, protocol=4)
         return path
