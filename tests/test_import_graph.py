@@ -80,6 +80,7 @@ LAYERS = {
     "mtia_alloc.tools.diff": TOP,
     "mtia_alloc.tools.ranks": TOP,
     "mtia_alloc.tools.synth_snapshot": TOP,
+    "mtia_alloc.tools.slice": TOP,
 }
 # Subpackages whose modules take the subpackage's layer unless listed above. mtia_alloc.torch
 # is reserved for the PyTorch backend (written elsewhere): above the façade, like the tools.

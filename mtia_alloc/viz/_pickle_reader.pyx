@@ -88,6 +88,9 @@ cdef bint _same_items(list a, list b):
 
 DEF CHUNK = 1 << 24
 
+# what a memo slot holds once its trace entry went into the columns
+_GONE = object()
+
 
 cdef class Stub:
     """Stands in a memo slot for a trace entry that went into columns."""
@@ -299,8 +302,8 @@ cdef class Reader:
         if i >= len(self.memo):
             raise NeedsFallback("memo")
         o = self.memo[i]
-        if type(o) is Stub:
-            return _entry_dict(self, (<Stub>o).trace, (<Stub>o).row)
+        if o is _GONE:  # a trace entry referred to twice: never written by torch; the plain reader copes
+            raise NeedsFallback("an entry referred to again")
         return o
 
     cdef new_list(self):
@@ -418,7 +421,7 @@ cdef class Reader:
         if extra is not None:
             t.extras[row] = extra
         t.n = row + 1
-        self.tmp[_ptr(d)] = Stub(t, row)
+        self.tmp[_ptr(d)] = _GONE
         return 0
 
     cdef int32_t intern_stack(self, list frames) except -2:

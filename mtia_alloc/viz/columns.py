@@ -129,6 +129,17 @@ class TraceColumns(collections.abc.Sequence):
         return f"<TraceColumns: {len(self)} entries, {len(self.stacks)} distinct stacks>"
 
     # ---------------------------------------------------------------- columns
+    def fields(self):
+        """(index, action, addr, size, stream) of every entry, without building dicts
+        (action None, addr/size/stream 0 when the entry has none)."""
+        actions = self.actions + [None] * (256 - len(self.actions))
+        n = len(self)
+        step = 65536
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            yield from zip(range(lo, hi), (actions[a] for a in self.action[lo:hi].tolist()),
+                           self.addr[lo:hi].tolist(), self.size[lo:hi].tolist(), self.stream[lo:hi].tolist())
+
     def code(self, name):
         """The action code of `name`, or -1 when no entry has that action."""
         try:

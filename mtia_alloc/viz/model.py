@@ -397,6 +397,10 @@ class Fragmentation:
 
 # ------------------------------------------------------------------ the snapshot
 
+# a summary replays a device's trace (a child process) up to this many alloc/free events;
+# longer traces report the peaks the trace itself records (Snapshot._recorded_peaks)
+REPLAY_MAX_EVENTS = int(os.environ.get("MTIA_ALLOC_SUMMARY_REPLAY_MAX", 1_000_000))
+
 _POOL_METRICS = ("allocated_bytes", "active_bytes", "requested_bytes", "reserved_bytes", "inactive_split_bytes",
                  "allocation", "active", "segment", "inactive_split")
 
@@ -559,7 +563,9 @@ class Snapshot:
                 oversize_allocations += sum(1 for b in s._raw_blocks
                                             if b.get("state") == "active_allocated" and b["size"] >= max_split)
         peaks = {}
-        if replay and device is not None:
+        if replay and device is not None and self._trace_events(device) > REPLAY_MAX_EVENTS:
+            peaks = self._recorded_peaks(device)
+        elif replay and device is not None:
             figures = self.replay_figures(device)
             peaks = figures.get("stats") or {} if figures else {}
         flat = {}
@@ -594,6 +600,26 @@ class Snapshot:
             return int(np.count_nonzero(t.is_action("alloc", "free_completed", "free")))
         return sum(1 for e in t if isinstance(e, dict) and e.get("action") in ("alloc", "free_completed", "free"))
 
+    def _recorded_peaks(self, device):
+        """The peaks a trace records by itself, from its rebuilt starting state on: requested
+        and reserved bytes, live allocations and segments (all pools). For traces too long to
+        replay in a summary (REPLAY_MAX_EVENTS); noted in self._replayed."""
+        traces = self.device_traces
+        tc = timeline.as_columns(traces[device] if device < len(traces) else [])
+        segs0, live0 = timeline.state_at(self.data["segments"], device, tc, 0, frames=False)
+        d_alloc, d_res = timeline.deltas(tc)
+        n_alloc = tc.is_action(*timeline.ALLOC).astype(np.int64) - tc.is_action(*timeline.FREE)
+        n_seg = tc.is_action(*timeline.SEG_ALLOC).astype(np.int64) - tc.is_action(*timeline.SEG_FREE)
+
+        def peak(start, d):
+            return start + max(0, int(np.cumsum(d).max())) if len(d) else start
+
+        self._replayed[device] = {"recorded": True, "events": self._trace_events(device)}
+        return {"requested_bytes.all.peak": peak(sum(b["requested"] for b in live0.values()), d_alloc),
+                "reserved_bytes.all.peak": peak(sum(s["size"] for s in segs0.values()), d_res),
+                "allocation.all.peak": peak(len(live0), n_alloc),
+                "segment.all.peak": peak(len(segs0), n_seg)}
+
     def replay_figures(self, device):
         """What replaying `device`'s trace (from the rebuilt starting state, on a fresh emulated
         allocator in a separate process: `python -m mtia_alloc fit --json`) measures: a dict
@@ -621,7 +647,11 @@ class Snapshot:
         for d in devices:
             stats = self.stats(d, replay=replay)
             figures = self._replayed.get(d) if replay else None
-            if figures and figures.get("error"):
+            if figures and figures.get("recorded"):
+                notes = [f"Peak Usage: as recorded in the trace ({figures['events']} events from the rebuilt state: "
+                         f"requested, reserved, allocations, segments); a trace this long is not replayed here "
+                         f"(`fit SNAPSHOT --memory auto` replays it)"]
+            elif figures and figures.get("error"):
                 notes = [f"Peak Usage n/a: the replay failed ({figures['error']})"]
             elif figures:
                 conf = figures.get("conf") or "default settings"

@@ -15,7 +15,7 @@ import numpy as np
 
 from .columns import P_SIZE, P_TIME, TraceColumns
 
-__all__ = ["as_columns", "curves", "alloc_of", "state_at", "segments_at", "window", "window_bounds",
+__all__ = ["as_columns", "deltas", "curves", "alloc_of", "state_at", "segments_at", "window", "window_bounds",
            "ALLOC", "FREE", "SEG_ALLOC", "SEG_FREE"]
 
 ALLOC = ("alloc",)
@@ -46,12 +46,18 @@ def _signed_sizes(tc):
     return size
 
 
-def curves(tc, end_allocated, end_reserved):
-    """(allocated, reserved): int64 arrays, the values after each entry, counted backwards
-    from the values at the end (requested bytes of live blocks, segment bytes)."""
+def deltas(tc):
+    """(d_alloc, d_res): per entry, its change of live requested bytes and of segment bytes."""
     size = _signed_sizes(tc)
     d_alloc = np.where(tc.is_action(*ALLOC), size, 0) - np.where(tc.is_action(*FREE), size, 0)
     d_res = np.where(tc.is_action(*SEG_ALLOC), size, 0) - np.where(tc.is_action(*SEG_FREE), size, 0)
+    return d_alloc, d_res
+
+
+def curves(tc, end_allocated, end_reserved):
+    """(allocated, reserved): int64 arrays, the values after each entry, counted backwards
+    from the values at the end (requested bytes of live blocks, segment bytes)."""
+    d_alloc, d_res = deltas(tc)
     alloc = np.cumsum(d_alloc)
     res = np.cumsum(d_res)
     alloc += int(end_allocated) - (int(alloc[-1]) if len(alloc) else 0)
@@ -85,11 +91,12 @@ def alloc_of(tc):
     return out
 
 
-def state_at(segments, device, tc, k):
+def state_at(segments, device, tc, k, frames=True):
     """The allocator state of `device` just before trace entry k (k = len(tc): the end):
     the snapshot's final `segments` with the entries from k on undone. Returns (segs, live):
     segs maps address -> {"size", "stream", "small", "seg"}; live maps block address ->
-    {"size" (None when only the trace knows the block), "requested", "stream", "frames"}."""
+    {"size" (None when only the trace knows the block), "requested", "stream", "frames"}
+    (frames=False: [] for blocks the trace knows, which saves pairing frees with allocs)."""
     segs, live = {}, {}
     for s in segments:
         if not isinstance(s, dict) or _int(s.get("device", 0)) != device:
@@ -121,10 +128,12 @@ def state_at(segments, device, tc, k):
     if len(m):
         uniq, first = np.unique(tc.addr[tail][m], return_index=True)
         first_idx = m[first] + k
-        pairs = alloc_of(tc)
+        pairs = alloc_of(tc) if frames else None
         for addr, i in zip(uniq.tolist(), first_idx.tolist()):
             if is_alloc[i - k]:
                 live.pop(addr, None)
+            elif not frames:
+                live[addr] = {"size": None, "requested": int(tc.size[i]), "stream": int(tc.stream[i]), "frames": []}
             else:
                 j = int(pairs[i])
                 src = j if 0 <= j < k else i
