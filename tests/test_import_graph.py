@@ -55,6 +55,7 @@ LAYERS = {
     "mtia_alloc.viz.frames": CORE,
     "mtia_alloc.viz.runner": CORE,
     "mtia_alloc.viz.reports": CORE,
+    "mtia_alloc.viz._pickle_reader": CORE,
     "mtia_alloc.viz.columns": CORE,
     "mtia_alloc.viz.timeline": CORE,
     # the public modules
@@ -85,7 +86,7 @@ LAYERS = {
 # Subpackages whose modules take the subpackage's layer unless listed above. mtia_alloc.torch
 # is reserved for the PyTorch backend (written elsewhere): above the façade, like the tools.
 SUBPACKAGE_LAYERS = {"mtia_alloc.tools": TOP, "mtia_alloc.torch": TOP}
-EXTENSIONS = {"mtia_alloc._C"}  # compiled: no Python source to parse
+EXTENSIONS = {"mtia_alloc._C", "mtia_alloc.viz._pickle_reader"}  # compiled: no Python source to parse
 
 
 def package_sources(package_dir=PACKAGE_DIR, root=ROOT):

@@ -8,7 +8,8 @@ appends at most 1000 items per APPENDS), so a trace of millions of entries costs
 40 bytes an entry instead of a dict, its ints and a list of frames each. Stacks are
 interned: each distinct frame dict and each distinct stack (tuple of frame ids) is kept
 once. Memo slots that held an entry, its frames list or a duplicate frame are replaced
-by the canonical object (or a stub that rebuilds the entry, if a later GET asks for it).
+by the canonical object (an entry's by a marker: a later GET of an entry, which torch
+never writes, raises NeedsFallback).
 
 Opcodes that name code (GLOBAL, STACK_GLOBAL, REDUCE, ...) are not run: a global that the
 plain-data unpickler of viz.load allows (OrderedDict, set, numpy scalars) raises
@@ -90,16 +91,6 @@ DEF CHUNK = 1 << 24
 
 # what a memo slot holds once its trace entry went into the columns
 _GONE = object()
-
-
-cdef class Stub:
-    """Stands in a memo slot for a trace entry that went into columns."""
-    cdef public object trace
-    cdef public Py_ssize_t row
-
-    def __init__(self, trace, row):
-        self.trace = trace
-        self.row = row
 
 
 cdef class TraceBuilder:
@@ -670,30 +661,6 @@ def _frame_key(fr):
         except TypeError:
             return ("repr", repr(fr))
     return ("obj", type(fr).__name__, repr(fr))
-
-
-cdef _entry_dict(Reader r, TraceBuilder t, Py_ssize_t row):
-    """A trace entry rebuilt from the columns (a GET of an entry already stored)."""
-    d = {}
-    cdef uint8_t p = t.present[row]
-    if t.action[row] != 255:
-        d["action"] = r.actions[t.action[row]]
-    if p & P_ADDR:
-        d["addr"] = t.addr[row]
-    if p & P_SIZE:
-        d["size"] = t.size[row]
-    if p & P_STREAM:
-        d["stream"] = t.stream[row]
-    if p & P_TIME:
-        d["time_us"] = t.time[row]
-    if p & P_FRAMES:
-        d["frames"] = r.stack_table[t.stack[row]]
-    if p & P_DFREE:
-        d["device_free"] = t.dfree[row]
-    extra = t.extras.get(row)
-    if extra:
-        d.update(extra)
-    return d
 
 
 def read_pickle(f):

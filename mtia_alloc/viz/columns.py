@@ -13,7 +13,7 @@ import struct
 
 import numpy as np
 
-from . import _pickle_reader
+from ._pickle_reader import BadEntry, NeedsFallback, TraceBuilder, read_pickle
 
 __all__ = ["TraceColumns", "read_columnar", "write_pickle", "COLUMNAR_MIN_BYTES", "NeedsFallback"]
 
@@ -22,7 +22,6 @@ __all__ = ["TraceColumns", "read_columnar", "write_pickle", "COLUMNAR_MIN_BYTES"
 COLUMNAR_MIN_BYTES = int(os.environ.get("MTIA_ALLOC_COLUMNAR_MIN_BYTES", 64 << 20))
 
 P_ADDR, P_SIZE, P_STREAM, P_TIME, P_DFREE, P_FRAMES = 1, 2, 4, 8, 16, 32
-NeedsFallback = _pickle_reader.NeedsFallback
 _NONE = 255  # action code of an entry without a (string) action
 
 
@@ -52,7 +51,7 @@ class TraceColumns(collections.abc.Sequence):
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return self.take(np.arange(len(self))[i])
+            return self.take(np.arange(*i.indices(len(self))))
         n = len(self)
         i = int(i)
         if i < 0:
@@ -255,12 +254,12 @@ def _whole(v):
 
 def read_columnar(f):
     """The snapshot held by the binary file object `f` (a pickle), with each device trace a
-    TraceColumns. Raises _pickle_reader's NeedsFallback (read it with the plain-data
+    TraceColumns. Raises viz._pickle_reader's NeedsFallback (read it with the plain-data
     unpickler instead), UnsafeGlobal(module, name), Truncated, or ValueError (an entry that
     is not a dict)."""
     try:
-        obj, reader = _pickle_reader.read_pickle(f)
-    except _pickle_reader.BadEntry as e:
+        obj, reader = read_pickle(f)
+    except BadEntry as e:
         device, row, entry = e.args
         raise ValueError(f"device_traces[{device}][{row}] must be a dict, got {type(entry).__name__} "
                          f"{entry!r:.40}") from None
@@ -268,7 +267,7 @@ def read_columnar(f):
         traces = obj.get("device_traces")
         if isinstance(traces, list):
             obj["device_traces"] = [TraceColumns(t.columns(), reader.actions, reader.stack_table, t.extras)
-                                    if isinstance(t, _pickle_reader.TraceBuilder) else t for t in traces]
+                                    if isinstance(t, TraceBuilder) else t for t in traces]
     return obj
 
 

@@ -20,7 +20,7 @@ import pickle
 
 import numpy as np
 
-from . import _pickle_reader
+from ._pickle_reader import NeedsFallback, Truncated, UnsafeGlobal
 from .columns import COLUMNAR_MIN_BYTES, P_SIZE, TraceColumns, read_columnar
 
 __all__ = ["load", "normalize", "plain", "UnsafePickleError", "SIZED_ACTIONS"]
@@ -69,14 +69,14 @@ def _load_columnar(path):
             return None
         try:
             return read_columnar(f)
-        except _pickle_reader.NeedsFallback:
+        except NeedsFallback:
             return None
-        except _pickle_reader.UnsafeGlobal as e:
+        except UnsafeGlobal as e:
             module, name = e.args
             raise UnsafePickleError(
                 f"the snapshot pickle refers to {module}.{name}; only plain data (dicts, lists, numbers, "
                 f"strings) is accepted") from None
-        except (_pickle_reader.Truncated, EOFError):
+        except (Truncated, EOFError):
             raise _truncated(path, head) from None
         except (OSError, gzip.BadGzipFile, ValueError) as e:
             if magic == b"\x1f\x8b" and not str(e).startswith("device_traces"):

@@ -37,7 +37,7 @@ from ..history import snapshot
 import numpy as np
 
 from . import runner, timeline
-from .columns import TraceColumns, write_pickle
+from .columns import P_TIME, TraceColumns, write_pickle
 from .frames import format_frame, user_frames, where
 from .load import SIZED_ACTIONS, normalize, plain
 from .render import is_html_name, not_html_message, render_html
@@ -679,7 +679,7 @@ class Snapshot:
         segs = self._segments_of(device)
         alloc, res = timeline.curves(tc, sum(s.requested_size for s in segs), sum(s.total_size for s in segs))
         n = len(tc)
-        times = np.where((tc.present & 8) != 0, tc.time_us, -1)
+        times = np.where((tc.present & P_TIME) != 0, tc.time_us, -1)
         oom = np.flatnonzero(tc.action == tc.code("oom")) if tc.code("oom") >= 0 else np.zeros(0, dtype=np.int64)
         if columnar:  # arrays: a list of Python ints per entry would not fit for millions of entries
             return {"index": np.arange(n), "time_us": times, "allocated": alloc, "reserved": res,
