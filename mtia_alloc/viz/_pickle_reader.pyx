@@ -225,16 +225,18 @@ cdef class Reader:
         self.action_code = {}
 
     cdef inline int need(self, Py_ssize_t n) except -1:
-        if self.pos + n <= self.end:
+        if n >= 0 and self.pos + n <= self.end:
             return 0
         return self.refill(n)
 
     cdef int refill(self, Py_ssize_t n) except -1:
+        if n < 0 or n > (1 << 62):  # a length no file holds: corrupt data
+            raise Truncated()
         cdef bytes rest = self.buf[self.pos:]
         parts = [rest]
         have = len(rest)
-        while have < n:
-            more = self.f.read(max(CHUNK, n - have))
+        while have < n:  # chunk by chunk: a corrupt length reads to the end of the file, no further
+            more = self.f.read(CHUNK)
             if not more:
                 break
             parts.append(more)
@@ -281,6 +283,8 @@ cdef class Reader:
 
     cdef memo_put(self, Py_ssize_t i, obj):
         cdef Py_ssize_t n = len(self.memo)
+        if i < 0 or i > n + (1 << 20):  # a memo index far past any object read: corrupt data
+            raise Truncated()
         if i == n:
             self.memo.append(obj)
         elif i < n:
@@ -290,7 +294,7 @@ cdef class Reader:
             self.memo.append(obj)
 
     cdef memo_get(self, Py_ssize_t i):
-        if i >= len(self.memo):
+        if i < 0 or i >= len(self.memo):
             raise NeedsFallback("memo")
         o = self.memo[i]
         if o is _GONE:  # a trace entry referred to twice: never written by torch; the plain reader copes

@@ -82,6 +82,8 @@ def _load_columnar(path):
             if magic == b"\x1f\x8b" and not str(e).startswith("device_traces"):
                 raise ValueError(f"{path}: not a readable gzip file: its data is truncated or corrupt") from None
             raise
+        except (IndexError, KeyError, TypeError, MemoryError, OverflowError, RecursionError):
+            raise _truncated(path, head) from None  # opcodes that do not fit together: corrupt data
 
 
 def load(path, columnar=None):
