@@ -27,6 +27,7 @@ from cpython.long cimport PyLong_AsUnsignedLongLong, PyLong_AsLongLong
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.ref cimport PyObject
 
+import gc
 import struct
 
 import numpy as np
@@ -293,10 +294,11 @@ cdef class Reader:
             self.memo.extend([None] * (i - n))
             self.memo.append(obj)
 
-    cdef memo_get(self, Py_ssize_t i):
-        if i < 0 or i >= len(self.memo):
+    cdef inline object memo_get(self, Py_ssize_t i):
+        cdef list memo = self.memo
+        if i < 0 or i >= PyList_GET_SIZE(memo):
             raise NeedsFallback("memo")
-        o = self.memo[i]
+        o = <object>PyList_GET_ITEM(memo, i)
         if o is _GONE:  # a trace entry referred to twice: never written by torch; the plain reader copes
             raise NeedsFallback("an entry referred to again")
         return o
@@ -672,5 +674,11 @@ def read_pickle(f):
     pickle holds, with a TraceBuilder in place of each list of device_traces; reader has
     traces, actions, frame_table and stack_table."""
     r = Reader(f)
-    obj = r.run()
+    enabled = gc.isenabled()
+    gc.disable()  # millions of containers, none of them garbage: the cyclic GC would only walk them
+    try:
+        obj = r.run()
+    finally:
+        if enabled:
+            gc.enable()
     return obj, r
