@@ -13,6 +13,9 @@ bytes, segments and the largest free block at the end (from the segments), and t
 reserved and allocated bytes measured by replaying each trace from its rebuilt starting
 state, each on a fresh allocator in a process of its own (both at once).
 
+Columnar traces (big snapshots, viz.columns) are profiled from the columns (viz.timeline):
+the curve, the peak entry and the live set there, without a dict per entry.
+
 Owns: site_profile, diff_snapshots, diff_main. Relies on: tools.fit (loading, replays),
 tools.sweep (parallel replays), tools.workload (starting_state), viz (frames, model,
 reports)."""

@@ -11,7 +11,9 @@ Formats:
     the allocator state the trace started from (see trace_from_snapshot).
 
 Owns: Trace, SlotPool, read_trace, write_csv, trace_from_snapshot, starting_state,
-recorded_round_size. Relies on: viz.load (the safe snapshot loader); no allocator state.
+recorded_round_size. Relies on: viz.load (the safe snapshot loader), viz.columns and
+viz.timeline (columnar traces: the starting state and the events read from the columns);
+no allocator state.
 """
 import bisect
 import gzip

@@ -13,6 +13,7 @@
     >>> s.dump("copy.pickle")                # pickle protocol 4 (the memory_viz page refuses 5)
     >>> s.fit("24GiB"), s.sweep("24GiB")     # will the trace fit? which allocator settings?
     >>> s.diff("other.pickle")               # per call site: what changed between two runs
+    >>> s.window(t0, t1)                     # the snapshot of a time window (µs), its real starting state
 
 A snapshot is PyTorch's dict (segments, device_traces, allocator_settings,
 external_annotations). `Snapshot` also takes a bare segment list (memory_snapshot()), an
@@ -20,7 +21,8 @@ older PyTorch snapshot (blocks with a legacy `history`), a JSON file of the same
 or a gzip-compressed pickle. Pickles are read with an unpickler that accepts plain data only.
 
 Owns: the classes above. Works on plain dicts (viz.load validates them first).
-Relies on: viz.load, viz.frames (call sites), viz.render (plot), viz.reports and viz.runner
+Relies on: viz.load, viz.columns and viz.timeline (traces of millions of entries held as
+columns: curves, counts, windows), viz.frames (call sites), viz.render (plot), viz.reports and viz.runner
 (fit, sweep, diff, ranks and the summary's peaks: the command line in a child process, as a
 replay needs a fresh allocator), _format (format_bytes, summary_table), _C (the current
 device, for a device argument 'mtia'), and history.snapshot for `Snapshot()` without an

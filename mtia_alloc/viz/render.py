@@ -1,10 +1,13 @@
 """The snapshot view's HTML page: a self-contained file (inline SVG, no script, no
 network) with the summary, a map of the segments coloured by block state, and memory over
-time, for each device. Also the helpers the replay plot shares (nice_ticks, HTML names).
+time, for each device. A trace longer than two entries per pixel column is binned (min
+and max per column; bins link to panels naming the call sites live at their peak), so the
+page stays small whatever the trace's length. Also the helpers the replay plot shares (nice_ticks, HTML names).
 
 Owns: render_html, is_html_name, not_html_message, nice_ticks.
 Relies on: _format (format_bytes); reads the snapshot only through a Snapshot object's
-methods (devices, _segments_of, fragmentation, memory_over_time, summary, source), so it
+methods (devices, _segments_of, fragmentation, memory_over_time, top_sites_at, summary,
+source), so it
 imports nothing of the model above it."""
 import datetime
 import html
