@@ -1,5 +1,5 @@
-"""Builds mtia_alloc's one extension, mtia_alloc._C: the Cython binding compiled
-together with the C++17 core in src_cpp/. MTIA_ALLOC_SANITIZE=1 builds it with
+"""Builds mtia_alloc's extensions: mtia_alloc._C, the Cython binding compiled together with
+the C++17 core in src_cpp/, and mtia_alloc.viz._pickle_reader, the snapshot pickle reader. MTIA_ALLOC_SANITIZE=1 builds it with
 AddressSanitizer and UndefinedBehaviorSanitizer (used by .ci/run)."""
 import glob
 import os
@@ -30,4 +30,12 @@ ext = Extension(
     extra_link_args=link_args,
 )
 
-setup(ext_modules=cythonize([ext], language_level=3, compiler_directives={"embedsignature": True}))
+# The snapshot pickle reader (viz.columns): a C extension of its own, no C++ core.
+reader = Extension(
+    "mtia_alloc.viz._pickle_reader",
+    sources=["mtia_alloc/viz/_pickle_reader.pyx"],
+    extra_compile_args=["-O2", "-fvisibility=hidden", "-Wno-unused-function"] + (flags if sanitize else []),
+    extra_link_args=flags if sanitize else [],
+)
+
+setup(ext_modules=cythonize([ext, reader], language_level=3, compiler_directives={"embedsignature": True}))

@@ -55,6 +55,9 @@ LAYERS = {
     "mtia_alloc.viz.frames": CORE,
     "mtia_alloc.viz.runner": CORE,
     "mtia_alloc.viz.reports": CORE,
+    "mtia_alloc.viz._pickle_reader": CORE,
+    "mtia_alloc.viz.columns": CORE,
+    "mtia_alloc.viz.timeline": CORE,
     # the public modules
     "mtia_alloc.memory": PUBLIC,
     "mtia_alloc.array": PUBLIC,
@@ -77,6 +80,8 @@ LAYERS = {
     "mtia_alloc.tools.sweep": TOP,
     "mtia_alloc.tools.diff": TOP,
     "mtia_alloc.tools.ranks": TOP,
+    "mtia_alloc.tools.synth_snapshot": TOP,
+    "mtia_alloc.tools.slice": TOP,
     # the PyTorch backend, and torch's backend-autoload entry point that loads it at `import torch`
     "mtia_alloc.torch": TOP,
     "mtia_alloc._torch_autoload": TOP,
@@ -87,7 +92,7 @@ SUBPACKAGE_LAYERS = {"mtia_alloc.tools": TOP, "mtia_alloc.torch": TOP}
 # and must never make it fail, so it imports the backend inside a function and turns a
 # failure (a wrong torch version, a failed build) into a warning.
 DELAYED_BY_DESIGN = {("mtia_alloc._torch_autoload", "mtia_alloc.torch")}
-EXTENSIONS = {"mtia_alloc._C"}  # compiled: no Python source to parse
+EXTENSIONS = {"mtia_alloc._C", "mtia_alloc.viz._pickle_reader"}  # compiled: no Python source to parse
 
 
 def package_sources(package_dir=PACKAGE_DIR, root=ROOT):

@@ -13,12 +13,19 @@ bytes, segments and the largest free block at the end (from the segments), and t
 reserved and allocated bytes measured by replaying each trace from its rebuilt starting
 state, each on a fresh allocator in a process of its own (both at once).
 
+Columnar traces (big snapshots, viz.columns) are profiled from the columns (viz.timeline):
+the curve, the peak entry and the live set there, without a dict per entry.
+
 Owns: site_profile, diff_snapshots, diff_main. Relies on: tools.fit (loading, replays),
 tools.sweep (parallel replays), tools.workload (starting_state), viz (frames, model,
 reports)."""
 import json
 import os
 
+import numpy as np
+
+from ..viz import timeline
+from ..viz.columns import TraceColumns
 from ..viz.frames import BEFORE_RECORDING, NO_STACK, SiteKey, where
 from ..viz.model import Fragmentation, Segment, _requested, detect_device_kind
 from ..viz.reports import DiffReport
@@ -53,10 +60,15 @@ def site_profile(snap, device, key, top=0):
     reserved bytes over the trace, at most _CURVE_POINTS points), has_trace, and with
     top > 0 the `top` largest live allocations at the end [{size, requested, where, site}]."""
     traces = snap.get("device_traces") or []
-    entries = [e for e in (traces[device] if device < len(traces) else []) if isinstance(e, dict)]
+    entries = traces[device] if device < len(traces) else []
+    columnar = isinstance(entries, TraceColumns)
+    if not columnar:
+        entries = [e for e in entries if isinstance(e, dict)]
     segs = [s for s in snap.get("segments") or [] if isinstance(s, dict) and _as_int(s.get("device", 0)) == device]
     allocated_in_trace, first_free_frames = set(), {}
-    for e in entries:
+    if columnar:
+        allocated_in_trace, first_free_frames = _first_events(entries)
+    for e in (() if columnar else entries):
         a = e.get("action")
         if a == "alloc":
             allocated_in_trace.add(_as_int(e.get("addr")))
@@ -92,9 +104,11 @@ def site_profile(snap, device, key, top=0):
         largest.sort(key=lambda x: -x[0])
         out["largest"] = [{"size": z, "requested": r, "where": where(f) or None, "site": site}
                           for z, r, f, site in largest[:top]]
-    if not entries:
+    if not len(entries):
         out.update(peak=None, live_peak=None, peak_event=None, curve=None)
         return out
+    if columnar:
+        return _columnar_profile(snap, device, entries, key, out, first_free_frames, final_frames)
     seg0, live0 = starting_state(snap, device, entries)
     total = sum(blk["requested"] for blk in live0.values())
     live = {addr: (blk["requested"], None) for addr, blk in live0.items()}
@@ -144,6 +158,55 @@ def site_profile(snap, device, key, top=0):
         at_peak[site] = at_peak.get(site, 0) + size
     out.update(peak=at_peak, live_peak=peak, peak_event=peak_i,
                curve={"live": curve_live, "reserved": curve_res, "entries": n})
+    return out
+
+
+def _first_events(tc):
+    """Columnar site_profile's first pass: the addresses the trace allocates, and for blocks
+    older than the trace (their first event is a free) the frames of that free."""
+    is_alloc = tc.is_action(*timeline.ALLOC)
+    rel = np.flatnonzero(is_alloc | tc.is_action(*timeline.FREE))
+    allocated = set(np.unique(tc.addr[is_alloc]).tolist())
+    first_free = {}
+    if len(rel):
+        uniq, first = np.unique(tc.addr[rel], return_index=True)
+        for addr, i in zip(uniq.tolist(), rel[first].tolist()):
+            if not is_alloc[i]:
+                first_free[addr] = tc.stacks[int(tc.stack[i])] if tc.stack[i] >= 0 else None
+    return allocated, first_free
+
+
+def _columnar_profile(snap, device, tc, key, out, first_free_frames, final_frames):
+    """site_profile's trace figures for a columnar trace (millions of entries): the live
+    curve from the columns, the live set at the peak entry from the state rebuilt there."""
+    seg0, live0 = starting_state(snap, device, tc)
+    start = sum(blk["requested"] for blk in live0.values())
+    reserved0 = sum(s["size"] for s in seg0.values())
+    d_alloc, d_res = timeline.deltas(tc)
+    live = start + np.cumsum(d_alloc)
+    res = reserved0 + np.cumsum(d_res)
+    n = len(tc)
+    peak_i = int(np.argmax(live))
+    peak = int(live[peak_i])
+    if peak <= start:
+        peak, peak_i = start, -1
+    stride = max(1, -(-n // _CURVE_POINTS))
+    edges = np.arange(0, n, stride)
+    curve = {"live": np.maximum.reduceat(live, edges).tolist(), "reserved": np.maximum.reduceat(res, edges).tolist(),
+             "entries": n}
+    _, at = timeline.state_at(snap.get("segments") or [], device, tc, peak_i + 1)
+    is_alloc = tc.is_action(*timeline.ALLOC)
+    uniq, first = np.unique(tc.addr[is_alloc], return_index=True)
+    first_alloc = dict(zip(uniq.tolist(), np.flatnonzero(is_alloc)[first].tolist()))
+    at_peak = {}
+    for addr, blk in at.items():
+        if addr in live0 and first_alloc.get(addr, n) > peak_i:
+            frames = first_free_frames.get(addr) if addr in first_free_frames else final_frames.get(addr)
+            site = key(frames, missing=BEFORE_RECORDING)
+        else:
+            site = key(blk["frames"] or None)
+        at_peak[site] = at_peak.get(site, 0) + blk["requested"]
+    out.update(peak=at_peak, live_peak=peak, peak_event=peak_i, curve=curve)
     return out
 
 

@@ -30,6 +30,7 @@ from .._lazy_init import lazy_init
 from .._settings import parse_memory
 from ..stats import memory_stats
 from ..streams import Stream
+from ..viz.columns import TraceColumns
 from ..viz.frames import SiteKey, format_frame, site_frame, user_frames
 from ..viz.load import load as load_snapshot
 from ..viz.load import normalize
@@ -114,20 +115,20 @@ def _entry_map(snap, device, entries, trace, rebuild=True, flush=True):
     (-2 - the index of its segment_free entry for a cache flush): the walk of workload.trace_from_snapshot, whose prefix leaves
     the starting state's live blocks live under their addresses. [] if the walk disagrees
     with the trace (then no event is named)."""
-    live = set(starting_state(snap, device, [e for e in entries if isinstance(e, dict)])[1]) if rebuild else set()
+    entries = entries if isinstance(entries, TraceColumns) else [e for e in entries if isinstance(e, dict)]
+    live = set(starting_state(snap, device, entries)[1]) if rebuild else set()
     out = []
     releasing = False
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict):
-            continue
-        a = e.get("action")
+    rows = entries.fields() if isinstance(entries, TraceColumns) else (
+        (i, e.get("action"), e.get("addr"), e.get("size"), None) for i, e in enumerate(entries))
+    for i, a, addr, size, _ in rows:
         if a == "alloc":
-            addr, size = _as_int(e.get("addr")), _as_int(e.get("size"))
+            addr, size = _as_int(addr), _as_int(size)
             if addr not in live and size > 0:
                 live.add(addr)
                 out.append(i)
         elif a in ("free_completed", "free"):
-            addr = _as_int(e.get("addr"))
+            addr = _as_int(addr)
             if addr in live:
                 live.discard(addr)
                 out.append(i)
@@ -180,8 +181,11 @@ def _add_recorded_ooms(work):
     place, freed at once (on a device where it succeeds it is a transient; where it fails,
     the report names it with the oom entry's stack). Trace.info["recorded_ooms"] counts them."""
     entries = work.entries
-    ooms = [i for i, e in enumerate(entries) if isinstance(e, dict) and e.get("action") == "oom"
-            and _as_int(e.get("size")) > 0]
+    if isinstance(entries, TraceColumns):
+        ooms = [i for i in np.flatnonzero(entries.is_action("oom")).tolist() if _as_int(entries[i].get("size")) > 0]
+    else:
+        ooms = [i for i, e in enumerate(entries) if isinstance(e, dict) and e.get("action") == "oom"
+                and _as_int(e.get("size")) > 0]
     work.trace.info["recorded_ooms"] = len(ooms)
     if not ooms:
         return

@@ -11,7 +11,9 @@ Formats:
     the allocator state the trace started from (see trace_from_snapshot).
 
 Owns: Trace, SlotPool, read_trace, write_csv, trace_from_snapshot, starting_state,
-recorded_round_size. Relies on: viz.load (the safe snapshot loader); no allocator state.
+recorded_round_size. Relies on: viz.load (the safe snapshot loader), viz.columns and
+viz.timeline (columnar traces: the starting state and the events read from the columns);
+no allocator state.
 """
 import bisect
 import gzip
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..viz import timeline
+from ..viz.columns import TraceColumns
 from ..viz.load import load
 
 # PyTorch's caching-allocator constants (shared/spec/allocator_core.md §1.1)
@@ -358,6 +362,10 @@ def starting_state(snap, device, entries=None):
     if entries is None:
         traces = snap.get("device_traces") or []
         entries = traces[device] if device < len(traces) else []
+    if isinstance(entries, TraceColumns):  # millions of entries: the columns' arithmetic
+        segs, live = timeline.state_at(snap.get("segments") or [], device, entries, 0, frames=False)
+        return ({a: {"size": s["size"], "stream": s["stream"], "small": s["small"]} for a, s in segs.items()},
+                {a: {"size": b["size"], "requested": b["requested"], "stream": b["stream"]} for a, b in live.items()})
     segments, live = {}, {}
     for s in snap.get("segments") or []:
         if not isinstance(s, dict) or _as_int(s.get("device", 0)) != device:
@@ -424,6 +432,9 @@ def _segment_pieces(seg_addr, seg, blocks, divisions):
     return out
 
 
+_MISSING = object()
+
+
 def trace_from_snapshot(snap, source="<snapshot>", device=None, rebuild=True, flush=True):
     """The alloc / free_completed events of a PyTorch (or mtia_alloc) snapshot's
     device_traces, for the device with the most events unless `device` is given.
@@ -459,19 +470,25 @@ def trace_from_snapshot(snap, source="<snapshot>", device=None, rebuild=True, fl
     if not isinstance(snap, dict) or not isinstance(snap.get("device_traces"), list):
         raise ValueError(f"{source}: not a snapshot with device_traces")
     traces = snap["device_traces"]
-    if not all(isinstance(t, list) for t in traces):
+    if not all(isinstance(t, (list, TraceColumns)) for t in traces):
         raise ValueError(f"{source}: malformed snapshot: device_traces must be a list of lists")
     if device is None:
         device = max(range(len(traces)), key=lambda d: len(traces[d])) if traces else 0
     elif not 0 <= device < max(1, len(traces)):
         raise ValueError(f"{source}: no device {device} in the snapshot ({len(traces)} device traces)")
-    entries = [e for e in (traces[device] if device < len(traces) else []) if isinstance(e, dict)]
+    entries = traces[device] if device < len(traces) else []
+    if not isinstance(entries, TraceColumns):
+        entries = [e for e in entries if isinstance(e, dict)]
     settings = snap.get("allocator_settings") if isinstance(snap.get("allocator_settings"), dict) else {}
     divisions = _divisions(settings)
+    columnar = isinstance(entries, TraceColumns)
+
+    def count(action):
+        return entries.count(action) if columnar else sum(1 for e in entries if e.get("action") == action)
+
     info = {"format": "snapshot", "device": device, "entries": len(entries),
-            "segment_alloc": sum(1 for e in entries if e.get("action") == "segment_alloc"),
-            "segment_free": sum(1 for e in entries if e.get("action") == "segment_free"),
-            "recorded_ooms": sum(1 for e in entries if e.get("action") == "oom"),
+            "segment_alloc": count("segment_alloc"), "segment_free": count("segment_free"),
+            "recorded_ooms": count("oom"),
             "settings": str(settings.get("PYTORCH_CUDA_ALLOC_CONF", "") or ""),
             "start_segments": 0, "start_reserved": 0, "start_live_blocks": 0, "start_live_bytes": 0,
             "orphan_blocks": 0}
@@ -481,15 +498,21 @@ def trace_from_snapshot(snap, source="<snapshot>", device=None, rebuild=True, fl
             _rebuild_prefix(b, snap, device, entries, divisions, info)
         prefix = len(b.sizes)
         releasing = False
-        for e in entries:
-            a = e.get("action")
+        rows = entries.fields() if columnar else (
+            (None, e.get("action"), e.get("addr", _MISSING), e.get("size", _MISSING), e.get("stream", 0))
+            for e in entries)
+        for _, a, addr, size, stream in rows:
             if a == "alloc":
-                b.alloc(_as_int(e["addr"]), _as_int(e["size"]), _as_int(e.get("stream", 0)))
+                if addr is _MISSING or size is _MISSING:
+                    raise KeyError("addr" if addr is _MISSING else "size")
+                b.alloc(_as_int(addr), _as_int(size), _as_int(stream))
             elif a in ("free_completed", "free"):
-                b.free(_as_int(e["addr"]), _as_int(e.get("stream", 0)))
+                if addr is _MISSING:
+                    raise KeyError("addr")
+                b.free(_as_int(addr), _as_int(stream))
             elif a in ("segment_free", "segment_unmap"):
                 if flush and not releasing:
-                    b.flush(_as_int(e.get("stream", 0)))
+                    b.flush(_as_int(stream))
                 releasing = True
                 continue
             elif a not in ("alloc", "free_completed", "free", "segment_alloc", "segment_map", "oom"):
@@ -564,6 +587,13 @@ def _rebuild_prefix(b, snap, device, entries, divisions, info):
                 start_live_bytes=live_bytes, start_requested=requested, orphan_blocks=len(orphans))
     # the peaks the trace itself records, from that state on (what the replay should find)
     peak_reserved, peak_requested = reserved, requested
+    if isinstance(entries, TraceColumns):
+        d_alloc, d_res = timeline.deltas(entries)
+        if len(d_alloc):
+            peak_requested = max(peak_requested, requested + int(np.cumsum(d_alloc).max()))
+            peak_reserved = max(peak_reserved, reserved + int(np.cumsum(d_res).max()))
+        info.update(recorded_peak_reserved=peak_reserved, recorded_peak_requested=peak_requested)
+        return
     for e in entries:
         a = e.get("action")
         if a == "alloc":

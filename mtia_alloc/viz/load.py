@@ -2,9 +2,14 @@
 files, and the validator every consumer of a snapshot relies on (so that bad input fails
 with a message naming the segment, block or trace entry, never later).
 
+Big pickles (viz.columns.COLUMNAR_MIN_BYTES and more, or columnar=True) are read by the
+columnar reader (viz.columns): the same plain data, but each device trace a TraceColumns
+instead of a list of dicts, so that millions of entries fit in memory; what it cannot read
+falls back to the plain-data unpickler, and what that refuses it refuses with the same line.
+
 Owns: load, normalize (any accepted input -> PyTorch's snapshot dict, validated), plain
 (a deep copy in plain Python types), UnsafePickleError.
-Relies on: nothing of mtia_alloc; works on plain dicts, as torch.cuda._memory_viz."""
+Relies on: viz.columns (the columnar reader); works on plain dicts, as torch.cuda._memory_viz."""
 import gzip
 import io
 import json
@@ -12,6 +17,11 @@ import math
 import operator
 import os
 import pickle
+
+import numpy as np
+
+from ._pickle_reader import NeedsFallback, Truncated, UnsafeGlobal
+from .columns import COLUMNAR_MIN_BYTES, P_SIZE, TraceColumns, read_columnar
 
 __all__ = ["load", "normalize", "plain", "UnsafePickleError", "SIZED_ACTIONS"]
 
@@ -37,10 +47,59 @@ class _PlainDataUnpickler(pickle.Unpickler):
             f"strings) is accepted")
 
 
-def load(path):
+def _truncated(path, head):
+    what = ("the pickle is truncated or corrupt" if head[:1] in (b"\x80", b"(", b"}", b"]")
+            else "the file is neither a pickle nor JSON")
+    return ValueError(f"{path}: not a snapshot pickle: {what} (expected a snapshot dict with 'segments' "
+                      f"and 'device_traces', pickled or as JSON, optionally gzip-compressed)")
+
+
+def _load_columnar(path):
+    """The columnar reader's result, or None when the file is not a pickle it runs (JSON, an
+    opcode or global only the plain-data unpickler handles)."""
+    with open(os.fspath(path), "rb") as raw:
+        magic = raw.read(2)
+        raw.seek(0)
+        f = gzip.GzipFile(fileobj=raw, mode="rb") if magic == b"\x1f\x8b" else raw
+        try:
+            head = f.peek(3)[:3] if hasattr(f, "peek") else b""
+        except (OSError, EOFError, ValueError):
+            raise ValueError(f"{path}: not a readable gzip file: its data is truncated or corrupt") from None
+        if head[:1] != b"\x80":  # protocol 0/1 pickles and JSON: the plain reader
+            return None
+        try:
+            return read_columnar(f)
+        except NeedsFallback:
+            return None
+        except UnsafeGlobal as e:
+            module, name = e.args
+            raise UnsafePickleError(
+                f"the snapshot pickle refers to {module}.{name}; only plain data (dicts, lists, numbers, "
+                f"strings) is accepted") from None
+        except (Truncated, EOFError):
+            raise _truncated(path, head) from None
+        except (OSError, gzip.BadGzipFile, ValueError) as e:
+            if magic == b"\x1f\x8b" and not str(e).startswith("device_traces"):
+                raise ValueError(f"{path}: not a readable gzip file: its data is truncated or corrupt") from None
+            raise
+        except (IndexError, KeyError, TypeError, MemoryError, OverflowError, RecursionError):
+            raise _truncated(path, head) from None  # opcodes that do not fit together: corrupt data
+
+
+def load(path, columnar=None):
     """The snapshot stored at `path`: a pickle (protocol 0-5, optionally gzip-compressed) or
     a JSON file of the same structure. Returns what the file holds (a dict, or a list for a
-    bare memory_snapshot() segment list)."""
+    bare memory_snapshot() segment list). columnar: read device traces into TraceColumns
+    (True), as lists of dicts (False), or by size (None: files of COLUMNAR_MIN_BYTES and more)."""
+    if columnar is None:
+        try:
+            columnar = os.path.getsize(os.fspath(path)) >= COLUMNAR_MIN_BYTES
+        except OSError:
+            columnar = False
+    if columnar:
+        obj = _load_columnar(path)
+        if obj is not None:
+            return obj
     with open(os.fspath(path), "rb") as f:
         data = f.read()
     if data[:2] == b"\x1f\x8b":
@@ -63,10 +122,7 @@ def load(path):
     except UnsafePickleError:
         raise
     except Exception:  # truncated or foreign files raise many types, none of them telling
-        what = ("the pickle is truncated or corrupt" if data[:1] in (b"\x80", b"(", b"}", b"]")
-                else "the file is neither a pickle nor JSON")
-        raise ValueError(f"{path}: not a snapshot pickle: {what} (expected a snapshot dict with 'segments' "
-                         f"and 'device_traces', pickled or as JSON, optionally gzip-compressed)") from None
+        raise _truncated(path, data) from None
 
 
 def plain(obj):
@@ -74,6 +130,8 @@ def plain(obj):
     OrderedDicts become lists and dicts): what the memory_viz page can read."""
     if obj is None or type(obj) in (str, bool, int, float):
         return obj
+    if isinstance(obj, TraceColumns):
+        return [plain(e) for e in obj]
     if isinstance(obj, dict):
         return {(k if type(k) is str else plain(k)): plain(v) for k, v in obj.items()}
     if isinstance(obj, tuple):
@@ -193,6 +251,9 @@ def _validate(snap):
     if not isinstance(traces, (list, tuple)):
         raise TypeError(f"'device_traces' must be a list (one trace per device), got {type(traces).__name__}")
     for d, trace in enumerate(traces):
+        if isinstance(trace, TraceColumns):
+            _validate_columns(d, trace)
+            continue
         if not isinstance(trace, (list, tuple)):
             raise TypeError(f"device_traces[{d}] must be a list of trace entries, got {type(trace).__name__}")
         for k, e in enumerate(trace):
@@ -201,3 +262,11 @@ def _validate(snap):
             action = e.get("action")
             if isinstance(action, str) and action in SIZED_ACTIONS:
                 _uint(e, "size", f"device_traces[{d}][{k}] ({action})")
+
+
+def _validate_columns(d, trace):
+    """_validate's check of a columnar trace: entries of SIZED_ACTIONS carry a size."""
+    bad = np.flatnonzero(trace.is_action(*SIZED_ACTIONS) & ((trace.present & P_SIZE) == 0))
+    for k in bad.tolist():
+        e = trace[k]
+        _uint(e, "size", f"device_traces[{d}][{k}] ({e['action']})")

@@ -13,6 +13,7 @@
     >>> s.dump("copy.pickle")                # pickle protocol 4 (the memory_viz page refuses 5)
     >>> s.fit("24GiB"), s.sweep("24GiB")     # will the trace fit? which allocator settings?
     >>> s.diff("other.pickle")               # per call site: what changed between two runs
+    >>> s.window(t0, t1)                     # the snapshot of a time window (µs), its real starting state
 
 A snapshot is PyTorch's dict (segments, device_traces, allocator_settings,
 external_annotations). `Snapshot` also takes a bare segment list (memory_snapshot()), an
@@ -20,7 +21,8 @@ older PyTorch snapshot (blocks with a legacy `history`), a JSON file of the same
 or a gzip-compressed pickle. Pickles are read with an unpickler that accepts plain data only.
 
 Owns: the classes above. Works on plain dicts (viz.load validates them first).
-Relies on: viz.load, viz.frames (call sites), viz.render (plot), viz.reports and viz.runner
+Relies on: viz.load, viz.columns and viz.timeline (traces of millions of entries held as
+columns: curves, counts, windows), viz.frames (call sites), viz.render (plot), viz.reports and viz.runner
 (fit, sweep, diff, ranks and the summary's peaks: the command line in a child process, as a
 replay needs a fresh allocator), _format (format_bytes, summary_table), _C (the current
 device, for a device argument 'mtia'), and history.snapshot for `Snapshot()` without an
@@ -34,7 +36,10 @@ import pickle
 from .. import _C
 from .._format import format_bytes, summary_table
 from ..history import snapshot
-from . import runner
+import numpy as np
+
+from . import runner, timeline
+from .columns import P_TIME, TraceColumns, write_pickle
 from .frames import format_frame, user_frames, where
 from .load import SIZED_ACTIONS, normalize, plain
 from .render import is_html_name, not_html_message, render_html
@@ -394,6 +399,10 @@ class Fragmentation:
 
 # ------------------------------------------------------------------ the snapshot
 
+# a summary replays a device's trace (a child process) up to this many alloc/free events;
+# longer traces report the peaks the trace itself records (Snapshot._recorded_peaks)
+REPLAY_MAX_EVENTS = int(os.environ.get("MTIA_ALLOC_SUMMARY_REPLAY_MAX", 1_000_000))
+
 _POOL_METRICS = ("allocated_bytes", "active_bytes", "requested_bytes", "reserved_bytes", "inactive_split_bytes",
                  "allocation", "active", "segment", "inactive_split")
 
@@ -447,7 +456,8 @@ class Snapshot:
         adds one to every device's trace)."""
         devs = {s.device for s in self.segments}
         devs.update(i for i, t in enumerate(self.device_traces)
-                    if any(isinstance(e, dict) and e.get("action") != "snapshot" for e in t))
+                    if (len(t) > t.count("snapshot") if isinstance(t, TraceColumns) else
+                        any(isinstance(e, dict) and e.get("action") != "snapshot" for e in t)))
         return sorted(devs)
 
     def _segments_of(self, device):
@@ -555,7 +565,9 @@ class Snapshot:
                 oversize_allocations += sum(1 for b in s._raw_blocks
                                             if b.get("state") == "active_allocated" and b["size"] >= max_split)
         peaks = {}
-        if replay and device is not None:
+        if replay and device is not None and self._trace_events(device) > REPLAY_MAX_EVENTS:
+            peaks = self._recorded_peaks(device)
+        elif replay and device is not None:
             figures = self.replay_figures(device)
             peaks = figures.get("stats") or {} if figures else {}
         flat = {}
@@ -569,7 +581,9 @@ class Snapshot:
                          f"{name}.freed": None})
         traces = self.device_traces
         idx = range(len(traces)) if device is None else ([device] if 0 <= device < len(traces) else [])
-        flat["num_ooms"] = sum(1 for i in idx for e in traces[i] if isinstance(e, dict) and e.get("action") == "oom")
+        flat["num_ooms"] = sum(traces[i].count("oom") if isinstance(traces[i], TraceColumns) else
+                               sum(1 for e in traces[i] if isinstance(e, dict) and e.get("action") == "oom")
+                               for i in idx)
         flat["num_alloc_retries"] = None
         flat["num_device_alloc"] = None
         flat["num_device_free"] = None
@@ -583,8 +597,30 @@ class Snapshot:
 
     def _trace_events(self, device):
         traces = self.device_traces
-        return sum(1 for e in (traces[device] if device < len(traces) else ())
-                   if isinstance(e, dict) and e.get("action") in ("alloc", "free_completed", "free"))
+        t = traces[device] if device < len(traces) else ()
+        if isinstance(t, TraceColumns):
+            return int(np.count_nonzero(t.is_action("alloc", "free_completed", "free")))
+        return sum(1 for e in t if isinstance(e, dict) and e.get("action") in ("alloc", "free_completed", "free"))
+
+    def _recorded_peaks(self, device):
+        """The peaks a trace records by itself, from its rebuilt starting state on: requested
+        and reserved bytes, live allocations and segments (all pools). For traces too long to
+        replay in a summary (REPLAY_MAX_EVENTS); noted in self._replayed."""
+        traces = self.device_traces
+        tc = timeline.as_columns(traces[device] if device < len(traces) else [])
+        segs0, live0 = timeline.state_at(self.data["segments"], device, tc, 0, frames=False)
+        d_alloc, d_res = timeline.deltas(tc)
+        n_alloc = tc.is_action(*timeline.ALLOC).astype(np.int64) - tc.is_action(*timeline.FREE)
+        n_seg = tc.is_action(*timeline.SEG_ALLOC).astype(np.int64) - tc.is_action(*timeline.SEG_FREE)
+
+        def peak(start, d):
+            return start + max(0, int(np.cumsum(d).max())) if len(d) else start
+
+        self._replayed[device] = {"recorded": True, "events": self._trace_events(device)}
+        return {"requested_bytes.all.peak": peak(sum(b["requested"] for b in live0.values()), d_alloc),
+                "reserved_bytes.all.peak": peak(sum(s["size"] for s in segs0.values()), d_res),
+                "allocation.all.peak": peak(len(live0), n_alloc),
+                "segment.all.peak": peak(len(segs0), n_seg)}
 
     def replay_figures(self, device):
         """What replaying `device`'s trace (from the rebuilt starting state, on a fresh emulated
@@ -613,7 +649,11 @@ class Snapshot:
         for d in devices:
             stats = self.stats(d, replay=replay)
             figures = self._replayed.get(d) if replay else None
-            if figures and figures.get("error"):
+            if figures and figures.get("recorded"):
+                notes = [f"Peak Usage: as recorded in the trace ({figures['events']} events from the rebuilt state: "
+                         f"requested, reserved, allocations, segments); a trace this long is not replayed here "
+                         f"(`fit SNAPSHOT --memory auto` replays it)"]
+            elif figures and figures.get("error"):
                 notes = [f"Peak Usage n/a: the replay failed ({figures['error']})"]
             elif figures:
                 conf = figures.get("conf") or "default settings"
@@ -636,34 +676,39 @@ class Snapshot:
         device = self._check_device(device)
         traces = self.device_traces
         entries = traces[device] if device < len(traces) else []
-        d_alloc, d_res = [], []
-        for e in entries:
-            a = e.get("action")
-            size = int(e["size"]) if a in SIZED_ACTIONS else 0  # validated for these actions only
-            if a == "alloc":
-                d_alloc.append(size), d_res.append(0)
-            elif a in ("free_completed", "free"):
-                d_alloc.append(-size), d_res.append(0)
-            elif a in ("segment_alloc", "segment_map"):
-                d_alloc.append(0), d_res.append(size)
-            elif a in ("segment_free", "segment_unmap"):
-                d_alloc.append(0), d_res.append(-size)
-            else:
-                d_alloc.append(0), d_res.append(0)
+        columnar = isinstance(entries, TraceColumns)
+        tc = timeline.as_columns(entries)
         segs = self._segments_of(device)
-        alloc = sum(s.requested_size for s in segs) - sum(d_alloc)
-        res = sum(s.total_size for s in segs) - sum(d_res)
-        out = {"index": [], "time_us": [], "allocated": [], "reserved": [], "oom": []}
-        for i, e in enumerate(entries):
-            alloc += d_alloc[i]
-            res += d_res[i]
-            out["index"].append(i)
-            out["time_us"].append(e.get("time_us"))
-            out["allocated"].append(alloc)
-            out["reserved"].append(res)
-            if e.get("action") == "oom":
-                out["oom"].append(i)
-        return out
+        alloc, res = timeline.curves(tc, sum(s.requested_size for s in segs), sum(s.total_size for s in segs))
+        n = len(tc)
+        times = np.where((tc.present & P_TIME) != 0, tc.time_us, -1)
+        oom = np.flatnonzero(tc.action == tc.code("oom")) if tc.code("oom") >= 0 else np.zeros(0, dtype=np.int64)
+        if columnar:  # arrays: a list of Python ints per entry would not fit for millions of entries
+            return {"index": np.arange(n), "time_us": times, "allocated": alloc, "reserved": res,
+                    "oom": oom.tolist()}
+        return {"index": list(range(n)), "time_us": [t if t >= 0 else e.get("time_us") for t, e in
+                                                     zip(times.tolist(), (e for e in entries if isinstance(e, dict)))],
+                "allocated": alloc.tolist(), "reserved": res.tolist(), "oom": oom.tolist()}
+
+    def top_sites_at(self, device, points, top=5):
+        """For each trace entry index in `points` (sorted) of `device`, the `top` call sites
+        (Block.where's naming) holding the most live requested bytes just after it:
+        [[(site, bytes), ...], ...]."""
+        device = self._check_device(device)
+        traces = self.device_traces
+        tc = timeline.as_columns(traces[device] if device < len(traces) else [])
+        return timeline.top_sites(tc, self.data["segments"], device, points, where, top)
+
+    def window(self, t0=None, t1=None, events=None, device=None):
+        """The snapshot of a window of the recording: trace entries with t0 <= time_us <= t1
+        (µs; None = the start / the end), or events=(a, b) (entry indices of `device`, b
+        exclusive). Its segments and live blocks are the real state at the window's end, so
+        that the state it starts from (undoing the window's entries) is the real state at
+        t0: its figures at t0 and over the window equal this snapshot's. A Snapshot."""
+        if device is not None:
+            device = self._check_device(device)
+        data, _ = timeline.window(self.data, t0, t1, events, device)
+        return Snapshot(data, device_kind=self.device_kind)
 
     # -------------------------------------------------------------- what-if and comparisons
     # Each runs the command line in a child process (viz.runner): a replay needs a fresh
@@ -717,6 +762,9 @@ class Snapshot:
 
     def dump(self, path):
         """Writes the snapshot as a pickle with protocol 4 (loads on pytorch.org/memory_viz)."""
+        if any(isinstance(t, TraceColumns) for t in self.data.get("device_traces") or ()):
+            write_pickle(path, self.data)  # streamed from the columns
+            return path
         with open(os.fspath(path), "wb") as f:
             pickle.dump(self.to_dict(), f, protocol=4)
         return path

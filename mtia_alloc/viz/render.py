@@ -1,14 +1,19 @@
 """The snapshot view's HTML page: a self-contained file (inline SVG, no script, no
 network) with the summary, a map of the segments coloured by block state, and memory over
-time, for each device. Also the helpers the replay plot shares (nice_ticks, HTML names).
+time, for each device. A trace longer than two entries per pixel column is binned (min
+and max per column; bins link to panels naming the call sites live at their peak), so the
+page stays small whatever the trace's length. Also the helpers the replay plot shares (nice_ticks, HTML names).
 
 Owns: render_html, is_html_name, not_html_message, nice_ticks.
 Relies on: _format (format_bytes); reads the snapshot only through a Snapshot object's
-methods (devices, _segments_of, fragmentation, memory_over_time, summary, source), so it
+methods (devices, _segments_of, fragmentation, memory_over_time, top_sites_at, summary,
+source), so it
 imports nothing of the model above it."""
 import datetime
 import html
 import os
+
+import numpy as np
 
 from .._format import format_bytes
 
@@ -37,6 +42,8 @@ table { border-collapse: collapse; font-size: 12px; }
 td, th { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
 .legend span { display: inline-block; width: 12px; height: 12px; margin: 0 4px 0 12px; vertical-align: middle; }
 svg text { font-size: 11px; fill: #333; }
+rect.bin { fill: transparent; cursor: pointer; } rect.bin:hover { fill: rgba(0,0,0,.08); }
+.bin-panel { display: none; } .bin-panel:target { display: block; border: 1px solid #ccc; padding: .4em; }
 .a { fill: #4e79a7; } .m { fill: #a0cbe8; } .p { fill: #f28e2c; } .f { fill: #dddddd; }
 """
 _CLS = {"allocated": "a", "mixed": "m", "pending": "p", "free": "f"}
@@ -137,12 +144,23 @@ def nice_ticks(vmax, n=5):
     return [i * step for i in range(int(vmax // step) + 1)]
 
 
-def _timeline_svg(curves, width=900, height=240):
-    n = len(curves["index"])
+_BIN_PX = 3       # width of a clickable bin of the binned timeline
+_TOP_SITES = 5
+
+
+def _timeline_svg(curves, width=900, height=240, sites=None, anchor="d0"):
+    """The memory curves as SVG. A trace longer than two points per pixel column is binned:
+    each column draws the min and max of its entries, so the page's size does not grow with
+    the trace; then every _BIN_PX columns make a bin that links (#anchor-bin-J, no script:
+    CSS :target shows it) to a panel naming the top call sites live at the bin's peak.
+    sites(points) -> per entry index, [(site, bytes)]. Returns (svg, panels)."""
+    alloc = np.asarray(curves["allocated"], dtype=np.int64)
+    res = np.asarray(curves["reserved"], dtype=np.int64)
+    n = len(alloc)
     left, right, top, bottom = 80, 10, 10, 30
     pw, ph = width - left - right, height - top - bottom
-    vmax = max(max(curves["reserved"], default=0), max(curves["allocated"], default=0), 1)
-    ymin = min(min(curves["reserved"], default=0), min(curves["allocated"], default=0), 0)
+    vmax = max(int(res.max()) if n else 0, int(alloc.max()) if n else 0, 1)
+    ymin = min(int(res.min()) if n else 0, int(alloc.min()) if n else 0, 0)
     span = vmax - ymin or 1
 
     def y(v):
@@ -151,22 +169,26 @@ def _timeline_svg(curves, width=900, height=240):
     def x(i):
         return left + (i / max(1, n - 1)) * pw
 
+    binned = n > 2 * pw
+    if binned:
+        edges = (np.arange(pw + 1) * n) // pw
+        lo = edges[:-1]
+
     def points(series):
-        if n <= 2 * pw:
+        if not binned:
             pts, prev = [], None
-            for i, v in enumerate(series):  # steps: the value changes at each event
+            for i, v in enumerate(series.tolist()):  # steps: the value changes at each event
                 if prev is not None and v != prev:
                     pts.append(f"{x(i):.1f},{y(prev):.1f}")
                 pts.append(f"{x(i):.1f},{y(v):.1f}")
                 prev = v
             return " ".join(pts)
+        mins = np.minimum.reduceat(series, lo)  # min/max envelope per pixel column
+        maxs = np.maximum.reduceat(series, lo)
         pts = []
-        per = n / pw
-        for col in range(pw):  # min/max envelope per pixel column
-            lo, hi = int(col * per), min(n, int((col + 1) * per) + 1)
-            chunk = series[lo:hi]
-            pts.append(f"{left + col:.1f},{y(min(chunk)):.1f}")
-            pts.append(f"{left + col:.1f},{y(max(chunk)):.1f}")
+        for col, (a, b) in enumerate(zip(mins.tolist(), maxs.tolist())):
+            pts.append(f"{left + col:.1f},{y(a):.1f}")
+            pts.append(f"{left + col:.1f},{y(b):.1f}")
         return " ".join(pts)
 
     out = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
@@ -177,17 +199,39 @@ def _timeline_svg(curves, width=900, height=240):
             continue
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(t):.1f}" y2="{y(t):.1f}" stroke="#eee"/>')
         out.append(f'<text x="{left - 4}" y="{y(t) + 4:.1f}" text-anchor="end">{_esc(format_bytes(int(t)))}</text>')
-    for i in curves["oom"]:
+    ooms = list(curves["oom"])
+    for i in ooms[:200]:
         out.append(f'<line x1="{x(i):.1f}" x2="{x(i):.1f}" y1="{top}" y2="{top + ph}" stroke="#e15759" '
                    f'stroke-width="1.5"><title>oom at trace entry {i}</title></line>')
-    out.append(f'<polyline fill="none" stroke="#f28e2c" stroke-width="1.5" points="{points(curves["reserved"])}">'
+    out.append(f'<polyline fill="none" stroke="#f28e2c" stroke-width="1.5" points="{points(res)}">'
                f'<title>reserved (segments)</title></polyline>')
-    out.append(f'<polyline fill="none" stroke="#4e79a7" stroke-width="1.5" points="{points(curves["allocated"])}">'
+    out.append(f'<polyline fill="none" stroke="#4e79a7" stroke-width="1.5" points="{points(alloc)}">'
                f'<title>allocated (requested bytes of live allocations)</title></polyline>')
+    panels = []
+    if binned:
+        bin_edges = edges[::_BIN_PX]
+        if bin_edges[-1] != n:
+            bin_edges = np.r_[bin_edges, n]
+        peaks = [int(a + np.argmax(alloc[a:b])) for a, b in zip(bin_edges[:-1].tolist(), bin_edges[1:].tolist())]
+        tops = sites(peaks) if sites is not None else [[] for _ in peaks]
+        for j, (a, b, p, top_j) in enumerate(zip(bin_edges[:-1].tolist(), bin_edges[1:].tolist(), peaks, tops)):
+            bid = f"{anchor}-bin-{j}"
+            names = "; ".join(f"{site} {format_bytes(v)}" for site, v in top_j[:3])
+            tip = (f"entries {a}-{b - 1}: allocated up to {format_bytes(int(alloc[p]))} (entry {p}), reserved up "
+                   f"to {format_bytes(int(res[a:b].max()))}" + (f"; live: {names}" if names else "") +
+                   " (click for the call sites)")
+            out.append(f'<a href="#{bid}"><rect class="bin" x="{left + j * _BIN_PX}" y="{top}" width="{_BIN_PX}" '
+                       f'height="{ph}"><title>{_esc(tip)}</title></rect></a>')
+            rows = "".join(f"<tr><td style='text-align:left'>{_esc(site)}</td><td>{_esc(format_bytes(v))}</td></tr>"
+                           for site, v in top_j)
+            panels.append(f'<div class="bin-panel" id="{bid}"><b>Entries {a} to {b - 1}</b>: at entry {p}, '
+                          f"allocated {_esc(format_bytes(int(alloc[p])))}, reserved "
+                          f"{_esc(format_bytes(int(res[p])))}. Top call sites live then:"
+                          f"<table><tr><th>call site</th><th>live bytes</th></tr>{rows}</table></div>")
     out.append(f'<text x="{left}" y="{height - 8}">trace entry 0</text>')
     out.append(f'<text x="{left + pw}" y="{height - 8}" text-anchor="end">{n - 1}</text>')
     out.append("</svg>")
-    return "\n".join(out)
+    return "\n".join(out), panels
 
 
 def _fmt_time(us):
@@ -220,15 +264,25 @@ def render_html(snap, only_device=None):
         parts.append(svg)
         curves = snap.memory_over_time(d)
         parts.append("<h3>Memory over time</h3>")
-        if curves["index"]:
-            times = [t for t in curves["time_us"] if isinstance(t, (int, float))]
-            span = f", {_esc(_fmt_time(times[0]))} to {_esc(_fmt_time(times[-1]))}" if times else ""
+        n = len(curves["index"])
+        if n:
+            first = next((t for t in curves["time_us"][:1000] if isinstance(t, (int, float, np.integer)) and t >= 0),
+                         None)
+            last = curves["time_us"][n - 1] if n else None
+            last = last if isinstance(last, (int, float, np.integer)) and last >= 0 else None
+            span = f", {_esc(_fmt_time(first))} to {_esc(_fmt_time(last))}" if first is not None and \
+                last is not None else ""
+            binned = n > 2 * 810
             parts.append(f'<p class="legend"><span style="background:#4e79a7"></span>allocated (requested bytes)'
                          f'<span style="background:#f28e2c"></span>reserved'
-                         f'<span style="background:#e15759"></span>oom &nbsp; {len(curves["index"])} trace entries'
-                         f"{span}; peak allocated {_esc(format_bytes(max(curves['allocated'])))}, peak reserved "
-                         f"{_esc(format_bytes(max(curves['reserved'])))} (within the trace).</p>")
-            parts.append(_timeline_svg(curves))
+                         f'<span style="background:#e15759"></span>oom &nbsp; {n} trace entries'
+                         f"{span}; peak allocated {_esc(format_bytes(int(np.max(curves['allocated']))))}, peak "
+                         f"reserved {_esc(format_bytes(int(np.max(curves['reserved']))))} (within the trace)."
+                         + (" Binned: each pixel column shows the min and max of its entries; click a bin for "
+                            "the call sites live at its peak." if binned else "") + "</p>")
+            svg, panels = _timeline_svg(curves, sites=lambda pts, d=d: snap.top_sites_at(d, pts), anchor=f"d{d}")
+            parts.append(svg)
+            parts.extend(panels)
         else:
             parts.append("<p>No trace recorded for this device (call <code>record_memory_history()</code> "
                          "before allocating).</p>")
