@@ -51,10 +51,11 @@ void DeviceAllocator::add_block_chunk() {
   for (size_t i = BlockChunk::kBlocks; i-- > 0;) recycle_clean_block(&block_chunks_.back()->hot[i]);
 }
 
-bool DeviceAllocator::should_split(const Block* b, size_t size) const {
-  if (pool_of(b)->owner && pool_of(b)->owner->no_split) return false;
+template <bool kSmall>
+MTIA_INLINE bool DeviceAllocator::should_split(const Block* b, const BlockPool* pool, size_t size) const {
+  if (__builtin_expect(pool->owner != nullptr, 0) && pool->owner->no_split) return false;
   size_t remaining = b->size - size;
-  if (pool_of(b)->is_small || config_->expandable_segments) return remaining >= kMinBlockSize;
+  if (kSmall || config_->expandable_segments) return remaining >= kMinBlockSize;
   return size < max_split() && remaining > kSmallSize;
 }
 
@@ -70,8 +71,10 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
   r.size = round_size(orig_size, *config_);
   r.stream = stream;
   r.alloc_size = 0;  // sized on a miss
+  bool small;
   if (plain_) {
-    r.pool = default_pool(r.size);
+    small = r.size <= kSmallSize;
+    r.pool = small ? &small_blocks_ : &large_blocks_;
     r.frames = &kNoFrames;
   } else {
     r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
@@ -79,14 +82,23 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
     if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty()))
       process_events_with_call_frames(*r.frames);
     r.pool = choose_pool(r.size, stream);
+    small = r.pool->is_small;
   }
+  // The rest is compiled once per pool kind (every block found is of the request's kind:
+  // a use_on_oom pool is asked for the same size class).
+  if (small) return malloc_in_pool<true>(lock, r);
+  return malloc_in_pool<false>(lock, r);
+}
+
+template <bool kSmall>
+MTIA_INLINE uintptr_t DeviceAllocator::malloc_in_pool(Lock& lock, Request& r) {
   // 3. Best fit among cached blocks of this pool and stream; 4. else a new segment.
   Block* block = get_free_block(r, r.pool);
   if (!block) block = alloc_on_miss(lock, r);
   // 5. Out of memory.
   if (!block) raise_oom(lock, r);
   // 6. Hand out (splitting if the rules say so).
-  return alloc_found_block(r, block);
+  return alloc_found_block<kSmall>(r, block);
 }
 
 // Steps 4a-4e of the ladder, out of line: the fast path keeps a small frame.
@@ -213,12 +225,13 @@ Block* DeviceAllocator::try_use_on_oom_pools(const Request& r) {
 }
 
 // §3.4: take `block` (not in any index), split off the request if the rules say so.
-uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
+template <bool kSmall>
+MTIA_INLINE uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
   BlockPool* pool = pool_of(block);
-  const bool small = pool->is_small;
+  constexpr bool small = kSmall;
   const bool already_split = block->is_split();
   Block* result = block;
-  if (should_split(block, r.size)) {
+  if (should_split<kSmall>(block, pool, r.size)) {
     size_t remaining = block->size - r.size;
     result = new_block();
     result->ptr = block->ptr;
@@ -260,8 +273,10 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
   stat_add(stats_.allocated_bytes, small, int64_t(result->size));
   if (pending_.count[kAggregate]) note_active_peaks(small);  // else active == allocation
   stat_add(stats_.requested_bytes, small, int64_t(r.orig_size));
-  result->oversize = result->size >= max_split();
-  if (result->oversize) stats_.oversize_allocations.increase(1);
+  if (__builtin_expect(result->size >= max_split(), 0)) {  // result->oversize is false: free clears it
+    result->oversize = true;
+    stats_.oversize_allocations.increase(1);
+  }
   if (history_on_)
     record_trace(TraceAction::kAlloc, result->ptr, r.orig_size, r.stream,
                  pool_id_of(pool), *r.frames);
@@ -294,15 +309,23 @@ bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames) {
   Lock lock(mu_, std::adopt_lock);
   Block* b = allocated_.erase(ptr);
   if (!b) return false;
-  const bool small = pool_of(b)->is_small;
+  if (is_small_block(b)) free_allocated<true>(b, free_frames);
+  else free_allocated<false>(b, free_frames);
+  return true;
+}
+
+template <bool kSmall>
+MTIA_INLINE void DeviceAllocator::free_allocated(Block* b, const FramesPtr& free_frames) {
+  constexpr bool small = kSmall;
   b->allocated = false;
   stat_sub(stats_.allocation, small, 1);
   stat_sub(stats_.allocated_bytes, small, int64_t(b->size));
-  if (b->oversize) stats_.oversize_allocations.decrease(1);
-  b->oversize = false;
+  if (__builtin_expect(b->oversize, 0)) {
+    stats_.oversize_allocations.decrease(1);
+    b->oversize = false;
+  }
   if (__builtin_expect(history_on_ || b->has_stream_uses, 0)) free_with_history_or_uses(b, free_frames);
-  else free_block(b);
-  return true;
+  else free_block_of<kSmall>(b);
 }
 
 // The rest of free() when history is on or the block has stream uses, out of line: the
@@ -395,8 +418,14 @@ void DeviceAllocator::end_pending(Block* b) {
 
 // §3.5: return a freed block to its pool, merging with free neighbours.
 void DeviceAllocator::free_block(Block* b) {
+  if (is_small_block(b)) free_block_of<true>(b);
+  else free_block_of<false>(b);
+}
+
+template <bool kSmall>
+MTIA_INLINE void DeviceAllocator::free_block_of(Block* b) {
   BlockPool* pool = pool_of(b);
-  const bool small = pool->is_small;
+  constexpr bool small = kSmall;
   if (history_on_)
     record_trace(TraceAction::kFreeCompleted, b->ptr, b->requested_size, b->seg->stream,
                  pool_id_of(pool), call_frames_or(b->cold().frames));

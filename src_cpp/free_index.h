@@ -22,9 +22,11 @@ namespace mtia {
 
 class FreeIndex {
  public:
-  FreeIndex(NodeArena* arena, BlockPool* pool) : pool(pool), arena_(arena), bins_(new Bin[kBins]) {}
+  FreeIndex(NodeArena* arena, BlockPool* pool, bool small)
+      : pool(pool), small(small), arena_(arena), bins_(new Bin[kBins]) {}
 
   BlockPool* const pool;  // whose free blocks these are
+  const bool small;       // == pool->is_small, one load nearer for free()
 
   bool empty() const { return count_ == 0; }
   size_t size() const { return count_; }
