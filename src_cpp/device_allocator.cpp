@@ -71,34 +71,44 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
   r.size = round_size(orig_size, *config_);
   r.stream = stream;
   r.alloc_size = 0;  // sized on a miss
-  bool small;
-  if (plain_) {
-    small = r.size <= kSmallSize;
-    r.pool = small ? &small_blocks_ : &large_blocks_;
-    r.frames = &kNoFrames;
-  } else {
-    r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
-    // 2. Reclaim blocks whose cross-stream events completed (never during a capture).
-    if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty()))
-      process_events_with_call_frames(*r.frames);
-    r.pool = choose_pool(r.size, stream);
-    small = r.pool->is_small;
-  }
   // The rest is compiled once per pool kind (every block found is of the request's kind:
-  // a use_on_oom pool is asked for the same size class).
-  if (small) return malloc_in_pool<true>(lock, r);
-  return malloc_in_pool<false>(lock, r);
+  // a use_on_oom pool is asked for the same size class), and once more, out of line, for
+  // when a capture, a pending free or history is about (not plain_).
+  if (__builtin_expect(!plain_, 0)) return malloc_not_plain(lock, r, frames);
+  r.frames = &kNoFrames;
+  if (r.size <= kSmallSize) {
+    r.pool = &small_blocks_;
+    return malloc_in_pool<true, true>(lock, r);
+  }
+  r.pool = &large_blocks_;
+  return malloc_in_pool<false, true>(lock, r);
 }
 
-template <bool kSmall>
+uintptr_t DeviceAllocator::malloc_not_plain(Lock& lock, Request& r, const FramesPtr& frames) {
+  r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
+  // 2. Reclaim blocks whose cross-stream events completed (never during a capture).
+  if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty()))
+    process_events_with_call_frames(*r.frames);
+  r.pool = choose_pool(r.size, r.stream);
+  if (r.pool->is_small) return malloc_in_pool<true, false>(lock, r);
+  return malloc_in_pool<false, false>(lock, r);
+}
+
+// kPlain: plain_ holds (no capture, pending free or history), so the request has no
+// frames to record and active == allocation.
+template <bool kSmall, bool kPlain>
 MTIA_INLINE uintptr_t DeviceAllocator::malloc_in_pool(Lock& lock, Request& r) {
   // 3. Best fit among cached blocks of this pool and stream; 4. else a new segment.
   Block* block = get_free_block(r, r.pool);
-  if (!block) block = alloc_on_miss(lock, r);
-  // 5. Out of memory.
-  if (!block) raise_oom(lock, r);
+  if (!block) {
+    block = alloc_on_miss(lock, r);
+    // 5. Out of memory.
+    if (!block) raise_oom(lock, r);
+    // A raw allocator that ran Python may have changed what plain_ said.
+    if (kPlain && !plain_) return alloc_found_block<kSmall, false>(r, block);
+  }
   // 6. Hand out (splitting if the rules say so).
-  return alloc_found_block<kSmall>(r, block);
+  return alloc_found_block<kSmall, kPlain>(r, block);
 }
 
 // Steps 4a-4e of the ladder, out of line: the fast path keeps a small frame.
@@ -225,7 +235,7 @@ Block* DeviceAllocator::try_use_on_oom_pools(const Request& r) {
 }
 
 // §3.4: take `block` (not in any index), split off the request if the rules say so.
-template <bool kSmall>
+template <bool kSmall, bool kPlain>
 MTIA_INLINE uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
   BlockPool* pool = pool_of(block);
   constexpr bool small = kSmall;
@@ -264,20 +274,20 @@ MTIA_INLINE uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block
   }
   result->allocated = true;
   result->requested_size = r.orig_size;
-  if (*r.frames || result->has_frames) {  // without history, the cold part stays untouched
+  if ((!kPlain && *r.frames) || result->has_frames) {  // without history, the cold part stays untouched
     result->cold().frames = *r.frames;
     result->has_frames = *r.frames != nullptr;
   }
   allocated_.insert(result->ptr, result);
   stat_add(stats_.allocation, small, 1);
   stat_add(stats_.allocated_bytes, small, int64_t(result->size));
-  if (pending_.count[kAggregate]) note_active_peaks(small);  // else active == allocation
+  if (!kPlain && pending_.count[kAggregate]) note_active_peaks(small);  // else active == allocation
   stat_add(stats_.requested_bytes, small, int64_t(r.orig_size));
   if (__builtin_expect(result->size >= max_split(), 0)) {  // result->oversize is false: free clears it
     result->oversize = true;
     stats_.oversize_allocations.increase(1);
   }
-  if (history_on_)
+  if (!kPlain && history_on_)
     record_trace(TraceAction::kAlloc, result->ptr, r.orig_size, r.stream,
                  pool_id_of(pool), *r.frames);
   return result->ptr;

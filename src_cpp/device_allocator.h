@@ -129,11 +129,12 @@ class alignas(64) DeviceAllocator {
   Block* alloc_block(const Request& r, bool is_retry);
   Block* try_use_on_oom_pools(const Request& r);
   // The rest of malloc and free, compiled once per pool kind (small or large).
-  template <bool kSmall>
+  template <bool kSmall, bool kPlain>
   MTIA_INLINE uintptr_t malloc_in_pool(Lock& lock, Request& r);
+  __attribute__((noinline)) uintptr_t malloc_not_plain(Lock& lock, Request& r, const FramesPtr& frames);
   template <bool kSmall>
   MTIA_INLINE bool should_split(const Block* b, const BlockPool* pool, size_t size) const;
-  template <bool kSmall>
+  template <bool kSmall, bool kPlain>
   MTIA_INLINE uintptr_t alloc_found_block(const Request& r, Block* block);
   void note_active_peaks(bool small);
   void add_block_chunk();
