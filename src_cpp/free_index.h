@@ -23,7 +23,7 @@ namespace mtia {
 class FreeIndex {
  public:
   FreeIndex(NodeArena* arena, BlockPool* pool, bool small)
-      : pool(pool), small(small), arena_(arena), bins_(new Bin[kBins]) {}
+      : pool(pool), small(small), arena_(arena) {}
 
   BlockPool* const pool;  // whose free blocks these are
   const bool small;       // == pool->is_small, one load nearer for free()
@@ -173,10 +173,10 @@ class FreeIndex {
   }
 
   NodeArena* arena_;
-  std::unique_ptr<Bin[]> bins_;
-  std::array<uint64_t, kWords> words_{};  // bit b%64 of word b/64: bin b is non-empty
-  uint64_t summary_[2] = {0, 0};          // bit w: words_[w] is non-zero
   size_t count_ = 0;
+  uint64_t summary_[2] = {0, 0};          // bit w: words_[w] is non-zero
+  std::array<uint64_t, kWords> words_{};  // bit b%64 of word b/64: bin b is non-empty
+  Bin bins_[kBins];                       // inline: one load less than a separate array
 };
 
 }  // namespace mtia
