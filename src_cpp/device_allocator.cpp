@@ -84,7 +84,9 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
   return malloc_in_pool<false, true>(lock, r);
 }
 
-uintptr_t DeviceAllocator::malloc_not_plain(Lock& lock, Request& r, const FramesPtr& frames) {
+// The request goes by value to the out-of-line paths, so that on the fast path it never
+// needs an address and lives in registers.
+uintptr_t DeviceAllocator::malloc_not_plain(Lock& lock, Request r, const FramesPtr& frames) {
   r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
   // 2. Reclaim blocks whose cross-stream events completed (never during a capture).
   if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty()))
@@ -97,16 +99,21 @@ uintptr_t DeviceAllocator::malloc_not_plain(Lock& lock, Request& r, const Frames
 // kPlain: plain_ holds (no capture, pending free or history), so the request has no
 // frames to record and active == allocation.
 template <bool kSmall, bool kPlain>
-MTIA_INLINE uintptr_t DeviceAllocator::malloc_in_pool(Lock& lock, Request& r) {
+MTIA_INLINE uintptr_t DeviceAllocator::malloc_in_pool(Lock& lock, const Request& r) {
   // 3. Best fit among cached blocks of this pool and stream; 4. else a new segment.
   Block* block = get_free_block(r, r.pool);
-  if (!block) {
-    block = alloc_on_miss(lock, r);
-    // 5. Out of memory.
-    if (!block) raise_oom(lock, r);
-    // A raw allocator that ran Python may have changed what plain_ said.
-    if (kPlain && !plain_) return alloc_found_block<kSmall, false>(r, block);
-  }
+  if (__builtin_expect(!block, 0)) return malloc_miss<kSmall, kPlain>(lock, r);
+  // 6. Hand out (splitting if the rules say so).
+  return alloc_found_block<kSmall, kPlain>(r, block);
+}
+
+template <bool kSmall, bool kPlain>
+uintptr_t DeviceAllocator::malloc_miss(Lock& lock, Request r) {
+  Block* block = alloc_on_miss(lock, r);
+  // 5. Out of memory.
+  if (!block) raise_oom(lock, r);
+  // A raw allocator that ran Python may have changed what plain_ said.
+  if (kPlain && !plain_) return alloc_found_block<kSmall, false>(r, block);
   // 6. Hand out (splitting if the rules say so).
   return alloc_found_block<kSmall, kPlain>(r, block);
 }

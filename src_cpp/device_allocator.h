@@ -130,8 +130,10 @@ class alignas(64) DeviceAllocator {
   Block* try_use_on_oom_pools(const Request& r);
   // The rest of malloc and free, compiled once per pool kind (small or large).
   template <bool kSmall, bool kPlain>
-  MTIA_INLINE uintptr_t malloc_in_pool(Lock& lock, Request& r);
-  __attribute__((noinline)) uintptr_t malloc_not_plain(Lock& lock, Request& r, const FramesPtr& frames);
+  MTIA_INLINE uintptr_t malloc_in_pool(Lock& lock, const Request& r);
+  template <bool kSmall, bool kPlain>
+  __attribute__((noinline)) uintptr_t malloc_miss(Lock& lock, Request r);  // steps 4-6 after a cache miss
+  __attribute__((noinline)) uintptr_t malloc_not_plain(Lock& lock, Request r, const FramesPtr& frames);
   template <bool kSmall>
   MTIA_INLINE bool should_split(const Block* b, const BlockPool* pool, size_t size) const;
   template <bool kSmall, bool kPlain>

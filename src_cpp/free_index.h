@@ -68,8 +68,7 @@ class FreeIndex {
   // Smallest block with size >= `size` (by size, order, address), or nullptr.
   MTIA_INLINE Block* lower_bound(size_t size) const {
     if (!count_) return nullptr;
-    size_t bin = bin_of(size);
-    if (bin >= kBins) return nullptr;
+    size_t bin = bin_of(size);  // < kBins: the bins cover every size
     const Bin& slot = bins_[bin];
     if (words_[bin >> 6] & (uint64_t(1) << (bin & 63))) {
       Block* first = slot.first();
@@ -129,10 +128,11 @@ class FreeIndex {
   static constexpr size_t kExactBins = 4096;     // 512 B .. 2 MiB, one bin per size
   static constexpr int kExactLimitLog2 = 21;      // 2 MiB
   static constexpr int kSubBits = 6;              // then 64 bins per power of two
-  static constexpr int kMaxLog2 = 47;             // blocks < 256 TiB
+  static constexpr int kMaxLog2 = 63;             // any size_t: bin_of needs no range check
   static constexpr size_t kBins = kExactBins + (size_t(kMaxLog2 - kExactLimitLog2 + 1) << kSubBits);
   static constexpr size_t kWords = (kBins + 63) / 64;
   static_assert(kWords <= 128, "two summary words cover 128 bitmap words");
+  static_assert(kExactBins == (size_t(1) << kExactLimitLog2) / kMinBlockSize, "exact bins end at 2 MiB");
 
   static FreeKey key_of(const Block* b) { return FreeKey{b->size, b->order, b->ptr}; }
   [[noreturn]] static void throw_corrupt();
@@ -149,10 +149,10 @@ class FreeIndex {
 
   MTIA_INLINE static size_t bin_of(size_t size) {
     if (size <= (size_t(1) << kExactLimitLog2)) return (size - 1) / kMinBlockSize;  // size >= 1
-    int log2 = 63 - __builtin_clzll(size);
-    if (log2 > kMaxLog2) return kBins;  // beyond any device
-    size_t sub = (size >> (log2 - kSubBits)) & ((size_t(1) << kSubBits) - 1);
-    return kExactBins + (size_t(log2 - kExactLimitLog2) << kSubBits) + sub;
+    // kExactBins + (log2 - 21) * 64 + sub, where size >> (log2 - 6) == 64 + sub.
+    const size_t log2 = size_t(63 - __builtin_clzll(size));
+    return (log2 << kSubBits) + (size >> (log2 - kSubBits)) +
+           (kExactBins - (size_t(kExactLimitLog2) << kSubBits) - (size_t(1) << kSubBits));
   }
 
   // First non-empty bin >= from, or kBins.
