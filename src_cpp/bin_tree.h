@@ -100,7 +100,7 @@ class BinTree {
 
   // insert and erase are split: the inline part is the hot front-of-first-leaf case
   // (a few instructions, no stack frame), the searching part stays out of line.
-  void insert(const FreeKey& fkey, Block* block) {
+  MTIA_INLINE void insert(const FreeKey& fkey, Block* block) {
     const PackedKey key = PackedKey::of(fkey);
     // A block that sorts first (the block best fit just took, coming back) goes straight
     // into the free slot before the first leaf's entries.
@@ -114,7 +114,7 @@ class BinTree {
   }
 
   // Removes the entry with exactly this key; false if there is none.
-  bool erase(const FreeKey& fkey) {
+  MTIA_INLINE bool erase(const FreeKey& fkey) {
     const PackedKey key = PackedKey::of(fkey);
     // Best fit mostly takes a bin's first block: no search for that one unless its
     // leaf empties (then the path is needed to unlink it).

@@ -169,7 +169,8 @@ Block* DeviceAllocator::get_free_block(const Request& r, BlockPool* pool) {
   if (fraction_limit_ && config_->garbage_collection_threshold > 0) ++pool->get_free_blocks_call_count;
   FreeIndex* idx = pool->index(r.stream);
   if (!idx) return nullptr;
-  Block* b = idx->lower_bound(r.size);
+  size_t bin;
+  Block* b = idx->lower_bound(r.size, &bin);
   if (!b) return nullptr;
   if (b->expandable) {
     if (expandable_active(pool)) {
@@ -182,11 +183,12 @@ Block* DeviceAllocator::get_free_block(const Request& r, BlockPool* pool) {
       while (b && b->expandable);
       if (!b) return nullptr;
     }
+    bin = FreeIndex::bin_for(b->size);
   }
   const size_t M = max_split(), R = config_->max_non_split_rounding_size;
   if (r.size < M && b->size >= M) return nullptr;      // normal requests never take oversize blocks
   if (r.size >= M && b->size >= r.size + R) return nullptr;  // oversize: at most R - 1 bytes of slack
-  idx->erase(b);
+  idx->erase_in(b, bin);
   return b;
 }
 

@@ -49,8 +49,10 @@ class FreeIndex {
     ++count_;
   }
 
-  MTIA_INLINE void erase(Block* b) {
-    const size_t bin = bin_of(b->size);
+  MTIA_INLINE void erase(Block* b) { erase_in(b, bin_of(b->size)); }
+
+  // erase(b), given b's bin (bin == bin_of(b->size), as lower_bound reports it).
+  MTIA_INLINE void erase_in(Block* b, size_t bin) {
     Bin& slot = bins_[bin];
     b->in_index = false;
     --count_;
@@ -65,11 +67,13 @@ class FreeIndex {
     if (!word) summary_[bin >> 12] &= ~(uint64_t(1) << ((bin >> 6) & 63));
   }
 
-  // Smallest block with size >= `size` (by size, order, address), or nullptr.
-  MTIA_INLINE Block* lower_bound(size_t size) const {
+  // Smallest block with size >= `size` (by size, order, address), or nullptr; its bin
+  // goes to *found_bin (for erase_in).
+  MTIA_INLINE Block* lower_bound(size_t size, size_t* found_bin) const {
     if (!count_) return nullptr;
     size_t bin = bin_of(size);  // < kBins: the bins cover every size
     const Bin& slot = bins_[bin];
+    *found_bin = bin;
     if (words_[bin >> 6] & (uint64_t(1) << (bin & 63))) {
       Block* first = slot.first();
       if (first->size >= size) return first;  // exact bins always take this path
@@ -77,8 +81,15 @@ class FreeIndex {
         if (Block* b = slot.tree->lower_bound(FreeKey{size, 0, 0})) return b;
     }
     size_t next = next_nonempty(bin + 1);
+    *found_bin = next;
     return next < kBins ? bins_[next].first() : nullptr;
   }
+  Block* lower_bound(size_t size) const {
+    size_t bin;
+    return lower_bound(size, &bin);
+  }
+
+  static size_t bin_for(size_t size) { return bin_of(size); }
 
   // The block after `b` in best-fit order, or nullptr (b must be in the index).
   Block* successor(const Block* b) const {
