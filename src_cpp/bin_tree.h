@@ -67,6 +67,25 @@ struct FreeKey {
   bool operator==(const FreeKey& o) const { return size == o.size && order == o.order && ptr == o.ptr; }
 };
 
+// A FreeKey as the tree stores and compares it: one 128-bit number, so that a compare is
+// a compare-and-subtract-with-borrow instead of up to three compares and branches (in a
+// crowded bin all sizes, and often the orders, tie). From the top: the size in 512-byte
+// units, rounded up (39 bits: blocks are < 2^48 bytes), the segment order (40 bits, as
+// Block keeps it), the address / 512 (49 bits: addresses are < 2^58). Block sizes are
+// multiples of 512, so the rounding changes no block's key and makes a query for any size
+// find the first block at least that large; the blocks of one segment that tie on size and
+// order differ in address by multiples of 512, which the division keeps apart and in order.
+struct PackedKey {
+  uint64_t hi, lo;
+  static PackedKey of(const FreeKey& k) {
+    const uint64_t units = (k.size + 511) >> 9, order = k.order & ((uint64_t(1) << 40) - 1);
+    return PackedKey{units << 25 | order >> 15, order << 49 | k.ptr >> 9};
+  }
+  unsigned __int128 wide() const { return (unsigned __int128)hi << 64 | lo; }
+  bool operator<(const PackedKey& o) const { return wide() < o.wide(); }
+  bool operator==(const PackedKey& o) const { return ((hi ^ o.hi) | (lo ^ o.lo)) == 0; }
+};
+
 class BinTree {
  public:
   explicit BinTree(NodeArena* arena) : arena_(arena) {}
@@ -81,7 +100,8 @@ class BinTree {
 
   // insert and erase are split: the inline part is the hot front-of-first-leaf case
   // (a few instructions, no stack frame), the searching part stays out of line.
-  void insert(const FreeKey& key, Block* block) {
+  MTIA_INLINE void insert(const FreeKey& fkey, Block* block) {
+    const PackedKey key = PackedKey::of(fkey);
     // A block that sorts first (the block best fit just took, coming back) goes straight
     // into the free slot before the first leaf's entries.
     Leaf* first = first_;
@@ -94,7 +114,8 @@ class BinTree {
   }
 
   // Removes the entry with exactly this key; false if there is none.
-  bool erase(const FreeKey& key) {
+  MTIA_INLINE bool erase(const FreeKey& fkey) {
+    const PackedKey key = PackedKey::of(fkey);
     // Best fit mostly takes a bin's first block: no search for that one unless its
     // leaf empties (then the path is needed to unlink it).
     Leaf* first = first_;
@@ -107,8 +128,9 @@ class BinTree {
   }
 
   // First entry with key >= `key`, or nullptr.
-  Block* lower_bound(const FreeKey& key) const {
+  Block* lower_bound(const FreeKey& fkey) const {
     if (!root_) return nullptr;
+    const PackedKey key = PackedKey::of(fkey);
     Path path;
     const Leaf* leaf = descend(key, path);
     int pos = leaf_lower_bound(leaf, key);
@@ -117,7 +139,8 @@ class BinTree {
   }
 
   // The entry after the one with exactly this key, or nullptr.
-  Block* successor(const FreeKey& key) const {
+  Block* successor(const FreeKey& fkey) const {
+    const PackedKey key = PackedKey::of(fkey);
     Path path;
     const Leaf* leaf = descend(key, path);
     int pos = leaf_lower_bound(leaf, key) + 1;
@@ -137,7 +160,7 @@ class BinTree {
   static constexpr int kMaxHeight = 24;
 
   struct Entry {
-    FreeKey key;
+    PackedKey key;
     Block* block;
   };
   struct Leaf {
@@ -149,7 +172,7 @@ class BinTree {
   // keys[i] <= every key under children[i + 1]; every key under children[i] < keys[i].
   struct Inner {
     int count = 0;  // children
-    FreeKey keys[kInnerCap - 1];
+    PackedKey keys[kInnerCap - 1];
     void* children[kInnerCap];
   };
   struct Path {
@@ -203,7 +226,7 @@ class BinTree {
   }
 
   // The first index in [begin, end] whose key is >= key.
-  static int leaf_lower_bound(const Leaf* l, const FreeKey& key) {
+  static int leaf_lower_bound(const Leaf* l, const PackedKey& key) {
     int lo = l->begin, hi = l->end;
     while (lo < hi) {
       int mid = (lo + hi) >> 1;
@@ -213,7 +236,7 @@ class BinTree {
     return lo;
   }
   // The child whose range holds key: the number of separators <= key.
-  static int child_slot(const Inner* n, const FreeKey& key) {
+  static int child_slot(const Inner* n, const PackedKey& key) {
     int lo = 0, hi = n->count - 1;
     while (lo < hi) {
       int mid = (lo + hi) >> 1;
@@ -223,7 +246,7 @@ class BinTree {
     return lo;
   }
 
-  Leaf* descend(const FreeKey& key, Path& path) const {
+  Leaf* descend(const PackedKey& key, Path& path) const {
     void* node = root_;
     for (int level = 0; level < height_ - 1; ++level) {
       Inner* in = static_cast<Inner*>(node);
@@ -235,7 +258,7 @@ class BinTree {
     return static_cast<Leaf*>(node);
   }
 
-  __attribute__((noinline)) void insert_searched(const FreeKey& key, Block* block) {
+  __attribute__((noinline)) void insert_searched(const PackedKey& key, Block* block) {
     if (!root_) {
       Leaf* leaf = new_leaf();
       root_ = first_ = last_ = leaf;
@@ -264,7 +287,7 @@ class BinTree {
     ++count_;
   }
 
-  __attribute__((noinline)) bool erase_searched(const FreeKey& key) {
+  __attribute__((noinline)) bool erase_searched(const PackedKey& key) {
     if (!root_) return false;
     Path path;
     Leaf* leaf = descend(key, path);
@@ -294,7 +317,7 @@ class BinTree {
 
   // Adds `right` (whose keys are >= sep) just after the child path.slot[level] of
   // path.node[level]; level -1 means the root itself split.
-  void insert_separator(Path& path, int level, FreeKey sep, void* right) {
+  void insert_separator(Path& path, int level, PackedKey sep, void* right) {
     if (level == 0) {  // the root split: grow a level
       if (height_ >= kMaxHeight) throw_too_deep();
       Inner* root = new_inner();
@@ -311,9 +334,9 @@ class BinTree {
     if (parent->count == kInnerCap) {
       Inner* sibling = new_inner();
       const int keep = kInnerCap / 2, move = kInnerCap - keep;
-      FreeKey up = parent->keys[keep - 1];
+      PackedKey up = parent->keys[keep - 1];
       std::memcpy(sibling->children, &parent->children[keep], sizeof(void*) * size_t(move));
-      std::memcpy(sibling->keys, &parent->keys[keep], sizeof(FreeKey) * size_t(move - 1));
+      std::memcpy(sibling->keys, &parent->keys[keep], sizeof(PackedKey) * size_t(move - 1));
       sibling->count = move;
       parent->count = keep;
       insert_separator(path, level - 1, up, sibling);
@@ -323,7 +346,7 @@ class BinTree {
       }
     }
     std::memmove(&parent->children[slot + 1], &parent->children[slot], sizeof(void*) * size_t(parent->count - slot));
-    std::memmove(&parent->keys[slot], &parent->keys[slot - 1], sizeof(FreeKey) * size_t(parent->count - slot));
+    std::memmove(&parent->keys[slot], &parent->keys[slot - 1], sizeof(PackedKey) * size_t(parent->count - slot));
     parent->children[slot] = right;
     parent->keys[slot - 1] = sep;
     ++parent->count;
@@ -339,7 +362,7 @@ class BinTree {
       int slot = path.slot[level];
       std::memmove(&n->children[slot], &n->children[slot + 1], sizeof(void*) * size_t(n->count - slot - 1));
       int k = slot > 0 ? slot - 1 : 0;  // the separator that bounded the removed child
-      if (n->count - 2 - k > 0) std::memmove(&n->keys[k], &n->keys[k + 1], sizeof(FreeKey) * size_t(n->count - 2 - k));
+      if (n->count - 2 - k > 0) std::memmove(&n->keys[k], &n->keys[k + 1], sizeof(PackedKey) * size_t(n->count - 2 - k));
       --n->count;
       if (n->count > 0) break;
       if (level == 0) break;  // cannot happen: the root keeps a child while the tree is non-empty

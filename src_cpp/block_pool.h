@@ -43,7 +43,7 @@ struct BlockPool {
   }
   FreeIndex* index_or_create(StreamId s) {
     if (FreeIndex* idx = index(s)) return idx;
-    by_stream.emplace_back(s, std::make_unique<FreeIndex>(arena, this));
+    by_stream.emplace_back(s, std::make_unique<FreeIndex>(arena, this, is_small));
     if (uint64_t(s) < uint64_t(kDirectStreams)) direct[s] = by_stream.back().second.get();
     return by_stream.back().second.get();
   }

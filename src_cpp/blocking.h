@@ -63,10 +63,8 @@ class SpinMutex {
     const void* me = self();
     const void* holder = nullptr;
     if (__builtin_expect(owner_.compare_exchange_strong(holder, me, std::memory_order_acquire,
-                                                         std::memory_order_relaxed), 1)) {
-      depth_ = 1;
-      return true;
-    }
+                                                         std::memory_order_relaxed), 1))
+      return true;  // depth_ is 0 whenever the lock is free
     if (holder == me) {  // only this thread can have stored `me`
       ++depth_;
       return true;
@@ -85,7 +83,10 @@ class SpinMutex {
     }
   }
   __attribute__((always_inline)) void unlock() {
-    if (--depth_ > 0) return;
+    if (__builtin_expect(depth_ > 0, 0)) {
+      --depth_;
+      return;
+    }
     owner_.store(nullptr, std::memory_order_release);
   }
 
@@ -100,7 +101,7 @@ class SpinMutex {
 #endif
   }
   std::atomic<const void*> owner_{nullptr};
-  int depth_ = 0;  // written only by the owner
+  int depth_ = 0;  // re-entries beyond the first lock: written only by the owner
 };
 
 // The wait leaves the blocking scope (takes the GIL back) before it takes the lock, never

@@ -31,6 +31,8 @@ DeviceAllocator::DeviceAllocator(DeviceIndex device, Emulator* emulator, std::sh
                                  const AllocatorConfig* config)
     : device_(device), emulator_(emulator), config_(config), raw_(std::move(raw)),
       small_blocks_(true, nullptr, &arena_), large_blocks_(false, nullptr, &arena_) {
+  const DeviceMemory& mem = emulator->device(device).memory();
+  allocated_.set_direct_range(mem.base(), mem.span());
   stats_.max_split_size =
       config->max_split_size == AllocatorConfig::kUnlimited ? -1 : int64_t(config->max_split_size);
   if (config->per_process_memory_fraction < 1.0) set_memory_fraction(config->per_process_memory_fraction);
@@ -51,10 +53,11 @@ void DeviceAllocator::add_block_chunk() {
   for (size_t i = BlockChunk::kBlocks; i-- > 0;) recycle_clean_block(&block_chunks_.back()->hot[i]);
 }
 
-bool DeviceAllocator::should_split(const Block* b, size_t size) const {
-  if (pool_of(b)->owner && pool_of(b)->owner->no_split) return false;
+template <bool kSmall>
+MTIA_INLINE bool DeviceAllocator::should_split(const Block* b, const BlockPool* pool, size_t size) const {
+  if (__builtin_expect(pool->owner != nullptr, 0) && pool->owner->no_split) return false;
   size_t remaining = b->size - size;
-  if (pool_of(b)->is_small || config_->expandable_segments) return remaining >= kMinBlockSize;
+  if (kSmall || config_->expandable_segments) return remaining >= kMinBlockSize;
   return size < max_split() && remaining > kSmallSize;
 }
 
@@ -71,23 +74,51 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
   r.stream = stream;
   r.alloc_size = 0;  // sized on a miss
   r.array_owned = array_owned;
-  if (plain_) {
-    r.pool = default_pool(r.size);
-    r.frames = &kNoFrames;
-  } else {
-    r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
-    // 2. Reclaim blocks whose cross-stream events completed (never during a capture).
-    if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty()))
-      process_events_with_call_frames(*r.frames);
-    r.pool = choose_pool(r.size, stream);
+  // The rest is compiled once per pool kind (every block found is of the request's kind:
+  // a use_on_oom pool is asked for the same size class), and once more, out of line, for
+  // when a capture, a pending free or history is about (not plain_).
+  if (__builtin_expect(!plain_, 0)) return malloc_not_plain(lock, r, frames);
+  r.frames = &kNoFrames;
+  if (r.size <= kSmallSize) {
+    r.pool = &small_blocks_;
+    return malloc_in_pool<true, true>(lock, r);
   }
+  r.pool = &large_blocks_;
+  return malloc_in_pool<false, true>(lock, r);
+}
+
+// The request goes by value to the out-of-line paths, so that on the fast path it never
+// needs an address and lives in registers.
+uintptr_t DeviceAllocator::malloc_not_plain(Lock& lock, Request r, const FramesPtr& frames) {
+  r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
+  // 2. Reclaim blocks whose cross-stream events completed (never during a capture).
+  if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty()))
+    process_events_with_call_frames(*r.frames);
+  r.pool = choose_pool(r.size, r.stream);
+  if (r.pool->is_small) return malloc_in_pool<true, false>(lock, r);
+  return malloc_in_pool<false, false>(lock, r);
+}
+
+// kPlain: plain_ holds (no capture, pending free or history), so the request has no
+// frames to record and active == allocation.
+template <bool kSmall, bool kPlain>
+MTIA_INLINE uintptr_t DeviceAllocator::malloc_in_pool(Lock& lock, const Request& r) {
   // 3. Best fit among cached blocks of this pool and stream; 4. else a new segment.
   Block* block = get_free_block(r, r.pool);
-  if (!block) block = alloc_on_miss(lock, r);
+  if (__builtin_expect(!block, 0)) return malloc_miss<kSmall, kPlain>(lock, r);
+  // 6. Hand out (splitting if the rules say so).
+  return alloc_found_block<kSmall, kPlain>(r, block);
+}
+
+template <bool kSmall, bool kPlain>
+uintptr_t DeviceAllocator::malloc_miss(Lock& lock, Request r) {
+  Block* block = alloc_on_miss(lock, r);
   // 5. Out of memory.
   if (!block) raise_oom(lock, r);
+  // A raw allocator that ran Python may have changed what plain_ said.
+  if (kPlain && !plain_) return alloc_found_block<kSmall, false>(r, block);
   // 6. Hand out (splitting if the rules say so).
-  return alloc_found_block(r, block);
+  return alloc_found_block<kSmall, kPlain>(r, block);
 }
 
 // Steps 4a-4e of the ladder, out of line: the fast path keeps a small frame.
@@ -141,7 +172,8 @@ Block* DeviceAllocator::get_free_block(const Request& r, BlockPool* pool) {
   if (fraction_limit_ && config_->garbage_collection_threshold > 0) ++pool->get_free_blocks_call_count;
   FreeIndex* idx = pool->index(r.stream);
   if (!idx) return nullptr;
-  Block* b = idx->lower_bound(r.size);
+  size_t bin;
+  Block* b = idx->lower_bound(r.size, &bin);
   if (!b) return nullptr;
   if (b->expandable) {
     if (expandable_active(pool)) {
@@ -154,11 +186,12 @@ Block* DeviceAllocator::get_free_block(const Request& r, BlockPool* pool) {
       while (b && b->expandable);
       if (!b) return nullptr;
     }
+    bin = FreeIndex::bin_for(b->size);
   }
   const size_t M = max_split(), R = config_->max_non_split_rounding_size;
   if (r.size < M && b->size >= M) return nullptr;      // normal requests never take oversize blocks
   if (r.size >= M && b->size >= r.size + R) return nullptr;  // oversize: at most R - 1 bytes of slack
-  idx->erase(b);
+  idx->erase_in(b, bin);
   return b;
 }
 
@@ -214,12 +247,13 @@ Block* DeviceAllocator::try_use_on_oom_pools(const Request& r) {
 }
 
 // §3.4: take `block` (not in any index), split off the request if the rules say so.
-uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
+template <bool kSmall, bool kPlain>
+MTIA_INLINE uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
   BlockPool* pool = pool_of(block);
-  const bool small = pool->is_small;
+  constexpr bool small = kSmall;
   const bool already_split = block->is_split();
   Block* result = block;
-  if (should_split(block, r.size)) {
+  if (should_split<kSmall>(block, pool, r.size)) {
     size_t remaining = block->size - r.size;
     result = new_block();
     result->ptr = block->ptr;
@@ -253,18 +287,20 @@ uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
   result->allocated = true;
   if (r.array_owned) result->deferred = true;  // while allocated: the DeviceArray mark (block.h)
   result->requested_size = r.orig_size;
-  if (*r.frames || result->has_frames) {  // without history, the cold part stays untouched
+  if ((!kPlain && *r.frames) || result->has_frames) {  // without history, the cold part stays untouched
     result->cold().frames = *r.frames;
     result->has_frames = *r.frames != nullptr;
   }
   allocated_.insert(result->ptr, result);
   stat_add(stats_.allocation, small, 1);
   stat_add(stats_.allocated_bytes, small, int64_t(result->size));
-  if (pending_.count[kAggregate]) note_active_peaks(small);  // else active == allocation
+  if (!kPlain && pending_.count[kAggregate]) note_active_peaks(small);  // else active == allocation
   stat_add(stats_.requested_bytes, small, int64_t(r.orig_size));
-  result->oversize = result->size >= max_split();
-  if (result->oversize) stats_.oversize_allocations.increase(1);
-  if (history_on_)
+  if (__builtin_expect(result->size >= max_split(), 0)) {  // result->oversize is false: free clears it
+    result->oversize = true;
+    stats_.oversize_allocations.increase(1);
+  }
+  if (!kPlain && history_on_)
     record_trace(TraceAction::kAlloc, result->ptr, r.orig_size, r.stream,
                  pool_id_of(pool), *r.frames);
   return result->ptr;
@@ -297,16 +333,24 @@ bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames, bool by_
   Block* b = allocated_.erase(ptr);
   if (!b) return false;
   if (__builtin_expect(b->deferred && !by_array, 0)) refuse_array_owned_free(b);
-  const bool small = pool_of(b)->is_small;
+  if (is_small_block(b)) free_allocated<true>(b, free_frames);
+  else free_allocated<false>(b, free_frames);
+  return true;
+}
+
+template <bool kSmall>
+MTIA_INLINE void DeviceAllocator::free_allocated(Block* b, const FramesPtr& free_frames) {
+  constexpr bool small = kSmall;
   b->allocated = false;
   b->deferred = false;
   stat_sub(stats_.allocation, small, 1);
   stat_sub(stats_.allocated_bytes, small, int64_t(b->size));
-  if (b->oversize) stats_.oversize_allocations.decrease(1);
-  b->oversize = false;
+  if (__builtin_expect(b->oversize, 0)) {
+    stats_.oversize_allocations.decrease(1);
+    b->oversize = false;
+  }
   if (__builtin_expect(history_on_ || b->has_stream_uses, 0)) free_with_history_or_uses(b, free_frames);
-  else free_block(b);
-  return true;
+  else free_block_of<kSmall>(b);
 }
 
 // A free of a live DeviceArray's block by anyone but the array: the block stays allocated
@@ -410,8 +454,14 @@ void DeviceAllocator::end_pending(Block* b) {
 
 // §3.5: return a freed block to its pool, merging with free neighbours.
 void DeviceAllocator::free_block(Block* b) {
+  if (is_small_block(b)) free_block_of<true>(b);
+  else free_block_of<false>(b);
+}
+
+template <bool kSmall>
+MTIA_INLINE void DeviceAllocator::free_block_of(Block* b) {
   BlockPool* pool = pool_of(b);
-  const bool small = pool->is_small;
+  constexpr bool small = kSmall;
   if (history_on_)
     record_trace(TraceAction::kFreeCompleted, b->ptr, b->requested_size, b->seg->stream,
                  pool_id_of(pool), call_frames_or(b->cold().frames));

@@ -132,12 +132,24 @@ class alignas(64) DeviceAllocator {
   __attribute__((noinline)) Block* alloc_on_miss(Lock& lock, Request& r);
   Block* alloc_block(const Request& r, bool is_retry);
   Block* try_use_on_oom_pools(const Request& r);
-  bool should_split(const Block* b, size_t size) const;
+  // The rest of malloc and free, compiled once per pool kind (small or large).
+  template <bool kSmall, bool kPlain>
+  MTIA_INLINE uintptr_t malloc_in_pool(Lock& lock, const Request& r);
+  template <bool kSmall, bool kPlain>
+  __attribute__((noinline)) uintptr_t malloc_miss(Lock& lock, Request r);  // steps 4-6 after a cache miss
+  __attribute__((noinline)) uintptr_t malloc_not_plain(Lock& lock, Request r, const FramesPtr& frames);
+  template <bool kSmall>
+  MTIA_INLINE bool should_split(const Block* b, const BlockPool* pool, size_t size) const;
+  template <bool kSmall, bool kPlain>
   MTIA_INLINE uintptr_t alloc_found_block(const Request& r, Block* block);
   void note_active_peaks(bool small);
   void add_block_chunk();
   // device_allocator.cpp: free, merge and events (§5)
-  MTIA_INLINE void free_block(Block* b);
+  template <bool kSmall>
+  MTIA_INLINE void free_allocated(Block* b, const FramesPtr& free_frames);
+  template <bool kSmall>
+  MTIA_INLINE void free_block_of(Block* b);
+  void free_block(Block* b);  // dispatches on the pool kind
   [[noreturn]] __attribute__((noinline)) void refuse_array_owned_free(Block* b);
   __attribute__((noinline)) void free_with_history_or_uses(Block* b, const FramesPtr& free_frames);
   void free_block_with_call_frames(Block* b, const FramesPtr& frames);  // free_block, the caller's stack noted

@@ -12,6 +12,7 @@
 namespace mtia {
 
 MTIA_INLINE BlockPool* pool_of(const Block* b) { return b->index->pool; }
+MTIA_INLINE bool is_small_block(const Block* b) { return b->index->small; }  // == pool_of(b)->is_small
 
 MTIA_INLINE void stat_update(StatArray& s, bool small, int64_t delta) {
   if (delta > 0) stat_add(s, small, delta);

@@ -22,9 +22,11 @@ namespace mtia {
 
 class FreeIndex {
  public:
-  FreeIndex(NodeArena* arena, BlockPool* pool) : pool(pool), arena_(arena), bins_(new Bin[kBins]) {}
+  FreeIndex(NodeArena* arena, BlockPool* pool, bool small)
+      : pool(pool), small(small), arena_(arena) {}
 
   BlockPool* const pool;  // whose free blocks these are
+  const bool small;       // == pool->is_small, one load nearer for free()
 
   bool empty() const { return count_ == 0; }
   size_t size() const { return count_; }
@@ -47,8 +49,10 @@ class FreeIndex {
     ++count_;
   }
 
-  MTIA_INLINE void erase(Block* b) {
-    const size_t bin = bin_of(b->size);
+  MTIA_INLINE void erase(Block* b) { erase_in(b, bin_of(b->size)); }
+
+  // erase(b), given b's bin (bin == bin_of(b->size), as lower_bound reports it).
+  MTIA_INLINE void erase_in(Block* b, size_t bin) {
     Bin& slot = bins_[bin];
     b->in_index = false;
     --count_;
@@ -63,12 +67,13 @@ class FreeIndex {
     if (!word) summary_[bin >> 12] &= ~(uint64_t(1) << ((bin >> 6) & 63));
   }
 
-  // Smallest block with size >= `size` (by size, order, address), or nullptr.
-  MTIA_INLINE Block* lower_bound(size_t size) const {
+  // Smallest block with size >= `size` (by size, order, address), or nullptr; its bin
+  // goes to *found_bin (for erase_in).
+  MTIA_INLINE Block* lower_bound(size_t size, size_t* found_bin) const {
     if (!count_) return nullptr;
-    size_t bin = bin_of(size);
-    if (bin >= kBins) return nullptr;
+    size_t bin = bin_of(size);  // < kBins: the bins cover every size
     const Bin& slot = bins_[bin];
+    *found_bin = bin;
     if (words_[bin >> 6] & (uint64_t(1) << (bin & 63))) {
       Block* first = slot.first();
       if (first->size >= size) return first;  // exact bins always take this path
@@ -76,8 +81,15 @@ class FreeIndex {
         if (Block* b = slot.tree->lower_bound(FreeKey{size, 0, 0})) return b;
     }
     size_t next = next_nonempty(bin + 1);
+    *found_bin = next;
     return next < kBins ? bins_[next].first() : nullptr;
   }
+  Block* lower_bound(size_t size) const {
+    size_t bin;
+    return lower_bound(size, &bin);
+  }
+
+  static size_t bin_for(size_t size) { return bin_of(size); }
 
   // The block after `b` in best-fit order, or nullptr (b must be in the index).
   Block* successor(const Block* b) const {
@@ -127,10 +139,11 @@ class FreeIndex {
   static constexpr size_t kExactBins = 4096;     // 512 B .. 2 MiB, one bin per size
   static constexpr int kExactLimitLog2 = 21;      // 2 MiB
   static constexpr int kSubBits = 6;              // then 64 bins per power of two
-  static constexpr int kMaxLog2 = 47;             // blocks < 256 TiB
+  static constexpr int kMaxLog2 = 63;             // any size_t: bin_of needs no range check
   static constexpr size_t kBins = kExactBins + (size_t(kMaxLog2 - kExactLimitLog2 + 1) << kSubBits);
   static constexpr size_t kWords = (kBins + 63) / 64;
   static_assert(kWords <= 128, "two summary words cover 128 bitmap words");
+  static_assert(kExactBins == (size_t(1) << kExactLimitLog2) / kMinBlockSize, "exact bins end at 2 MiB");
 
   static FreeKey key_of(const Block* b) { return FreeKey{b->size, b->order, b->ptr}; }
   [[noreturn]] static void throw_corrupt();
@@ -147,10 +160,10 @@ class FreeIndex {
 
   MTIA_INLINE static size_t bin_of(size_t size) {
     if (size <= (size_t(1) << kExactLimitLog2)) return (size - 1) / kMinBlockSize;  // size >= 1
-    int log2 = 63 - __builtin_clzll(size);
-    if (log2 > kMaxLog2) return kBins;  // beyond any device
-    size_t sub = (size >> (log2 - kSubBits)) & ((size_t(1) << kSubBits) - 1);
-    return kExactBins + (size_t(log2 - kExactLimitLog2) << kSubBits) + sub;
+    // kExactBins + (log2 - 21) * 64 + sub, where size >> (log2 - 6) == 64 + sub.
+    const size_t log2 = size_t(63 - __builtin_clzll(size));
+    return (log2 << kSubBits) + (size >> (log2 - kSubBits)) +
+           (kExactBins - (size_t(kExactLimitLog2) << kSubBits) - (size_t(1) << kSubBits));
   }
 
   // First non-empty bin >= from, or kBins.
@@ -171,10 +184,10 @@ class FreeIndex {
   }
 
   NodeArena* arena_;
-  std::unique_ptr<Bin[]> bins_;
-  std::array<uint64_t, kWords> words_{};  // bit b%64 of word b/64: bin b is non-empty
-  uint64_t summary_[2] = {0, 0};          // bit w: words_[w] is non-zero
   size_t count_ = 0;
+  uint64_t summary_[2] = {0, 0};          // bit w: words_[w] is non-zero
+  std::array<uint64_t, kWords> words_{};  // bit b%64 of word b/64: bin b is non-empty
+  Bin bins_[kBins];                       // inline: one load less than a separate array
 };
 
 }  // namespace mtia
