@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "allocator.h"
+#include "history_stream.h"
 #include "blocking.h"
 #include "errors.h"
 #include "oom_observers.h"
@@ -364,9 +365,10 @@ inline mtia::Task keep_alive(mtia::Task inner, PyObject* keep) {
 
 namespace mtia_binding {
 // Stack capture in C: walks the Python frames and stores (code object, instruction
-// offset) pairs; names and lines are looked up only when a snapshot is built. Every
-// code object seen is kept alive by this registry (one reference each, for the life of
-// the process), so captured stacks can be dropped anywhere, even without the GIL.
+// offset) pairs; names and lines are looked up only when a snapshot is built (or, for a
+// streamed history, once per distinct frame). Every code object seen is kept alive by
+// this registry (one reference each, for the life of the process), so captured stacks
+// can be dropped anywhere, even without the GIL.
 inline std::unordered_map<PyObject*, bool>& code_registry() {  // code -> is mtia_alloc's own
   static auto* registry = new std::unordered_map<PyObject*, bool>();
   return *registry;
@@ -388,26 +390,114 @@ inline bool code_is_internal(PyObject* code) {
   PyErr_Clear();
   return internal;
 }
+inline bool code_internal_registered(PyObject* code) {  // registers (and keeps) code
+  auto& registry = code_registry();
+  auto it = registry.find(code);
+  if (it != registry.end()) return it->second;
+  bool internal = code_is_internal(code);
+  Py_INCREF(code);  // the registry's reference
+  registry.emplace(code, internal);
+  return internal;
+}
 
-// The caller's stack, innermost first, without mtia_alloc's own frames on top. GIL held.
+// The stack table (issue 21): every captured stack is interned, so a stack seen before
+// costs a walk, a hash and one comparison, and each distinct stack is stored once (its
+// Frames object, shared by every block and trace entry that has it). Frames get ids by
+// (code object, instruction offset), stacks by the hash of their frames; a streamed
+// history writes each frame and stack definition once. GIL held throughout.
+struct FrameKey {
+  PyObject* code;
+  int lasti, line;
+  bool operator==(const FrameKey& o) const { return code == o.code && lasti == o.lasti && line == o.line; }
+};
+struct FrameKeyHash {
+  size_t operator()(const FrameKey& k) const {
+    return std::hash<uintptr_t>()(reinterpret_cast<uintptr_t>(k.code)) * 31u + size_t(k.lasti) * 7u + size_t(k.line);
+  }
+};
+struct StackTable {
+  std::unordered_map<FrameKey, uint32_t, FrameKeyHash> frame_ids;  // -> id (1-based)
+  std::vector<FrameKey> frames;                                  // frames[id - 1]
+  std::unordered_map<uint64_t, std::vector<mtia::FramesPtr>> by_hash;
+  std::vector<std::vector<uint32_t>> stack_frames;  // stack id - 1 -> its frame ids
+  std::vector<mtia::Frame> scratch;
+};
+inline StackTable& stack_table() {
+  static auto* t = new StackTable();
+  return *t;
+}
+
+inline void stream_frame(mtia::HistoryStream* s, uint32_t id, const FrameKey& k) {
+  std::string file, name;
+  PyObject* fn = PyObject_GetAttrString(k.code, "co_filename");
+  if (fn && PyUnicode_Check(fn)) file = PyUnicode_AsUTF8(fn) ? PyUnicode_AsUTF8(fn) : "";
+  Py_XDECREF(fn);
+  PyObject* nm = PyObject_GetAttrString(k.code, "co_name");  // as snapshots name frames
+  if (nm && PyUnicode_Check(nm)) name = PyUnicode_AsUTF8(nm) ? PyUnicode_AsUTF8(nm) : "";
+  Py_XDECREF(nm);
+  PyErr_Clear();
+  int line = k.line;
+#if PY_VERSION_HEX >= 0x030B0000
+  if (k.lasti >= 0) line = PyCode_Addr2Line(reinterpret_cast<PyCodeObject*>(k.code), k.lasti);
+#endif
+  s->define_frame(id, file, line, name);
+}
+
+// Writes every frame and stack interned so far into the newly opened stream `s`.
+inline void stream_stack_table(mtia::HistoryStream* s) {
+  StackTable& t = stack_table();
+  for (size_t i = 0; i < t.frames.size(); ++i) stream_frame(s, uint32_t(i + 1), t.frames[i]);
+  for (size_t i = 0; i < t.stack_frames.size(); ++i)
+    s->define_stack(uint32_t(i + 1), t.stack_frames[i].data(), t.stack_frames[i].size());
+}
+
+inline mtia::FramesPtr intern_stack(StackTable& t, uint64_t h) {
+  auto& bucket = t.by_hash[h];
+  for (const mtia::FramesPtr& f : bucket) {
+    if (f->size() != t.scratch.size()) continue;
+    bool same = true;
+    for (size_t i = 0; same && i < f->size(); ++i) {
+      const mtia::Frame &a = (*f)[i], &b = t.scratch[i];
+      same = a.code == b.code && a.lasti == b.lasti && a.line == b.line;
+    }
+    if (same) return f;
+  }
+  // A new stack: keep its code objects, give its frames and itself ids, stream them.
+  mtia::HistoryStream* s = mtia::HistoryStream::active();
+  std::vector<uint32_t> ids;
+  ids.reserve(t.scratch.size());
+  for (const mtia::Frame& fr : t.scratch) {
+    PyObject* code = static_cast<PyObject*>(const_cast<void*>(fr.code));
+    code_internal_registered(code);
+    FrameKey k{code, fr.lasti, fr.line};
+    auto it = t.frame_ids.find(k);
+    if (it == t.frame_ids.end()) {
+      t.frames.push_back(k);
+      it = t.frame_ids.emplace(k, uint32_t(t.frames.size())).first;
+      if (s) stream_frame(s, it->second, k);
+    }
+    ids.push_back(it->second);
+  }
+  const uint32_t id = uint32_t(t.stack_frames.size() + 1);
+  if (s) s->define_stack(id, ids.data(), ids.size());
+  t.stack_frames.push_back(std::move(ids));
+  auto f = std::make_shared<const mtia::Frames>(t.scratch, id);
+  bucket.push_back(f);
+  return f;
+}
+
+// The caller's stack, innermost first, without mtia_alloc's own frames on top, interned
+// (equal stacks are one object). GIL held.
 inline std::shared_ptr<const mtia::Frames> capture_frames() {
-  std::vector<mtia::Frame> frames;
+  StackTable& t = stack_table();
+  t.scratch.clear();
+  uint64_t h = 0xcbf29ce484222325ull;
   PyFrameObject* f = PyEval_GetFrame();  // borrowed
   Py_XINCREF(f);
   bool skipping = true;
   while (f) {
     PyCodeObject* code = PyFrame_GetCode(f);  // new reference
-    auto& registry = code_registry();
-    auto it = registry.find(reinterpret_cast<PyObject*>(code));
-    bool internal;
-    if (it == registry.end()) {
-      internal = code_is_internal(reinterpret_cast<PyObject*>(code));
-      Py_INCREF(code);  // the registry's reference
-      registry.emplace(reinterpret_cast<PyObject*>(code), internal);
-    } else {
-      internal = it->second;
-    }
-    skipping = skipping && internal;
+    if (skipping) skipping = code_internal_registered(reinterpret_cast<PyObject*>(code));
     if (!skipping) {
       mtia::Frame fr;
       fr.code = code;
@@ -417,15 +507,40 @@ inline std::shared_ptr<const mtia::Frames> capture_frames() {
 #else
       fr.line = PyFrame_GetLineNumber(f);
 #endif
-      frames.push_back(fr);
+      h = (h ^ reinterpret_cast<uintptr_t>(code)) * 0x100000001b3ull;
+      h = (h ^ (uint64_t(uint32_t(fr.lasti)) << 32 | uint32_t(fr.line))) * 0x100000001b3ull;
+      t.scratch.push_back(fr);
     }
-    Py_DECREF(code);
+    Py_DECREF(code);  // a frame's code outlives the walk; interned stacks keep theirs
     PyFrameObject* back = PyFrame_GetBack(f);  // new reference
     Py_DECREF(f);
     f = back;
   }
-  return std::make_shared<const mtia::Frames>(std::move(frames));
+  return intern_stack(t, h);
 }
+
+// The open history stream gets the stack table so far (called right after it opens).
+inline void stream_stack_table_now() {
+  if (mtia::HistoryStream* s = mtia::HistoryStream::active()) stream_stack_table(s);
+}
+
+// A streamed history's write error (disk full, ...) becomes a RuntimeWarning, raised in
+// the main thread at its next bytecode boundary (Py_AddPendingCall: the writer thread
+// never takes the GIL, so it cannot deadlock with a thread that waits for it).
+inline std::string& history_error_text() {
+  static auto* text = new std::string();
+  return *text;
+}
+inline int warn_history_error(void*) {
+  if (PyErr_WarnEx(PyExc_RuntimeWarning, history_error_text().c_str(), 1) < 0) PyErr_WriteUnraisable(nullptr);
+  return 0;
+}
+inline void on_history_error(const char* message) {
+  history_error_text() = std::string("mtia_alloc: the history recording stopped: ") + message +
+                         "; the file holds the events recorded before the error (allocation goes on)";
+  if (interpreter_alive()) Py_AddPendingCall(warn_history_error, nullptr);
+}
+inline void install_history_error_hook() { mtia::HistoryStream::set_error_hook(on_history_error); }
 
 inline int frame_line(const mtia::Frame& f) {
   if (f.lasti < 0) return f.line;

@@ -45,6 +45,7 @@ LAYERS = {
     "mtia_alloc.streams": CORE,
     "mtia_alloc._kernels": CORE,
     "mtia_alloc.history": CORE,
+    "mtia_alloc.mtrace": CORE,
     "mtia_alloc.raw_allocators": CORE,
     "mtia_alloc.pools": CORE,
     "mtia_alloc.stats": CORE,
@@ -77,6 +78,7 @@ LAYERS = {
     "mtia_alloc.tools.sweep": TOP,
     "mtia_alloc.tools.diff": TOP,
     "mtia_alloc.tools.ranks": TOP,
+    "mtia_alloc.tools.convert_cli": TOP,
 }
 # Subpackages whose modules take the subpackage's layer unless listed above. mtia_alloc.torch
 # is reserved for the PyTorch backend (written elsewhere): above the façade, like the tools.

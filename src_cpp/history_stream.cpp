@@ -1,0 +1,242 @@
+// history_stream.cpp: the streamed history's buffers, writer thread and record
+// encoding (history_stream.h), and set_user_metadata (history.h), which streams a new
+// metadata string's definition.
+#include "history_stream.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+
+namespace mtia {
+
+namespace {
+constexpr size_t kBufferBytes = 1 << 20;
+std::atomic<void (*)(const char*)> g_error_hook{nullptr};
+std::mutex g_exchange_mu;
+std::shared_ptr<HistoryStream> g_current;  // keeps active_ alive; under g_exchange_mu
+
+struct EventPayload {
+  uint8_t action, zero;
+  int16_t device;
+  uint32_t stack, metadata, zero2;
+  uint64_t tick, addr, size;
+  int64_t stream;
+  uint64_t pool_a, pool_b;
+};
+static_assert(sizeof(EventPayload) == 64, "the .mtrace event record is 64 bytes");
+}  // namespace
+
+std::atomic<HistoryStream*> HistoryStream::active_{nullptr};
+
+void HistoryStream::set_error_hook(void (*hook)(const char*)) { g_error_hook.store(hook); }
+
+std::shared_ptr<HistoryStream> HistoryStream::open(const std::string& path, const std::string& header_json,
+                                                   std::string* error) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    *error = "cannot write " + path + ": " + strerror(errno);
+    return nullptr;
+  }
+  std::shared_ptr<HistoryStream> s(new HistoryStream());
+  s->path_ = path;
+  s->fd_ = fd;
+  s->cur_.reserve(kBufferBytes);
+  static const char magic[8] = {'M', 'T', 'R', 'A', 'C', 'E', 0, 1};
+  s->cur_.insert(s->cur_.end(), magic, magic + 8);
+  s->append('H', header_json.data(), uint32_t(header_json.size()));
+  const ClockAnchor& first = first_clock_anchor();
+  s->append('C', &first, sizeof first);
+  ClockAnchor now = ClockAnchor::now();
+  if (now.us - first.us < 2000) {  // two anchors far enough apart give the clock rate at once
+    std::this_thread::sleep_for(std::chrono::microseconds(2000 - (now.us - first.us)));
+    now = ClockAnchor::now();
+  }
+  s->append('C', &now, sizeof now);
+  // The header goes out at once: a path that cannot take data fails here, not later.
+  std::vector<char> head;
+  head.swap(s->cur_);
+  s->cur_.reserve(kBufferBytes);
+  if (!s->write_all(head.data(), head.size())) {
+    *error = s->error();
+    ::close(fd);
+    s->fd_ = -1;
+    s->closed_ = true;
+    return nullptr;
+  }
+  s->writer_ = std::thread([p = s.get()] { p->writer_loop(); });
+  return s;
+}
+
+HistoryStream::~HistoryStream() { close(); }
+
+std::shared_ptr<HistoryStream> HistoryStream::exchange(std::shared_ptr<HistoryStream> s) {
+  std::lock_guard<std::mutex> g(g_exchange_mu);
+  active_.store(s.get(), std::memory_order_release);
+  std::swap(g_current, s);
+  return s;
+}
+
+char* HistoryStream::reserve(uint32_t n) {
+  if (cur_.size() + n > cur_.capacity() && !cur_.empty()) {
+    full_.push_back(std::move(cur_));
+    cur_ = std::vector<char>();
+    cur_.reserve(kBufferBytes > n ? kBufferBytes : n);
+    wake_.notify_one();  // without wmu_: a missed wake-up costs at most one 50 ms tick
+  }
+  size_t at = cur_.size();
+  cur_.resize(at + n);
+  return cur_.data() + at;
+}
+
+void HistoryStream::append(char kind, const void* payload, uint32_t n) { append2(kind, payload, n, nullptr, 0); }
+
+void HistoryStream::append2(char kind, const void* a, uint32_t na, const void* b, uint32_t nb) {
+  if (failed()) return;
+  uint32_t len = na + nb;
+  mu_.lock();
+  char* p = reserve(5 + len);
+  p[0] = kind;
+  memcpy(p + 1, &len, 4);
+  if (na) memcpy(p + 5, a, na);
+  if (nb) memcpy(p + 5 + na, b, nb);
+  mu_.unlock();
+}
+
+void HistoryStream::event(DeviceIndex device, const TraceRecord& r) {
+  if (failed()) return;
+  EventPayload e;
+  e.action = uint8_t(r.action);
+  e.zero = 0;
+  e.device = int16_t(device);
+  e.stack = r.frames ? r.frames->id : 0;
+  e.metadata = r.metadata;
+  e.zero2 = 0;
+  e.tick = r.tick;
+  e.addr = r.addr;
+  e.size = r.size;
+  e.stream = r.stream;
+  e.pool_a = r.pool.first;
+  e.pool_b = r.pool.second;
+  mu_.lock();
+  char* p = reserve(5 + sizeof e);
+  p[0] = 'E';
+  const uint32_t len = sizeof e;
+  memcpy(p + 1, &len, 4);
+  memcpy(p + 5, &e, sizeof e);
+  mu_.unlock();
+  events_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void HistoryStream::define_frame(uint32_t id, const std::string& filename, int line, const std::string& name) {
+  std::string p;
+  uint16_t nf = uint16_t(std::min<size_t>(filename.size(), 65535)), nn = uint16_t(std::min<size_t>(name.size(), 65535));
+  p.append(reinterpret_cast<const char*>(&id), 4);
+  int32_t l = line;
+  p.append(reinterpret_cast<const char*>(&l), 4);
+  p.append(reinterpret_cast<const char*>(&nf), 2);
+  p.append(filename.data(), nf);
+  p.append(reinterpret_cast<const char*>(&nn), 2);
+  p.append(name.data(), nn);
+  append('F', p.data(), uint32_t(p.size()));
+}
+
+void HistoryStream::define_stack(uint32_t id, const uint32_t* frames, size_t n) {
+  uint32_t head[2] = {id, uint32_t(n)};
+  append2('S', head, 8, frames, uint32_t(n * 4));
+}
+
+void HistoryStream::define_metadata(uint32_t id, const std::string& text) {
+  append2('M', &id, 4, text.data(), uint32_t(text.size()));
+}
+
+bool HistoryStream::write_all(const char* p, size_t n) {
+  while (n > 0) {
+    ssize_t w = ::write(fd_, p, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      fail("cannot write " + path_ + ": " + strerror(errno));
+      return false;
+    }
+    p += w;
+    n -= size_t(w);
+  }
+  return true;
+}
+
+void HistoryStream::fail(const std::string& why) {
+  {
+    std::lock_guard<std::mutex> g(err_mu_);
+    if (!error_.empty()) return;
+    error_ = why;
+  }
+  failed_.store(true, std::memory_order_relaxed);
+}
+
+std::string HistoryStream::error() {
+  std::lock_guard<std::mutex> g(err_mu_);
+  return error_;
+}
+
+void HistoryStream::writer_loop() {
+  for (bool last = false; !last;) {
+    {
+      std::unique_lock<std::mutex> g(wmu_);
+      wake_.wait_for(g, std::chrono::milliseconds(50));
+      last = stop_;
+    }
+    // Take every full buffer and the partial one, with a fresh clock anchor at its end.
+    std::vector<std::vector<char>> out;
+    ClockAnchor now = ClockAnchor::now();
+    mu_.lock();
+    char* p = reserve(5 + sizeof now);
+    p[0] = 'C';
+    const uint32_t len = sizeof now;
+    memcpy(p + 1, &len, 4);
+    memcpy(p + 5, &now, sizeof now);
+    out.swap(full_);
+    out.push_back(std::move(cur_));
+    cur_ = std::vector<char>();
+    cur_.reserve(kBufferBytes);
+    mu_.unlock();
+    if (failed()) continue;
+    for (auto& b : out)
+      if (!write_all(b.data(), b.size())) {
+        auto hook = g_error_hook.load();
+        if (hook) hook(error().c_str());
+        break;
+      }
+  }
+}
+
+std::string HistoryStream::close() {
+  if (closed_) return error();
+  closed_ = true;
+  {
+    std::lock_guard<std::mutex> g(wmu_);
+    stop_ = true;
+  }
+  wake_.notify_one();
+  if (writer_.joinable()) writer_.join();
+  if (fd_ >= 0) {
+    if (::close(fd_) != 0 && !failed()) fail("cannot write " + path_ + ": " + strerror(errno));
+    fd_ = -1;
+  }
+  return error();
+}
+
+void set_user_metadata(const std::string& s) {
+  auto [id, fresh] = MetadataTable::get().intern(s);
+  ThreadMetadata& m = thread_metadata();
+  m.text = s;
+  m.id = id;
+  if (fresh) {
+    std::lock_guard<std::mutex> g(g_exchange_mu);
+    if (g_current) g_current->define_metadata(id, s);
+  }
+}
+
+}  // namespace mtia
