@@ -14,6 +14,16 @@
 #include <unordered_map>
 #include <vector>
 
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000 && !defined(MTIA_NO_FAST_FRAMES)
+// The interpreter's frame chain (capture_frames reads it directly on 3.11 and 3.12).
+#define Py_BUILD_CORE 1
+#include <internal/pycore_frame.h>
+#undef Py_BUILD_CORE
+#define MTIA_FAST_FRAMES 1
+#else
+#define MTIA_FAST_FRAMES 0
+#endif
+
 #include "allocator.h"
 #include "history_stream.h"
 #include "blocking.h"
@@ -451,22 +461,18 @@ inline void stream_stack_table(mtia::HistoryStream* s) {
     s->define_stack(uint32_t(i + 1), t.stack_frames[i].data(), t.stack_frames[i].size());
 }
 
-inline mtia::FramesPtr intern_stack(StackTable& t, uint64_t h) {
+inline mtia::FramesPtr intern_stack(StackTable& t, uint64_t h, size_t n) {
+  auto found = t.by_hash.find(h);
+  if (found != t.by_hash.end())
+    for (const mtia::FramesPtr& f : found->second)
+      if (f->size() == n && std::memcmp(f->data(), t.scratch.data(), n * sizeof(mtia::Frame)) == 0) return f;
   auto& bucket = t.by_hash[h];
-  for (const mtia::FramesPtr& f : bucket) {
-    if (f->size() != t.scratch.size()) continue;
-    bool same = true;
-    for (size_t i = 0; same && i < f->size(); ++i) {
-      const mtia::Frame &a = (*f)[i], &b = t.scratch[i];
-      same = a.code == b.code && a.lasti == b.lasti && a.line == b.line;
-    }
-    if (same) return f;
-  }
+  const std::vector<mtia::Frame> frames(t.scratch.begin(), t.scratch.begin() + std::ptrdiff_t(n));
   // A new stack: keep its code objects, give its frames and itself ids, stream them.
   mtia::HistoryStream* s = mtia::HistoryStream::active();
   std::vector<uint32_t> ids;
-  ids.reserve(t.scratch.size());
-  for (const mtia::Frame& fr : t.scratch) {
+  ids.reserve(n);
+  for (const mtia::Frame& fr : frames) {
     PyObject* code = static_cast<PyObject*>(const_cast<void*>(fr.code));
     code_internal_registered(code);
     FrameKey k{code, fr.lasti, fr.line};
@@ -481,42 +487,86 @@ inline mtia::FramesPtr intern_stack(StackTable& t, uint64_t h) {
   const uint32_t id = uint32_t(t.stack_frames.size() + 1);
   if (s) s->define_stack(id, ids.data(), ids.size());
   t.stack_frames.push_back(std::move(ids));
-  auto f = std::make_shared<const mtia::Frames>(t.scratch, id);
+  auto f = std::make_shared<const mtia::Frames>(frames, id);
   bucket.push_back(f);
   return f;
 }
 
-// The caller's stack, innermost first, without mtia_alloc's own frames on top, interned
-// (equal stacks are one object). GIL held.
-inline std::shared_ptr<const mtia::Frames> capture_frames() {
-  StackTable& t = stack_table();
-  t.scratch.clear();
+// Whether `code` is mtia_alloc's own (its frames are left off the top of stacks): a
+// one-entry cache in front of the registry, as the top frame is mostly the same one.
+inline bool top_code_internal(PyObject* code) {
+  static PyObject* last = nullptr;
+  static bool last_internal = false;
+  if (code != last) {
+    last_internal = code_internal_registered(code);
+    last = code;  // kept alive by the registry
+  }
+  return last_internal;
+}
+
+// The walk's output: frames land in a buffer that only grows (no per-frame bookkeeping
+// in memory), and the stack's hash is folded in as they come.
+struct FrameSink {
+  StackTable& t;
+  mtia::Frame* out;
+  size_t n = 0, cap;
   uint64_t h = 0xcbf29ce484222325ull;
+  explicit FrameSink(StackTable& table) : t(table) {
+    if (t.scratch.size() < 64) t.scratch.resize(64);
+    out = t.scratch.data();
+    cap = t.scratch.size();
+  }
+  inline void add(PyObject* code, int lasti, int line) {
+    if (__builtin_expect(n == cap, 0)) {
+      t.scratch.resize(cap * 2);
+      out = t.scratch.data();
+      cap = t.scratch.size();
+    }
+    mtia::Frame& fr = out[n++];
+    fr.code = code;
+    fr.lasti = lasti;
+    fr.line = line;
+    h = (h ^ (reinterpret_cast<uintptr_t>(code) + (uint64_t(uint32_t(lasti)) << 40) + uint32_t(line))) *
+        0x100000001b3ull;
+  }
+};
+
+// The caller's stack, innermost first, without mtia_alloc's own frames on top, interned
+// (equal stacks are one object). GIL held. On CPython 3.11 and 3.12 the interpreter's
+// frame chain is read directly (no frame objects are made, no reference counts touched:
+// a few nanoseconds a frame); other versions walk frame objects through the public API.
+inline std::shared_ptr<const mtia::Frames> capture_frames() {
+  FrameSink sink(stack_table());
+  bool skipping = true;
+#if MTIA_FAST_FRAMES
+  PyThreadState* ts = PyThreadState_Get();
+  for (_PyInterpreterFrame* f = ts->cframe->current_frame; f; f = f->previous) {
+    if (_PyFrame_IsIncomplete(f)) continue;
+    PyObject* code = reinterpret_cast<PyObject*>(f->f_code);
+    if (skipping && (skipping = top_code_internal(code))) continue;
+    sink.add(code, int(_PyInterpreterFrame_LASTI(f) * sizeof(_Py_CODEUNIT)), 0);
+  }
+#else
   PyFrameObject* f = PyEval_GetFrame();  // borrowed
   Py_XINCREF(f);
-  bool skipping = true;
   while (f) {
     PyCodeObject* code = PyFrame_GetCode(f);  // new reference
-    if (skipping) skipping = code_internal_registered(reinterpret_cast<PyObject*>(code));
+    if (skipping) skipping = top_code_internal(reinterpret_cast<PyObject*>(code));
     if (!skipping) {
-      mtia::Frame fr;
-      fr.code = code;
 #if PY_VERSION_HEX >= 0x030B0000
-      fr.lasti = PyFrame_GetLasti(f);
-      if (fr.lasti < 0) fr.line = PyFrame_GetLineNumber(f);
+      int lasti = PyFrame_GetLasti(f);
+      sink.add(reinterpret_cast<PyObject*>(code), lasti, lasti < 0 ? PyFrame_GetLineNumber(f) : 0);
 #else
-      fr.line = PyFrame_GetLineNumber(f);
+      sink.add(reinterpret_cast<PyObject*>(code), -1, PyFrame_GetLineNumber(f));
 #endif
-      h = (h ^ reinterpret_cast<uintptr_t>(code)) * 0x100000001b3ull;
-      h = (h ^ (uint64_t(uint32_t(fr.lasti)) << 32 | uint32_t(fr.line))) * 0x100000001b3ull;
-      t.scratch.push_back(fr);
     }
     Py_DECREF(code);  // a frame's code outlives the walk; interned stacks keep theirs
     PyFrameObject* back = PyFrame_GetBack(f);  // new reference
     Py_DECREF(f);
     f = back;
   }
-  return intern_stack(t, h);
+#endif
+  return intern_stack(sink.t, sink.h, sink.n);
 }
 
 // The open history stream gets the stack table so far (called right after it opens).

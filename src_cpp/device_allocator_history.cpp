@@ -28,7 +28,7 @@ void DeviceAllocator::record_trace(TraceAction a, uintptr_t addr, size_t size, S
   e.pool = pool;
   if (record_context_ >= RecordContext::kAlloc) e.frames = frames;
   else if (e.frames) e.frames.reset();
-  e.metadata = thread_metadata().id;
+  e.metadata = current_metadata_id();
   e.action = a;
   if (HistoryStream* s = HistoryStream::active()) s->event(device_, e);
 }

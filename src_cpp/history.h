@@ -7,6 +7,7 @@
 // actions (skip_actions) are dropped before anything is written.
 // Relies on: frames.h and types.h.
 #pragma once
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -150,6 +151,14 @@ inline ThreadMetadata& thread_metadata() {
   static thread_local ThreadMetadata m;
   return m;
 }
+// Set once any thread sets a metadata string: until then a record reads no thread-local.
+inline std::atomic<bool>& metadata_in_use() {
+  static std::atomic<bool> used{false};
+  return used;
+}
+inline uint32_t current_metadata_id() {
+  return metadata_in_use().load(std::memory_order_relaxed) ? thread_metadata().id : 0;
+}
 // A per-thread string copied into every trace entry this thread records
 // (torch.cuda.memory._set_memory_metadata). Read-only: set it with set_user_metadata.
 inline const std::string& user_metadata() { return thread_metadata().text; }
@@ -172,6 +181,9 @@ class TraceRing {
   void set_capacity(size_t n) {
     capacity_ = n < 1 ? 1 : n;
     clear();
+    // Room up front (address space only: pages are touched as records arrive), so the
+    // record path never copies the buffer to grow it below a million entries.
+    entries_.reserve(capacity_ < (size_t(1) << 20) ? capacity_ : (size_t(1) << 20));
   }
   void clear() {
     entries_.clear();

@@ -44,9 +44,9 @@ std::shared_ptr<HistoryStream> HistoryStream::open(const std::string& path, cons
   std::shared_ptr<HistoryStream> s(new HistoryStream());
   s->path_ = path;
   s->fd_ = fd;
-  s->cur_.reserve(kBufferBytes);
+  s->cur_ = s->new_buffer(kBufferBytes);
   static const char magic[8] = {'M', 'T', 'R', 'A', 'C', 'E', 0, 1};
-  s->cur_.insert(s->cur_.end(), magic, magic + 8);
+  memcpy(s->reserve(8), magic, 8);
   s->append('H', header_json.data(), uint32_t(header_json.size()));
   const ClockAnchor& first = first_clock_anchor();
   s->append('C', &first, sizeof first);
@@ -57,10 +57,9 @@ std::shared_ptr<HistoryStream> HistoryStream::open(const std::string& path, cons
   }
   s->append('C', &now, sizeof now);
   // The header goes out at once: a path that cannot take data fails here, not later.
-  std::vector<char> head;
-  head.swap(s->cur_);
-  s->cur_.reserve(kBufferBytes);
-  if (!s->write_all(head.data(), head.size())) {
+  const bool ok = s->write_all(s->cur_.data.get(), s->cur_.used);
+  s->cur_.used = 0;
+  if (!ok) {
     *error = s->error();
     ::close(fd);
     s->fd_ = -1;
@@ -80,16 +79,28 @@ std::shared_ptr<HistoryStream> HistoryStream::exchange(std::shared_ptr<HistorySt
   return s;
 }
 
+HistoryStream::Buffer HistoryStream::new_buffer(size_t at_least) {
+  if (!spare_.empty() && spare_.back().size >= at_least) {
+    Buffer b = std::move(spare_.back());
+    spare_.pop_back();
+    b.used = 0;
+    return b;
+  }
+  Buffer b;
+  b.size = at_least > kBufferBytes ? at_least : kBufferBytes;
+  b.data.reset(new char[b.size]);
+  return b;
+}
+
 char* HistoryStream::reserve(uint32_t n) {
-  if (cur_.size() + n > cur_.capacity() && !cur_.empty()) {
-    full_.push_back(std::move(cur_));
-    cur_ = std::vector<char>();
-    cur_.reserve(kBufferBytes > n ? kBufferBytes : n);
+  if (cur_.used + n > cur_.size) {
+    if (cur_.used) full_.push_back(std::move(cur_));
+    cur_ = new_buffer(n);
     wake_.notify_one();  // without wmu_: a missed wake-up costs at most one 50 ms tick
   }
-  size_t at = cur_.size();
-  cur_.resize(at + n);
-  return cur_.data() + at;
+  char* p = cur_.data.get() + cur_.used;
+  cur_.used += n;
+  return p;
 }
 
 void HistoryStream::append(char kind, const void* payload, uint32_t n) { append2(kind, payload, n, nullptr, 0); }
@@ -121,14 +132,14 @@ void HistoryStream::event(DeviceIndex device, const TraceRecord& r) {
   e.stream = r.stream;
   e.pool_a = r.pool.first;
   e.pool_b = r.pool.second;
+  constexpr uint32_t len = sizeof e;
+  char head[5] = {'E', char(len & 0xff), 0, 0, 0};
   mu_.lock();
-  char* p = reserve(5 + sizeof e);
-  p[0] = 'E';
-  const uint32_t len = sizeof e;
-  memcpy(p + 1, &len, 4);
-  memcpy(p + 5, &e, sizeof e);
+  char* p = reserve(5 + len);
+  memcpy(p, head, 5);
+  memcpy(p + 5, &e, len);
+  ++events_;
   mu_.unlock();
-  events_.fetch_add(1, std::memory_order_relaxed);
 }
 
 void HistoryStream::define_frame(uint32_t id, const std::string& filename, int line, const std::string& name) {
@@ -189,26 +200,32 @@ void HistoryStream::writer_loop() {
       last = stop_;
     }
     // Take every full buffer and the partial one, with a fresh clock anchor at its end.
-    std::vector<std::vector<char>> out;
+    std::vector<Buffer> out;
     ClockAnchor now = ClockAnchor::now();
     mu_.lock();
-    char* p = reserve(5 + sizeof now);
-    p[0] = 'C';
-    const uint32_t len = sizeof now;
-    memcpy(p + 1, &len, 4);
-    memcpy(p + 5, &now, sizeof now);
+    if (events_ != anchored_events_ || last) {  // an idle stream does not grow
+      anchored_events_ = events_;
+      char* p = reserve(5 + sizeof now);
+      p[0] = 'C';
+      const uint32_t len = sizeof now;
+      memcpy(p + 1, &len, 4);
+      memcpy(p + 5, &now, sizeof now);
+    }
     out.swap(full_);
     out.push_back(std::move(cur_));
-    cur_ = std::vector<char>();
-    cur_.reserve(kBufferBytes);
+    cur_ = new_buffer(kBufferBytes);
     mu_.unlock();
-    if (failed()) continue;
+    bool ok = !failed();
     for (auto& b : out)
-      if (!write_all(b.data(), b.size())) {
+      if (ok && !write_all(b.data.get(), b.used)) {
+        ok = false;
         auto hook = g_error_hook.load();
         if (hook) hook(error().c_str());
-        break;
       }
+    mu_.lock();
+    for (auto& b : out)
+      if (spare_.size() < 4 && b.size == kBufferBytes) spare_.push_back(std::move(b));
+    mu_.unlock();
   }
 }
 
@@ -230,6 +247,7 @@ std::string HistoryStream::close() {
 
 void set_user_metadata(const std::string& s) {
   auto [id, fresh] = MetadataTable::get().intern(s);
+  metadata_in_use().store(true, std::memory_order_relaxed);
   ThreadMetadata& m = thread_metadata();
   m.text = s;
   m.id = id;

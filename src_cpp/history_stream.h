@@ -58,16 +58,22 @@ class HistoryStream {
   bool failed() const { return failed_.load(std::memory_order_relaxed); }
   std::string error();
   const std::string& path() const { return path_; }
-  uint64_t events() const { return events_.load(std::memory_order_relaxed); }
 
   // Called once, from the writer thread, when a write fails (the binding warns).
   static void set_error_hook(void (*hook)(const char* message));
 
  private:
+  // A fixed-size buffer; written ones go back to spare_ for reuse (no page faults and no
+  // allocation on the record path once the stream runs).
+  struct Buffer {
+    std::unique_ptr<char[]> data;
+    size_t used = 0, size = 0;
+  };
   HistoryStream() = default;
   void append(char kind, const void* payload, uint32_t n);
   void append2(char kind, const void* a, uint32_t na, const void* b, uint32_t nb);
   char* reserve(uint32_t n);  // under mu_: room for n bytes in cur_
+  Buffer new_buffer(size_t at_least);  // under mu_
   void writer_loop();
   bool write_all(const char* p, size_t n);
   void fail(const std::string& why);
@@ -76,16 +82,16 @@ class HistoryStream {
 
   std::string path_;
   int fd_ = -1;
-  SpinMutex mu_;  // guards cur_ and full_
-  std::vector<char> cur_;
-  std::vector<std::vector<char>> full_;
+  SpinMutex mu_;  // guards cur_, full_, spare_ and events_
+  Buffer cur_;
+  std::vector<Buffer> full_, spare_;
   std::mutex wmu_;  // the writer's sleep
   std::condition_variable wake_;
   bool stop_ = false;  // under wmu_
   bool closed_ = false;
   std::thread writer_;
   std::atomic<bool> failed_{false};
-  std::atomic<uint64_t> events_{0};
+  uint64_t events_ = 0, anchored_events_ = 0;
   std::mutex err_mu_;
   std::string error_;
 };
