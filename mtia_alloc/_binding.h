@@ -461,11 +461,18 @@ inline void stream_stack_table(mtia::HistoryStream* s) {
     s->define_stack(uint32_t(i + 1), t.stack_frames[i].data(), t.stack_frames[i].size());
 }
 
+// An interned stack lives as long as the process (the table owns it), so the pointers
+// handed out own nothing: a FramesPtr made with the aliasing constructor and no owner
+// has no control block, and copying or dropping it (blocks, trace entries) touches no
+// reference count.
+inline mtia::FramesPtr unowned(const mtia::FramesPtr& f) { return mtia::FramesPtr(mtia::FramesPtr(), f.get()); }
+
 inline mtia::FramesPtr intern_stack(StackTable& t, uint64_t h, size_t n) {
   auto found = t.by_hash.find(h);
   if (found != t.by_hash.end())
     for (const mtia::FramesPtr& f : found->second)
-      if (f->size() == n && std::memcmp(f->data(), t.scratch.data(), n * sizeof(mtia::Frame)) == 0) return f;
+      if (f->size() == n && std::memcmp(f->data(), t.scratch.data(), n * sizeof(mtia::Frame)) == 0)
+        return unowned(f);
   auto& bucket = t.by_hash[h];
   const std::vector<mtia::Frame> frames(t.scratch.begin(), t.scratch.begin() + std::ptrdiff_t(n));
   // A new stack: keep its code objects, give its frames and itself ids, stream them.
@@ -489,7 +496,7 @@ inline mtia::FramesPtr intern_stack(StackTable& t, uint64_t h, size_t n) {
   t.stack_frames.push_back(std::move(ids));
   auto f = std::make_shared<const mtia::Frames>(frames, id);
   bucket.push_back(f);
-  return f;
+  return unowned(f);
 }
 
 // Whether `code` is mtia_alloc's own (its frames are left off the top of stacks): a

@@ -89,7 +89,9 @@ def test_stacks_are_stored_once(history, blocks, tmp_path):
     rec = mtrace.read(path)
     # one call site in a loop: a handful of distinct stacks, however many events
     assert len(rec.events) >= 900
-    assert len(rec.stacks) <= 6, len(rec.stacks)
+    used = {e[2] for e in rec.events} - {0}
+    assert len(used) <= 6, len(used)
+    assert used <= set(rec.stacks)  # every stack an event names is defined in the file
     trace = rec.to_snapshot()["device_traces"][0]
     allocs = [e for e in trace if e["action"] == "alloc"]
     assert allocs[0]["frames"] is allocs[-1]["frames"]  # one list per stack
@@ -246,3 +248,17 @@ def test_a_write_error_stops_the_recording_with_a_warning_not_allocation(tmp_pat
     assert any("history recording" in m and "stopped" in m and "File too large" in m for m in lines[1:]), p.stdout
     rec = mtrace.read(path)
     assert os.path.getsize(path) <= 64 << 10 and len(rec.events) > 0
+
+
+def test_record_to_and_stop_recording(history, blocks, tmp_path):
+    from mtia_alloc import history as hist
+    path = tmp_path / "r.mtrace"
+    hist.record_to(path, context=None)
+    work(3, blocks)
+    hist.stop_recording()  # the file is complete; history stays on in memory
+    work(3, blocks)
+    assert mtia.memory._record_memory_history is not None
+    rec = mtrace.read(path)
+    assert [mtrace.ACTIONS[e[0]] for e in rec.events if mtrace.ACTIONS[e[0]] in BLOCK_ACTIONS] == \
+        ["alloc", "free_requested", "free_completed"] * 3
+    assert len([e for e in mtia.snapshot()["device_traces"][0] if e["action"] == "alloc"]) == 6
