@@ -4,9 +4,11 @@ dict in PyTorch's schema that carries it (segments, device_traces, allocator_set
 external_annotations). "History" here is always this record of the allocator's events;
 the allocation traces the `replay` command reads are workloads (tools/workload.py).
 
-Owns: record_memory_history (and its torch.cuda and legacy forms), snapshot(),
-_dump_snapshot, the per-thread memory metadata, snapshot_segments (the segment list).
-Relies on: _lazy_init, _C (the core records the history and builds the dicts)."""
+Owns: record_memory_history (and its torch.cuda and legacy forms; path= streams the
+history to a .mtrace file), record_to / stop_recording, snapshot(), _dump_snapshot, the
+per-thread memory metadata, snapshot_segments (the segment list), the skip_actions mask.
+Relies on: _lazy_init, _C (the core records the history, streams it and builds the
+dicts; reading a .mtrace is mtrace.py's)."""
 import atexit
 import contextlib
 import gc

@@ -80,7 +80,9 @@ std::string Allocator::stop_history_stream() {
   std::shared_ptr<HistoryStream> s = HistoryStream::exchange(nullptr);
   if (!s) return "";
   for (auto& d : devices_) d->lock_unlock();  // a call that saw the stream has left
-  return s->close();
+  std::string error = s->close();
+  if (s->inherited()) new std::shared_ptr<HistoryStream>(std::move(s));  // never destroyed in a forked child
+  return error;
 }
 
 }  // namespace mtia

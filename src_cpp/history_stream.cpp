@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -41,7 +42,13 @@ std::shared_ptr<HistoryStream> HistoryStream::open(const std::string& path, cons
     *error = "cannot write " + path + ": " + strerror(errno);
     return nullptr;
   }
+  static const int atfork = pthread_atfork(nullptr, nullptr, [] {
+    // A forked child does not stream: its records would only pile up (no writer thread).
+    active_.store(nullptr, std::memory_order_relaxed);
+  });
+  (void)atfork;
   std::shared_ptr<HistoryStream> s(new HistoryStream());
+  s->owner_pid_ = getpid();
   s->path_ = path;
   s->fd_ = fd;
   s->cur_ = s->new_buffer(kBufferBytes);
@@ -71,6 +78,8 @@ std::shared_ptr<HistoryStream> HistoryStream::open(const std::string& path, cons
 }
 
 HistoryStream::~HistoryStream() { close(); }
+
+bool HistoryStream::inherited() const { return getpid() != owner_pid_; }
 
 std::shared_ptr<HistoryStream> HistoryStream::exchange(std::shared_ptr<HistoryStream> s) {
   std::lock_guard<std::mutex> g(g_exchange_mu);
@@ -232,6 +241,15 @@ void HistoryStream::writer_loop() {
 std::string HistoryStream::close() {
   if (closed_) return error();
   closed_ = true;
+  if (getpid() != owner_pid_) {
+    // Inherited across fork(): the writer thread is the parent's. Its handle is leaked
+    // (joining or destroying it would fail), the buffers are dropped, the parent's file is
+    // left to the parent.
+    new std::thread(std::move(writer_));
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+    return "";
+  }
   {
     std::lock_guard<std::mutex> g(wmu_);
     stop_ = true;

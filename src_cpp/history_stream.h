@@ -56,6 +56,9 @@ class HistoryStream {
   // file. Idempotent. Returns the error that stopped the stream, or "".
   std::string close();
   bool failed() const { return failed_.load(std::memory_order_relaxed); }
+  // Inherited across fork(): its mutexes and condition variable may be in the parent's
+  // use, so the child never destroys it (stop_history_stream leaks it).
+  bool inherited() const;
   std::string error();
   const std::string& path() const { return path_; }
 
@@ -82,6 +85,7 @@ class HistoryStream {
 
   std::string path_;
   int fd_ = -1;
+  int owner_pid_ = 0;  // the process that opened it (a forked child does not write)
   SpinMutex mu_;  // guards cur_, full_, spare_ and events_
   Buffer cur_;
   std::vector<Buffer> full_, spare_;

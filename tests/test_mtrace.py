@@ -262,3 +262,27 @@ def test_record_to_and_stop_recording(history, blocks, tmp_path):
     assert [mtrace.ACTIONS[e[0]] for e in rec.events if mtrace.ACTIONS[e[0]] in BLOCK_ACTIONS] == \
         ["alloc", "free_requested", "free_completed"] * 3
     assert len([e for e in mtia.snapshot()["device_traces"][0] if e["action"] == "alloc"]) == 6
+
+
+def test_a_forked_child_does_not_stream_into_the_parents_file(tmp_path):
+    path = tmp_path / "fork.mtrace"
+    p = run_code(f"""
+        import os
+        import mtia_alloc as mtia, mtia_alloc.memory
+        from mtia_alloc import mtrace
+        mtia.memory._record_memory_history("all", context=None, path={str(path)!r})
+        for _ in range(10):
+            mtia.caching_allocator_delete(mtia.caching_allocator_alloc(4096))
+        pid = os.fork()
+        if pid == 0:
+            for _ in range(50000):
+                mtia.caching_allocator_delete(mtia.caching_allocator_alloc(4096))
+            mtia.history.stop_recording()  # drops the inherited stream: no hang, no write
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        mtia.memory._record_memory_history(None)
+        blocks = [e for e in mtrace.read({str(path)!r}).events if e[0] in (0, 1, 2)]
+        print(status, len(blocks))
+    """, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["0", "30"]
