@@ -14,7 +14,7 @@ cimport cython
 
 from cpython.number cimport PyIndex_Check, PyNumber_Index
 from cpython.ref cimport PyObject
-from libc.stdint cimport int64_t, uint64_t, uintptr_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libcpp cimport bool as cbool
 from libcpp.memory cimport shared_ptr
 from libcpp.string cimport string
@@ -28,7 +28,7 @@ from mtia_alloc._core.bench_loops cimport (cached_blocks_pair_checked, glibc_pai
 from mtia_alloc._core.config cimport AllocatorConfig
 from mtia_alloc._core.emulated_device cimport DeviceMemory, EmulatedDevice, c_parse_memory_size
 from mtia_alloc._core.frames cimport Frame, Frames, FramesPtr
-from mtia_alloc._core.history cimport RecordContext, TraceEntry, trace_action_name, user_metadata
+from mtia_alloc._core.history cimport RecordContext, TraceEntry, set_user_metadata, trace_action_name, user_metadata
 from mtia_alloc._core.raw_allocator cimport RawAllocator
 from mtia_alloc._core.replay cimport ReplayEvent, ReplayResult, replay_checked
 from mtia_alloc._core.segment_info cimport SegmentInfo
@@ -122,6 +122,7 @@ def shutdown():
     """Stops every stream worker (queued work is dropped). Called at interpreter exit."""
     if _alloc != NULL:
         with nogil:
+            _alloc.stop_history_stream()  # the streamed history's file is complete
             _alloc.shutdown()
 
 

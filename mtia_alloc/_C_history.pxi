@@ -74,16 +74,38 @@ def device_trace(int device):
     return out
 
 
-def set_history(cbool enabled, int context, size_t max_entries, cbool clear):
-    """context: 0 never, 1 state, 2 alloc, 3 all (stacks kept). The level it leaves
+def set_history(cbool enabled, int context, size_t max_entries, cbool clear, uint32_t skip_mask=0):
+    """context: 0 never, 1 state, 2 alloc, 3 all (stacks kept). skip_mask: bit (1 << action
+    index, TRACE_ACTIONS order of the core) set = not recorded. The level it leaves
     (record_level()) is the core's (Allocator::record_level); before init, a no-op."""
     if _alloc != NULL:
-        _alloc.set_history(enabled, <RecordContext>context, max_entries, clear)
+        _alloc.set_history(enabled, <RecordContext>context, max_entries, clear, skip_mask)
+
+
+def history_stream_start(str path, str header_json):
+    """Streams every recorded trace event to `path` (history_stream.h), with the stack
+    table so far; raises OSError("cannot write PATH: reason") if it cannot be written."""
+    _ensure_init()
+    install_history_error_hook()
+    err = _alloc.start_history_stream(path.encode(), header_json.encode())
+    if err.size():
+        raise OSError(err.decode(errors="replace"))
+    stream_stack_table_now()
+
+
+def history_stream_stop():
+    """Stops the stream and closes its file; returns the error that stopped it, or ""."""
+    cdef string err
+    if _alloc == NULL:
+        return ""
+    with nogil:
+        err = _alloc.stop_history_stream()
+    return err.decode(errors="replace")
 
 
 def set_memory_metadata(str text):
     """This thread's string for the user_metadata of the trace entries it records."""
-    user_metadata().assign(text.encode())
+    set_user_metadata(text.encode())
 
 
 def get_memory_metadata():

@@ -14,7 +14,18 @@
 #include <unordered_map>
 #include <vector>
 
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000 && !defined(MTIA_NO_FAST_FRAMES)
+// The interpreter's frame chain (capture_frames reads it directly on 3.11 and 3.12).
+#define Py_BUILD_CORE 1
+#include <internal/pycore_frame.h>
+#undef Py_BUILD_CORE
+#define MTIA_FAST_FRAMES 1
+#else
+#define MTIA_FAST_FRAMES 0
+#endif
+
 #include "allocator.h"
+#include "history_stream.h"
 #include "blocking.h"
 #include "errors.h"
 #include "oom_observers.h"
@@ -393,9 +404,10 @@ inline mtia::Task keep_alive(mtia::Task inner, PyObject* keep) {
 
 namespace mtia_binding {
 // Stack capture in C: walks the Python frames and stores (code object, instruction
-// offset) pairs; names and lines are looked up only when a snapshot is built. Every
-// code object seen is kept alive by this registry (one reference each, for the life of
-// the process), so captured stacks can be dropped anywhere, even without the GIL.
+// offset) pairs; names and lines are looked up only when a snapshot is built (or, for a
+// streamed history, once per distinct frame). Every code object seen is kept alive by
+// this registry (one reference each, for the life of the process), so captured stacks
+// can be dropped anywhere, even without the GIL.
 inline std::unordered_map<PyObject*, bool>& code_registry() {  // code -> is mtia_alloc's own
   static auto* registry = new std::unordered_map<PyObject*, bool>();
   return *registry;
@@ -417,44 +429,204 @@ inline bool code_is_internal(PyObject* code) {
   PyErr_Clear();
   return internal;
 }
+inline bool code_internal_registered(PyObject* code) {  // registers (and keeps) code
+  auto& registry = code_registry();
+  auto it = registry.find(code);
+  if (it != registry.end()) return it->second;
+  bool internal = code_is_internal(code);
+  Py_INCREF(code);  // the registry's reference
+  registry.emplace(code, internal);
+  return internal;
+}
 
-// The caller's stack, innermost first, without mtia_alloc's own frames on top. GIL held.
+// The stack table (issue 21): every captured stack is interned, so a stack seen before
+// costs a walk, a hash and one comparison, and each distinct stack is stored once (its
+// Frames object, shared by every block and trace entry that has it). Frames get ids by
+// (code object, instruction offset), stacks by the hash of their frames; a streamed
+// history writes each frame and stack definition once. GIL held throughout.
+struct FrameKey {
+  PyObject* code;
+  int lasti, line;
+  bool operator==(const FrameKey& o) const { return code == o.code && lasti == o.lasti && line == o.line; }
+};
+struct FrameKeyHash {
+  size_t operator()(const FrameKey& k) const {
+    return std::hash<uintptr_t>()(reinterpret_cast<uintptr_t>(k.code)) * 31u + size_t(k.lasti) * 7u + size_t(k.line);
+  }
+};
+struct StackTable {
+  std::unordered_map<FrameKey, uint32_t, FrameKeyHash> frame_ids;  // -> id (1-based)
+  std::vector<FrameKey> frames;                                  // frames[id - 1]
+  std::unordered_map<uint64_t, std::vector<mtia::FramesPtr>> by_hash;
+  std::vector<std::vector<uint32_t>> stack_frames;  // stack id - 1 -> its frame ids
+  std::vector<mtia::Frame> scratch;
+};
+inline StackTable& stack_table() {
+  static auto* t = new StackTable();
+  return *t;
+}
+
+inline void stream_frame(mtia::HistoryStream* s, uint32_t id, const FrameKey& k) {
+  std::string file, name;
+  PyObject* fn = PyObject_GetAttrString(k.code, "co_filename");
+  if (fn && PyUnicode_Check(fn)) file = PyUnicode_AsUTF8(fn) ? PyUnicode_AsUTF8(fn) : "";
+  Py_XDECREF(fn);
+  PyObject* nm = PyObject_GetAttrString(k.code, "co_name");  // as snapshots name frames
+  if (nm && PyUnicode_Check(nm)) name = PyUnicode_AsUTF8(nm) ? PyUnicode_AsUTF8(nm) : "";
+  Py_XDECREF(nm);
+  PyErr_Clear();
+  int line = k.line;
+#if PY_VERSION_HEX >= 0x030B0000
+  if (k.lasti >= 0) line = PyCode_Addr2Line(reinterpret_cast<PyCodeObject*>(k.code), k.lasti);
+#endif
+  s->define_frame(id, file, line, name);
+}
+
+// Writes every frame and stack interned so far into the newly opened stream `s`.
+inline void stream_stack_table(mtia::HistoryStream* s) {
+  StackTable& t = stack_table();
+  for (size_t i = 0; i < t.frames.size(); ++i) stream_frame(s, uint32_t(i + 1), t.frames[i]);
+  for (size_t i = 0; i < t.stack_frames.size(); ++i)
+    s->define_stack(uint32_t(i + 1), t.stack_frames[i].data(), t.stack_frames[i].size());
+}
+
+// An interned stack lives as long as the process (the table owns it), so the pointers
+// handed out own nothing: a FramesPtr made with the aliasing constructor and no owner
+// has no control block, and copying or dropping it (blocks, trace entries) touches no
+// reference count.
+inline mtia::FramesPtr unowned(const mtia::FramesPtr& f) { return mtia::FramesPtr(mtia::FramesPtr(), f.get()); }
+
+inline mtia::FramesPtr intern_stack(StackTable& t, uint64_t h, size_t n) {
+  auto found = t.by_hash.find(h);
+  if (found != t.by_hash.end())
+    for (const mtia::FramesPtr& f : found->second)
+      if (f->size() == n && std::memcmp(f->data(), t.scratch.data(), n * sizeof(mtia::Frame)) == 0)
+        return unowned(f);
+  auto& bucket = t.by_hash[h];
+  const std::vector<mtia::Frame> frames(t.scratch.begin(), t.scratch.begin() + std::ptrdiff_t(n));
+  // A new stack: keep its code objects, give its frames and itself ids, stream them.
+  mtia::HistoryStream* s = mtia::HistoryStream::active();
+  std::vector<uint32_t> ids;
+  ids.reserve(n);
+  for (const mtia::Frame& fr : frames) {
+    PyObject* code = static_cast<PyObject*>(const_cast<void*>(fr.code));
+    code_internal_registered(code);
+    FrameKey k{code, fr.lasti, fr.line};
+    auto it = t.frame_ids.find(k);
+    if (it == t.frame_ids.end()) {
+      t.frames.push_back(k);
+      it = t.frame_ids.emplace(k, uint32_t(t.frames.size())).first;
+      if (s) stream_frame(s, it->second, k);
+    }
+    ids.push_back(it->second);
+  }
+  const uint32_t id = uint32_t(t.stack_frames.size() + 1);
+  if (s) s->define_stack(id, ids.data(), ids.size());
+  t.stack_frames.push_back(std::move(ids));
+  auto f = std::make_shared<const mtia::Frames>(frames, id);
+  bucket.push_back(f);
+  return unowned(f);
+}
+
+// Whether `code` is mtia_alloc's own (its frames are left off the top of stacks): a
+// one-entry cache in front of the registry, as the top frame is mostly the same one.
+inline bool top_code_internal(PyObject* code) {
+  static PyObject* last = nullptr;
+  static bool last_internal = false;
+  if (code != last) {
+    last_internal = code_internal_registered(code);
+    last = code;  // kept alive by the registry
+  }
+  return last_internal;
+}
+
+// The walk's output: frames land in a buffer that only grows (no per-frame bookkeeping
+// in memory), and the stack's hash is folded in as they come.
+struct FrameSink {
+  StackTable& t;
+  mtia::Frame* out;
+  size_t n = 0, cap;
+  uint64_t h = 0xcbf29ce484222325ull;
+  explicit FrameSink(StackTable& table) : t(table) {
+    if (t.scratch.size() < 64) t.scratch.resize(64);
+    out = t.scratch.data();
+    cap = t.scratch.size();
+  }
+  inline void add(PyObject* code, int lasti, int line) {
+    if (__builtin_expect(n == cap, 0)) {
+      t.scratch.resize(cap * 2);
+      out = t.scratch.data();
+      cap = t.scratch.size();
+    }
+    mtia::Frame& fr = out[n++];
+    fr.code = code;
+    fr.lasti = lasti;
+    fr.line = line;
+    h = (h ^ (reinterpret_cast<uintptr_t>(code) + (uint64_t(uint32_t(lasti)) << 40) + uint32_t(line))) *
+        0x100000001b3ull;
+  }
+};
+
+// The caller's stack, innermost first, without mtia_alloc's own frames on top, interned
+// (equal stacks are one object). GIL held. On CPython 3.11 and 3.12 the interpreter's
+// frame chain is read directly (no frame objects are made, no reference counts touched:
+// a few nanoseconds a frame); other versions walk frame objects through the public API.
 inline std::shared_ptr<const mtia::Frames> capture_frames() {
-  std::vector<mtia::Frame> frames;
+  FrameSink sink(stack_table());
+  bool skipping = true;
+#if MTIA_FAST_FRAMES
+  PyThreadState* ts = PyThreadState_Get();
+  for (_PyInterpreterFrame* f = ts->cframe->current_frame; f; f = f->previous) {
+    if (_PyFrame_IsIncomplete(f)) continue;
+    PyObject* code = reinterpret_cast<PyObject*>(f->f_code);
+    if (skipping && (skipping = top_code_internal(code))) continue;
+    sink.add(code, int(_PyInterpreterFrame_LASTI(f) * sizeof(_Py_CODEUNIT)), 0);
+  }
+#else
   PyFrameObject* f = PyEval_GetFrame();  // borrowed
   Py_XINCREF(f);
-  bool skipping = true;
   while (f) {
     PyCodeObject* code = PyFrame_GetCode(f);  // new reference
-    auto& registry = code_registry();
-    auto it = registry.find(reinterpret_cast<PyObject*>(code));
-    bool internal;
-    if (it == registry.end()) {
-      internal = code_is_internal(reinterpret_cast<PyObject*>(code));
-      Py_INCREF(code);  // the registry's reference
-      registry.emplace(reinterpret_cast<PyObject*>(code), internal);
-    } else {
-      internal = it->second;
-    }
-    skipping = skipping && internal;
+    if (skipping) skipping = top_code_internal(reinterpret_cast<PyObject*>(code));
     if (!skipping) {
-      mtia::Frame fr;
-      fr.code = code;
 #if PY_VERSION_HEX >= 0x030B0000
-      fr.lasti = PyFrame_GetLasti(f);
-      if (fr.lasti < 0) fr.line = PyFrame_GetLineNumber(f);
+      int lasti = PyFrame_GetLasti(f);
+      sink.add(reinterpret_cast<PyObject*>(code), lasti, lasti < 0 ? PyFrame_GetLineNumber(f) : 0);
 #else
-      fr.line = PyFrame_GetLineNumber(f);
+      sink.add(reinterpret_cast<PyObject*>(code), -1, PyFrame_GetLineNumber(f));
 #endif
-      frames.push_back(fr);
     }
-    Py_DECREF(code);
+    Py_DECREF(code);  // a frame's code outlives the walk; interned stacks keep theirs
     PyFrameObject* back = PyFrame_GetBack(f);  // new reference
     Py_DECREF(f);
     f = back;
   }
-  return std::make_shared<const mtia::Frames>(std::move(frames));
+#endif
+  return intern_stack(sink.t, sink.h, sink.n);
 }
+
+// The open history stream gets the stack table so far (called right after it opens).
+inline void stream_stack_table_now() {
+  if (mtia::HistoryStream* s = mtia::HistoryStream::active()) stream_stack_table(s);
+}
+
+// A streamed history's write error (disk full, ...) becomes a RuntimeWarning, raised in
+// the main thread at its next bytecode boundary (Py_AddPendingCall: the writer thread
+// never takes the GIL, so it cannot deadlock with a thread that waits for it).
+inline std::string& history_error_text() {
+  static auto* text = new std::string();
+  return *text;
+}
+inline int warn_history_error(void*) {
+  if (PyErr_WarnEx(PyExc_RuntimeWarning, history_error_text().c_str(), 1) < 0) PyErr_WriteUnraisable(nullptr);
+  return 0;
+}
+inline void on_history_error(const char* message) {
+  history_error_text() = std::string("mtia_alloc: the history recording stopped: ") + message +
+                         "; the file holds the events recorded before the error (allocation goes on)";
+  if (interpreter_alive()) Py_AddPendingCall(warn_history_error, nullptr);
+}
+inline void install_history_error_hook() { mtia::HistoryStream::set_error_hook(on_history_error); }
 
 inline int frame_line(const mtia::Frame& f) {
   if (f.lasti < 0) return f.line;

@@ -32,6 +32,8 @@ cdef extern from "_binding.h" namespace "mtia_binding":
     shared_ptr[RawAllocator] make_py_raw_allocator(object a, object f)
     shared_ptr[RawAllocator] make_c_raw_allocator(uintptr_t a, uintptr_t f)
     FramesPtr capture_frames()
+    void stream_stack_table_now()
+    void install_history_error_hook()
     void set_package_prefix(const string& p)
     int frame_line(const Frame& f)
     PyObject* frame_code(const Frame& f)

@@ -4,22 +4,26 @@ dict in PyTorch's schema that carries it (segments, device_traces, allocator_set
 external_annotations). "History" here is always this record of the allocator's events;
 the allocation traces the `replay` command reads are workloads (tools/workload.py).
 
-Owns: record_memory_history (and its torch.cuda and legacy forms), snapshot(),
-_dump_snapshot, the per-thread memory metadata, snapshot_segments (the segment list).
-Relies on: _lazy_init, _C (the core records the history and builds the dicts)."""
+Owns: record_memory_history (and its torch.cuda and legacy forms; path= streams the
+history to a .mtrace file), record_to / stop_recording, snapshot(), _dump_snapshot, the
+per-thread memory metadata, snapshot_segments (the segment list), the skip_actions mask.
+Relies on: _lazy_init, _C (the core records the history, streams it and builds the
+dicts; reading a .mtrace is mtrace.py's)."""
+import atexit
 import contextlib
 import gc
+import json
 import operator
+import os
 import pickle
 import sys
 import threading
-import time
 import warnings
 
 from . import _C
 from ._lazy_init import is_initialized, lazy_init
 
-__all__ = ["record_memory_history", "snapshot", "snapshot_segments"]
+__all__ = ["record_memory_history", "record_to", "stop_recording", "snapshot", "snapshot_segments"]
 
 
 @contextlib.contextmanager
@@ -56,8 +60,6 @@ def snapshot(device=None):
         # records shows up in the next one.
         traces = [_C.device_trace(d) for d in range(_C.device_count())]
         segments = _C.snapshot_segments(None)
-        if _skip_epochs:
-            traces = [_without_skipped(t) for t in traces]
     return {
         "segments": segments,
         "device_traces": traces,
@@ -71,37 +73,21 @@ _CONTEXTS = {None: 0, "state": 1, "alloc": 2, "all": 3}
 TRACE_ACTIONS = ("alloc", "free_requested", "free_completed", "segment_alloc", "segment_free", "segment_map",
                  "segment_unmap", "oom", "snapshot")
 
-# skip_actions in force since a time: [(epoch microseconds, frozenset of actions)], in
-# order; empty while no call named any. The core records every action; snapshot() drops
-# those recorded while they were skipped (the binding's set_history takes no filter).
-_skip_epochs = []
-_skip_lock = threading.Lock()
+# The core's action numbers (history.h TraceAction): skip_actions becomes a bit mask the
+# core tests before it records anything, so skipped actions take no place in the buffer.
+_ACTION_BITS = {"alloc": 0, "free_requested": 1, "free_completed": 2, "segment_alloc": 3, "segment_free": 4,
+                "snapshot": 5, "oom": 6, "segment_map": 7, "segment_unmap": 8}
+
+# The streamed recording (record_memory_history(path=...)): its path, or None.
+_stream_path = None
+_stream_lock = threading.Lock()
 
 
-def _without_skipped(trace):
-    epochs = list(_skip_epochs)
-    out = []
-    for e in trace:
-        t = e["time_us"]
-        skip = ()
-        for since, actions in epochs:
-            if t < since:
-                break
-            skip = actions
-        if e["action"] not in skip:
-            out.append(e)
-    return out
-
-
-def _note_skip_actions(enabled, skip, clear):
-    """Called as a setting applies: from now on `skip` is in force (a history that is
-    stopped or cleared forgets the earlier epochs)."""
-    now = time.time_ns() // 1000
-    with _skip_lock:
-        if enabled is None or clear:
-            _skip_epochs.clear()
-        if enabled is not None and (skip or _skip_epochs):
-            _skip_epochs.append((now, skip))
+def _skip_mask(skip):
+    mask = 0
+    for a in skip:
+        mask |= 1 << _ACTION_BITS[a]
+    return mask
 
 
 def _skip_actions_arg(skip_actions):
@@ -118,7 +104,7 @@ def _skip_actions_arg(skip_actions):
 
 def record_memory_history(enabled="all", context="all", stacks="python", max_entries=sys.maxsize, device=None,
                           clear_history=False, compile_context=False, global_record_annotations=False,
-                          skip_actions=None, **legacy):
+                          skip_actions=None, path=None, **legacy):
     """Records alloc/free history for snapshots: enabled None/'state'/'all', context
     None/'state'/'alloc'/'all', stacks 'python'/'all', max_entries = ring buffer size
     (the signature of torch.cuda.memory._record_memory_history, torch 2.13's included).
@@ -126,9 +112,16 @@ def record_memory_history(enabled="all", context="all", stacks="python", max_ent
     understood too.
 
     skip_actions: trace actions not to record, e.g. ["free_requested"] (names from
-    TRACE_ACTIONS; others raise ValueError). The core records every action and snapshot()
-    leaves out those recorded while they were skipped, so skipped actions still take
-    places in the max_entries ring buffer. compile_context: torch records the torch.compile
+    TRACE_ACTIONS; others raise ValueError). The core drops them before recording, so they
+    take no place in the max_entries ring buffer (nor in a streamed recording).
+
+    path: also stream every recorded event, as it happens, to this file (a .mtrace:
+    compact binary records with the frame table, history_stream.h), so nothing is lost
+    when the ring buffer wraps; `python -m mtia_alloc convert run.mtrace -o snap.pickle`
+    turns it into a snapshot, and replay/fit/diff read it directly. Recording with a new
+    path closes the previous file; enabled=None (or stop_recording()) closes it. A write
+    error (disk full) stops the file with a RuntimeWarning; allocation goes on. An
+    unwritable path raises OSError at once. compile_context: torch records the torch.compile
     context of each entry; there is none here, so it is accepted and entries keep
     compile_context 'N/A'. global_record_annotations: torch records profiler annotations
     from every thread into external_annotations; the emulator has no profiler annotations,
@@ -142,7 +135,7 @@ def record_memory_history(enabled="all", context="all", stacks="python", max_ent
     The legacy form record_memory_history(True/False, record_context=True,
     trace_alloc_max_entries=1, trace_alloc_record_context=False) is understood too."""
     apply = _history_setter(enabled, context, stacks, max_entries, clear_history, legacy, compile_context,
-                            global_record_annotations, skip_actions)
+                            global_record_annotations, skip_actions, path)
     if not is_initialized():
         warnings.warn("record_memory_history() before the device is initialised is ignored, as in torch.mtia; "
                       "call mtia_alloc.init() first (or use mtia_alloc.memory._record_memory_history, which "
@@ -153,20 +146,28 @@ def record_memory_history(enabled="all", context="all", stacks="python", max_ent
 
 def _record_memory_history(enabled="all", context="all", stacks="python", max_entries=sys.maxsize, device=None,
                            clear_history=False, compile_context=False, global_record_annotations=False,
-                           skip_actions=None, **legacy):
+                           skip_actions=None, path=None, **legacy):
     """torch.cuda.memory._record_memory_history: as record_memory_history, but it initialises
     the device first (as torch.cuda's does), so it may be the first call of a program. The
     legacy form (enabled: bool, record_context, trace_alloc_max_entries, ...) works too."""
     apply = _history_setter(enabled, context, stacks, max_entries, clear_history, legacy, compile_context,
-                            global_record_annotations, skip_actions)
+                            global_record_annotations, skip_actions, path)
     lazy_init()
     apply()
 
 
 def _history_setter(enabled, context, stacks, max_entries, clear_history, legacy, compile_context=False,
-                    global_record_annotations=False, skip_actions=None):
+                    global_record_annotations=False, skip_actions=None, path=None):
     """Validates record_memory_history's arguments; returns the call that applies them."""
+    if path is not None:
+        path = os.fspath(path)
+        if not isinstance(path, str):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        if enabled is None or (isinstance(enabled, bool) and not enabled):
+            raise ValueError("path= records to a file: it needs enabled='state' or 'all', not None")
     if isinstance(enabled, bool):
+        if path is not None:
+            raise TypeError("the legacy record_memory_history(enabled: bool, ...) form takes no path; pass enabled='all'")
         if compile_context is not False or global_record_annotations is not False or skip_actions is not None:
             raise TypeError("the legacy record_memory_history(enabled: bool, ...) form takes no compile_context, "
                             "global_record_annotations or skip_actions; pass enabled='all'")
@@ -197,11 +198,57 @@ def _history_setter(enabled, context, stacks, max_entries, clear_history, legacy
     level = _CONTEXTS[context] if enabled is not None else 0
     clear = bool(clear_history)
 
+    mask = _skip_mask(skip)
+
     def apply():
-        _C.set_history(enabled is not None, level, entries, clear)
-        _note_skip_actions(enabled, skip, clear)
+        if enabled is None:
+            _C.set_history(False, level, entries, clear, 0)
+            stop_recording()
+            return
+        if path is not None:
+            _start_stream(path, enabled, context, entries)
+        _C.set_history(True, level, entries, clear, mask)
 
     return apply
+
+
+def _start_stream(path, enabled, context, entries):
+    global _stream_path
+    header = {"format": "mtrace", "version": 1, "device_count": _C.device_count(), "pid": os.getpid(),
+              "enabled": enabled, "context": context, "max_entries": entries,
+              "allocator_settings": _C.allocator_settings(),
+              # The state the recording starts from (a converted window rebuilds its segments from it).
+              "segments": snapshot_segments()}
+    with _stream_lock:
+        stop_recording(_locked=True)
+        _C.history_stream_start(path, json.dumps(header, default=str))
+        _stream_path = path
+
+
+def stop_recording(_locked=False):
+    """Closes the file record_memory_history(path=...) streams to (history stays on in
+    memory); warns if a write error had stopped it. No-op when nothing streams."""
+    global _stream_path
+    if not _locked:
+        with _stream_lock:
+            return stop_recording(_locked=True)
+    if _stream_path is None:
+        return
+    path, _stream_path = _stream_path, None
+    err = _C.history_stream_stop()
+    if err:
+        warnings.warn(f"mtia_alloc: the history recording to {path} stopped early: {err}", RuntimeWarning,
+                      stacklevel=3)
+
+
+def record_to(path, context="all", max_entries=sys.maxsize, skip_actions=None):
+    """record_memory_history('all', context, path=path, ...): streams the history to
+    `path` (a .mtrace file) as well as to the ring buffer; stop with stop_recording()."""
+    _record_memory_history("all", context=context, max_entries=max_entries, skip_actions=skip_actions,
+                           path=path)
+
+
+atexit.register(stop_recording)
 
 
 def _legacy_history_setter(enabled, context, stacks, max_entries, legacy):

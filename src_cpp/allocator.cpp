@@ -1,6 +1,7 @@
 // allocator.cpp: process-wide dispatch over the per-device allocators, and the history
 // record level they share. Relies on device_allocator.h and emulated_device.h.
 #include "allocator.h"
+#include "history_stream.h"
 
 #include "errors.h"
 
@@ -19,6 +20,7 @@ Allocator::Allocator(int device_count, size_t memory_per_device, const std::stri
 }
 
 Allocator::~Allocator() {
+  stop_history_stream();
   emulator_.shutdown();
   devices_.clear();
 }
@@ -56,9 +58,31 @@ void Allocator::empty_cache(MempoolId pool, const FramesPtr& frames) {
 
 void Allocator::set_config(const std::string& conf) { config_.parse(conf); }
 
-void Allocator::set_history(bool enabled, RecordContext context, size_t max_entries, bool clear) {
-  for (auto& d : devices_) d->set_history(enabled, context, max_entries, clear);
+void Allocator::set_history(bool enabled, RecordContext context, size_t max_entries, bool clear,
+                            uint32_t skip_mask) {
+  for (auto& d : devices_) d->set_history(enabled, context, max_entries, clear, skip_mask);
   record_level_.store(enabled ? context : RecordContext::kNever, std::memory_order_relaxed);
+}
+
+std::string Allocator::start_history_stream(const std::string& path, const std::string& header_json) {
+  stop_history_stream();
+  std::string error;
+  std::shared_ptr<HistoryStream> s = HistoryStream::open(path, header_json, &error);
+  if (!s) return error;
+  // Every metadata string so far, before any event can name one.
+  std::vector<std::string> meta = MetadataTable::get().all();
+  for (size_t i = 1; i < meta.size(); ++i) s->define_metadata(uint32_t(i), meta[i]);
+  HistoryStream::exchange(std::move(s));
+  return "";
+}
+
+std::string Allocator::stop_history_stream() {
+  std::shared_ptr<HistoryStream> s = HistoryStream::exchange(nullptr);
+  if (!s) return "";
+  for (auto& d : devices_) d->lock_unlock();  // a call that saw the stream has left
+  std::string error = s->close();
+  if (s->inherited()) new std::shared_ptr<HistoryStream>(std::move(s));  // never destroyed in a forked child
+  return error;
 }
 
 }  // namespace mtia

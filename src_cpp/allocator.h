@@ -76,7 +76,13 @@ class Allocator {
   // malloc or free to decide whether to capture the caller's stack (kState and up: for
   // mallocs; kAll: for frees and empty_cache too). Set under the binding's GIL; read
   // without any lock (a stale level only means one stack more or less).
-  void set_history(bool enabled, RecordContext context, size_t max_entries, bool clear);
+  void set_history(bool enabled, RecordContext context, size_t max_entries, bool clear, uint32_t skip_mask = 0);
+  // The streamed history (history_stream.h): start opens `path` (returns "" or the error,
+  // "cannot write PATH: reason"); stop detaches the stream, waits for calls still
+  // recording into it, writes and closes the file, and returns the error that stopped it
+  // (or ""). Starting while a stream is open stops that one first.
+  std::string start_history_stream(const std::string& path, const std::string& header_json);
+  std::string stop_history_stream();
   RecordContext record_level() const { return record_level_.load(std::memory_order_relaxed); }
 
  private:

@@ -95,7 +95,9 @@ class alignas(64) DeviceAllocator {
   // --- observability (device_allocator_history.cpp, device_allocator_invariants.cpp) ---
   std::vector<SegmentInfo> snapshot(MempoolId pool, bool all_pools);
   std::vector<TraceEntry> trace();
-  void set_history(bool enabled, RecordContext context, size_t max_entries, bool clear);
+  // skip_mask: bit (1 << action) set = that action is not recorded (skip_actions).
+  void set_history(bool enabled, RecordContext context, size_t max_entries, bool clear, uint32_t skip_mask = 0);
+  void lock_unlock();  // waits for a running call to leave the device (history stream stop)
   RecordContext record_context() const { return record_context_; }  // read without the lock
   std::string check_invariants();  // "" when all hold
 

@@ -1,44 +1,87 @@
 // device_allocator_history.cpp: observability (allocator_core.md §9): the memory-history
 // trace (record_trace, set_history, trace) and the segment snapshot.
 //
-// Relies on: history.h (TraceRing, the per-thread user metadata), segment_info.h (what
-// a snapshot returns). record_trace is called from every file of the allocator, always
+// Relies on: history.h (TraceRing, the clock, the per-thread user metadata id),
+// history_stream.h (records also go to the open stream), segment_info.h (what a snapshot
+// returns). record_trace is called from every file of the allocator, always
 // behind `if (history_on_)`, so the fast path pays one branch while history is off.
 #include <algorithm>
 
 #include "device_allocator.h"
 #include "device_allocator_internal.h"
+#include "history_stream.h"
 
 namespace mtia {
 
 void DeviceAllocator::record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
                                    const FramesPtr& frames) {
-  TraceEntry e{a, addr, size, stream, epoch_us(), pool,
-               record_context_ >= RecordContext::kAlloc ? frames : FramesPtr(), user_metadata()};
-  trace_.push(std::move(e));
+  if (trace_.skip_mask & (1u << unsigned(a))) return;  // skip_actions: not recorded at all
+  // A free's free_completed follows its free_requested at once: one clock reading serves both.
+  const TraceRecord* prev = a == TraceAction::kFreeCompleted ? trace_.last() : nullptr;
+  const uint64_t tick = prev && prev->action == TraceAction::kFreeRequested && prev->addr == addr ? prev->tick
+                                                                                                   : trace_clock();
+  TraceRecord& e = trace_.push();
+  e.tick = tick;
+  e.addr = addr;
+  e.size = size;
+  e.stream = stream;
+  e.pool = pool;
+  if (record_context_ >= RecordContext::kAlloc) e.frames = frames;
+  else if (e.frames) e.frames.reset();
+  e.metadata = current_metadata_id();
+  e.action = a;
+  if (HistoryStream* s = HistoryStream::active()) s->event(device_, e);
 }
 
-void DeviceAllocator::set_history(bool enabled, RecordContext context, size_t max_entries, bool clear) {
+void DeviceAllocator::set_history(bool enabled, RecordContext context, size_t max_entries, bool clear,
+                                  uint32_t skip_mask) {
+  first_clock_anchor();  // the process's first anchor, before any record
   lock();
   Lock lock(mu_, std::adopt_lock);
   if (!enabled) {
     history_on_ = false;
     record_context_ = RecordContext::kNever;
     trace_.clear();
+    trace_.skip_mask = 0;
     update_plain();
     return;
   }
   if (!history_on_ || clear) trace_.set_capacity(max_entries);
   else trace_.resize(max_entries);  // PyTorch applies a new size without clearing
+  trace_.skip_mask = skip_mask;
   history_on_ = true;
   record_context_ = context;
   update_plain();
 }
 
 std::vector<TraceEntry> DeviceAllocator::trace() {
+  std::vector<TraceRecord> records;
+  {
+    lock();
+    Lock lock(mu_, std::adopt_lock);
+    records = trace_.ordered();
+  }
+  const ClockAnchor& a = first_clock_anchor();
+  const ClockAnchor b = ClockAnchor::now();
+  MetadataTable& meta = MetadataTable::get();
+  std::vector<TraceEntry> out;
+  out.reserve(records.size());
+  uint32_t last_meta = 0;
+  std::string last_text;
+  for (TraceRecord& r : records) {
+    if (r.metadata != last_meta) {
+      last_meta = r.metadata;
+      last_text = meta.lookup(r.metadata);
+    }
+    out.push_back(TraceEntry{r.action, r.addr, r.size, r.stream, ticks_to_us(r.tick, a, b), r.pool,
+                             std::move(r.frames), r.metadata ? last_text : std::string()});
+  }
+  return out;
+}
+
+void DeviceAllocator::lock_unlock() {
   lock();
-  Lock lock(mu_, std::adopt_lock);
-  return trace_.ordered();
+  mu_.unlock();
 }
 
 std::vector<SegmentInfo> DeviceAllocator::snapshot(MempoolId pool, bool all_pools) {

@@ -45,6 +45,7 @@ LAYERS = {
     "mtia_alloc.streams": CORE,
     "mtia_alloc._kernels": CORE,
     "mtia_alloc.history": CORE,
+    "mtia_alloc.mtrace": CORE,
     "mtia_alloc.raw_allocators": CORE,
     "mtia_alloc.pools": CORE,
     "mtia_alloc.stats": CORE,
@@ -80,6 +81,7 @@ LAYERS = {
     "mtia_alloc.tools.sweep": TOP,
     "mtia_alloc.tools.diff": TOP,
     "mtia_alloc.tools.ranks": TOP,
+    "mtia_alloc.tools.convert_cli": TOP,
     "mtia_alloc.tools.synth_snapshot": TOP,
     "mtia_alloc.tools.slice": TOP,
     # the PyTorch backend, and torch's backend-autoload entry point that loads it at `import torch`

@@ -1,5 +1,5 @@
 # Declarations of src_cpp/allocator.h.
-from libc.stdint cimport int64_t, uintptr_t
+from libc.stdint cimport int64_t, uint32_t, uintptr_t
 from libcpp cimport bool as cbool
 from libcpp.memory cimport shared_ptr
 from libcpp.string cimport string
@@ -30,5 +30,8 @@ cdef extern from "allocator.h" namespace "mtia":
         MempoolId new_user_pool_id()
         MempoolId new_graph_pool_id()
         void shutdown() nogil
-        void set_history(cbool enabled, RecordContext context, size_t max_entries, cbool clear) except +
+        void set_history(cbool enabled, RecordContext context, size_t max_entries, cbool clear,
+                         uint32_t skip_mask) except +
+        string start_history_stream(const string& path, const string& header_json) except +
+        string stop_history_stream() nogil
         RecordContext record_level()

@@ -38,5 +38,4 @@ cdef extern from "device_allocator.h" namespace "mtia":
         cbool any_capture_underway() except +
         vector[SegmentInfo] snapshot(MempoolId pool, cbool all_pools) except +
         vector[TraceEntry] trace() except +
-        void set_history(cbool enabled, RecordContext context, size_t max_entries, cbool clear) except +
         string check_invariants() except +

@@ -12,7 +12,8 @@ cdef extern from "history.h" namespace "mtia":
     cdef enum class RecordContext(int):
         kNever, kState, kAlloc, kAll
     const char* trace_action_name(TraceAction a)
-    string& user_metadata()
+    const string& user_metadata()
+    void set_user_metadata(const string& s) except +
     cdef cppclass TraceEntry:
         TraceAction action
         uintptr_t addr

@@ -1,5 +1,6 @@
-"""Command line: python -m mtia_alloc {replay,bench,summary,plot,fit,diff,ranks,slice} (see
---help; fit, diff and ranks are added by tools.analysis_cli, slice by tools.slice).
+"""Command line: python -m mtia_alloc {replay,bench,summary,plot,fit,diff,ranks,slice,convert}
+(see --help; fit, diff and ranks are added by tools.analysis_cli, slice by tools.slice,
+convert by tools.convert_cli).
 
 Every subcommand ends with one of the statuses of tools.exit_status (0 ok, 1 a replay that
 ran out of memory where its trace did not, 2 usage or input error, 130 interrupted, 141
@@ -9,8 +10,8 @@ traceback and no usage text.
 Owns: main (the argument parser; also the `mtia-alloc` console script), package_version,
 and the replay command's checks, report and verdict. Relies on: tools.replay,
 tools.workload, tools.bench_suite, tools.snapshot_cli, tools.analysis_cli (fit, diff,
-ranks), tools.slice, tools.exit_status, viz.render (HTML names), _format, _C, the façade (its
-__version__)."""
+ranks), tools.slice, tools.convert_cli, tools.exit_status, viz.render (HTML names), _format,
+_C, the façade (its __version__)."""
 import argparse
 import importlib.metadata
 import json
@@ -26,7 +27,7 @@ from .. import _C
 from .._format import format_size
 from ..viz.render import is_html_name, not_html_message
 from . import replay as _replay
-from . import analysis_cli
+from . import analysis_cli, convert_cli
 from . import slice as _slice
 from .bench_suite import run_bench
 from .exit_status import (BROKEN_PIPE, FAILED, INTERRUPTED, OK, STATUS_HELP, USAGE, Failure, InputError, error,
@@ -376,6 +377,7 @@ def _parser():
     pl.set_defaults(func=_plot_cmd)
     analysis_cli.add_commands(sub)  # fit (--sweep), diff, ranks
     _slice.add_command(sub)
+    convert_cli.add_command(sub)  # .mtrace -> snapshot
     return p
 
 

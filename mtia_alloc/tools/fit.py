@@ -32,10 +32,13 @@ from ..stats import memory_stats
 from ..streams import Stream
 from ..viz.columns import TraceColumns
 from ..viz.frames import SiteKey, format_frame, site_frame, user_frames
+from ..mtrace import MAGIC as MTRACE_MAGIC
+from ..mtrace import is_mtrace
 from ..viz.load import load as load_snapshot
 from ..viz.load import normalize
 from ..viz.reports import FitReport
 from .exit_status import DOES_NOT_FIT, OK
+from .convert_cli import read_recording
 from .workload import _as_int, read_trace, starting_state, trace_from_snapshot
 
 EXIT_FITS, EXIT_DOES_NOT_FIT = OK, DOES_NOT_FIT
@@ -78,6 +81,8 @@ class Workload:
 def _is_snapshot_file(path):
     with open(path, "rb") as f:
         head = f.read(64)
+    if head[:len(MTRACE_MAGIC)] == MTRACE_MAGIC:  # a streamed history reads as a snapshot
+        return True
     if head[:2] == b"\x1f\x8b":
         with gzip.open(path, "rb") as f:
             try:
@@ -89,7 +94,10 @@ def _is_snapshot_file(path):
 
 
 def load_snapshot_dict(path):
-    """The snapshot dict stored at `path`; ValueError with one clear line otherwise."""
+    """The snapshot dict stored at `path` (a .mtrace: its whole recording); ValueError with
+    one clear line otherwise."""
+    if is_mtrace(path):
+        return read_recording(path).to_snapshot()
     try:
         snap = load_snapshot(path)
     except FileNotFoundError:

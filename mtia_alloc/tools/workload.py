@@ -6,14 +6,16 @@ Formats:
   - the shared trace CSV (`op,id,size_bytes[,stream]`, op a/f; `.gz` is read through gzip);
   - RMM's logging CSV (`Thread,Time,Action,Pointer,Size,Stream`, actions allocate/free);
   - PyTorch (or mtia_alloc) snapshots with `device_traces`: pickles (plain data only,
-    optionally gzip-compressed) or JSON files of the same structure. Their alloc /
+    optionally gzip-compressed) or JSON files of the same structure; a streamed history
+    (.mtrace, record_memory_history(path=...)) is read as the snapshot of its whole
+    recording (mtrace.Recording.to_snapshot). Their alloc /
     free_completed events are replayed after a prefix of synthetic events that rebuilds
     the allocator state the trace started from (see trace_from_snapshot).
 
 Owns: Trace, SlotPool, read_trace, write_csv, trace_from_snapshot, starting_state,
 recorded_round_size. Relies on: viz.load (the safe snapshot loader), viz.columns and
-viz.timeline (columnar traces: the starting state and the events read from the columns);
-no allocator state.
+viz.timeline (columnar traces: the starting state and the events read from the columns),
+mtrace and tools.convert_cli (.mtrace input); no allocator state.
 """
 import bisect
 import gzip
@@ -22,9 +24,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..mtrace import MAGIC as MTRACE_MAGIC
 from ..viz import timeline
 from ..viz.columns import TraceColumns
 from ..viz.load import load
+from .convert_cli import read_recording
 
 # PyTorch's caching-allocator constants (shared/spec/allocator_core.md §1.1)
 K_MIN_BLOCK = 512
@@ -185,6 +189,9 @@ def read_trace(path, device=None, rebuild=True, flush=True):
     releases become cache flushes (trace_from_snapshot)."""
     path = str(path)
     head = _head(path)
+    if head[:len(MTRACE_MAGIC)] == MTRACE_MAGIC or (1 < len(head) < len(MTRACE_MAGIC) and
+                                                    MTRACE_MAGIC.startswith(head)):  # a streamed history: its whole recording, as a snapshot
+        return trace_from_snapshot(read_recording(path).to_snapshot(), path, device, rebuild, flush)
     stripped = head.removeprefix(b"\xef\xbb\xbf").lstrip()
     # A pickle (protocol 2+ starts with PROTO; 0 and 1 with a mark or an empty container,
     # which no CSV line does), or a JSON snapshot.
