@@ -357,7 +357,7 @@ def run_peer(build_dir, path, repeat=1, memory_bytes=None, conf=None, timeout=18
     harness = os.path.join(build_dir, "bin", "harness")
     if not os.access(harness, os.X_OK):
         raise RuntimeError(f"no peer harness at {harness}: build it with "
-                           f"shared/peers/torch_caching_allocator/setup.sh {build_dir}")
+                           f"python -m mtia_alloc peer build {build_dir}")
     env = dict(os.environ)
     if memory_bytes:
         env["FAKE_CUDA_MEM_BYTES"] = str(memory_bytes)
