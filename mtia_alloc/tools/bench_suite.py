@@ -72,14 +72,15 @@ def default_trace_dirs():
 def bench_traces(quick=False, traces_dir=None, search=None, shipped=SHIPPED_DIR):
     """The trace rows of the table, [(label, Trace or None, path or None)] (the generated
     workload first, labelled by its size, then the traces: *.csv.gz of traces_dir, or of the
-    first directory of `search` (default_trace_dirs()) that exists, else of `shipped` (the
-    traces shipped with mtia_alloc)), and a line saying which traces were found, from where,
+    first directory of `search` that exists; without traces_dir and search: of the first of
+    default_trace_dirs() that exists, else of `shipped`, the traces shipped with mtia_alloc),
+    and a line saying which traces were found, from where,
     or why there are none."""
     num = 5000 if quick else 20000
     rows = [(f"generated random {num // 1000}k", random_trace(num=num), None)]
     dirs = [Path(traces_dir)] if traces_dir else [Path(d) for d in (default_trace_dirs() if search is None else search)]
     found = next((d for d in dirs if d.is_dir()), None)
-    if found is None and not traces_dir and shipped is not None and any(Path(shipped).glob("*.csv.gz")):
+    if found is None and not traces_dir and search is None and shipped and any(Path(shipped).glob("*.csv.gz")):
         paths = sorted(Path(shipped).glob("*.csv.gz"))
         rows += [(p.name[:-len(".csv.gz")], None, p) for p in paths]
         return rows, f"traces: {len(paths)} shipped with mtia_alloc ({shipped}; no shared traces folder found)"
