@@ -223,3 +223,31 @@ def test_a_built_peer_runs_the_synthetic_pair_loop_bench_reads():
                          capture_output=True, text=True, timeout=300).stdout
     line = next(ln for ln in out.splitlines() if "thread_cpu_ns_per_pair:" in ln)
     assert float(line.split("thread_cpu_ns_per_pair:")[1].split()[0]) > 0
+
+
+# ------------------------------------------------------------------ a whole build from a wheel at hand
+
+def _wheel_at_hand():
+    import glob
+    found = [os.environ.get("MTIA_TORCH_WHEEL", "")]
+    for folder in ("/tmp/tcap/wheels", os.path.join(pb.default_build_dir(), "wheels")):
+        found += sorted(glob.glob(os.path.join(folder, "torch-2.13.0-*.whl")))
+    return next((w for w in found if w and os.path.isfile(w) and "+cpu" not in w), None)
+
+
+WHEEL = _wheel_at_hand()
+
+
+@pytest.mark.skipif(WHEEL is None or CUDA_INCLUDE is None or not shutil.which("g++"),
+                    reason="needs a torch 2.13.0 CUDA wheel at hand ($MTIA_TORCH_WHEEL), g++ and CUDA 13 headers")
+def test_a_whole_build_from_a_wheel_agrees_with_us(tmp_path):
+    build = tmp_path / "peer"
+    p = cli("peer", "build", build, "--wheel", WHEEL, timeout=900)
+    assert p.returncode == 0, p.stderr
+    assert "peer build: done:" in p.stdout and (build / "bin" / "harness").is_file()
+    assert len((build / "needed_cudart_symbols.txt").read_text().split()) == len(TORCH_2_13_IMPORTS)
+    p = cli("replay", "gpt2_train", "--json", "--compare-torch", build)
+    assert p.returncode == 0, p.stderr
+    ours, theirs = [json.loads(line) for line in p.stdout.splitlines()]
+    for key in ("events", "peak_requested_bytes", "peak_allocated_bytes", "peak_reserved_bytes", "num_device_alloc"):
+        assert ours[key] == theirs[key], key
