@@ -1,10 +1,12 @@
 """`python -m mtia_alloc bench`: the standard benchmark set, as one table of ratios from
-one run. Workloads are generated here (no outside files); the shared traces and the
-PyTorch peer harness are added when present.
+one run. One workload is generated here; the traces are the shared ones when present,
+else those shipped with mtia_alloc (tools.shipped_traces); the PyTorch peer harness
+(`peer build`, tools.peer_build) is added when found.
 
 Owns: run_bench, random_trace (a generated workload), bench_traces (the trace rows and the
 note on the shared traces), the table's rows.
 Relies on: tools.replay (setup, run_peer), tools.workload (Trace, read_trace, write_csv),
+tools.shipped_traces (SHIPPED_DIR), tools.peer_build (default_build_dir),
 the public API (memory, array) and _C's benchmark loops."""
 import json
 import os

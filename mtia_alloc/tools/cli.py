@@ -1,5 +1,5 @@
-"""Command line: python -m mtia_alloc {replay,bench,summary,plot,fit,diff,ranks} (see --help;
-the last three are added by tools.analysis_cli).
+"""Command line: python -m mtia_alloc {replay,bench,summary,plot,fit,diff,ranks,peer} (see
+--help; fit, diff and ranks are added by tools.analysis_cli, peer by tools.peer_build).
 
 Every subcommand ends with one of the statuses of tools.exit_status (0 ok, 1 a replay that
 ran out of memory where its trace did not, 2 usage or input error, 130 interrupted, 141
@@ -8,6 +8,7 @@ traceback and no usage text.
 
 Owns: main (the argument parser; also the `mtia-alloc` console script), package_version,
 and the replay command's checks, report and verdict. Relies on: tools.replay,
+tools.peer_build, tools.shipped_traces (replay NAME),
 tools.workload, tools.bench_suite, tools.snapshot_cli, tools.analysis_cli (fit, diff,
 ranks), tools.exit_status, viz.render (HTML names), _format, _C, the façade (its
 __version__)."""

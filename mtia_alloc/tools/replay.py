@@ -1,6 +1,6 @@
 """Replay of a workload (an allocation trace read by tools/workload.py) for the CLI and the
 benchmarks: configure a fresh allocator, replay the trace natively (mtia_alloc._C.replay, no Python per event), and optionally run
-PyTorch's allocator (the peer harness of shared/peers/torch_caching_allocator) on the
+PyTorch's allocator (the peer harness that `python -m mtia_alloc peer build` makes) on the
 same input for side-by-side figures. Also the memory curves of a replay (an untimed
 pass through the Python API) and their HTML/SVG plot.
 
