@@ -62,6 +62,7 @@ def test_a_missing_wheel_from_the_environment_is_one_line(tmp_path):
 def test_an_unreachable_index_is_one_line_that_names_the_wheel_workaround(tmp_path):
     err = one_error_line(cli("peer", "build", tmp_path / "b", "--index-url", UNREACHABLE_INDEX, timeout=600))
     assert "cannot download torch==2.13.0's CUDA wheel" in err and "--wheel PATH" in err, err
+    assert "cannot be reached" in err, err
     assert (tmp_path / "b" / "build.log").is_file()
 
 
@@ -101,12 +102,23 @@ def test_pip_command_downloads_the_linux_cuda_wheel_isolated(monkeypatch):
     assert cmd[cmd.index("--index-url") + 1] == "http://i/simple" and cmd[cmd.index("--cert") + 1] == "/ca.pem"
 
 
+def test_pip_reads_no_configuration_file():
+    env = pb.pip_environment({"PATH": "/bin", "PIP_CONFIG_FILE": "/etc/pip.conf"})
+    assert env == {"PATH": "/bin", "PIP_CONFIG_FILE": os.devnull}
+
+
 def test_pip_error_line_picks_the_last_error():
     out = ("Looking in indexes: http://x\nWARNING: Retrying ...\n"
            "ERROR: Could not find a version that satisfies the requirement torch==9.9 (from versions: none)\n"
            "ERROR: No matching distribution found for torch==9.9\n")
     assert pb.pip_error_line(out) == "No matching distribution found for torch==9.9"
     assert pb.pip_error_line("") == "no output"
+    assert pb.pip_error_line("ERROR: Exception:\nERROR: something else\n") == "something else"
+    refused = ("WARNING: Retrying (Retry(total=0)) after connection broken by 'NewConnectionError('<obj>: Failed to "
+               "establish a new connection: [Errno 111] Connection refused')': /simple/torch/\n"
+               "ERROR: ResolutionImpossible: for help visit https://pip.pypa.io/\n")
+    assert pb.pip_error_line(refused) == ("the package index cannot be reached: Failed to establish a new "
+                                          "connection: [Errno 111] Connection refused")
     assert len(pb.pip_error_line("ERROR: " + "x" * 500)) == 200
 
 

@@ -5,7 +5,8 @@ runtime, driven by a replay harness. Nothing here needs a GPU, a driver or a CUD
 
 Steps: (1) the torch wheel: --wheel PATH (or $MTIA_TORCH_WHEEL), one already in DIR/wheels,
 or `pip --isolated download --no-deps --only-binary=:all: --platform manylinux_2_28_<arch>`
-(--isolated: local pip configs can hand back the +cpu wheel, which has no libc10_cuda.so);
+with PIP_CONFIG_FILE=/dev/null (no pip configuration is read: local mirrors, find-links and
+constraints can hand back the +cpu wheel, which has no libc10_cuda.so);
 (2) libc10.so, libc10_cuda.so and the c10 headers are extracted from it; (3) the libcudart
 symbols libc10_cuda.so imports are read with `objdump -T`; (4) CUDA 13 headers: $CUDA_HOME,
 /usr/local/cuda-13*, /usr/local/cuda, else the nvidia-cuda-runtime and nvidia-cuda-crt
@@ -18,7 +19,7 @@ Failures are InputError (exit status 2, one line): no network or no such wheel (
 
 Owns: build, add_commands, default_build_dir, and the builder's pieces as plain functions
 (pip_download_command, parse_needed_symbols, parse_needed_libs, version_script,
-compile_commands, find_cuda_headers, pip_error_line). Relies on: tools.exit_status."""
+compile_commands, find_cuda_headers, pip_environment, pip_error_line). Relies on: tools.exit_status."""
 import os
 import platform
 import re
@@ -67,12 +68,33 @@ def pip_download_command(requirement, dest, index_url=None, python=None, machine
     return cmd + [requirement]
 
 
+_NO_SUCH_WHEEL = re.compile(r"No matching distribution found for \S+")
+_NO_NETWORK = re.compile(r"Failed to establish a new connection: [^'\")]*|Temporary failure in name resolution|"
+                         r"Name or service not known|Network is unreachable|Read timed out|ProxyError[^'\")]*|"
+                         r"CERTIFICATE_VERIFY_FAILED[^'\")]*")
+
+
+def pip_environment(environ=None):
+    """pip's environment: PIP_CONFIG_FILE=/dev/null makes pip read no configuration file at
+    all. --isolated alone still reads the global ones (/etc/pip.conf, /etc/xdg/pip/pip.conf),
+    whose find-links, extra indexes and constraints can hand back a +cpu wheel."""
+    env = dict(os.environ if environ is None else environ)
+    env["PIP_CONFIG_FILE"] = os.devnull
+    return env
+
+
 def pip_error_line(output):
-    """The line of pip's output that says why it failed (its last ERROR line), shortened."""
-    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("ERROR:")]
-    line = errors[-1] if errors else (lines[-1] if lines else "no output")
-    line = re.sub(r"^ERROR:\s*", "", line)
+    """What pip's output says about why it failed, in a few words: no such wheel, the index
+    cannot be reached (and why), else its last ERROR line; shortened."""
+    m = _NO_SUCH_WHEEL.search(output)
+    if m:
+        line = m[0]
+    elif _NO_NETWORK.search(output):
+        line = f"the package index cannot be reached: {_NO_NETWORK.search(output)[0].strip()}"
+    else:
+        lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("ERROR:")]
+        line = re.sub(r"^ERROR:\s*", "", errors[-1] if errors else (lines[-1] if lines else "no output"))
     return line if len(line) <= 200 else line[:197] + "..."
 
 
@@ -151,11 +173,11 @@ class _Log:
         if not self.quiet:
             print(f"peer build: {text}", flush=True)
 
-    def run(self, cmd, what, timeout=3600):
+    def run(self, cmd, what, timeout=3600, env=None):
         self.file.write("$ " + " ".join(map(str, cmd)) + "\n")
         self.file.flush()
         try:
-            proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env)
         except FileNotFoundError:
             raise InputError(f"peer build: {what}: {cmd[0]} not found") from None
         except subprocess.TimeoutExpired:
@@ -167,7 +189,8 @@ class _Log:
 
 def _download(log, requirement, dest, index_url, what):
     log.say(f"downloading {requirement} with pip ({what})")
-    proc = log.run(pip_download_command(requirement, dest, index_url), f"pip download {requirement}")
+    proc = log.run(pip_download_command(requirement, dest, index_url), f"pip download {requirement}",
+                   env=pip_environment())
     if proc.returncode != 0:
         return pip_error_line(proc.stdout + "\n" + proc.stderr)
     return None
