@@ -230,6 +230,17 @@ def test_a_built_peer_gives_our_peaks_and_device_allocations(conf):
 
 
 @pytest.mark.skipif(PEER is None, reason="no built peer")
+def test_a_built_peer_agrees_on_a_small_device_too():
+    """3 GiB for gpt2_train's 4.8 GiB: flushes, retries and out-of-memory failures alike."""
+    p = cli("replay", "gpt2_train", "--json", "--memory", "3GiB", "--allow-oom", "--compare-torch", PEER)
+    assert p.returncode == 0, p.stderr
+    ours, theirs = [json.loads(line) for line in p.stdout.splitlines()]
+    assert ours["num_ooms"] > 0
+    for key in ("peak_reserved_bytes", "num_device_alloc", "num_device_free", "num_alloc_retries", "num_ooms"):
+        assert ours[key] == theirs[key], (key, ours, theirs)
+
+
+@pytest.mark.skipif(PEER is None, reason="no built peer")
 def test_a_built_peer_runs_the_synthetic_pair_loop_bench_reads():
     out = subprocess.run([os.path.join(PEER, "bin", "harness"), "synthetic", "--n", "20000", "--size", "4096"],
                          capture_output=True, text=True, timeout=300).stdout

@@ -42,18 +42,17 @@ size_t env_bytes(const char* name, size_t fallback) {
   const char* text = getenv(name);
   if (!text || !*text) return fallback;
   char* rest = nullptr;
-  unsigned long long n = strtoull(text, &rest, 10);
-  int shift = 0;
+  long double n = strtold(text, &rest);  // "80G", "3.5G", "1073741824"
   if (rest && *rest) {
     switch (*rest | 0x20) {
-      case 'k': shift = 10; break;
-      case 'm': shift = 20; break;
-      case 'g': shift = 30; break;
-      case 't': shift = 40; break;
-      default: shift = 0;
+      case 'k': n *= 1024.0L; break;
+      case 'm': n *= 1024.0L * 1024; break;
+      case 'g': n *= 1024.0L * 1024 * 1024; break;
+      case 't': n *= 1024.0L * 1024 * 1024 * 1024; break;
+      default: break;
     }
   }
-  return size_t(n) << shift;
+  return n > 0 ? size_t(n) : fallback;
 }
 
 struct Settings {
