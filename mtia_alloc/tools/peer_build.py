@@ -84,13 +84,13 @@ def pip_environment(environ=None):
 
 
 def pip_error_line(output):
-    """What pip's output says about why it failed, in a few words: no such wheel, the index
-    cannot be reached (and why), else its last ERROR line; shortened."""
-    m = _NO_SUCH_WHEEL.search(output)
-    if m:
+    """What pip's output says about why it failed, in a few words: the index cannot be
+    reached (and why), no such wheel, else its last ERROR line; shortened."""
+    network, m = _NO_NETWORK.search(output), _NO_SUCH_WHEEL.search(output)
+    if network:  # then pip also finds no wheel: the network is the reason
+        line = f"the package index cannot be reached: {network[0].strip()}"
+    elif m:
         line = m[0]
-    elif _NO_NETWORK.search(output):
-        line = f"the package index cannot be reached: {_NO_NETWORK.search(output)[0].strip()}"
     else:
         lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
         errors = [ln for ln in lines if ln.startswith("ERROR:")]
