@@ -1,17 +1,18 @@
 """pytest-benchmark: the allocator's hot paths, each next to its peer in the same run.
 Run: python -m pytest bench/ --benchmark-only  (not part of the default test run).
-Native loops report per-op figures in extra_info; traces need ../shared/traces, and the
-PyTorch peer columns need its harness (shared/peers/torch_caching_allocator/setup.sh)."""
+Native loops report per-op figures in extra_info; the traces are bench's (../shared/traces
+when present, else the shipped ones), and the PyTorch peer columns need its harness
+(python -m mtia_alloc peer build)."""
 import pytest
 
 import mtia_alloc as mtia
 from mtia_alloc import _C
 from mtia_alloc.tools import replay as _replay
-from mtia_alloc.tools.bench_suite import _find_peer, _find_traces, random_trace
+from mtia_alloc.tools.bench_suite import _find_peer, bench_traces, random_trace
 from mtia_alloc.tools.workload import read_trace
 
 PEER = _find_peer(None)
-TRACES = _find_traces(None)
+TRACES = [path for _, _, path in bench_traces(quick=True)[0] if path is not None]
 
 
 @pytest.fixture(scope="module", autouse=True)

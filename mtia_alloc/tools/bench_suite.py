@@ -1,10 +1,12 @@
 """`python -m mtia_alloc bench`: the standard benchmark set, as one table of ratios from
-one run. Workloads are generated here (no outside files); the shared traces and the
-PyTorch peer harness are added when present.
+one run. One workload is generated here; the traces are the shared ones when present,
+else those shipped with mtia_alloc (tools.shipped_traces); the PyTorch peer harness
+(`peer build`, tools.peer_build) is added when found.
 
 Owns: run_bench, random_trace (a generated workload), bench_traces (the trace rows and the
 note on the shared traces), the table's rows.
 Relies on: tools.replay (setup, run_peer), tools.workload (Trace, read_trace, write_csv),
+tools.shipped_traces (SHIPPED_DIR), tools.peer_build (default_build_dir),
 the public API (memory, array) and _C's benchmark loops."""
 import json
 import os
@@ -23,6 +25,8 @@ from .._format import format_size
 from ..array import empty
 from ..memory import caching_allocator_alloc, caching_allocator_delete, empty_cache
 from . import replay as _replay
+from .peer_build import default_build_dir
+from .shipped_traces import SHIPPED_DIR
 from .workload import SlotPool, Trace, read_trace, write_csv
 
 PEER_DEFAULT = "/tmp/torch_caching_allocator_peer"
@@ -67,15 +71,21 @@ def default_trace_dirs():
     return [Path(__file__).resolve().parents[2].parent / "shared" / "traces", Path.cwd().parent / "shared" / "traces"]
 
 
-def bench_traces(quick=False, traces_dir=None, search=None):
+def bench_traces(quick=False, traces_dir=None, search=None, shipped=SHIPPED_DIR):
     """The trace rows of the table, [(label, Trace or None, path or None)] (the generated
-    workload first, labelled by its size, then the shared traces: *.csv.gz of traces_dir, or
-    of the first directory of `search` (default_trace_dirs()) that exists), and a line saying
-    which traces were found or why there are none."""
+    workload first, labelled by its size, then the traces: *.csv.gz of traces_dir, or of the
+    first directory of `search` that exists; without traces_dir and search: of the first of
+    default_trace_dirs() that exists, else of `shipped`, the traces shipped with mtia_alloc),
+    and a line saying which traces were found, from where,
+    or why there are none."""
     num = 5000 if quick else 20000
     rows = [(f"generated random {num // 1000}k", random_trace(num=num), None)]
     dirs = [Path(traces_dir)] if traces_dir else [Path(d) for d in (default_trace_dirs() if search is None else search)]
     found = next((d for d in dirs if d.is_dir()), None)
+    if found is None and not traces_dir and search is None and shipped and any(Path(shipped).glob("*.csv.gz")):
+        paths = sorted(Path(shipped).glob("*.csv.gz"))
+        rows += [(p.name[:-len(".csv.gz")], None, p) for p in paths]
+        return rows, f"traces: {len(paths)} shipped with mtia_alloc ({shipped}; no shared traces folder found)"
     if found is None:
         where = ", ".join(str(d) for d in dirs) or "nowhere"
         return rows, (f"traces: not found (looked in {where}; pass --traces DIR): the trace rows show the "
@@ -84,11 +94,11 @@ def bench_traces(quick=False, traces_dir=None, search=None):
     if not paths:
         return rows, f"traces: none in {found} (no *.csv.gz files): the trace rows show the generated workload only"
     rows += [(p.name[:-len(".csv.gz")], None, p) for p in paths]
-    return rows, f"traces: {len(paths)} from {found}"
+    return rows, f"traces: {len(paths)} from {found}" + ("" if traces_dir else " (the shared traces folder)")
 
 
 def _find_peer(torch_build):
-    for c in (torch_build, os.environ.get("MTIA_TORCH_PEER"), PEER_DEFAULT, "/tmp/tcap"):
+    for c in (torch_build, os.environ.get("MTIA_TORCH_PEER"), default_build_dir(), PEER_DEFAULT, "/tmp/tcap"):
         if c and os.access(os.path.join(c, "bin", "harness"), os.X_OK):
             return c
     return None
@@ -119,7 +129,7 @@ def run_bench(quick=False, torch_build=None, traces_dir=None):
     peer = _find_peer(torch_build)
     n = 300_000 if quick else 3_000_000
     print(f"mtia_alloc bench  ({platform.machine()}, {os.cpu_count()} cores; device capacity 80 GiB; "
-          f"peer: {peer or 'not found (build shared/peers/torch_caching_allocator/setup.sh)'})")
+          f"peer: {peer or 'not found (build it: python -m mtia_alloc peer build)'})")
     traces, traces_note = bench_traces(quick, traces_dir)
     print(traces_note)
     print(f"{'benchmark':<42} {'mtia':>10} {'unit':<9} {'peer':>10} {'peer/mtia'}")

@@ -1,6 +1,6 @@
-"""Command line: python -m mtia_alloc {replay,bench,summary,plot,fit,diff,ranks,slice,convert}
+"""Command line: python -m mtia_alloc {replay,bench,summary,plot,fit,diff,ranks,slice,convert,peer}
 (see --help; fit, diff and ranks are added by tools.analysis_cli, slice by tools.slice,
-convert by tools.convert_cli).
+convert by tools.convert_cli, peer by tools.peer_build).
 
 Every subcommand ends with one of the statuses of tools.exit_status (0 ok, 1 a replay that
 ran out of memory where its trace did not, 2 usage or input error, 130 interrupted, 141
@@ -9,6 +9,7 @@ traceback and no usage text.
 
 Owns: main (the argument parser; also the `mtia-alloc` console script), package_version,
 and the replay command's checks, report and verdict. Relies on: tools.replay,
+tools.peer_build, tools.shipped_traces (replay NAME),
 tools.workload, tools.bench_suite, tools.snapshot_cli, tools.analysis_cli (fit, diff,
 ranks), tools.slice, tools.convert_cli, tools.exit_status, viz.render (HTML names), _format,
 _C, the façade (its __version__)."""
@@ -29,9 +30,11 @@ from ..viz.render import is_html_name, not_html_message
 from . import replay as _replay
 from . import analysis_cli, convert_cli
 from . import slice as _slice
+from . import peer_build
 from .bench_suite import run_bench
 from .exit_status import (BROKEN_PIPE, FAILED, INTERRUPTED, OK, STATUS_HELP, USAGE, Failure, InputError, error,
                           note, warning)
+from .shipped_traces import resolve_trace
 from .snapshot_cli import plot_main, summary_main
 from .workload import read_trace, write_csv
 
@@ -46,11 +49,12 @@ def _replay_cmd(args):
         raise ValueError("--fail-every needs --fail-after")
     if args.plot:
         _check_plot_path(args.plot)
+    args.trace = resolve_trace(args.trace)  # a shipped trace by name (gpt2_generate, ...)
     if args.compare_torch is not None:
         harness = os.path.join(args.compare_torch, "bin", "harness")
         if not os.access(harness, os.X_OK):
             raise InputError(f"--compare-torch: no peer harness at {harness} (build it with "
-                             f"shared/peers/torch_caching_allocator/setup.sh {args.compare_torch})")
+                             f"python -m mtia_alloc peer build {args.compare_torch})")
     try:
         _replay.setup_allocator(args.memory, args.conf)
     except (ValueError, RuntimeError) as e:
@@ -328,7 +332,9 @@ def _parser():
     r = sub.add_parser("replay", help="replay an allocation trace natively and report speed and memory",
                        epilog=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("trace", help="trace CSV (op,id,size_bytes[,stream]; .gz ok), RMM log CSV, or snapshot "
-                                 "(pickle or JSON with device_traces)")
+                                 "(pickle or JSON with device_traces); or the name of a trace shipped with "
+                                 "mtia_alloc (gpt2_generate, gpt2_train, resnet50_train, rmm_random_100k_4MiB, "
+                                 "rmm_random_100k_1MiB_2streams)")
     r.add_argument("--repeat", type=int, default=1,
                    help="passes; pass 1 starts cold and later ones reuse the cache (a snapshot's passes "
                         "each start from its rebuilt state)")
@@ -361,10 +367,10 @@ def _parser():
 
     b = sub.add_parser("bench", help="run the standard benchmark set and print a table")
     b.add_argument("--quick", action="store_true", help="fewer iterations, a 5k-allocation generated workload")
-    b.add_argument("--torch-build", help="peer harness build dir (default: $MTIA_TORCH_PEER or "
-                                         "/tmp/torch_caching_allocator_peer when present)")
-    b.add_argument("--traces", help="directory of shared traces, *.csv.gz (default: ../shared/traces when "
-                                    "present; the table says when none were found)")
+    b.add_argument("--torch-build", help="peer harness build dir (default: $MTIA_TORCH_PEER, or the default "
+                                         "folder of `peer build` when built there)")
+    b.add_argument("--traces", help="directory of traces, *.csv.gz (default: ../shared/traces when present, "
+                                    "else the traces shipped with mtia_alloc; the table's note says which)")
     b.set_defaults(func=_bench_cmd)
 
     s = sub.add_parser("summary", help="print the memory summary of a snapshot pickle")
@@ -378,6 +384,7 @@ def _parser():
     analysis_cli.add_commands(sub)  # fit (--sweep), diff, ranks
     _slice.add_command(sub)
     convert_cli.add_command(sub)  # .mtrace -> snapshot
+    peer_build.add_commands(sub)  # peer build
     return p
 
 

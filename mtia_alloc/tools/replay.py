@@ -1,6 +1,6 @@
 """Replay of a workload (an allocation trace read by tools/workload.py) for the CLI and the
 benchmarks: configure a fresh allocator, replay the trace natively (mtia_alloc._C.replay, no Python per event), and optionally run
-PyTorch's allocator (the peer harness of shared/peers/torch_caching_allocator) on the
+PyTorch's allocator (the peer harness that `python -m mtia_alloc peer build` makes) on the
 same input for side-by-side figures. Also the memory curves of a replay (an untimed
 pass through the Python API) and their HTML/SVG plot.
 
@@ -357,7 +357,7 @@ def run_peer(build_dir, path, repeat=1, memory_bytes=None, conf=None, timeout=18
     harness = os.path.join(build_dir, "bin", "harness")
     if not os.access(harness, os.X_OK):
         raise RuntimeError(f"no peer harness at {harness}: build it with "
-                           f"shared/peers/torch_caching_allocator/setup.sh {build_dir}")
+                           f"python -m mtia_alloc peer build {build_dir}")
     env = dict(os.environ)
     if memory_bytes:
         env["FAKE_CUDA_MEM_BYTES"] = str(memory_bytes)
