@@ -98,7 +98,9 @@ cdef class EventHandle:
         del self.ev
 
     def record(self, int device, int64_t sid):
-        self.ev.record(_stream_ptr(device, sid))
+        """Records the event on the stream; returns the stream position it follows (the
+        tasks queued before it, a timing event's marker included)."""
+        return self.ev.record(_stream_ptr(device, sid))
 
     def query(self):
         _allocator()

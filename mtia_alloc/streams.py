@@ -218,11 +218,8 @@ class Event:
                              f"index {stream.device_index}")
         self._device = stream.device_index
         note_event_record(self, stream)
-        self._handle.record(stream.device_index, stream.stream_id)
-        # The tasks queued so far (with a timing event's marker): the event follows them.
-        # The binding does not return the mark's own number; a kernel that another thread
-        # queues on the stream at this very moment may be counted as before the event.
-        self._seq = _C.stream_progress(stream.device_index, stream.stream_id)[0]
+        # The tasks queued before the event (with a timing event's marker): it follows them.
+        self._seq = self._handle.record(stream.device_index, stream.stream_id)
         self._stream_key = (stream.device_index, stream.stream_id)
         if not self.event_id:
             with Event._id_lock:

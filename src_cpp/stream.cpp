@@ -132,24 +132,26 @@ void run_wait(void* arg) { static_cast<WaitArg*>(arg)->mark.synchronize(); }
 void release_wait(void* arg) { delete static_cast<WaitArg*>(arg); }
 }  // namespace
 
-void Event::record(Stream* s) {
+uint64_t Event::record(Stream* s) {
   EventMark mark;
   Stamp stamp;
+  uint64_t position = s->enqueued();
   if (!timing_) {
-    mark = mark_now(s);
+    if (!s->reached(position)) mark = EventMark{s, position};
   } else {
     stamp = std::make_shared<std::atomic<int64_t>>(0);
-    if (s->query()) {  // idle stream: the event completes now
+    if (s->reached(position)) {  // idle stream: the event completes now
       stamp->store(now_ns());
     } else {
-      uint64_t seq = s->enqueue(Task{stamp_time, new Stamp(stamp), release_stamp});
-      mark = EventMark{s, seq};
+      position = s->enqueue(Task{stamp_time, new Stamp(stamp), release_stamp});
+      mark = EventMark{s, position};
     }
   }
   std::lock_guard<std::mutex> lock(mu_);
   recorded_ = true;
   mark_ = mark;
   time_ns_ = std::move(stamp);
+  return position;
 }
 
 double Event::elapsed_ms(const Event& end) const {

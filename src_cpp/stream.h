@@ -100,12 +100,6 @@ struct EventMark {
   }
 };
 
-// Records a mark on `s` covering all work queued so far.
-inline EventMark mark_now(Stream* s) {
-  uint64_t seq = s->enqueued();
-  if (s->reached(seq)) return EventMark{};
-  return EventMark{s, seq};
-}
 
 // A user-visible event (torch.mtia.Event). Timing events queue a marker task that
 // stamps the time at which the stream reached them. One thread may re-record an event
@@ -113,7 +107,9 @@ inline EventMark mark_now(Stream* s) {
 class Event {
  public:
   explicit Event(bool enable_timing) : timing_(enable_timing) {}
-  void record(Stream* s);
+  // Returns the stream position the event follows: the number of tasks queued on `s`
+  // before it (a timing event's marker included), read once, as the mark itself uses it.
+  uint64_t record(Stream* s);
   bool query() const { return mark().query(); }
   void synchronize() const { mark().synchronize(); }
   bool recorded() const {

@@ -21,7 +21,7 @@ cdef extern from "stream.h" namespace "mtia":
         cbool query()
     cdef cppclass Event:
         Event(cbool enable_timing)
-        void record(Stream* s)
+        uint64_t record(Stream* s)
         cbool query()
         void synchronize() except + nogil
         cbool recorded()
