@@ -11,7 +11,7 @@ if not torch.__version__.startswith("2.13."):
 
 import mtia_alloc  # noqa: E402
 import mtia_alloc.torch  # noqa: E402,F401
-from mtia_alloc import _viz_check  # noqa: E402
+from mtia_alloc.tools import viz_check as _viz_check  # noqa: E402
 
 nn = torch.nn
 
