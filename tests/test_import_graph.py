@@ -52,6 +52,7 @@ LAYERS = {
     "mtia_alloc.viz": CORE,
     "mtia_alloc.viz.load": CORE,
     "mtia_alloc.viz.render": CORE,
+    "mtia_alloc.viz.segments": CORE,
     "mtia_alloc.viz.model": CORE,
     "mtia_alloc.viz.frames": CORE,
     "mtia_alloc.viz.runner": CORE,
