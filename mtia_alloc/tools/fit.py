@@ -208,19 +208,24 @@ def _add_recorded_ooms(work):
     stream_values = list(t.stream_values)
     flushes = set(t.flushes)
     new_flushes = [f for f in t.flushes if f < p]
+
+    def add_failed_request(i):
+        """The recorded OOM entry i, replayed as an allocation of its size and its free."""
+        e = entries[i]
+        sv = _as_int(e.get("stream", 0))
+        if sv not in stream_values:
+            stream_values.append(sv)
+        si = stream_values.index(sv)
+        new_sizes.extend((_as_int(e.get("size")), 0))
+        new_slots.extend((slot, slot))
+        new_streams.extend((si, si))
+        new_entry.extend((i, i))
+
     k = 0
     for j in range(t.trace_events):
         at = entry_of[j] if entry_of[j] >= 0 else -2 - entry_of[j]  # a flush: its segment_free entry
         while k < len(ooms) and at > ooms[k]:
-            e = entries[ooms[k]]
-            sv = _as_int(e.get("stream", 0))
-            if sv not in stream_values:
-                stream_values.append(sv)
-            si = stream_values.index(sv)
-            new_sizes += [_as_int(e.get("size")), 0]
-            new_slots += [slot, slot]
-            new_streams += [si, si]
-            new_entry += [ooms[k], ooms[k]]
+            add_failed_request(ooms[k])
             k += 1
         if p + j in flushes:
             new_flushes.append(len(new_sizes))
@@ -229,15 +234,7 @@ def _add_recorded_ooms(work):
         new_streams.append(streams[p + j])
         new_entry.append(entry_of[j])
     for i in ooms[k:]:  # OOMs after the last replayed event
-        e = entries[i]
-        sv = _as_int(e.get("stream", 0))
-        if sv not in stream_values:
-            stream_values.append(sv)
-        si = stream_values.index(sv)
-        new_sizes += [_as_int(e.get("size")), 0]
-        new_slots += [slot, slot]
-        new_streams += [si, si]
-        new_entry += [i, i]
+        add_failed_request(i)
     t.sizes = np.asarray(new_sizes, dtype=np.uint64)
     t.slots = np.asarray(new_slots, dtype=np.uint32)
     t.streams = np.asarray(new_streams, dtype=np.uint32)
