@@ -20,11 +20,15 @@ if sanitize:
     link_args += flags
 
 core_sources = sorted(glob.glob("src_cpp/*.cpp"))
+# setuptools tracks no #include: a header, .pxd or .pxi change must rebuild the extension
+# (every source of it: a changed class layout in a header affects every object file).
+core_depends = sorted(glob.glob("src_cpp/*.h") + glob.glob("mtia_alloc/_core/*.pxd") + glob.glob("mtia_alloc/*.pxi"))
 
 ext = Extension(
     "mtia_alloc._C",
     sources=["mtia_alloc/_C.pyx"] + core_sources,
     include_dirs=["src_cpp", "mtia_alloc"],
+    depends=core_depends,
     language="c++",
     extra_compile_args=compile_args,
     extra_link_args=link_args,

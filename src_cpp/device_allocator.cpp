@@ -31,8 +31,6 @@ DeviceAllocator::DeviceAllocator(DeviceIndex device, Emulator* emulator, std::sh
                                  const AllocatorConfig* config)
     : device_(device), emulator_(emulator), config_(config), raw_(std::move(raw)),
       small_blocks_(true, nullptr, &arena_), large_blocks_(false, nullptr, &arena_) {
-  const DeviceMemory& mem = emulator->device(device).memory();
-  allocated_.set_direct_range(mem.base(), mem.span());
   stats_.max_split_size =
       config->max_split_size == AllocatorConfig::kUnlimited ? -1 : int64_t(config->max_split_size);
   if (config->per_process_memory_fraction < 1.0) set_memory_fraction(config->per_process_memory_fraction);
