@@ -28,8 +28,13 @@ class FreeIndex {
   BlockPool* const pool;  // whose free blocks these are
   const bool small;       // == pool->is_small, one load nearer for free()
 
-  bool empty() const { return count_ == 0; }
-  size_t size() const { return count_; }
+  bool empty() const { return (summary_[0] | summary_[1]) == 0; }
+  // Counted, not kept: only the invariant checker asks.
+  size_t size() const {
+    size_t n = 0;
+    for_each([&](const Block*) { ++n; });
+    return n;
+  }
 
   // The bitmap says which bins are non-empty; a bin with one block keeps it inline
   // (`solo`, and then its tree is empty), so the common cases never touch a tree.
@@ -46,7 +51,6 @@ class FreeIndex {
       insert_crowded(slot, b);
     }
     b->in_index = true;
-    ++count_;
   }
 
   MTIA_INLINE void erase(Block* b) { erase_in(b, bin_of(b->size)); }
@@ -55,7 +59,6 @@ class FreeIndex {
   MTIA_INLINE void erase_in(Block* b, size_t bin) {
     Bin& slot = bins_[bin];
     b->in_index = false;
-    --count_;
     if (slot.solo == b) {
       slot.solo = nullptr;
     } else {
@@ -70,7 +73,6 @@ class FreeIndex {
   // Smallest block with size >= `size` (by size, order, address), or nullptr; its bin
   // goes to *found_bin (for erase_in).
   MTIA_INLINE Block* lower_bound(size_t size, size_t* found_bin) const {
-    if (!count_) return nullptr;
     size_t bin = bin_of(size);  // < kBins: the bins cover every size
     const Bin& slot = bins_[bin];
     *found_bin = bin;
@@ -103,7 +105,7 @@ class FreeIndex {
 
   // Largest free block, or nullptr.
   Block* largest() const {
-    if (!count_) return nullptr;
+    if (empty()) return nullptr;
     int top = summary_[1] ? 1 : 0;
     size_t w = (size_t(top) << 6) + size_t(63 - __builtin_clzll(summary_[top]));
     size_t bin = (w << 6) + size_t(63 - __builtin_clzll(words_[w]));
@@ -184,7 +186,6 @@ class FreeIndex {
   }
 
   NodeArena* arena_;
-  size_t count_ = 0;
   uint64_t summary_[2] = {0, 0};          // bit w: words_[w] is non-zero
   std::array<uint64_t, kWords> words_{};  // bit b%64 of word b/64: bin b is non-empty
   Bin bins_[kBins];                       // inline: one load less than a separate array

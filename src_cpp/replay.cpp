@@ -44,7 +44,10 @@ ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEven
     uintptr_t& p = live[e.slot];
     if (e.size) {
       try {
-        p = a.malloc(device, e.size, stream_of[e.stream]);
+        // Straight to the device (as free below); Allocator::malloc refuses sizes of 1 EB
+        // and more before rounding could overflow.
+        p = __builtin_expect(e.size < kOneExaByte, 1) ? dev.malloc(e.size, stream_of[e.stream], kNoFrames)
+                                                       : a.malloc(device, e.size, stream_of[e.stream]);
       } catch (const OutOfMemory&) {
         p = 0;
         if (res.first_failure < 0) res.first_failure = int64_t(i);

@@ -17,7 +17,7 @@ struct Stat {
   void increase(int64_t n) {
     current += n;
     allocated += n;
-    peak = current > peak ? current : peak;  // branch-free
+    if (__builtin_expect(current > peak, 0)) peak = current;  // predicted: a trace's peak is rare news
   }
   // `freed` is not counted on the hot path: fill_freed() derives it from
   // current == current_at_reset + allocated - freed.
@@ -42,7 +42,7 @@ inline int64_t both_kinds_current(const StatArray& s) { return s[kSmallPool].cur
 __attribute__((always_inline)) inline void stat_add(StatArray& s, bool small, int64_t n) {
   s[small ? kSmallPool : kLargePool].increase(n);
   const int64_t all = both_kinds_current(s);
-  s[kAggregate].peak = all > s[kAggregate].peak ? all : s[kAggregate].peak;
+  if (__builtin_expect(all > s[kAggregate].peak, 0)) s[kAggregate].peak = all;
 }
 __attribute__((always_inline)) inline void stat_sub(StatArray& s, bool small, int64_t n) {
   s[small ? kSmallPool : kLargePool].decrease(n);
