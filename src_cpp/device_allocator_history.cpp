@@ -16,10 +16,7 @@ namespace mtia {
 void DeviceAllocator::record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
                                    const FramesPtr& frames) {
   if (trace_.skip_mask & (1u << unsigned(a))) return;  // skip_actions: not recorded at all
-  // A free's free_completed follows its free_requested at once: one clock reading serves both.
-  const TraceRecord* prev = a == TraceAction::kFreeCompleted ? trace_.last() : nullptr;
-  const uint64_t tick = prev && prev->action == TraceAction::kFreeRequested && prev->addr == addr ? prev->tick
-                                                                                                   : trace_clock();
+  const uint64_t tick = trace_.stamp();
   TraceRecord& e = trace_.push();
   e.tick = tick;
   e.addr = addr;
@@ -41,12 +38,12 @@ void DeviceAllocator::set_history(bool enabled, RecordContext context, size_t ma
   if (!enabled) {
     history_on_ = false;
     record_context_ = RecordContext::kNever;
-    trace_.clear();
+    trace_.stop();
     trace_.skip_mask = 0;
     update_plain();
     return;
   }
-  if (!history_on_ || clear) trace_.set_capacity(max_entries);
+  if (!history_on_ || clear) trace_.start(max_entries);
   else trace_.resize(max_entries);  // PyTorch applies a new size without clearing
   trace_.skip_mask = skip_mask;
   history_on_ = true;
