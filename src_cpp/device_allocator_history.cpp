@@ -13,12 +13,32 @@
 
 namespace mtia {
 
+// The common case (the ring full, no stack kept, no metadata string in use) writes the
+// slot in a leaf (no call but the stream's tail call, so no register is saved); the rest
+// goes to record_trace_general.
 void DeviceAllocator::record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
                                    const FramesPtr& frames) {
   if (trace_.skip_mask & (1u << unsigned(a))) return;  // skip_actions: not recorded at all
-  const uint64_t tick = trace_.stamp();
+  TraceRecord* e = trace_.next_slot();
+  if (__builtin_expect(!e || e->frames || record_context_ >= RecordContext::kAlloc ||
+                           metadata_in_use().load(std::memory_order_relaxed),
+                       0))
+    return record_trace_general(a, addr, size, stream, pool, frames);
+  trace_.advance();
+  e->tick = trace_.stamp();
+  e->addr = addr;
+  e->size = size;
+  e->stream = stream;
+  e->pool = pool;
+  e->metadata = 0;
+  e->action = a;
+  if (HistoryStream* s = HistoryStream::active()) s->event(device_, *e);
+}
+
+void DeviceAllocator::record_trace_general(TraceAction a, uintptr_t addr, size_t size, StreamId stream,
+                                           MempoolId pool, const FramesPtr& frames) {
   TraceRecord& e = trace_.push();
-  e.tick = tick;
+  e.tick = trace_.stamp();
   e.addr = addr;
   e.size = size;
   e.stream = stream;

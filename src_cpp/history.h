@@ -227,7 +227,7 @@ class TraceRing {
   void clear() {
     entries_.clear();
     entries_.shrink_to_fit();
-    next_ = 0;
+    next_ = filled_ = 0;
   }
   // The time stamp of a new record (see the top comment): the coarse clock, or the TSC
   // for the first kExactPerPeriod records of a period; never below the previous stamp.
@@ -245,8 +245,14 @@ class TraceRing {
     if (t > last_tick_) last_tick_ = t;
     return last_tick_;
   }
-  TraceRecord& push() {  // the slot to fill: appended, or the oldest overwritten
-    if (__builtin_expect(entries_.size() < capacity_, 0)) return entries_.emplace_back();
+  // The fast path's slot: the oldest entry (to overwrite) once the ring is full, else
+  // null; advance() takes it.
+  TraceRecord* next_slot() { return next_ < filled_ ? &entries_[next_] : nullptr; }
+  void advance() {
+    if (++next_ == capacity_) next_ = 0;
+  }
+  TraceRecord& push() {  // the slot to fill: the oldest overwritten, or appended
+    if (__builtin_expect(next_ >= filled_, 0)) return append();
     TraceRecord& r = entries_[next_];
     if (++next_ == capacity_) next_ = 0;
     return r;
@@ -257,7 +263,8 @@ class TraceRing {
     capacity_ = n < 1 ? 1 : n;
     if (keep.size() > capacity_) keep.erase(keep.begin(), keep.end() - std::ptrdiff_t(capacity_));
     entries_ = std::move(keep);
-    next_ = 0;  // oldest first again
+    filled_ = entries_.size();
+    next_ = filled_ == capacity_ ? 0 : filled_;  // oldest first again
   }
   std::vector<TraceRecord> ordered() const {  // oldest first
     std::vector<TraceRecord> out;
@@ -269,6 +276,13 @@ class TraceRing {
   uint32_t skip_mask = 0;  // bit (1 << action): not recorded (skip_actions)
 
  private:
+  // Filling up: next_ == filled_ until the ring is full, then the oldest entry.
+  __attribute__((noinline)) TraceRecord& append() {
+    TraceRecord& r = entries_.emplace_back();
+    filled_ = entries_.size();
+    next_ = filled_ == capacity_ ? 0 : filled_;
+    return r;
+  }
   void set_capacity(size_t n) {
     capacity_ = n < 1 ? 1 : n;
     clear();
@@ -279,7 +293,8 @@ class TraceRing {
 
   size_t capacity_ = 1;
   std::vector<TraceRecord> entries_;
-  size_t next_ = 0;  // oldest entry once full
+  size_t next_ = 0;    // the slot push() fills: the oldest entry once full
+  size_t filled_ = 0;  // entries_.size()
   uint64_t last_coarse_ = 0, last_tick_ = 0;
   uint32_t exact_left_ = 0;
   bool clock_held_ = false;
