@@ -567,21 +567,95 @@ struct FrameSink {
   }
 };
 
+#if MTIA_FAST_FRAMES
+// The chains of interpreter frames the last few captures of a thread read, each with the
+// stack it gave. A capture first checks the live chain against them: when every frame is
+// the cached one (same address, code, instruction, owner and `previous` link) the stack
+// is the cached one, with no hashing or interning. A cached address is read only once the
+// frame before it has been seen to link to it, so the check never touches a frame that
+// is gone; its loads come from the cache, not from the chain, so they run in parallel
+// (about half the walk's cost). Keyed by thread state (a reused one only costs a miss).
+struct ChainFrame {
+  const _PyInterpreterFrame* addr;
+  const void* code;
+  const void* instr;
+  uintptr_t owner;
+};
+struct ChainCache {
+  static constexpr int kEntries = 4;
+  struct Entry {
+    std::vector<ChainFrame> chain;  // innermost first, every frame (skipped ones too), then a null address
+    mtia::FramesPtr stack;
+    uint64_t used = 0;
+  };
+  Entry entries[kEntries];
+  uint64_t clock = 0;
+  std::vector<ChainFrame> walked;  // the chain of the capture under way (a miss)
+};
+inline ChainCache& chain_cache(PyThreadState* ts) {
+  static PyThreadState* last_ts = nullptr;
+  static ChainCache* last = nullptr;
+  if (ts != last_ts) {
+    static auto* by_thread = new std::unordered_map<PyThreadState*, ChainCache>();
+    last = &(*by_thread)[ts];
+    last_ts = ts;
+  }
+  return *last;
+}
+inline bool chain_matches(const ChainFrame* c, const _PyInterpreterFrame* top) {
+  if (c[0].addr != top) return false;
+  for (; c->addr; ++c) {
+    const _PyInterpreterFrame* f = c->addr;  // live: the previous frame links to it
+    if ((f->previous != c[1].addr) | (f->f_code != c->code) | (f->prev_instr != c->instr) |
+        (uintptr_t(uint8_t(f->owner)) != c->owner))
+      return false;
+  }
+  return true;
+}
+#endif
+
 // The caller's stack, innermost first, without mtia_alloc's own frames on top, interned
 // (equal stacks are one object). GIL held. On CPython 3.11 and 3.12 the interpreter's
 // frame chain is read directly (no frame objects are made, no reference counts touched:
-// a few nanoseconds a frame); other versions walk frame objects through the public API.
+// a few nanoseconds a frame), and first checked against the thread's recent chains
+// (ChainCache); other versions walk frame objects through the public API.
 inline std::shared_ptr<const mtia::Frames> capture_frames() {
   FrameSink sink(stack_table());
   bool skipping = true;
 #if MTIA_FAST_FRAMES
   PyThreadState* ts = PyThreadState_Get();
-  for (_PyInterpreterFrame* f = ts->cframe->current_frame; f; f = f->previous) {
-    if (_PyFrame_IsIncomplete(f)) continue;
+  _PyInterpreterFrame* const top = ts->cframe->current_frame;
+  ChainCache& cache = chain_cache(ts);
+  const uint64_t now = ++cache.clock;
+  ChainCache::Entry* victim = &cache.entries[0];
+  for (ChainCache::Entry& e : cache.entries) {
+    if (top && !e.chain.empty() && e.chain[0].addr == top && e.chain[0].instr == top->prev_instr &&
+        chain_matches(e.chain.data(), top)) {
+      e.used = now;
+      return e.stack;
+    }
+    if (e.used < victim->used) victim = &e;
+  }
+  std::vector<ChainFrame>& walked = cache.walked;
+  walked.clear();
+  for (_PyInterpreterFrame* f = top; f; f = f->previous) {
+    walked.push_back(ChainFrame{f, f->f_code, f->prev_instr, uintptr_t(uint8_t(f->owner))});
+    if (_PyFrame_IsIncomplete(f)) {
+      // Kept alive (as every code of a cached chain is), so a cached code address is never
+      // another code object's.
+      code_internal_registered(reinterpret_cast<PyObject*>(f->f_code));
+      continue;
+    }
     PyObject* code = reinterpret_cast<PyObject*>(f->f_code);
     if (skipping && (skipping = top_code_internal(code))) continue;
     sink.add(code, int(_PyInterpreterFrame_LASTI(f) * sizeof(_Py_CODEUNIT)), 0);
   }
+  walked.push_back(ChainFrame{nullptr, nullptr, nullptr, 0});
+  mtia::FramesPtr stack = intern_stack(sink.t, sink.h, sink.n);
+  victim->chain.swap(walked);
+  victim->stack = stack;
+  victim->used = now;
+  return stack;
 #else
   PyFrameObject* f = PyEval_GetFrame();  // borrowed
   Py_XINCREF(f);
@@ -601,8 +675,8 @@ inline std::shared_ptr<const mtia::Frames> capture_frames() {
     Py_DECREF(f);
     f = back;
   }
-#endif
   return intern_stack(sink.t, sink.h, sink.n);
+#endif
 }
 
 // The open history stream gets the stack table so far (called right after it opens).
