@@ -7,6 +7,10 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <cstddef>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -575,16 +579,21 @@ struct FrameSink {
 // frame before it has been seen to link to it, so the check never touches a frame that
 // is gone; its loads come from the cache, not from the chain, so they run in parallel
 // (about half the walk's cost). Keyed by thread state (a reused one only costs a miss).
-struct ChainFrame {
-  const _PyInterpreterFrame* addr;
+// One frame of a cached chain, laid out as the interpreter frame's f_code, frame_obj,
+// previous, prev_instr are on 3.11 (so one 32-byte compare checks a frame there), with
+// the owner in frame_obj's place (frame_obj may come and go: not compared).
+struct alignas(32) ChainFrame {
   const void* code;
-  const void* instr;
   uintptr_t owner;
+  const _PyInterpreterFrame* next;  // `previous`: the next frame out, null for the last
+  const void* instr;
 };
 struct ChainCache {
   static constexpr int kEntries = 4;
   struct Entry {
-    std::vector<ChainFrame> chain;  // innermost first, every frame (skipped ones too), then a null address
+    const _PyInterpreterFrame* top = nullptr;  // the innermost frame's address
+    const void* top_instr = nullptr;
+    std::vector<ChainFrame> chain;  // innermost first, every frame (skipped ones too)
     mtia::FramesPtr stack;
     uint64_t used = 0;
   };
@@ -602,15 +611,41 @@ inline ChainCache& chain_cache(PyThreadState* ts) {
   }
   return *last;
 }
-inline bool chain_matches(const ChainFrame* c, const _PyInterpreterFrame* top) {
-  if (c[0].addr != top) return false;
-  for (; c->addr; ++c) {
-    const _PyInterpreterFrame* f = c->addr;  // live: the previous frame links to it
-    if ((f->previous != c[1].addr) | (f->f_code != c->code) | (f->prev_instr != c->instr) |
+inline bool chain_matches_scalar(const ChainFrame* c, const _PyInterpreterFrame* f) {
+  for (;; ++c) {  // f is live: the previous frame links to it
+    if ((f->previous != c->next) | (f->f_code != c->code) | (f->prev_instr != c->instr) |
         (uintptr_t(uint8_t(f->owner)) != c->owner))
       return false;
+    if (!(f = c->next)) return true;
   }
-  return true;
+}
+#if defined(__x86_64__) && PY_VERSION_HEX < 0x030C0000
+// 3.11's layout: f_code, frame_obj, previous, prev_instr are 32 contiguous bytes.
+static_assert(offsetof(_PyInterpreterFrame, frame_obj) == offsetof(_PyInterpreterFrame, f_code) + 8 &&
+                  offsetof(_PyInterpreterFrame, previous) == offsetof(_PyInterpreterFrame, f_code) + 16 &&
+                  offsetof(_PyInterpreterFrame, prev_instr) == offsetof(_PyInterpreterFrame, f_code) + 24,
+              "ChainFrame mirrors 3.11's _PyInterpreterFrame");
+#define MTIA_CHAIN_AVX2 1
+__attribute__((target("avx2"))) inline bool chain_matches_avx2(const ChainFrame* c, const _PyInterpreterFrame* f) {
+  for (;; ++c) {
+    const __m256i live = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(reinterpret_cast<const char*>(f) + offsetof(_PyInterpreterFrame, f_code)));
+    const __m256i want = _mm256_load_si256(reinterpret_cast<const __m256i*>(c));
+    const unsigned eq = unsigned(_mm256_movemask_epi8(_mm256_cmpeq_epi64(live, want)));
+    if (((eq | 0xFF00u) != 0xFFFFFFFFu) | (uintptr_t(uint8_t(f->owner)) != c->owner)) return false;
+    if (!(f = c->next)) return true;
+  }
+}
+#else
+#define MTIA_CHAIN_AVX2 0
+#endif
+// Whether the live chain from `top` is the cached one.
+inline bool chain_matches(const ChainFrame* c, const _PyInterpreterFrame* top) {
+#if MTIA_CHAIN_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return chain_matches_avx2(c, top);
+#endif
+  return chain_matches_scalar(c, top);
 }
 #endif
 
@@ -629,8 +664,7 @@ inline std::shared_ptr<const mtia::Frames> capture_frames() {
   const uint64_t now = ++cache.clock;
   ChainCache::Entry* victim = &cache.entries[0];
   for (ChainCache::Entry& e : cache.entries) {
-    if (top && !e.chain.empty() && e.chain[0].addr == top && e.chain[0].instr == top->prev_instr &&
-        chain_matches(e.chain.data(), top)) {
+    if (top && e.top == top && e.top_instr == top->prev_instr && chain_matches(e.chain.data(), top)) {
       e.used = now;
       return e.stack;
     }
@@ -639,7 +673,7 @@ inline std::shared_ptr<const mtia::Frames> capture_frames() {
   std::vector<ChainFrame>& walked = cache.walked;
   walked.clear();
   for (_PyInterpreterFrame* f = top; f; f = f->previous) {
-    walked.push_back(ChainFrame{f, f->f_code, f->prev_instr, uintptr_t(uint8_t(f->owner))});
+    walked.push_back(ChainFrame{f->f_code, uintptr_t(uint8_t(f->owner)), f->previous, f->prev_instr});
     if (_PyFrame_IsIncomplete(f)) {
       // Kept alive (as every code of a cached chain is), so a cached code address is never
       // another code object's.
@@ -650,8 +684,9 @@ inline std::shared_ptr<const mtia::Frames> capture_frames() {
     if (skipping && (skipping = top_code_internal(code))) continue;
     sink.add(code, int(_PyInterpreterFrame_LASTI(f) * sizeof(_Py_CODEUNIT)), 0);
   }
-  walked.push_back(ChainFrame{nullptr, nullptr, nullptr, 0});
   mtia::FramesPtr stack = intern_stack(sink.t, sink.h, sink.n);
+  victim->top = walked.empty() ? nullptr : top;  // an empty chain is never matched
+  victim->top_instr = top ? top->prev_instr : nullptr;
   victim->chain.swap(walked);
   victim->stack = stack;
   victim->used = now;

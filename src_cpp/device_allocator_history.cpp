@@ -20,7 +20,7 @@ void DeviceAllocator::record_trace(TraceAction a, uintptr_t addr, size_t size, S
                                    const FramesPtr& frames) {
   if (trace_.skip_mask & (1u << unsigned(a))) return;  // skip_actions: not recorded at all
   TraceRecord* e = trace_.next_slot();
-  if (__builtin_expect(!e || e->frames || record_context_ >= RecordContext::kAlloc ||
+  if (__builtin_expect(!e || trace_.holds_frames || record_context_ >= RecordContext::kAlloc ||
                            metadata_in_use().load(std::memory_order_relaxed),
                        0))
     return record_trace_general(a, addr, size, stream, pool, frames);
@@ -43,8 +43,12 @@ void DeviceAllocator::record_trace_general(TraceAction a, uintptr_t addr, size_t
   e.size = size;
   e.stream = stream;
   e.pool = pool;
-  if (record_context_ >= RecordContext::kAlloc) e.frames = frames;
-  else if (e.frames) e.frames.reset();
+  if (record_context_ >= RecordContext::kAlloc) {
+    e.frames = frames;
+    if (frames) trace_.holds_frames = true;
+  } else if (e.frames) {
+    e.frames.reset();
+  }
   e.metadata = current_metadata_id();
   e.action = a;
   if (HistoryStream* s = HistoryStream::active()) s->event(device_, e);

@@ -228,6 +228,7 @@ class TraceRing {
     entries_.clear();
     entries_.shrink_to_fit();
     next_ = filled_ = 0;
+    holds_frames = false;
   }
   // The time stamp of a new record (see the top comment): the coarse clock, or the TSC
   // for the first kExactPerPeriod records of a period; never below the previous stamp.
@@ -274,6 +275,8 @@ class TraceRing {
   }
 
   uint32_t skip_mask = 0;  // bit (1 << action): not recorded (skip_actions)
+  // Some entry may hold a stack (to drop when overwritten): the fast path reads no slot.
+  bool holds_frames = false;
 
  private:
   // Filling up: next_ == filled_ until the ring is full, then the oldest entry.
