@@ -7,6 +7,10 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <cstddef>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -567,21 +571,126 @@ struct FrameSink {
   }
 };
 
+#if MTIA_FAST_FRAMES
+// The chains of interpreter frames the last few captures of a thread read, each with the
+// stack it gave. A capture first checks the live chain against them: when every frame is
+// the cached one (same address, code, instruction, owner and `previous` link) the stack
+// is the cached one, with no hashing or interning. A cached address is read only once the
+// frame before it has been seen to link to it, so the check never touches a frame that
+// is gone; its loads come from the cache, not from the chain, so they run in parallel
+// (about half the walk's cost). Keyed by thread state (a reused one only costs a miss).
+// One frame of a cached chain, laid out as the interpreter frame's f_code, frame_obj,
+// previous, prev_instr are on 3.11 (so one 32-byte compare checks a frame there), with
+// the owner in frame_obj's place (frame_obj may come and go: not compared).
+struct alignas(32) ChainFrame {
+  const void* code;
+  uintptr_t owner;
+  const _PyInterpreterFrame* next;  // `previous`: the next frame out, null for the last
+  const void* instr;
+};
+struct ChainCache {
+  static constexpr int kEntries = 4;
+  struct Entry {
+    const _PyInterpreterFrame* top = nullptr;  // the innermost frame's address
+    const void* top_instr = nullptr;
+    std::vector<ChainFrame> chain;  // innermost first, every frame (skipped ones too)
+    mtia::FramesPtr stack;
+    uint64_t used = 0;
+  };
+  Entry entries[kEntries];
+  uint64_t clock = 0;
+  std::vector<ChainFrame> walked;  // the chain of the capture under way (a miss)
+};
+inline ChainCache& chain_cache(PyThreadState* ts) {
+  static PyThreadState* last_ts = nullptr;
+  static ChainCache* last = nullptr;
+  if (ts != last_ts) {
+    static auto* by_thread = new std::unordered_map<PyThreadState*, ChainCache>();
+    last = &(*by_thread)[ts];
+    last_ts = ts;
+  }
+  return *last;
+}
+inline bool chain_matches_scalar(const ChainFrame* c, const _PyInterpreterFrame* f) {
+  for (;; ++c) {  // f is live: the previous frame links to it
+    if ((f->previous != c->next) | (f->f_code != c->code) | (f->prev_instr != c->instr) |
+        (uintptr_t(uint8_t(f->owner)) != c->owner))
+      return false;
+    if (!(f = c->next)) return true;
+  }
+}
+#if defined(__x86_64__) && PY_VERSION_HEX < 0x030C0000
+// 3.11's layout: f_code, frame_obj, previous, prev_instr are 32 contiguous bytes.
+static_assert(offsetof(_PyInterpreterFrame, frame_obj) == offsetof(_PyInterpreterFrame, f_code) + 8 &&
+                  offsetof(_PyInterpreterFrame, previous) == offsetof(_PyInterpreterFrame, f_code) + 16 &&
+                  offsetof(_PyInterpreterFrame, prev_instr) == offsetof(_PyInterpreterFrame, f_code) + 24,
+              "ChainFrame mirrors 3.11's _PyInterpreterFrame");
+#define MTIA_CHAIN_AVX2 1
+__attribute__((target("avx2"))) inline bool chain_matches_avx2(const ChainFrame* c, const _PyInterpreterFrame* f) {
+  for (;; ++c) {
+    const __m256i live = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(reinterpret_cast<const char*>(f) + offsetof(_PyInterpreterFrame, f_code)));
+    const __m256i want = _mm256_load_si256(reinterpret_cast<const __m256i*>(c));
+    const unsigned eq = unsigned(_mm256_movemask_epi8(_mm256_cmpeq_epi64(live, want)));
+    if (((eq | 0xFF00u) != 0xFFFFFFFFu) | (uintptr_t(uint8_t(f->owner)) != c->owner)) return false;
+    if (!(f = c->next)) return true;
+  }
+}
+#else
+#define MTIA_CHAIN_AVX2 0
+#endif
+// Whether the live chain from `top` is the cached one.
+inline bool chain_matches(const ChainFrame* c, const _PyInterpreterFrame* top) {
+#if MTIA_CHAIN_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return chain_matches_avx2(c, top);
+#endif
+  return chain_matches_scalar(c, top);
+}
+#endif
+
 // The caller's stack, innermost first, without mtia_alloc's own frames on top, interned
 // (equal stacks are one object). GIL held. On CPython 3.11 and 3.12 the interpreter's
 // frame chain is read directly (no frame objects are made, no reference counts touched:
-// a few nanoseconds a frame); other versions walk frame objects through the public API.
+// a few nanoseconds a frame), and first checked against the thread's recent chains
+// (ChainCache); other versions walk frame objects through the public API.
 inline std::shared_ptr<const mtia::Frames> capture_frames() {
   FrameSink sink(stack_table());
   bool skipping = true;
 #if MTIA_FAST_FRAMES
   PyThreadState* ts = PyThreadState_Get();
-  for (_PyInterpreterFrame* f = ts->cframe->current_frame; f; f = f->previous) {
-    if (_PyFrame_IsIncomplete(f)) continue;
+  _PyInterpreterFrame* const top = ts->cframe->current_frame;
+  ChainCache& cache = chain_cache(ts);
+  const uint64_t now = ++cache.clock;
+  ChainCache::Entry* victim = &cache.entries[0];
+  for (ChainCache::Entry& e : cache.entries) {
+    if (top && e.top == top && e.top_instr == top->prev_instr && chain_matches(e.chain.data(), top)) {
+      e.used = now;
+      return e.stack;
+    }
+    if (e.used < victim->used) victim = &e;
+  }
+  std::vector<ChainFrame>& walked = cache.walked;
+  walked.clear();
+  for (_PyInterpreterFrame* f = top; f; f = f->previous) {
+    walked.push_back(ChainFrame{f->f_code, uintptr_t(uint8_t(f->owner)), f->previous, f->prev_instr});
+    if (_PyFrame_IsIncomplete(f)) {
+      // Kept alive (as every code of a cached chain is), so a cached code address is never
+      // another code object's.
+      code_internal_registered(reinterpret_cast<PyObject*>(f->f_code));
+      continue;
+    }
     PyObject* code = reinterpret_cast<PyObject*>(f->f_code);
     if (skipping && (skipping = top_code_internal(code))) continue;
     sink.add(code, int(_PyInterpreterFrame_LASTI(f) * sizeof(_Py_CODEUNIT)), 0);
   }
+  mtia::FramesPtr stack = intern_stack(sink.t, sink.h, sink.n);
+  victim->top = walked.empty() ? nullptr : top;  // an empty chain is never matched
+  victim->top_instr = top ? top->prev_instr : nullptr;
+  victim->chain.swap(walked);
+  victim->stack = stack;
+  victim->used = now;
+  return stack;
 #else
   PyFrameObject* f = PyEval_GetFrame();  // borrowed
   Py_XINCREF(f);
@@ -601,8 +710,8 @@ inline std::shared_ptr<const mtia::Frames> capture_frames() {
     Py_DECREF(f);
     f = back;
   }
-#endif
   return intern_stack(sink.t, sink.h, sink.n);
+#endif
 }
 
 // The open history stream gets the stack table so far (called right after it opens).

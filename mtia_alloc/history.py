@@ -116,7 +116,7 @@ def record_memory_history(enabled="all", context="all", stacks="python", max_ent
     take no place in the max_entries ring buffer (nor in a streamed recording).
 
     path: also stream every recorded event, as it happens, to this file (a .mtrace:
-    compact binary records with the frame table, history_stream.h), so nothing is lost
+    delta-encoded binary records with the frame table, history_stream.h), so nothing is lost
     when the ring buffer wraps; `python -m mtia_alloc convert run.mtrace -o snap.pickle`
     turns it into a snapshot, and replay/fit/diff read it directly. Recording with a new
     path closes the previous file; enabled=None (or stop_recording()) closes it. A write
@@ -126,6 +126,12 @@ def record_memory_history(enabled="all", context="all", stacks="python", max_ent
     compile_context 'N/A'. global_record_annotations: torch records profiler annotations
     from every thread into external_annotations; the emulator has no profiler annotations,
     so it is accepted and external_annotations stays empty.
+
+    Time stamps (time_us): read from a coarse clock that a background thread refreshes
+    every millisecond while history is on (reading the TSC per event costs more than the
+    rest of the record); the first 16 events of each millisecond on a device still read
+    the TSC. So an entry's time is exact, or (in a burst) the previous entry's, at most
+    about a millisecond early; times never decrease on a device.
 
     As torch.mtia.record_memory_history, it does nothing before the device is initialised
     (it warns here, as that is easy to trip over): call mtia_alloc.init() first, or use

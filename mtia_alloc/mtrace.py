@@ -23,6 +23,7 @@ _FRAME_HEAD = struct.Struct("<IiH")
 _CLOCK = struct.Struct("<Qq")
 _SMALL_SEGMENT = 2 << 20  # the small pool's segment size
 _MIN_BLOCK = 512
+_U64 = (1 << 64) - 1
 
 
 def is_mtrace(path):
@@ -203,6 +204,57 @@ def _segment(seg, live):
             "blocks": blocks}
 
 
+def _batch(data, pos, end, events):
+    """Appends the events of the 'Z' record data[pos:end] (history_stream.h: each a head
+    byte and varints, relative to the previous event) to `events`; returns where the last
+    complete one ends (`end` unless the file was cut short inside the record)."""
+    device = stream = pa = pb = mid = tick = addr = size = 0
+    done = pos
+    try:
+        while pos < end:
+            head = data[pos]
+            pos += 1
+            if head & 0x10:
+                device, pos = _varint(data, pos, end)
+                v, pos = _varint(data, pos, end)
+                stream = (v >> 1) ^ -(v & 1)
+                pa, pos = _varint(data, pos, end)
+                pb, pos = _varint(data, pos, end)
+                mid, pos = _varint(data, pos, end)
+            v, pos = _varint(data, pos, end)
+            tick = (tick + ((v >> 1) ^ -(v & 1))) & _U64
+            if not head & 0x40:
+                v, pos = _varint(data, pos, end)
+                addr = (addr + ((v >> 1) ^ -(v & 1))) & _U64
+                size, pos = _varint(data, pos, end)
+            sid = 0
+            if head & 0x20:
+                sid, pos = _varint(data, pos, end)
+            events.append((head & 0x0F, device, sid, mid, tick, addr, size, stream, pa, pb))
+            done = pos
+    except IndexError:  # an event cut short
+        pass
+    return done
+
+
+def _varint(data, pos, end):
+    if pos >= end:
+        raise IndexError(pos)
+    b = data[pos]
+    if b < 0x80:
+        return b, pos + 1
+    v, shift = b & 0x7F, 7
+    while True:
+        pos += 1
+        if pos >= end:
+            raise IndexError(pos)
+        b = data[pos]
+        v |= (b & 0x7F) << shift
+        if b < 0x80:
+            return v, pos + 1
+        shift += 7
+
+
 def read(path):
     """The Recording in `path`; ValueError naming the problem for a file that is not a
     .mtrace or whose header is cut short (OSError for a missing or unreadable file)."""
@@ -223,9 +275,14 @@ def read(path):
         kind = data[pos]
         length = int.from_bytes(data[pos + 1:pos + 5], "little")
         body = pos + 5
-        if body + length > n:
+        if body + length > n and kind != 0x5A:
             break
-        if kind == 0x45:  # 'E'
+        if kind == 0x5A:  # 'Z'
+            end = _batch(data, body, min(body + length, n), events)
+            if end < body + length:  # cut short inside the batch: its complete events count
+                pos = end
+                break
+        elif kind == 0x45:  # 'E'
             if length == _EVENT.size:
                 a, _z, d, sid, mid, _z2, tick, addr, size, stream, pa, pb = unpack_event(data, body)
                 events.append((a, d, sid, mid, tick, addr, size, stream, pa, pb))

@@ -85,9 +85,27 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
   return malloc_in_pool<false, true>(lock, r);
 }
 
+// History without stacks, and nothing else that takes malloc off the plain path: a hit
+// as on the plain path, then its record.
+template <bool kSmall>
+MTIA_INLINE uintptr_t DeviceAllocator::malloc_recorded(Lock& lock, Request& r) {
+  r.frames = &kNoFrames;
+  r.pool = kSmall ? &small_blocks_ : &large_blocks_;
+  Block* block = get_free_block(r, r.pool);
+  if (__builtin_expect(!block, 0)) return malloc_miss<kSmall, false>(lock, r);
+  const uintptr_t ptr = alloc_found_block<kSmall, true>(r, block);
+  record_trace(TraceAction::kAlloc, ptr, r.orig_size, r.stream, MempoolId{}, kNoFrames);
+  return ptr;
+}
+
 // The request goes by value to the out-of-line paths, so that on the fast path it never
 // needs an address and lives in registers.
 uintptr_t DeviceAllocator::malloc_not_plain(Lock& lock, Request r, const FramesPtr& frames) {
+  // History without stacks is all that is on: a cache hit takes the plain path and then
+  // records (a miss, rare, takes the general one, which records the segment too).
+  if (history_on_ && record_context_ < RecordContext::kState && captures_underway_.empty() &&
+      !pending_event_count_ && deferred_.empty())
+    return r.size <= kSmallSize ? malloc_recorded<true>(lock, r) : malloc_recorded<false>(lock, r);
   r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
   // 2. Reclaim blocks whose cross-stream events completed (never during a capture).
   if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty()))
@@ -379,6 +397,10 @@ void DeviceAllocator::free_with_history_or_uses(Block* b, const FramesPtr& free_
     } else {
       insert_events(b);
     }
+  } else if (record_context_ < RecordContext::kAlloc) {
+    // No trace entry keeps a stack: the call's need not be noted.
+    if (is_small_block(b)) free_block_of<true>(b);
+    else free_block_of<false>(b);
   } else {
     free_block_with_call_frames(b, free_frames);
   }
@@ -462,7 +484,8 @@ MTIA_INLINE void DeviceAllocator::free_block_of(Block* b) {
   constexpr bool small = kSmall;
   if (history_on_)
     record_trace(TraceAction::kFreeCompleted, b->ptr, b->requested_size, b->seg->stream,
-                 pool_id_of(pool), call_frames_or(b->cold().frames));
+                 pool_id_of(pool),
+                 record_context_ >= RecordContext::kAlloc ? call_frames_or(b->cold().frames) : kNoFrames);
   if (b->has_frames) {
     b->cold().frames.reset();
     b->has_frames = false;

@@ -137,6 +137,8 @@ class alignas(64) DeviceAllocator {
   // The rest of malloc and free, compiled once per pool kind (small or large).
   template <bool kSmall, bool kPlain>
   MTIA_INLINE uintptr_t malloc_in_pool(Lock& lock, const Request& r);
+  template <bool kSmall>
+  MTIA_INLINE uintptr_t malloc_recorded(Lock& lock, Request& r);  // history without stacks, nothing else on
   template <bool kSmall, bool kPlain>
   __attribute__((noinline)) uintptr_t malloc_miss(Lock& lock, Request r);  // steps 4-6 after a cache miss
   __attribute__((noinline)) uintptr_t malloc_not_plain(Lock& lock, Request r, const FramesPtr& frames);
@@ -207,6 +209,8 @@ class alignas(64) DeviceAllocator {
   // device_allocator_history.cpp
   void record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
                     const FramesPtr& frames);
+  __attribute__((noinline)) void record_trace_general(TraceAction a, uintptr_t addr, size_t size, StreamId stream,
+                                                      MempoolId pool, const FramesPtr& frames);
 
   // The checkers check_invariants() runs, each next to the code it checks.
   void check_segment_tiling(InvariantReport& report);   // device_allocator.cpp

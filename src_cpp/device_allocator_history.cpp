@@ -13,21 +13,42 @@
 
 namespace mtia {
 
+// The common case (the ring full, no stack kept, no metadata string in use) writes the
+// slot in a leaf (no call but the stream's tail call, so no register is saved); the rest
+// goes to record_trace_general.
 void DeviceAllocator::record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
                                    const FramesPtr& frames) {
   if (trace_.skip_mask & (1u << unsigned(a))) return;  // skip_actions: not recorded at all
-  // A free's free_completed follows its free_requested at once: one clock reading serves both.
-  const TraceRecord* prev = a == TraceAction::kFreeCompleted ? trace_.last() : nullptr;
-  const uint64_t tick = prev && prev->action == TraceAction::kFreeRequested && prev->addr == addr ? prev->tick
-                                                                                                   : trace_clock();
+  TraceRecord* e = trace_.next_slot();
+  if (__builtin_expect(!e || trace_.holds_frames || record_context_ >= RecordContext::kAlloc ||
+                           metadata_in_use().load(std::memory_order_relaxed),
+                       0))
+    return record_trace_general(a, addr, size, stream, pool, frames);
+  trace_.advance();
+  e->tick = trace_.stamp();
+  e->addr = addr;
+  e->size = size;
+  e->stream = stream;
+  e->pool = pool;
+  e->metadata = 0;
+  e->action = a;
+  if (HistoryStream* s = HistoryStream::active()) s->event(device_, *e);
+}
+
+void DeviceAllocator::record_trace_general(TraceAction a, uintptr_t addr, size_t size, StreamId stream,
+                                           MempoolId pool, const FramesPtr& frames) {
   TraceRecord& e = trace_.push();
-  e.tick = tick;
+  e.tick = trace_.stamp();
   e.addr = addr;
   e.size = size;
   e.stream = stream;
   e.pool = pool;
-  if (record_context_ >= RecordContext::kAlloc) e.frames = frames;
-  else if (e.frames) e.frames.reset();
+  if (record_context_ >= RecordContext::kAlloc) {
+    e.frames = frames;
+    if (frames) trace_.holds_frames = true;
+  } else if (e.frames) {
+    e.frames.reset();
+  }
   e.metadata = current_metadata_id();
   e.action = a;
   if (HistoryStream* s = HistoryStream::active()) s->event(device_, e);
@@ -41,12 +62,12 @@ void DeviceAllocator::set_history(bool enabled, RecordContext context, size_t ma
   if (!enabled) {
     history_on_ = false;
     record_context_ = RecordContext::kNever;
-    trace_.clear();
+    trace_.stop();
     trace_.skip_mask = 0;
     update_plain();
     return;
   }
-  if (!history_on_ || clear) trace_.set_capacity(max_entries);
+  if (!history_on_ || clear) trace_.start(max_entries);
   else trace_.resize(max_entries);  // PyTorch applies a new size without clearing
   trace_.skip_mask = skip_mask;
   history_on_ = true;

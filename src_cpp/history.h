@@ -2,9 +2,18 @@
 // trace records per device, recorded under the device lock only while history is enabled
 // (the fast path pays one branch when it is off), and optionally streamed to a file
 // (history_stream.h). A record is plain data plus an interned stack: the time is a raw
-// clock reading (the TSC) converted to epoch microseconds when the trace is read, the
+// clock reading (TSC ticks) converted to epoch microseconds when the trace is read, the
 // per-thread user metadata is an id into a process-wide string table, and skipped
 // actions (skip_actions) are dropped before anything is written.
+//
+// Time stamps: reading the TSC costs ~14 ns on a VM (RDTSC is microcoded), more than the
+// rest of a record, so a record normally reads a coarse clock instead: a TSC reading a
+// background thread stores every kCoarsePeriod (1 ms) while history is on (CoarseClock).
+// The first kExactPerPeriod records of each period on a device still read the TSC itself,
+// so a device recording fewer than 16 events a millisecond gets exact times; in a burst,
+// later records of the period repeat the previous record's time. So a time stamp is
+// exact or at most about one period (plus the clock thread's scheduling delay) early,
+// and never decreases on a device.
 // Relies on: frames.h and types.h.
 #pragma once
 #include <atomic>
@@ -98,6 +107,22 @@ inline const ClockAnchor& first_clock_anchor() {
   return anchor;
 }
 
+// The coarse clock (see the top comment): a TSC reading refreshed every kCoarsePeriod by a
+// background thread that runs while some ring holds a user (TraceRing::start/stop);
+// now() is one relaxed load. Never decreases (the thread stores max(old, TSC)).
+class CoarseClock {
+ public:
+  static uint64_t now() { return tick_.load(std::memory_order_relaxed); }
+  static void acquire();  // history_clock.cpp: refreshes now() at once; starts the thread
+  static void release();  // the last user's release stops the thread
+  static constexpr std::chrono::microseconds kCoarsePeriod{1000};
+
+ private:
+  static std::atomic<uint64_t> tick_;
+  friend struct CoarseClockThread;
+};
+constexpr uint32_t kExactPerPeriod = 16;
+
 // Epoch microseconds of `tick`, interpolated (or extrapolated) through anchors a and b.
 inline int64_t ticks_to_us(uint64_t tick, const ClockAnchor& a, const ClockAnchor& b) {
   if (b.tick == a.tick) return a.us;
@@ -178,27 +203,60 @@ struct TraceRecord {
 
 class TraceRing {
  public:
-  void set_capacity(size_t n) {
-    capacity_ = n < 1 ? 1 : n;
+  TraceRing() = default;
+  TraceRing(const TraceRing&) = delete;
+  TraceRing& operator=(const TraceRing&) = delete;
+  ~TraceRing() { stop(); }
+
+  // History on (with room for n entries, emptied) / off (emptied). The coarse clock runs
+  // while some ring is started.
+  void start(size_t n) {
+    if (!clock_held_) {
+      CoarseClock::acquire();
+      clock_held_ = true;
+    }
+    set_capacity(n);
+  }
+  void stop() {
     clear();
-    // Room up front (address space only: pages are touched as records arrive), so the
-    // record path never copies the buffer to grow it below a million entries.
-    entries_.reserve(capacity_ < (size_t(1) << 20) ? capacity_ : (size_t(1) << 20));
+    if (clock_held_) {
+      clock_held_ = false;
+      CoarseClock::release();
+    }
   }
   void clear() {
     entries_.clear();
     entries_.shrink_to_fit();
-    next_ = 0;
+    next_ = filled_ = 0;
+    holds_frames = false;
   }
-  TraceRecord& push() {  // the slot to fill: appended, or the oldest overwritten
-    if (entries_.size() < capacity_) return entries_.emplace_back();
+  // The time stamp of a new record (see the top comment): the coarse clock, or the TSC
+  // for the first kExactPerPeriod records of a period; never below the previous stamp.
+  uint64_t stamp() {
+    const uint64_t coarse = CoarseClock::now();
+    uint64_t t = coarse;
+    if (coarse != last_coarse_) {
+      last_coarse_ = coarse;
+      exact_left_ = kExactPerPeriod;
+    }
+    if (exact_left_) {
+      --exact_left_;
+      t = trace_clock();
+    }
+    if (t > last_tick_) last_tick_ = t;
+    return last_tick_;
+  }
+  // The fast path's slot: the oldest entry (to overwrite) once the ring is full, else
+  // null; advance() takes it.
+  TraceRecord* next_slot() { return next_ < filled_ ? &entries_[next_] : nullptr; }
+  void advance() {
+    if (++next_ == capacity_) next_ = 0;
+  }
+  TraceRecord& push() {  // the slot to fill: the oldest overwritten, or appended
+    if (__builtin_expect(next_ >= filled_, 0)) return append();
     TraceRecord& r = entries_[next_];
     if (++next_ == capacity_) next_ = 0;
     return r;
-  }
-  const TraceRecord* last() const {
-    if (entries_.empty()) return nullptr;
-    return &entries_[(next_ == 0 ? entries_.size() : next_) - 1];
   }
   // New capacity keeping the newest entries (history stays on).
   void resize(size_t n) {
@@ -206,7 +264,8 @@ class TraceRing {
     capacity_ = n < 1 ? 1 : n;
     if (keep.size() > capacity_) keep.erase(keep.begin(), keep.end() - std::ptrdiff_t(capacity_));
     entries_ = std::move(keep);
-    next_ = 0;  // oldest first again
+    filled_ = entries_.size();
+    next_ = filled_ == capacity_ ? 0 : filled_;  // oldest first again
   }
   std::vector<TraceRecord> ordered() const {  // oldest first
     std::vector<TraceRecord> out;
@@ -216,11 +275,32 @@ class TraceRing {
   }
 
   uint32_t skip_mask = 0;  // bit (1 << action): not recorded (skip_actions)
+  // Some entry may hold a stack (to drop when overwritten): the fast path reads no slot.
+  bool holds_frames = false;
 
  private:
+  // Filling up: next_ == filled_ until the ring is full, then the oldest entry.
+  __attribute__((noinline)) TraceRecord& append() {
+    TraceRecord& r = entries_.emplace_back();
+    filled_ = entries_.size();
+    next_ = filled_ == capacity_ ? 0 : filled_;
+    return r;
+  }
+  void set_capacity(size_t n) {
+    capacity_ = n < 1 ? 1 : n;
+    clear();
+    // Room up front (address space only: pages are touched as records arrive), so the
+    // record path never copies the buffer to grow it below a million entries.
+    entries_.reserve(capacity_ < (size_t(1) << 20) ? capacity_ : (size_t(1) << 20));
+  }
+
   size_t capacity_ = 1;
   std::vector<TraceRecord> entries_;
-  size_t next_ = 0;  // oldest entry once full
+  size_t next_ = 0;    // the slot push() fills: the oldest entry once full
+  size_t filled_ = 0;  // entries_.size()
+  uint64_t last_coarse_ = 0, last_tick_ = 0;
+  uint32_t exact_left_ = 0;
+  bool clock_held_ = false;
 };
 
 }  // namespace mtia

@@ -20,15 +20,18 @@ std::atomic<void (*)(const char*)> g_error_hook{nullptr};
 std::mutex g_exchange_mu;
 std::shared_ptr<HistoryStream> g_current;  // keeps active_ alive; under g_exchange_mu
 
-struct EventPayload {
-  uint8_t action, zero;
-  int16_t device;
-  uint32_t stack, metadata, zero2;
-  uint64_t tick, addr, size;
-  int64_t stream;
-  uint64_t pool_a, pool_b;
-};
-static_assert(sizeof(EventPayload) == 64, "the .mtrace event record is 64 bytes");
+// LEB128: 7 bits a byte, low first; a signed value is zigzag-mapped first.
+constexpr size_t kMaxEventBytes = 1 + 5 * 10 + 3 * 10 + 5;  // head, context, tick/addr/size, stack
+inline char* put_varint(char* p, uint64_t v) {
+  while (v >= 0x80) {
+    *p++ = char(v | 0x80);
+    v >>= 7;
+  }
+  *p++ = char(v);
+  return p;
+}
+inline uint64_t zigzag(int64_t v) { return (uint64_t(v) << 1) ^ uint64_t(v >> 63); }
+constexpr size_t kNoBatch = ~size_t(0);
 }  // namespace
 
 std::atomic<HistoryStream*> HistoryStream::active_{nullptr};
@@ -105,12 +108,17 @@ HistoryStream::Buffer HistoryStream::new_buffer(size_t at_least) {
   return b;
 }
 
-char* HistoryStream::reserve(uint32_t n) {
+void HistoryStream::ensure_room(size_t n) {
   if (cur_.used + n > cur_.size) {
+    close_batch();  // a batch never spans two buffers
     if (cur_.used) full_.push_back(std::move(cur_));
     cur_ = new_buffer(n);
     wake_.notify_one();  // without wmu_: a missed wake-up costs at most one 50 ms tick
   }
+}
+
+char* HistoryStream::reserve(uint32_t n) {
+  ensure_room(n);
   char* p = cur_.data.get() + cur_.used;
   cur_.used += n;
   return p;
@@ -122,6 +130,7 @@ void HistoryStream::append2(char kind, const void* a, uint32_t na, const void* b
   if (failed()) return;
   uint32_t len = na + nb;
   mu_.lock();
+  close_batch();
   char* p = reserve(5 + len);
   p[0] = kind;
   memcpy(p + 1, &len, 4);
@@ -130,27 +139,61 @@ void HistoryStream::append2(char kind, const void* a, uint32_t na, const void* b
   mu_.unlock();
 }
 
+void HistoryStream::close_batch() {
+  if (batch_at_ == kNoBatch) return;
+  const uint32_t len = uint32_t(cur_.used - batch_at_ - 5);
+  memcpy(cur_.data.get() + batch_at_ + 1, &len, 4);
+  batch_at_ = kNoBatch;
+}
+
+// The event, encoded into the open batch (opened here, with the delta state reset).
 void HistoryStream::event(DeviceIndex device, const TraceRecord& r) {
   if (failed()) return;
-  EventPayload e;
-  e.action = uint8_t(r.action);
-  e.zero = 0;
-  e.device = int16_t(device);
-  e.stack = r.frames ? r.frames->id : 0;
-  e.metadata = r.metadata;
-  e.zero2 = 0;
-  e.tick = r.tick;
-  e.addr = r.addr;
-  e.size = r.size;
-  e.stream = r.stream;
-  e.pool_a = r.pool.first;
-  e.pool_b = r.pool.second;
-  constexpr uint32_t len = sizeof e;
-  char head[5] = {'E', char(len & 0xff), 0, 0, 0};
+  const uint32_t stack = r.frames ? r.frames->id : 0;
   mu_.lock();
-  char* p = reserve(5 + len);
-  memcpy(p, head, 5);
-  memcpy(p + 5, &e, len);
+  if (__builtin_expect(batch_at_ == kNoBatch || cur_.used + kMaxEventBytes > cur_.size, 0)) {
+    ensure_room(5 + kMaxEventBytes);  // closes the batch if it moves to a new buffer
+    batch_at_ = cur_.used;
+    char* b = cur_.data.get() + cur_.used;
+    b[0] = 'Z';
+    cur_.used += 5;
+    last_ = Delta{};
+  }
+  char* const start = cur_.data.get() + cur_.used;
+  char* p = start + 1;
+  unsigned head = unsigned(r.action);
+  Delta& d = last_;
+  if (__builtin_expect(device != d.device || r.stream != d.stream || r.pool.first != d.pool_a ||
+                           r.pool.second != d.pool_b || r.metadata != d.metadata,
+                       0)) {
+    head |= 0x10;
+    d.device = device;
+    d.stream = r.stream;
+    d.pool_a = r.pool.first;
+    d.pool_b = r.pool.second;
+    d.metadata = r.metadata;
+    p = put_varint(p, uint64_t(uint16_t(device)));
+    p = put_varint(p, zigzag(r.stream));
+    p = put_varint(p, r.pool.first);
+    p = put_varint(p, r.pool.second);
+    p = put_varint(p, r.metadata);
+  }
+  p = put_varint(p, zigzag(int64_t(r.tick - d.tick)));
+  d.tick = r.tick;
+  if (r.addr == d.addr && r.size == d.size) {
+    head |= 0x40;
+  } else {
+    p = put_varint(p, zigzag(int64_t(r.addr - d.addr)));
+    p = put_varint(p, r.size);
+    d.addr = r.addr;
+    d.size = r.size;
+  }
+  if (stack) {
+    head |= 0x20;
+    p = put_varint(p, stack);
+  }
+  *start = char(head);
+  cur_.used += size_t(p - start);
   ++events_;
   mu_.unlock();
 }
@@ -216,6 +259,7 @@ void HistoryStream::writer_loop() {
     std::vector<Buffer> out;
     ClockAnchor now = ClockAnchor::now();
     mu_.lock();
+    close_batch();
     if (events_ != anchored_events_ || last) {  // an idle stream does not grow
       anchored_events_ = events_;
       char* p = reserve(5 + sizeof now);

@@ -217,6 +217,44 @@ def test_context_all_captures_the_free_stack(history):
     assert line(by_action["free_requested"]) == line(by_action["alloc"]) + 1
 
 
+def _alloc_inner():
+    return mtia.caching_allocator_alloc(512)
+
+
+def _alloc_via(path):
+    return _alloc_inner()
+
+
+def _alloc_gen():
+    while True:
+        yield mtia.caching_allocator_alloc(512)
+
+
+def test_stacks_follow_outer_frames_that_moved_on(history):
+    """The capture reuses a thread's recent stacks when the interpreter's frame chain is
+    the same: an inner frame at the same place, at the same instruction, reached from
+    another line of its caller (or a generator resumed from elsewhere) is another stack."""
+    mtia.record_memory_history(context="all")
+    me = "test_stacks_follow_outer_frames_that_moved_on"
+    ptrs = []
+    for _ in range(3):  # repeated: the cached chains are hit, and must still tell them apart
+        ptrs.append(_alloc_via(1))
+        ptrs.append(_alloc_via(2))
+    gen = _alloc_gen()
+    ptrs.append(next(gen))
+    ptrs.append((lambda: next(gen))())
+    ptrs.append(next(gen))
+    allocs = {e["addr"]: e["frames"] for e in trace() if e["action"] == "alloc"}
+    for p in ptrs:
+        mtia.caching_allocator_delete(p)
+    line = lambda fr: next(f["line"] for f in fr if f["name"] == me)  # noqa: E731
+    lines = [line(allocs[p]) for p in ptrs[:6]]
+    assert lines[0] + 1 == lines[1] and lines[0::2] == [lines[0]] * 3 and lines[1::2] == [lines[1]] * 3
+    assert all(names(allocs[p])[:2] == ["_alloc_inner", "_alloc_via"] for p in ptrs[:6])
+    g = [names(allocs[p]) for p in ptrs[6:]]
+    assert g[0][0] == "_alloc_gen" and g[0][1] == me and g[1][1] == "<lambda>" and g[2] == g[0], g
+
+
 def _free_here(ptr):
     mtia.caching_allocator_delete(ptr)
 
