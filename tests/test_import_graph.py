@@ -87,6 +87,7 @@ LAYERS = {
     "mtia_alloc.tools.slice": TOP,
     "mtia_alloc.tools.peer_build": TOP,
     "mtia_alloc.tools.shipped_traces": TOP,
+    "mtia_alloc.tools.output_path": TOP,
     # the PyTorch backend, and torch's backend-autoload entry point that loads it at `import torch`
     "mtia_alloc.torch": TOP,
     "mtia_alloc._torch_autoload": TOP,

@@ -300,7 +300,7 @@ def bad_files(tmp_path_factory):
     ("<csv>", ["--fail-every", "2"], "--fail-every needs --fail-after"),
     ("<csv>", ["--conf", "no_such_option:1"], "no_such_option"),
     ("<csv>", ["--device", "1"], "--device applies to snapshot inputs only"),
-    ("<csv>", ["--plot", "/no/such/dir/x.html"], "--plot"),
+    ("<csv>", ["--plot", "/no/such/dir/x.html"], "--plot: cannot write /no/such/dir/x.html: no directory /no/such/dir"),
     ("<csv>", ["--plot", "/tmp/x.png"], "name it .html"),
     ("<csv>", ["--streams", "sideways"], "invalid choice"),
     ("<csv>", ["--no-such-option"], "unrecognized arguments"),

@@ -34,6 +34,7 @@ from . import peer_build
 from .bench_suite import run_bench
 from .exit_status import (BROKEN_PIPE, FAILED, INTERRUPTED, OK, STATUS_HELP, USAGE, Failure, InputError, error,
                           note, warning)
+from .output_path import check_output_path
 from .shipped_traces import resolve_trace
 from .snapshot_cli import plot_main, summary_main
 from .workload import read_trace, write_csv
@@ -227,17 +228,7 @@ def _check_plot_path(path):
     """Refuses a --plot file that cannot be written, before the replay runs."""
     if not is_html_name(path):
         raise ValueError(f"--plot: {not_html_message(path)}")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise ValueError(f"--plot: no directory for {path}")
-    if os.path.isdir(path):
-        raise ValueError(f"--plot: {path} is a directory")
-    existed = os.path.exists(path)
-    try:
-        open(path, "a").close()
-    except OSError as e:
-        raise ValueError(f"--plot: cannot write {path}: {e.strerror or e}") from None
-    if not existed:
-        os.remove(path)
+    check_output_path(path, "--plot")
 
 
 def _start_note(trace):

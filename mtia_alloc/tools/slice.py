@@ -20,6 +20,7 @@ from ..viz.load import normalize
 from ..viz.model import Snapshot
 from ..viz.timeline import window
 from .exit_status import OK, USAGE, error
+from .output_path import check_output_path
 
 __all__ = ["add_command", "slice_main"]
 
@@ -34,20 +35,6 @@ def _events(text):
         raise ValueError(f"--events takes A:B with whole numbers, got {text!r}") from None
 
 
-def _check_output(path):
-    """Refuses an output file that cannot be written, before any reading."""
-    if os.path.isdir(path):
-        raise ValueError(f"-o: {path} is a directory")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"-o: cannot write {path}: no directory {folder}")
-    existed = os.path.exists(path)
-    try:
-        open(path, "ab").close()
-    except OSError as e:
-        raise ValueError(f"-o: cannot write {path}: {e.strerror or e}") from None
-    if not existed:
-        os.remove(path)
 
 
 def slice_main(args):
@@ -56,7 +43,7 @@ def slice_main(args):
     if args.events is None and args.t0 is None and args.t1 is None:
         raise ValueError("give the window: --from T0 --to T1 (µs, as the entries' time_us) or --events A:B")
     events = _events(args.events) if args.events is not None else None
-    _check_output(args.output)
+    check_output_path(args.output, "-o")
     if not os.path.exists(args.snapshot):
         raise ValueError(f"{args.snapshot}: no such file")
     try:
