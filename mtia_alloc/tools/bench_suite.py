@@ -207,7 +207,7 @@ def run_bench(quick=False, torch_build=None, traces_dir=None):
     for conf in ("", "expandable_segments:True"):
         print("-" * 90)
         print(f"{'trace, ' + (conf or 'default config') + ' (best warm pass)':<42} {'mtia':>10} {'unit':<9} "
-              f"{'peer':>10} {'peer/mtia'}  memory (cold pass)")
+              f"{'peer':>10} {'peer/mtia'}  median warm pass; memory (cold pass)")
         for name, trace, path in traces:
             if trace is None:
                 trace = read_trace(path)
@@ -218,6 +218,10 @@ def run_bench(quick=False, torch_build=None, traces_dir=None):
 PASSES = 5  # per run; pass 1 is cold
 ROUNDS = 3  # runs of each side, interleaved: the table shows each side's best warm pass of all
             # its runs, so slow drift and bursts of host noise hit both sides alike
+
+
+def _median_warm(runs):
+    return statistics.median(r["thread_cpu_ns_per_op"] for run in runs for r in run[1:])
 
 
 def _best_warm(passes):
@@ -257,7 +261,15 @@ def _trace_row(name, trace, path, peer, conf, rounds):
     if theirs:
         p_cold = theirs[0][0]
         p_warm = min((_best_warm(run) for run in theirs), key=lambda r: r["thread_cpu_ns_per_op"])
-    note = f"peak reserved {format_size(cold['peak_reserved_bytes'])}"
+    # The median warm pass too (issue 22 asks for both): less flattering, steadier.
+    med = _median_warm(ours)
+    note = f"median {med:.1f}"
+    if theirs:
+        p_med = _median_warm(theirs)
+        note += f" / {p_med:.1f} ns ({p_med / med:.1f}x)"
+    else:
+        note += " ns"
+    note += f"; peak reserved {format_size(cold['peak_reserved_bytes'])}"
     if p_cold:
         same = (p_cold["peak_reserved_bytes"] == cold["peak_reserved_bytes"]
                 and p_cold["num_device_alloc"] == cold["num_device_alloc"])
