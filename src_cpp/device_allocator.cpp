@@ -358,15 +358,8 @@ MTIA_INLINE void DeviceAllocator::free_allocated(Block* b, const FramesPtr& free
     stats_.oversize_allocations.decrease(1);
     b->oversize = false;
   }
-  // History without stacks: the block (no stream use) completes its free at once, so its
-  // request and completion are recorded here in one go when the ring's fast path takes
-  // them; everything else is out of line.
-  if (__builtin_expect(b->has_stream_uses || (history_on_ && !(!pool_of(b)->owner && trace_.try_record_pair(
-                                                                  TraceAction::kFreeRequested, TraceAction::kFreeCompleted,
-                                                                  b->ptr, b->requested_size, b->seg->stream))),
-                       0))
-    return free_with_history_or_uses(b, free_frames);
-  free_block_of<kSmall, false>(b);
+  if (__builtin_expect(history_on_ || b->has_stream_uses, 0)) free_with_history_or_uses<kSmall>(b, free_frames);
+  else free_block_of<kSmall, false>(b);
 }
 
 // A free of a live DeviceArray's block by anyone but the array: the block stays allocated
@@ -382,7 +375,16 @@ void DeviceAllocator::refuse_array_owned_free(Block* b) {
 
 // The rest of free() when history is on or the block has stream uses, out of line: the
 // fast path keeps a small frame (and its cost with history off).
+template <bool kSmall>
 void DeviceAllocator::free_with_history_or_uses(Block* b, const FramesPtr& free_frames) {
+  // History without stacks, the block without stream uses (its free completes at once):
+  // the request and the completion recorded in one go when the ring's fast path takes them.
+  if (!b->has_stream_uses && !pool_of(b)->owner &&
+      trace_.try_record_pair(TraceAction::kFreeRequested, TraceAction::kFreeCompleted, b->ptr, b->requested_size,
+                             b->seg->stream)) {
+    free_block_of<kSmall, false>(b);
+    return;
+  }
   if (history_on_) {
     const FramesPtr& frames = record_context_ < RecordContext::kAll || !free_frames ? b->cold().frames : free_frames;
     record_trace(TraceAction::kFreeRequested, b->ptr, b->requested_size, b->seg->stream,
@@ -399,7 +401,7 @@ void DeviceAllocator::free_with_history_or_uses(Block* b, const FramesPtr& free_
     }
   } else if (record_context_ < RecordContext::kAlloc) {
     // No trace entry keeps a stack: the call's need not be noted.
-    free_block(b);
+    free_block_of<kSmall>(b);
   } else {
     free_block_with_call_frames(b, free_frames);
   }

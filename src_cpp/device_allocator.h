@@ -150,11 +150,12 @@ class alignas(64) DeviceAllocator {
   // device_allocator.cpp: free, merge and events (§5)
   template <bool kSmall>
   MTIA_INLINE void free_allocated(Block* b, const FramesPtr& free_frames);
-  // kMayRecord: false where history is known to be off (its check is left out).
+  // kMayRecord: false where history is off or the completion recorded already.
   template <bool kSmall, bool kMayRecord = true>
   MTIA_INLINE void free_block_of(Block* b);
   void free_block(Block* b);  // dispatches on the pool kind
   [[noreturn]] __attribute__((noinline)) void refuse_array_owned_free(Block* b);
+  template <bool kSmall>
   __attribute__((noinline)) void free_with_history_or_uses(Block* b, const FramesPtr& free_frames);
   void free_block_with_call_frames(Block* b, const FramesPtr& frames);  // free_block, the caller's stack noted
   void process_events_with_call_frames(const FramesPtr& frames);        // process_events, likewise

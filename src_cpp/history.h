@@ -126,8 +126,12 @@ inline const ClockAnchor& first_clock_anchor() {
 class CoarseClock {
  public:
   static uint64_t now() { return tick_.load(std::memory_order_relaxed); }
+  static uint64_t now_acquire() { return tick_.load(std::memory_order_acquire); }
   static void acquire();  // history_clock.cpp: refreshes now() at once; starts the thread
   static void release();  // the last user's release stops the thread
+  // Moves now() on at once (above every earlier reading): a new period begins, so no
+  // ring's fast path records until its general path has run again (g_general_records).
+  static void advance();
   static constexpr std::chrono::microseconds kCoarsePeriod{1000};
 
  private:
@@ -189,11 +193,17 @@ inline ThreadMetadata& thread_metadata() {
   static thread_local ThreadMetadata m;
   return m;
 }
-// Process-wide conditions that send every record to the general path (set from any
-// thread; the fast path reads them with one load): a thread has set a metadata string
-// (until then a record reads no thread-local), a history stream is open.
+// Process-wide conditions that send every record to the general path: a thread has set
+// a metadata string (until then a record reads no thread-local), a history stream is
+// open. The fast path never reads them: a ring lets it record only in a period its
+// general path began with none of them set (TraceRing::stamp), and setting one calls
+// set_general_records, which starts a new period.
 enum : uint32_t { kGeneralMetadata = 1, kGeneralStream = 2 };
 inline std::atomic<uint32_t> g_general_records{0};
+inline void set_general_records(uint32_t bits) {
+  g_general_records.fetch_or(bits, std::memory_order_relaxed);
+  CoarseClock::advance();  // its store releases the bits to a stamp() that reads the new period
+}
 inline bool metadata_in_use() { return g_general_records.load(std::memory_order_relaxed) & kGeneralMetadata; }
 inline uint32_t current_metadata_id() { return metadata_in_use() ? thread_metadata().id : 0; }
 // A per-thread string copied into every trace entry this thread records
@@ -274,13 +284,12 @@ class TraceRing {
 
   // The fast path: records without stack, pool or metadata, the action not skipped, no
   // stream open, in a period (of the coarse clock) whose exact time stamps are used up
-  // (fast_period_, set by stamp()). Then a record is five plain stores: true. Else
-  // nothing is written: false, the general path's turn.
+  // (all that fast_period_ says, see stamp()). Then a record is five plain stores: true.
+  // Else nothing is written: false, the general path's turn.
   MTIA_INLINE bool try_record(TraceAction a, uintptr_t addr, uint64_t size, StreamId stream) {
     const uint64_t now = CoarseClock::now();
     TraceSlot* s = next_;
-    if (__builtin_expect(now != fast_period_ || g_general_records.load(std::memory_order_relaxed) || s == end_, 0))
-      return false;
+    if (__builtin_expect(now != fast_period_ || s == end_, 0)) return false;
     next_ = s + 1;
     fill(s, now, a, addr, size, stream);
     return true;
@@ -289,8 +298,7 @@ class TraceRing {
   MTIA_INLINE bool try_record_pair(TraceAction a, TraceAction b, uintptr_t addr, uint64_t size, StreamId stream) {
     const uint64_t now = CoarseClock::now();
     TraceSlot* s = next_;
-    if (__builtin_expect(now != fast_period_ || g_general_records.load(std::memory_order_relaxed) || end_ - s < 2, 0))
-      return false;
+    if (__builtin_expect(now != fast_period_ || s + 1 >= end_, 0)) return false;
     next_ = s + 2;
     fill(s, now, a, addr, size, stream);
     fill(s + 1, now, b, addr, size, stream);
@@ -368,9 +376,11 @@ class TraceRing {
   }
   // The time stamp of a general record (see the top comment): the coarse clock, or the
   // TSC for the first kExactPerPeriod records of a period; never below the previous
-  // stamp. Once the exact ones are used up, the rest of the period may take the fast path.
+  // stamp. Once the exact ones are used up, the rest of the period may take the fast
+  // path, unless a process-wide condition is set (read after the clock: a condition set
+  // later starts a new period, see set_general_records).
   uint64_t stamp() {
-    const uint64_t coarse = CoarseClock::now();
+    const uint64_t coarse = CoarseClock::now_acquire();
     uint64_t t = coarse;
     if (coarse != last_coarse_) {
       last_coarse_ = coarse;
@@ -379,7 +389,7 @@ class TraceRing {
     if (exact_left_) {
       --exact_left_;
       t = trace_clock();
-    } else if (fast_ok_) {
+    } else if (fast_ok_ && !g_general_records.load(std::memory_order_relaxed)) {
       fast_period_ = coarse;
     }
     if (t > last_tick_) last_tick_ = t;
