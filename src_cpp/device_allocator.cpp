@@ -74,7 +74,7 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
   r.array_owned = array_owned;
   // The rest is compiled once per pool kind (every block found is of the request's kind:
   // a use_on_oom pool is asked for the same size class), and once more, out of line, for
-  // when a capture, a pending free or history is about (not plain_).
+  // when a capture, a pending free or history keeping stacks is about (not plain_).
   if (__builtin_expect(!plain_, 0)) return malloc_not_plain(lock, r, frames);
   r.frames = &kNoFrames;
   if (r.size <= kSmallSize) {
@@ -85,27 +85,9 @@ uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const Frame
   return malloc_in_pool<false, true>(lock, r);
 }
 
-// History without stacks, and nothing else that takes malloc off the plain path: a hit
-// as on the plain path, then its record.
-template <bool kSmall>
-MTIA_INLINE uintptr_t DeviceAllocator::malloc_recorded(Lock& lock, Request& r) {
-  r.frames = &kNoFrames;
-  r.pool = kSmall ? &small_blocks_ : &large_blocks_;
-  Block* block = get_free_block(r, r.pool);
-  if (__builtin_expect(!block, 0)) return malloc_miss<kSmall, false>(lock, r);
-  const uintptr_t ptr = alloc_found_block<kSmall, true>(r, block);
-  record_trace(TraceAction::kAlloc, ptr, r.orig_size, r.stream, MempoolId{}, kNoFrames);
-  return ptr;
-}
-
 // The request goes by value to the out-of-line paths, so that on the fast path it never
 // needs an address and lives in registers.
 uintptr_t DeviceAllocator::malloc_not_plain(Lock& lock, Request r, const FramesPtr& frames) {
-  // History without stacks is all that is on: a cache hit takes the plain path and then
-  // records (a miss, rare, takes the general one, which records the segment too).
-  if (history_on_ && record_context_ < RecordContext::kState && captures_underway_.empty() &&
-      !pending_event_count_ && deferred_.empty())
-    return r.size <= kSmallSize ? malloc_recorded<true>(lock, r) : malloc_recorded<false>(lock, r);
   r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
   // 2. Reclaim blocks whose cross-stream events completed (never during a capture).
   if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty()))
@@ -115,8 +97,8 @@ uintptr_t DeviceAllocator::malloc_not_plain(Lock& lock, Request r, const FramesP
   return malloc_in_pool<false, false>(lock, r);
 }
 
-// kPlain: plain_ holds (no capture, pending free or history), so the request has no
-// frames to record and active == allocation.
+// kPlain: plain_ holds (no capture, pending free or history keeping stacks), so the
+// request has no frames to record and active == allocation.
 template <bool kSmall, bool kPlain>
 MTIA_INLINE uintptr_t DeviceAllocator::malloc_in_pool(Lock& lock, const Request& r) {
   // 3. Best fit among cached blocks of this pool and stream; 4. else a new segment.
@@ -316,10 +298,21 @@ MTIA_INLINE uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block
     result->oversize = true;
     stats_.oversize_allocations.increase(1);
   }
-  if (!kPlain && history_on_)
-    record_trace(TraceAction::kAlloc, result->ptr, r.orig_size, r.stream,
-                 pool_id_of(pool), *r.frames);
+  if (kPlain) {  // history without stacks keeps the plain path: its fast record inline
+    if (__builtin_expect(history_on_, 0) &&
+        !(!pool->owner && trace_.try_record(TraceAction::kAlloc, result->ptr, r.orig_size, r.stream)))
+      record_plain_alloc(result);
+  } else if (history_on_) {
+    record_trace(TraceAction::kAlloc, result->ptr, r.orig_size, r.stream, pool_id_of(pool), *r.frames);
+  }
   return result->ptr;
+}
+
+// The plain path's alloc record when the ring's fast path cannot take it: out of line
+// and from the block alone (its stream is the request's), so that the plain path keeps
+// its registers, and its cost, with history off.
+void DeviceAllocator::record_plain_alloc(const Block* b) {
+  record_trace(TraceAction::kAlloc, b->ptr, b->requested_size, b->seg->stream, pool_id_of(pool_of(b)), kNoFrames);
 }
 
 // A malloc while frees are pending: active (allocation + pending) may reach a new peak
@@ -365,8 +358,8 @@ MTIA_INLINE void DeviceAllocator::free_allocated(Block* b, const FramesPtr& free
     stats_.oversize_allocations.decrease(1);
     b->oversize = false;
   }
-  if (__builtin_expect(history_on_ || b->has_stream_uses, 0)) free_with_history_or_uses(b, free_frames);
-  else free_block_of<kSmall>(b);
+  if (__builtin_expect(history_on_ || b->has_stream_uses, 0)) free_with_history_or_uses<kSmall>(b, free_frames);
+  else free_block_of<kSmall, false>(b);
 }
 
 // A free of a live DeviceArray's block by anyone but the array: the block stays allocated
@@ -381,8 +374,17 @@ void DeviceAllocator::refuse_array_owned_free(Block* b) {
 }
 
 // The rest of free() when history is on or the block has stream uses, out of line: the
-// fast path keeps a small frame.
+// fast path keeps a small frame (and its cost with history off).
+template <bool kSmall>
 void DeviceAllocator::free_with_history_or_uses(Block* b, const FramesPtr& free_frames) {
+  // History without stacks, the block without stream uses (its free completes at once):
+  // the request and the completion recorded in one go when the ring's fast path takes them.
+  if (!b->has_stream_uses && !pool_of(b)->owner &&
+      trace_.try_record_pair(TraceAction::kFreeRequested, TraceAction::kFreeCompleted, b->ptr, b->requested_size,
+                             b->seg->stream)) {
+    free_block_of<kSmall, false>(b);
+    return;
+  }
   if (history_on_) {
     const FramesPtr& frames = record_context_ < RecordContext::kAll || !free_frames ? b->cold().frames : free_frames;
     record_trace(TraceAction::kFreeRequested, b->ptr, b->requested_size, b->seg->stream,
@@ -399,8 +401,7 @@ void DeviceAllocator::free_with_history_or_uses(Block* b, const FramesPtr& free_
     }
   } else if (record_context_ < RecordContext::kAlloc) {
     // No trace entry keeps a stack: the call's need not be noted.
-    if (is_small_block(b)) free_block_of<true>(b);
-    else free_block_of<false>(b);
+    free_block_of<kSmall>(b);
   } else {
     free_block_with_call_frames(b, free_frames);
   }
@@ -478,11 +479,11 @@ void DeviceAllocator::free_block(Block* b) {
   else free_block_of<false>(b);
 }
 
-template <bool kSmall>
+template <bool kSmall, bool kMayRecord>
 MTIA_INLINE void DeviceAllocator::free_block_of(Block* b) {
   BlockPool* pool = pool_of(b);
   constexpr bool small = kSmall;
-  if (history_on_)
+  if (kMayRecord && history_on_)
     record_trace(TraceAction::kFreeCompleted, b->ptr, b->requested_size, b->seg->stream,
                  pool_id_of(pool),
                  record_context_ >= RecordContext::kAlloc ? call_frames_or(b->cold().frames) : kNoFrames);
@@ -608,7 +609,8 @@ void DeviceAllocator::check_spare_blocks(InvariantReport& report) {
     }
 }
 
-// plain_ == (captures_underway_ == ∅ ∧ pending_event_count_ == 0 ∧ deferred_ == ∅ ∧ ¬history_on_)
+// plain_ == (captures_underway_ == ∅ ∧ pending_event_count_ == 0 ∧ deferred_ == ∅ ∧
+//            ¬(history_on_ ∧ record_context_ ≥ kState))
 // (recomputed, and so repaired, by the check)
 void DeviceAllocator::check_plain_flag(InvariantReport& report) {
   const bool plain = plain_;

@@ -137,8 +137,6 @@ class alignas(64) DeviceAllocator {
   // The rest of malloc and free, compiled once per pool kind (small or large).
   template <bool kSmall, bool kPlain>
   MTIA_INLINE uintptr_t malloc_in_pool(Lock& lock, const Request& r);
-  template <bool kSmall>
-  MTIA_INLINE uintptr_t malloc_recorded(Lock& lock, Request& r);  // history without stacks, nothing else on
   template <bool kSmall, bool kPlain>
   __attribute__((noinline)) uintptr_t malloc_miss(Lock& lock, Request r);  // steps 4-6 after a cache miss
   __attribute__((noinline)) uintptr_t malloc_not_plain(Lock& lock, Request r, const FramesPtr& frames);
@@ -146,15 +144,18 @@ class alignas(64) DeviceAllocator {
   MTIA_INLINE bool should_split(const Block* b, const BlockPool* pool, size_t size) const;
   template <bool kSmall, bool kPlain>
   MTIA_INLINE uintptr_t alloc_found_block(const Request& r, Block* block);
+  __attribute__((noinline)) void record_plain_alloc(const Block* b);
   void note_active_peaks(bool small);
   void add_block_chunk();
   // device_allocator.cpp: free, merge and events (§5)
   template <bool kSmall>
   MTIA_INLINE void free_allocated(Block* b, const FramesPtr& free_frames);
-  template <bool kSmall>
+  // kMayRecord: false where history is off or the completion recorded already.
+  template <bool kSmall, bool kMayRecord = true>
   MTIA_INLINE void free_block_of(Block* b);
   void free_block(Block* b);  // dispatches on the pool kind
   [[noreturn]] __attribute__((noinline)) void refuse_array_owned_free(Block* b);
+  template <bool kSmall>
   __attribute__((noinline)) void free_with_history_or_uses(Block* b, const FramesPtr& free_frames);
   void free_block_with_call_frames(Block* b, const FramesPtr& frames);  // free_block, the caller's stack noted
   void process_events_with_call_frames(const FramesPtr& frames);        // process_events, likewise
@@ -206,9 +207,15 @@ class alignas(64) DeviceAllocator {
   // device_allocator_stats.cpp
   [[noreturn]] void raise_oom(Lock& lock, const Request& r);
 
-  // device_allocator_history.cpp
-  void record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
-                    const FramesPtr& frames);
+  // A trace record (history on): the common one (no pool, stack or metadata) written
+  // inline by the ring's fast path, the rest by record_trace_general
+  // (device_allocator_history.cpp). The stack matters only to the general path: while
+  // the fast one may record, the context keeps no stacks in entries.
+  MTIA_INLINE void record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
+                                const FramesPtr& frames) {
+    if (__builtin_expect(pool == MempoolId{} && trace_.try_record(a, addr, size, stream), 1)) return;
+    record_trace_general(a, addr, size, stream, pool, frames);
+  }
   __attribute__((noinline)) void record_trace_general(TraceAction a, uintptr_t addr, size_t size, StreamId stream,
                                                       MempoolId pool, const FramesPtr& frames);
 
@@ -253,11 +260,13 @@ class alignas(64) DeviceAllocator {
   std::vector<std::pair<StreamId, uint64_t>> stream_capture_;
 
   bool history_on_ = false;
-  // No capture, pending free or history: malloc skips those checks. Every change to
-  // captures_underway_, pending_event_count_, deferred_ or history_on_ calls update_plain().
+  // No capture, pending free or history keeping stacks: malloc skips those checks (history
+  // without stacks records on the plain path). Every change to captures_underway_,
+  // pending_event_count_, deferred_, history_on_ or record_context_ calls update_plain().
   bool plain_ = true;
   void update_plain() {
-    plain_ = captures_underway_.empty() && !pending_event_count_ && deferred_.empty() && !history_on_;
+    plain_ = captures_underway_.empty() && !pending_event_count_ && deferred_.empty() &&
+             !(history_on_ && record_context_ >= RecordContext::kState);
   }
   RecordContext record_context_ = RecordContext::kNever;
   TraceRing trace_;

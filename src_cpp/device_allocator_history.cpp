@@ -3,8 +3,9 @@
 //
 // Relies on: history.h (TraceRing, the clock, the per-thread user metadata id),
 // history_stream.h (records also go to the open stream), segment_info.h (what a snapshot
-// returns). record_trace is called from every file of the allocator, always
-// behind `if (history_on_)`, so the fast path pays one branch while history is off.
+// returns). record_trace (inline, device_allocator.h) is called from every file of the
+// allocator, always behind `if (history_on_)`, so the fast path pays one branch while
+// history is off; what its inline fast path does not record comes here.
 #include <algorithm>
 
 #include "device_allocator.h"
@@ -13,45 +14,21 @@
 
 namespace mtia {
 
-// The common case (the ring full, no stack kept, no metadata string in use) writes the
-// slot in a leaf (no call but the stream's tail call, so no register is saved); the rest
-// goes to record_trace_general.
-void DeviceAllocator::record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
-                                   const FramesPtr& frames) {
-  if (trace_.skip_mask & (1u << unsigned(a))) return;  // skip_actions: not recorded at all
-  TraceRecord* e = trace_.next_slot();
-  if (__builtin_expect(!e || trace_.holds_frames || record_context_ >= RecordContext::kAlloc ||
-                           metadata_in_use().load(std::memory_order_relaxed),
-                       0))
-    return record_trace_general(a, addr, size, stream, pool, frames);
-  trace_.advance();
-  e->tick = trace_.stamp();
-  e->addr = addr;
-  e->size = size;
-  e->stream = stream;
-  e->pool = pool;
-  e->metadata = 0;
-  e->action = a;
-  if (HistoryStream* s = HistoryStream::active()) s->event(device_, *e);
-}
-
+// The general path of record_trace (device_allocator.h): a record with a pool, a stack
+// or metadata, a skipped action, a stream open, or one of a period's exact time stamps.
 void DeviceAllocator::record_trace_general(TraceAction a, uintptr_t addr, size_t size, StreamId stream,
                                            MempoolId pool, const FramesPtr& frames) {
-  TraceRecord& e = trace_.push();
-  e.tick = trace_.stamp();
-  e.addr = addr;
-  e.size = size;
-  e.stream = stream;
-  e.pool = pool;
-  if (record_context_ >= RecordContext::kAlloc) {
-    e.frames = frames;
-    if (frames) trace_.holds_frames = true;
-  } else if (e.frames) {
-    e.frames.reset();
-  }
-  e.metadata = current_metadata_id();
-  e.action = a;
-  if (HistoryStream* s = HistoryStream::active()) s->event(device_, e);
+  if (trace_.skips(a)) return;  // skip_actions: not recorded at all
+  TraceRecord r{};
+  r.addr = addr;
+  r.size = size;
+  r.stream = stream;
+  r.pool = pool;
+  if (record_context_ >= RecordContext::kAlloc) r.frames = frames;
+  r.metadata = current_metadata_id();
+  r.action = a;
+  trace_.record(r);
+  if (HistoryStream* s = HistoryStream::active()) s->event(device_, r);
 }
 
 void DeviceAllocator::set_history(bool enabled, RecordContext context, size_t max_entries, bool clear,
@@ -63,13 +40,13 @@ void DeviceAllocator::set_history(bool enabled, RecordContext context, size_t ma
     history_on_ = false;
     record_context_ = RecordContext::kNever;
     trace_.stop();
-    trace_.skip_mask = 0;
+    trace_.configure(0, false);
     update_plain();
     return;
   }
   if (!history_on_ || clear) trace_.start(max_entries);
   else trace_.resize(max_entries);  // PyTorch applies a new size without clearing
-  trace_.skip_mask = skip_mask;
+  trace_.configure(skip_mask, context >= RecordContext::kAlloc);
   history_on_ = true;
   record_context_ = context;
   update_plain();

@@ -1,26 +1,39 @@
-// history.h: the memory-history trace (allocator_core.md §9): a ring buffer of compact
-// trace records per device, recorded under the device lock only while history is enabled
-// (the fast path pays one branch when it is off), and optionally streamed to a file
-// (history_stream.h). A record is plain data plus an interned stack: the time is a raw
-// clock reading (TSC ticks) converted to epoch microseconds when the trace is read, the
-// per-thread user metadata is an id into a process-wide string table, and skipped
-// actions (skip_actions) are dropped before anything is written.
+// history.h: the memory-history trace (allocator_core.md §9): a ring buffer of trace
+// records per device, recorded under the device lock only while history is enabled (the
+// fast path pays one branch when it is off), and optionally streamed to a file
+// (history_stream.h). Skipped actions (skip_actions) are dropped before anything is
+// written.
+//
+// Recording is cheap because a record is raw data, decoded only when the trace is read:
+// a slot holds the time as a raw clock reading (TSC ticks, converted to epoch
+// microseconds by trace()), the address, size, stream and action. The common record (no
+// stack, pool or per-thread metadata, no stream open) is written by
+// TraceRing::try_record, inline on the allocator's fast path: a few plain stores into a
+// preallocated array. Anything else takes the general path (TraceRing::record), which
+// also keeps the rest of a record (pool, interned stack, the id of the thread's metadata
+// string) in a parallel array of extras.
 //
 // Time stamps: reading the TSC costs ~14 ns on a VM (RDTSC is microcoded), more than the
 // rest of a record, so a record normally reads a coarse clock instead: a TSC reading a
 // background thread stores every kCoarsePeriod (1 ms) while history is on (CoarseClock).
 // The first kExactPerPeriod records of each period on a device still read the TSC itself,
-// so a device recording fewer than 16 events a millisecond gets exact times; in a burst,
+// so a device recording fewer than 16 events a millisecond gets exact times (those take
+// the general path; then the rest of the period may take the fast one); in a burst,
 // later records of the period repeat the previous record's time. So a time stamp is
 // exact or at most about one period (plus the clock thread's scheduling delay) early,
 // and never decreases on a device.
 // Relies on: frames.h and types.h.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <deque>
+#include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -113,8 +126,12 @@ inline const ClockAnchor& first_clock_anchor() {
 class CoarseClock {
  public:
   static uint64_t now() { return tick_.load(std::memory_order_relaxed); }
+  static uint64_t now_acquire() { return tick_.load(std::memory_order_acquire); }
   static void acquire();  // history_clock.cpp: refreshes now() at once; starts the thread
   static void release();  // the last user's release stops the thread
+  // Moves now() on at once (above every earlier reading): a new period begins, so no
+  // ring's fast path records until its general path has run again (g_general_records).
+  static void advance();
   static constexpr std::chrono::microseconds kCoarsePeriod{1000};
 
  private:
@@ -176,20 +193,26 @@ inline ThreadMetadata& thread_metadata() {
   static thread_local ThreadMetadata m;
   return m;
 }
-// Set once any thread sets a metadata string: until then a record reads no thread-local.
-inline std::atomic<bool>& metadata_in_use() {
-  static std::atomic<bool> used{false};
-  return used;
+// Process-wide conditions that send every record to the general path: a thread has set
+// a metadata string (until then a record reads no thread-local), a history stream is
+// open. The fast path never reads them: a ring lets it record only in a period its
+// general path began with none of them set (TraceRing::stamp), and setting one calls
+// set_general_records, which starts a new period.
+enum : uint32_t { kGeneralMetadata = 1, kGeneralStream = 2 };
+inline std::atomic<uint32_t> g_general_records{0};
+inline void set_general_records(uint32_t bits) {
+  g_general_records.fetch_or(bits, std::memory_order_relaxed);
+  CoarseClock::advance();  // its store releases the bits to a stamp() that reads the new period
 }
-inline uint32_t current_metadata_id() {
-  return metadata_in_use().load(std::memory_order_relaxed) ? thread_metadata().id : 0;
-}
+inline bool metadata_in_use() { return g_general_records.load(std::memory_order_relaxed) & kGeneralMetadata; }
+inline uint32_t current_metadata_id() { return metadata_in_use() ? thread_metadata().id : 0; }
 // A per-thread string copied into every trace entry this thread records
 // (torch.cuda.memory._set_memory_metadata). Read-only: set it with set_user_metadata.
 inline const std::string& user_metadata() { return thread_metadata().text; }
 void set_user_metadata(const std::string& s);  // history_stream.cpp (a new string is streamed)
 
 // ------------------------------------------------------------------ the ring
+// A record in full: what the general path writes, the stream gets and ordered() returns.
 struct TraceRecord {
   uint64_t tick;     // trace_clock()
   uintptr_t addr;
@@ -201,6 +224,22 @@ struct TraceRecord {
   TraceAction action;
 };
 
+// A slot of the ring: a record's raw fields, written by plain stores. The rest of a
+// record (pool, stack, metadata id), when it has any, sits in the parallel extras array.
+struct TraceSlot {
+  uint64_t tick;  // 0: never written (a coarse or TSC reading is never 0)
+  uintptr_t addr;
+  uint64_t size;
+  StreamId stream;
+  uint32_t action_bits;  // the TraceAction, | kHasExtra when extras hold the rest
+  static constexpr uint32_t kHasExtra = 0x100;
+};
+struct TraceExtra {
+  FramesPtr frames;
+  MempoolId pool;
+  uint32_t metadata = 0;
+};
+
 class TraceRing {
  public:
   TraceRing() = default;
@@ -208,32 +247,140 @@ class TraceRing {
   TraceRing& operator=(const TraceRing&) = delete;
   ~TraceRing() { stop(); }
 
-  // History on (with room for n entries, emptied) / off (emptied). The coarse clock runs
+  // History on (with room for n records, emptied) / off (emptied). The coarse clock runs
   // while some ring is started.
   void start(size_t n) {
     if (!clock_held_) {
       CoarseClock::acquire();
       clock_held_ = true;
     }
-    set_capacity(n);
+    allocate(n < 1 ? 1 : n);
   }
   void stop() {
-    clear();
+    allocate(0);
     if (clock_held_) {
       clock_held_ = false;
       CoarseClock::release();
     }
   }
-  void clear() {
-    entries_.clear();
-    entries_.shrink_to_fit();
-    next_ = filled_ = 0;
-    holds_frames = false;
+  // New capacity keeping the newest records (history stays on).
+  void resize(size_t n) {
+    std::vector<TraceRecord> keep = ordered();
+    const uint64_t last_coarse = last_coarse_, last_tick = last_tick_;
+    const uint32_t exact_left = exact_left_;
+    allocate(n < 1 ? 1 : n);
+    last_coarse_ = last_coarse, last_tick_ = last_tick, exact_left_ = exact_left;
+    if (keep.size() > capacity_) keep.erase(keep.begin(), keep.end() - std::ptrdiff_t(capacity_));
+    for (const TraceRecord& r : keep) write(r);
   }
-  // The time stamp of a new record (see the top comment): the coarse clock, or the TSC
-  // for the first kExactPerPeriod records of a period; never below the previous stamp.
+  // skip_actions (bit 1 << action: not recorded) and whether entries keep stacks: either
+  // sends every record to the general path.
+  void configure(uint32_t skip_mask, bool keeps_stacks) {
+    skip_mask_ = skip_mask;
+    keeps_stacks_ = keeps_stacks;
+    update_fast();
+  }
+  bool skips(TraceAction a) const { return skip_mask_ & (1u << unsigned(a)); }
+
+  // The fast path: records without stack, pool or metadata, the action not skipped, no
+  // stream open, in a period (of the coarse clock) whose exact time stamps are used up
+  // (all that fast_period_ says, see stamp()). Then a record is five plain stores: true.
+  // Else nothing is written: false, the general path's turn.
+  MTIA_INLINE bool try_record(TraceAction a, uintptr_t addr, uint64_t size, StreamId stream) {
+    const uint64_t now = CoarseClock::now();
+    TraceSlot* s = next_;
+    if (__builtin_expect(now != fast_period_ || s == end_, 0)) return false;
+    next_ = s + 1;
+    fill(s, now, a, addr, size, stream);
+    return true;
+  }
+  // Two records of one block at once (a free's request and its completion), likewise.
+  MTIA_INLINE bool try_record_pair(TraceAction a, TraceAction b, uintptr_t addr, uint64_t size, StreamId stream) {
+    const uint64_t now = CoarseClock::now();
+    TraceSlot* s = next_;
+    if (__builtin_expect(now != fast_period_ || s + 1 >= end_, 0)) return false;
+    next_ = s + 2;
+    fill(s, now, a, addr, size, stream);
+    fill(s + 1, now, b, addr, size, stream);
+    return true;
+  }
+  // The general path: stamps r and writes it.
+  void record(TraceRecord& r) {
+    r.tick = stamp();
+    write(r);
+  }
+
+  // Oldest first, decoded. Time stamps never decrease along it (a fast record stores the
+  // coarse reading, which may be below the exact stamps of its period's first records:
+  // it reads as the previous record's stamp, as stamp() would have made it).
+  std::vector<TraceRecord> ordered() const {
+    std::vector<TraceRecord> out;
+    if (!begin_) return out;
+    out.reserve(size_t(end_ - begin_));
+    uint64_t last = 0;
+    auto take = [&](const TraceSlot* from, const TraceSlot* to) {
+      for (const TraceSlot* s = from; s != to; ++s) {
+        if (!s->tick) continue;  // never written
+        TraceRecord r{};
+        last = r.tick = s->tick > last ? s->tick : last;
+        r.addr = s->addr;
+        r.size = s->size;
+        r.stream = s->stream;
+        r.action = TraceAction(s->action_bits & 0xff);
+        if (s->action_bits & TraceSlot::kHasExtra) {
+          const TraceExtra& x = extra_[size_t(s - begin_)];
+          r.frames = x.frames;
+          r.pool = x.pool;
+          r.metadata = x.metadata;
+        }
+        out.push_back(std::move(r));
+      }
+    };
+    take(next_, end_);
+    take(begin_, next_);
+    return out;
+  }
+
+ private:
+  static constexpr uint64_t kNoFastPeriod = ~uint64_t(0);  // no coarse reading equals it
+
+  MTIA_INLINE static void fill(TraceSlot* s, uint64_t now, TraceAction a, uintptr_t addr, uint64_t size,
+                               StreamId stream) {
+    s->tick = now;  // may sit below an earlier exact stamp: ordered() evens that out
+    s->addr = addr;
+    s->size = size;
+    s->stream = stream;
+    s->action_bits = uint32_t(a);
+  }
+
+  // Empties the ring, for up to n records (none: 0). The slots are calloc'ed (a large
+  // ring's pages are zero-filled by the kernel as records first reach them), at most
+  // kFirstSlots at first: the ring grows (doubling) as it fills, up to n.
+  static constexpr size_t kFirstSlots = size_t(1) << 16;
+  void allocate(size_t n) {
+    const size_t first = n < kFirstSlots ? n : kFirstSlots;
+    slots_.reset(first ? static_cast<TraceSlot*>(calloc(first, sizeof(TraceSlot))) : nullptr);
+    if (first && !slots_) throw std::bad_alloc();
+    extra_.reset();
+    capacity_ = n;
+    begin_ = next_ = slots_.get();
+    end_ = begin_ + first;
+    holds_frames_ = false;
+    last_coarse_ = last_tick_ = 0;
+    exact_left_ = 0;
+    update_fast();
+  }
+  void update_fast() {
+    fast_ok_ = begin_ && !skip_mask_ && !keeps_stacks_ && !holds_frames_;
+    if (!fast_ok_) fast_period_ = kNoFastPeriod;
+  }
+  // The time stamp of a general record (see the top comment): the coarse clock, or the
+  // TSC for the first kExactPerPeriod records of a period; never below the previous
+  // stamp. Once the exact ones are used up, the rest of the period may take the fast
+  // path, unless a process-wide condition is set (read after the clock: a condition set
+  // later starts a new period, see set_general_records).
   uint64_t stamp() {
-    const uint64_t coarse = CoarseClock::now();
+    const uint64_t coarse = CoarseClock::now_acquire();
     uint64_t t = coarse;
     if (coarse != last_coarse_) {
       last_coarse_ = coarse;
@@ -242,64 +389,72 @@ class TraceRing {
     if (exact_left_) {
       --exact_left_;
       t = trace_clock();
+    } else if (fast_ok_ && !g_general_records.load(std::memory_order_relaxed)) {
+      fast_period_ = coarse;
     }
     if (t > last_tick_) last_tick_ = t;
     return last_tick_;
   }
-  // The fast path's slot: the oldest entry (to overwrite) once the ring is full, else
-  // null; advance() takes it.
-  TraceRecord* next_slot() { return next_ < filled_ ? &entries_[next_] : nullptr; }
-  void advance() {
-    if (++next_ == capacity_) next_ = 0;
+  // The slots hold fewer than capacity_ records: twice as many slots (at most capacity_).
+  void grow() {
+    const size_t have = size_t(end_ - begin_);
+    const size_t want = have * 2 < capacity_ ? have * 2 : capacity_;
+    TraceSlot* slots = static_cast<TraceSlot*>(calloc(want, sizeof(TraceSlot)));
+    if (!slots) throw std::bad_alloc();
+    memcpy(static_cast<void*>(slots), begin_, have * sizeof(TraceSlot));
+    if (extra_) {
+      std::unique_ptr<TraceExtra[]> extra(new TraceExtra[want]);
+      std::move(extra_.get(), extra_.get() + have, extra.get());
+      extra_ = std::move(extra);
+    }
+    slots_.reset(slots);
+    begin_ = slots;
+    next_ = slots + have;
+    end_ = slots + want;
   }
-  TraceRecord& push() {  // the slot to fill: the oldest overwritten, or appended
-    if (__builtin_expect(next_ >= filled_, 0)) return append();
-    TraceRecord& r = entries_[next_];
-    if (++next_ == capacity_) next_ = 0;
-    return r;
-  }
-  // New capacity keeping the newest entries (history stays on).
-  void resize(size_t n) {
-    std::vector<TraceRecord> keep = ordered();
-    capacity_ = n < 1 ? 1 : n;
-    if (keep.size() > capacity_) keep.erase(keep.begin(), keep.end() - std::ptrdiff_t(capacity_));
-    entries_ = std::move(keep);
-    filled_ = entries_.size();
-    next_ = filled_ == capacity_ ? 0 : filled_;  // oldest first again
-  }
-  std::vector<TraceRecord> ordered() const {  // oldest first
-    std::vector<TraceRecord> out;
-    out.reserve(entries_.size());
-    for (size_t i = 0; i < entries_.size(); ++i) out.push_back(entries_[(next_ + i) % entries_.size()]);
-    return out;
-  }
-
-  uint32_t skip_mask = 0;  // bit (1 << action): not recorded (skip_actions)
-  // Some entry may hold a stack (to drop when overwritten): the fast path reads no slot.
-  bool holds_frames = false;
-
- private:
-  // Filling up: next_ == filled_ until the ring is full, then the oldest entry.
-  __attribute__((noinline)) TraceRecord& append() {
-    TraceRecord& r = entries_.emplace_back();
-    filled_ = entries_.size();
-    next_ = filled_ == capacity_ ? 0 : filled_;
-    return r;
-  }
-  void set_capacity(size_t n) {
-    capacity_ = n < 1 ? 1 : n;
-    clear();
-    // Room up front (address space only: pages are touched as records arrive), so the
-    // record path never copies the buffer to grow it below a million entries.
-    entries_.reserve(capacity_ < (size_t(1) << 20) ? capacity_ : (size_t(1) << 20));
+  // The next slot (the oldest record once full) gets r.
+  void write(const TraceRecord& r) {
+    if (next_ == end_) {  // the end of the slots: grow, or wrap to the oldest record
+      if (size_t(end_ - begin_) < capacity_) grow();
+      else next_ = begin_;
+    }
+    TraceSlot* s = next_++;
+    s->tick = r.tick;
+    s->addr = r.addr;
+    s->size = r.size;
+    s->stream = r.stream;
+    const bool extra = r.frames || r.pool != MempoolId{} || r.metadata;
+    s->action_bits = uint32_t(r.action) | (extra ? TraceSlot::kHasExtra : 0);
+    if (extra || (extra_ && holds_frames_)) {  // the slot's old stack, if any, is dropped
+      if (!extra_) extra_.reset(new TraceExtra[size_t(end_ - begin_)]);
+      TraceExtra& x = extra_[size_t(s - begin_)];
+      x.frames = r.frames;
+      x.pool = r.pool;
+      x.metadata = r.metadata;
+      if (r.frames && !holds_frames_) {
+        holds_frames_ = true;  // the fast path would overwrite slots without dropping it
+        update_fast();
+      }
+    }
   }
 
-  size_t capacity_ = 1;
-  std::vector<TraceRecord> entries_;
-  size_t next_ = 0;    // the slot push() fills: the oldest entry once full
-  size_t filled_ = 0;  // entries_.size()
+  struct FreeSlots {
+    void operator()(TraceSlot* p) const { free(p); }
+  };
+  // Fast-path fields first.
+  TraceSlot* next_ = nullptr;  // the slot the next record fills (the oldest once full; at end_: grow or wrap)
+  TraceSlot* end_ = nullptr;
+  TraceSlot* begin_ = nullptr;
+  uint64_t fast_period_ = kNoFastPeriod;  // the coarse reading the fast path may record in
+  std::unique_ptr<TraceSlot, FreeSlots> slots_;
+  std::unique_ptr<TraceExtra[]> extra_;  // allocated for the first record that needs it
+  size_t capacity_ = 0;
   uint64_t last_coarse_ = 0, last_tick_ = 0;
   uint32_t exact_left_ = 0;
+  uint32_t skip_mask_ = 0;
+  bool keeps_stacks_ = false;  // the context keeps stacks in entries
+  bool holds_frames_ = false;  // some extra holds a stack (to drop when overwritten)
+  bool fast_ok_ = false;       // none of the above sends records to the general path
   bool clock_held_ = false;
 };
 

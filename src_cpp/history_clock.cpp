@@ -1,6 +1,7 @@
 // history_clock.cpp: the coarse clock of trace time stamps (history.h, CoarseClock): a
 // detached thread that stores a TSC reading every kCoarsePeriod while some trace ring
-// holds a user, so a record reads the time with one load instead of RDTSC.
+// holds a user, so a record reads the time with one load instead of RDTSC; advance()
+// starts a new period at once (set_general_records).
 // Relies on: history.h (trace_clock).
 #include <pthread.h>
 
@@ -51,6 +52,13 @@ void CoarseClock::acquire() {
     const uint64_t gen = ++c->generation;
     std::thread([c, gen] { c->run(gen); }).detach();
   }
+}
+
+void CoarseClock::advance() {
+  CoarseClockThread* c = g_clock;
+  std::lock_guard<std::mutex> g(c->mu);
+  const uint64_t t = trace_clock(), old = CoarseClock::tick_.load(std::memory_order_relaxed);
+  CoarseClock::tick_.store(t > old ? t : old + 1, std::memory_order_release);
 }
 
 void CoarseClock::release() {

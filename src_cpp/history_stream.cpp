@@ -91,6 +91,9 @@ bool HistoryStream::inherited() const { return getpid() != owner_pid_; }
 std::shared_ptr<HistoryStream> HistoryStream::exchange(std::shared_ptr<HistoryStream> s) {
   std::lock_guard<std::mutex> g(g_exchange_mu);
   active_.store(s.get(), std::memory_order_release);
+  // An open stream sends records to the general path (the one that streams them).
+  if (s) set_general_records(kGeneralStream);
+  else g_general_records.fetch_and(~uint32_t(kGeneralStream), std::memory_order_relaxed);
   std::swap(g_current, s);
   return s;
 }
@@ -313,7 +316,7 @@ std::string HistoryStream::close() {
 
 void set_user_metadata(const std::string& s) {
   auto [id, fresh] = MetadataTable::get().intern(s);
-  metadata_in_use().store(true, std::memory_order_relaxed);
+  if (!metadata_in_use()) set_general_records(kGeneralMetadata);
   ThreadMetadata& m = thread_metadata();
   m.text = s;
   m.id = id;
