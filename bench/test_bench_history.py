@@ -14,16 +14,10 @@ import pytest
 import mtia_alloc as mtia
 from mtia_alloc.memory import Snapshot
 
+from bench_helpers import DEPTH, at_depth
+
 N_BLOCKS = 100_000
 PAIRS = 20_000
-DEPTH = 30  # Python frames above the allocation call: a typical training-loop stack
-
-
-def _at_depth(depth, fn, *args):
-    """Runs fn with `depth` extra Python frames on the stack (what a captured stack walks)."""
-    if depth <= 0:
-        return fn(*args)
-    return _at_depth(depth - 1, fn, *args)
 
 
 def _pairs(n):
@@ -89,7 +83,7 @@ def test_alloc_free_pair_ns(benchmark, no_history, mode):
         mtia.record_memory_history(enabled="all", context=None if context == "None" else context,
                                    stacks="python", max_entries=100_000)
     _pairs(1000)  # warm the cache: one small segment, then pure reuse
-    benchmark.pedantic(_at_depth, args=(DEPTH, _pairs, PAIRS), rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(at_depth, args=(DEPTH, _pairs, PAIRS), rounds=5, iterations=1, warmup_rounds=1)
     t = _times(benchmark)
     if t is None:
         return

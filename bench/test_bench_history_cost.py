@@ -27,16 +27,11 @@ import mtia_alloc as mtia
 import mtia_alloc.memory
 from mtia_alloc import _C
 
+from bench_helpers import DEPTH, at_depth
+
 PAIRS = 20_000
 ROUNDS = 7
-DEPTH = 30
 REPLAY_EVENTS = 400_000
-
-
-def _at_depth(depth, fn, *args):
-    if depth <= 0:
-        return fn(*args)
-    return _at_depth(depth - 1, fn, *args)
 
 
 def _pairs(n):
@@ -84,7 +79,7 @@ def _table(title, best, unit, targets):
 def test_python_pair_cost():
     mtia.init()
     modes = ["off", "context=None", "context=None+file", "stacks", "stacks+file"]
-    best = _measure(modes, lambda: _at_depth(DEPTH, _pairs, PAIRS))
+    best = _measure(modes, lambda: at_depth(DEPTH, _pairs, PAIRS))
     _table(f"alloc+free pair from Python (CPU ns, best of {ROUNDS} x {PAIRS}, {DEPTH} extra frames)", best, "ns/pair",
            {"context=None": "target <= x1.15", "stacks": "target <= x2.0",
             "context=None+file": f"x{best['context=None+file'] / best['context=None']:.2f} of ring (target <= 1.3)",

@@ -53,6 +53,15 @@ def work(n, blocks):
     inner()
 
 
+def recorded(tmp_path, blocks, n):
+    """A whole .mtrace recording (stacks on) of work(n): its path."""
+    path = tmp_path / "run.mtrace"
+    mtia.memory._record_memory_history("all", path=path, clear_history=True)
+    work(n, blocks)
+    mtia.memory._record_memory_history(None)
+    return path
+
+
 def test_the_file_keeps_every_event_the_ring_buffer_drops(history, blocks, tmp_path):
     path = tmp_path / "run.mtrace"
     mtia.memory._record_memory_history("all", max_entries=10, path=path, clear_history=True)
@@ -82,10 +91,7 @@ def test_the_file_keeps_every_event_the_ring_buffer_drops(history, blocks, tmp_p
 
 
 def test_stacks_are_stored_once(history, blocks, tmp_path):
-    path = tmp_path / "run.mtrace"
-    mtia.memory._record_memory_history("all", path=path, clear_history=True)
-    work(300, blocks)
-    mtia.memory._record_memory_history(None)
+    path = recorded(tmp_path, blocks, 300)
     rec = mtrace.read(path)
     # one call site in a loop: a handful of distinct stacks, however many events
     assert len(rec.events) >= 900
@@ -115,10 +121,7 @@ def test_metadata_skip_actions_and_context_none(history, blocks, tmp_path):
 
 
 def test_convert_whole_and_a_window(history, blocks, tmp_path):
-    path = tmp_path / "run.mtrace"
-    mtia.memory._record_memory_history("all", path=path, clear_history=True)
-    work(50, blocks)
-    mtia.memory._record_memory_history(None)
+    path = recorded(tmp_path, blocks, 50)
     out = tmp_path / "snap.pickle"
     p = cli("convert", path, "-o", out)
     assert p.returncode == 0, p.stderr
@@ -142,10 +145,7 @@ def test_convert_whole_and_a_window(history, blocks, tmp_path):
 
 
 def test_bad_input_is_one_line(history, blocks, tmp_path):
-    path = tmp_path / "run.mtrace"
-    mtia.memory._record_memory_history("all", path=path, clear_history=True)
-    work(5, blocks)
-    mtia.memory._record_memory_history(None)
+    path = recorded(tmp_path, blocks, 5)
     out = tmp_path / "snap.pickle"
     short = tmp_path / "short.mtrace"
     short.write_bytes(path.read_bytes()[:5])
@@ -170,10 +170,7 @@ def test_bad_input_is_one_line(history, blocks, tmp_path):
 
 
 def test_a_partial_last_record_reads_up_to_the_last_complete_event(history, blocks, tmp_path):
-    path = tmp_path / "run.mtrace"
-    mtia.memory._record_memory_history("all", path=path, clear_history=True)
-    work(20, blocks)
-    mtia.memory._record_memory_history(None)
+    path = recorded(tmp_path, blocks, 20)
     whole = mtrace.read(path)
     cut = tmp_path / "cut.mtrace"
     data = path.read_bytes()
