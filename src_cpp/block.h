@@ -11,6 +11,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <vector>
 
 #include "frames.h"
@@ -65,22 +66,31 @@ struct BlockCold {
 // share one word (2^40 device allocations before the order wraps, which would only change
 // best-fit tie breaks). Every Block but a search key lives in a BlockChunk.
 struct alignas(64) Block {
-  Block()
-      : order(0), event_count(0), allocated(false), deferred(false), in_index(false), has_stream_uses(false),
-        mapped(true), expandable(false), oversize(false), has_frames(false) {}
+  Block() : meta(kMappedBit) {}
   uintptr_t ptr = 0;
   size_t size = 0;
-  uint64_t order : 40;                // == seg->order, kept here for the index key
-  uint64_t event_count : 16;          // cross-stream events still pending
-  bool allocated : 1;
-  bool deferred : 1;                  // freed during a capture with stream uses; while allocated:
+  // The segment order, the event count and the flags share one word, which the split
+  // writes whole (`meta`, the kOrderMask/k...Bit masks below; GCC and Clang lay the fields
+  // out from bit 0 up, which check_meta_layout() verifies once per process).
+  union {
+    struct {
+      uint64_t order : 40;            // == seg->order, kept here for the index key
+      uint64_t event_count : 16;      // cross-stream events still pending
+      bool allocated : 1;
+      bool deferred : 1;              // freed during a capture with stream uses; while allocated:
                                       // owned by a DeviceArray (see DeviceAllocator::free)
-  bool in_index : 1;
-  bool has_stream_uses : 1;           // == !cold().stream_uses.empty()
-  bool mapped : 1;                    // false: unmapped address space of an expandable segment
-  bool expandable : 1;                // lives in an expandable segment
-  bool oversize : 1;                  // counted in oversize_allocations while allocated
-  bool has_frames : 1;                // == (cold().frames != nullptr)
+      bool in_index : 1;
+      bool has_stream_uses : 1;       // == !cold().stream_uses.empty()
+      bool mapped : 1;                // false: unmapped address space of an expandable segment
+      bool expandable : 1;            // lives in an expandable segment
+      bool oversize : 1;              // counted in oversize_allocations while allocated
+      bool has_frames : 1;            // == (cold().frames != nullptr)
+    };
+    uint64_t meta;
+  };
+  static constexpr uint64_t kOrderMask = (uint64_t(1) << 40) - 1;
+  static constexpr uint64_t kAllocatedBit = uint64_t(1) << 56, kDeferredBit = uint64_t(1) << 57;
+  static constexpr uint64_t kMappedBit = uint64_t(1) << 60, kExpandableBit = uint64_t(1) << 61;
   Block* prev = nullptr;              // neighbours in the segment, address order
   Block* next = nullptr;
   FreeIndex* index = nullptr;         // == seg->index: where it goes when free (gives its pool)
@@ -91,6 +101,17 @@ struct alignas(64) Block {
   inline BlockCold& cold() const;
 };
 static_assert(sizeof(Block) == 64, "Block: one cache line");
+
+// Throws if the compiler laid Block's bit fields out other than the masks say.
+inline void check_meta_layout() {
+  Block b;
+  b.meta = 0;
+  b.order = Block::kOrderMask;
+  b.allocated = b.deferred = b.mapped = b.expandable = true;
+  if (b.meta != (Block::kOrderMask | Block::kAllocatedBit | Block::kDeferredBit | Block::kMappedBit |
+                 Block::kExpandableBit))
+    throw std::logic_error("Block: bit-field layout differs from its masks (block.h)");
+}
 
 // Blocks are made in chunks: the hot lines side by side, then their cold parts. A chunk
 // is aligned to its own (power-of-two) size, so a block finds its cold part from its

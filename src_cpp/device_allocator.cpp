@@ -31,6 +31,7 @@ DeviceAllocator::DeviceAllocator(DeviceIndex device, Emulator* emulator, std::sh
                                  const AllocatorConfig* config)
     : device_(device), emulator_(emulator), config_(config), raw_(std::move(raw)),
       small_blocks_(true, nullptr, &arena_), large_blocks_(false, nullptr, &arena_) {
+  check_meta_layout();
   stats_.max_split_size =
       config->max_split_size == AllocatorConfig::kUnlimited ? -1 : int64_t(config->max_split_size);
   if (config->per_process_memory_fraction < 1.0) set_memory_fraction(config->per_process_memory_fraction);
@@ -62,6 +63,16 @@ MTIA_INLINE bool DeviceAllocator::should_split(const Block* b, const BlockPool* 
 // ---------------------------------------------------------------- malloc (§4.1)
 
 uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream, const FramesPtr& frames, bool array_owned) {
+  return malloc_entry(orig_size, stream, frames, array_owned);
+}
+
+// No stack, not a DeviceArray's: the same body with those arguments constant.
+uintptr_t DeviceAllocator::malloc(size_t orig_size, StreamId stream) {
+  return malloc_entry(orig_size, stream, kNoFrames, false);
+}
+
+MTIA_INLINE uintptr_t DeviceAllocator::malloc_entry(size_t orig_size, StreamId stream, const FramesPtr& frames,
+                                                     bool array_owned) {
   lock_blocking(mu_);
   Lock lock(mu_, std::adopt_lock);
 
@@ -250,16 +261,19 @@ MTIA_INLINE uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block
   BlockPool* pool = pool_of(block);
   constexpr bool small = kSmall;
   const bool already_split = block->is_split();
+  // The hand-out's flags: allocated, and the DeviceArray mark (block.h) if asked for.
+  const uint64_t hand_out = Block::kAllocatedBit | (r.array_owned ? Block::kDeferredBit : 0);
   Block* result = block;
   if (should_split<kSmall>(block, pool, r.size)) {
     size_t remaining = block->size - r.size;
     result = new_block();
     result->ptr = block->ptr;
     result->size = r.size;
-    result->order = block->order;
+    // One word: block's order and expandable flag, mapped, the hand-out's flags (a spare
+    // block is clean: no events, stream uses, frames or other flags).
+    result->meta = (block->meta & (Block::kOrderMask | Block::kExpandableBit)) | Block::kMappedBit | hand_out;
     result->index = block->index;
     result->seg = block->seg;
-    result->expandable = block->expandable;
     result->prev = block->prev;
     if (result->prev) result->prev->next = result;
     else block->seg->first = result;
@@ -278,12 +292,13 @@ MTIA_INLINE uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block
       stat_add(stats_.inactive_split, small, 1);
       stat_add(stats_.inactive_split_bytes, small, int64_t(remaining));
     }
-  } else if (already_split && !block->expandable) {
-    stat_sub(stats_.inactive_split, small, 1);
-    stat_sub(stats_.inactive_split_bytes, small, int64_t(block->size));
+  } else {
+    if (already_split && !block->expandable) {
+      stat_sub(stats_.inactive_split, small, 1);
+      stat_sub(stats_.inactive_split_bytes, small, int64_t(block->size));
+    }
+    block->meta |= hand_out;
   }
-  result->allocated = true;
-  if (r.array_owned) result->deferred = true;  // while allocated: the DeviceArray mark (block.h)
   result->requested_size = r.orig_size;
   if ((!kPlain && *r.frames) || result->has_frames) {  // without history, the cold part stays untouched
     result->cold().frames = *r.frames;
@@ -337,6 +352,12 @@ bool DeviceAllocator::owns(uintptr_t ptr) {
 }
 
 bool DeviceAllocator::free(uintptr_t ptr, const FramesPtr& free_frames, bool by_array) {
+  return free_entry(ptr, free_frames, by_array);
+}
+
+bool DeviceAllocator::free(uintptr_t ptr) { return free_entry(ptr, kNoFrames, false); }
+
+MTIA_INLINE bool DeviceAllocator::free_entry(uintptr_t ptr, const FramesPtr& free_frames, bool by_array) {
   lock();
   Lock lock(mu_, std::adopt_lock);
   Block* b = allocated_.erase(ptr);

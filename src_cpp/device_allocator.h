@@ -62,6 +62,10 @@ class alignas(64) DeviceAllocator {
   // block is freed only `by_array` (its DeviceArray dying): any other free of it throws
   // InvalidState and frees nothing.
   bool free(uintptr_t ptr, const FramesPtr& frames, bool by_array = false);
+  // The same without a caller stack, for no DeviceArray: what the replay loop calls (the
+  // two arguments fewer to pass, and their tests compiled away).
+  uintptr_t malloc(size_t size, StreamId stream);
+  bool free(uintptr_t ptr);
   bool owns(uintptr_t ptr);  // is ptr an allocated block of this device?
 
   void record_stream(uintptr_t ptr, StreamId stream);  // throws InvalidArgument for unknown ptr
@@ -113,6 +117,8 @@ class alignas(64) DeviceAllocator {
   using BlockActivity = std::array<int64_t, 3>;
 
   MTIA_INLINE void lock() { lock_blocking(mu_); }
+  MTIA_INLINE uintptr_t malloc_entry(size_t size, StreamId stream, const FramesPtr& frames, bool array_owned);
+  MTIA_INLINE bool free_entry(uintptr_t ptr, const FramesPtr& frames, bool by_array);
   BlockPool* default_pool(size_t rounded) { return rounded <= kSmallSize ? &small_blocks_ : &large_blocks_; }
   // f(BlockPool&) for the default pools, then each private pool's.
   template <class F>

@@ -46,7 +46,7 @@ ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEven
       try {
         // Straight to the device (as free below); Allocator::malloc refuses sizes of 1 EB
         // and more before rounding could overflow.
-        p = __builtin_expect(e.size < kOneExaByte, 1) ? dev.malloc(e.size, stream_of[e.stream], kNoFrames)
+        p = __builtin_expect(e.size < kOneExaByte, 1) ? dev.malloc(e.size, stream_of[e.stream])
                                                        : a.malloc(device, e.size, stream_of[e.stream]);
       } catch (const OutOfMemory&) {
         p = 0;
@@ -55,7 +55,7 @@ ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEven
       return true;
     }
     if (!p) return false;
-    if (!dev.free(p, kNoFrames)) a.free(p);  // the device that made it
+    if (!dev.free(p)) a.free(p);  // the device that made it
     p = 0;
     return true;
   };
@@ -70,17 +70,20 @@ ReplayResult replay_trace(Allocator& a, int device, const std::vector<ReplayEven
   // Two copies of the timed loop, so the common one has no latency bookkeeping at all.
   const size_t n = events.size();
   auto timed = [&](auto with_latency) {
-    for (size_t i = prefix; i < n; ++i) {
-      if constexpr (decltype(with_latency)::value) {
+    if constexpr (decltype(with_latency)::value) {
+      for (size_t i = prefix; i < n; ++i) {
         const uint64_t l0 = wall_ns();
         if (!apply(i)) {
           ++res.skipped;
           continue;
         }
         (ev[i].size ? res.alloc_latency_ns : res.free_latency_ns).push_back(uint32_t(wall_ns() - l0));
-      } else if (!apply(i)) {
-        ++res.skipped;
       }
+    } else {
+      // By pointer, as the peer harness's loop: no index or bound to keep in registers
+      // besides the cursor and the end (the loop state must survive the calls).
+      for (const ReplayEvent *e = ev + prefix, *end = ev + n; e != end; ++e)
+        if (!apply(size_t(e - ev))) ++res.skipped;
     }
   };
   const uint64_t t0 = wall_ns(), c0 = thread_cpu_ns();
