@@ -86,7 +86,7 @@ MTIA_INLINE uintptr_t DeviceAllocator::malloc_entry(size_t orig_size, StreamId s
   // The rest is compiled once per pool kind (every block found is of the request's kind:
   // a use_on_oom pool is asked for the same size class), and once more, out of line, for
   // when a capture, a pending free or history keeping stacks is about (not plain_).
-  if (__builtin_expect(!plain_, 0)) return malloc_not_plain(lock, r, frames);
+  if (__builtin_expect(!plain_, 0)) return malloc_not_plain(lock, orig_size, stream, array_owned, frames);
   r.frames = &kNoFrames;
   if (r.size <= kSmallSize) {
     r.pool = &small_blocks_;
@@ -96,9 +96,17 @@ MTIA_INLINE uintptr_t DeviceAllocator::malloc_entry(size_t orig_size, StreamId s
   return malloc_in_pool<false, true>(lock, r);
 }
 
-// The request goes by value to the out-of-line paths, so that on the fast path it never
-// needs an address and lives in registers.
-uintptr_t DeviceAllocator::malloc_not_plain(Lock& lock, Request r, const FramesPtr& frames) {
+// The fast path hands the out-of-line paths the request's fields, in registers, not the
+// request: one that needs an address (or a 64-byte copy on the stack) would keep the
+// fast path from holding it in registers.
+uintptr_t DeviceAllocator::malloc_not_plain(Lock& lock, size_t orig_size, StreamId stream, bool array_owned,
+                                            const FramesPtr& frames) {
+  Request r;
+  r.orig_size = orig_size;
+  r.size = round_size(orig_size, *config_);
+  r.stream = stream;
+  r.alloc_size = 0;
+  r.array_owned = array_owned;
   r.frames = frames && history_on_ && record_context_ >= RecordContext::kState ? &frames : &kNoFrames;
   // 2. Reclaim blocks whose cross-stream events completed (never during a capture).
   if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty()))
@@ -114,9 +122,26 @@ template <bool kSmall, bool kPlain>
 MTIA_INLINE uintptr_t DeviceAllocator::malloc_in_pool(Lock& lock, const Request& r) {
   // 3. Best fit among cached blocks of this pool and stream; 4. else a new segment.
   Block* block = get_free_block(r, r.pool);
-  if (__builtin_expect(!block, 0)) return malloc_miss<kSmall, kPlain>(lock, r);
+  if (__builtin_expect(!block, 0)) {
+    if constexpr (kPlain) return malloc_miss_plain<kSmall>(lock, r.orig_size, r.size, r.stream, r.array_owned);
+    else return malloc_miss<kSmall, false>(lock, r);
+  }
   // 6. Hand out (splitting if the rules say so).
   return alloc_found_block<kSmall, kPlain>(r, block);
+}
+
+template <bool kSmall>
+uintptr_t DeviceAllocator::malloc_miss_plain(Lock& lock, size_t orig_size, size_t size, StreamId stream,
+                                             bool array_owned) {
+  Request r;
+  r.orig_size = orig_size;
+  r.size = size;
+  r.alloc_size = 0;
+  r.stream = stream;
+  r.pool = kSmall ? &small_blocks_ : &large_blocks_;
+  r.frames = &kNoFrames;
+  r.array_owned = array_owned;
+  return malloc_miss<kSmall, true>(lock, r);
 }
 
 template <bool kSmall, bool kPlain>

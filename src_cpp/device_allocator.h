@@ -145,7 +145,11 @@ class alignas(64) DeviceAllocator {
   MTIA_INLINE uintptr_t malloc_in_pool(Lock& lock, const Request& r);
   template <bool kSmall, bool kPlain>
   __attribute__((noinline)) uintptr_t malloc_miss(Lock& lock, Request r);  // steps 4-6 after a cache miss
-  __attribute__((noinline)) uintptr_t malloc_not_plain(Lock& lock, Request r, const FramesPtr& frames);
+  template <bool kSmall>  // malloc_miss of the plain path, from the request's fields
+  __attribute__((noinline)) uintptr_t malloc_miss_plain(Lock& lock, size_t orig_size, size_t size, StreamId stream,
+                                                        bool array_owned);
+  __attribute__((noinline)) uintptr_t malloc_not_plain(Lock& lock, size_t orig_size, StreamId stream,
+                                                       bool array_owned, const FramesPtr& frames);
   template <bool kSmall>
   MTIA_INLINE bool should_split(const Block* b, const BlockPool* pool, size_t size) const;
   template <bool kSmall, bool kPlain>
