@@ -52,9 +52,9 @@ void DeviceAllocator::add_block_chunk() {
   for (size_t i = BlockChunk::kBlocks; i-- > 0;) recycle_clean_block(&block_chunks_.back()->hot[i]);
 }
 
-template <bool kSmall>
+template <bool kSmall, bool kDefaultPool>
 MTIA_INLINE bool DeviceAllocator::should_split(const Block* b, const BlockPool* pool, size_t size) const {
-  if (__builtin_expect(pool->owner != nullptr, 0) && pool->owner->no_split) return false;
+  if (!kDefaultPool && __builtin_expect(pool->owner != nullptr, 0) && pool->owner->no_split) return false;
   size_t remaining = b->size - size;
   if (kSmall || config_->expandable_segments) return remaining >= kMinBlockSize;
   return size < max_split() && remaining > kSmallSize;
@@ -149,8 +149,9 @@ uintptr_t DeviceAllocator::malloc_miss(Lock& lock, Request r) {
   Block* block = alloc_on_miss(lock, r);
   // 5. Out of memory.
   if (!block) raise_oom(lock, r);
-  // A raw allocator that ran Python may have changed what plain_ said.
-  if (kPlain && !plain_) return alloc_found_block<kSmall, false>(r, block);
+  // A raw allocator that ran Python may have changed what plain_ said; a use_on_oom
+  // pool's block is not of the request's (default) pool.
+  if (kPlain && (!plain_ || pool_of(block) != r.pool)) return alloc_found_block<kSmall, false>(r, block);
   // 6. Hand out (splitting if the rules say so).
   return alloc_found_block<kSmall, kPlain>(r, block);
 }
@@ -222,9 +223,13 @@ Block* DeviceAllocator::get_free_block(const Request& r, BlockPool* pool) {
     }
     bin = FreeIndex::bin_for(b->size);
   }
-  const size_t M = max_split(), R = config_->max_non_split_rounding_size;
-  if (r.size < M && b->size >= M) return nullptr;      // normal requests never take oversize blocks
-  if (r.size >= M && b->size >= r.size + R) return nullptr;  // oversize: at most R - 1 bytes of slack
+  // Below max_split_size (the common case) both rules pass: r.size <= b->size, or b is an
+  // expandable block that grows to r.size, and then b->size < r.size + R.
+  const size_t M = max_split();
+  if (__builtin_expect(b->size >= M, 0)) {
+    if (r.size < M) return nullptr;  // normal requests never take oversize blocks
+    if (b->size >= r.size + config_->max_non_split_rounding_size) return nullptr;  // oversize: < R of slack
+  }
   idx->erase_in(b, bin);
   return b;
 }
@@ -283,13 +288,15 @@ Block* DeviceAllocator::try_use_on_oom_pools(const Request& r) {
 // §3.4: take `block` (not in any index), split off the request if the rules say so.
 template <bool kSmall, bool kPlain>
 MTIA_INLINE uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block* block) {
-  BlockPool* pool = pool_of(block);
+  // On the plain path the block is of the request's pool, a default one (malloc_miss
+  // sends a use_on_oom pool's block the other way).
+  BlockPool* const pool = kPlain ? r.pool : pool_of(block);
   constexpr bool small = kSmall;
   const bool already_split = block->is_split();
   // The hand-out's flags: allocated, and the DeviceArray mark (block.h) if asked for.
   const uint64_t hand_out = Block::kAllocatedBit | (r.array_owned ? Block::kDeferredBit : 0);
   Block* result = block;
-  if (should_split<kSmall>(block, pool, r.size)) {
+  if (should_split<kSmall, kPlain>(block, pool, r.size)) {
     size_t remaining = block->size - r.size;
     result = new_block();
     result->ptr = block->ptr;
@@ -340,7 +347,7 @@ MTIA_INLINE uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block
   }
   if (kPlain) {  // history without stacks keeps the plain path: its fast record inline
     if (__builtin_expect(history_on_, 0) &&
-        !(!pool->owner && trace_.try_record(TraceAction::kAlloc, result->ptr, r.orig_size, r.stream)))
+        !((kPlain || !pool->owner) && trace_.try_record(TraceAction::kAlloc, result->ptr, r.orig_size, r.stream)))
       record_plain_alloc(result);
   } else if (history_on_) {
     record_trace(TraceAction::kAlloc, result->ptr, r.orig_size, r.stream, pool_id_of(pool), *r.frames);

@@ -150,7 +150,7 @@ class alignas(64) DeviceAllocator {
                                                         bool array_owned);
   __attribute__((noinline)) uintptr_t malloc_not_plain(Lock& lock, size_t orig_size, StreamId stream,
                                                        bool array_owned, const FramesPtr& frames);
-  template <bool kSmall>
+  template <bool kSmall, bool kDefaultPool>  // kDefaultPool: pool has no owner (no no_split)
   MTIA_INLINE bool should_split(const Block* b, const BlockPool* pool, size_t size) const;
   template <bool kSmall, bool kPlain>
   MTIA_INLINE uintptr_t alloc_found_block(const Request& r, Block* block);

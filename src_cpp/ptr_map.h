@@ -31,11 +31,11 @@ class PtrMap {
   ~PtrMap() { std::free(slots_); }
   PtrMap(const PtrMap&) = delete;
   PtrMap& operator=(const PtrMap&) = delete;
-  size_t size() const { return count_; }
+  size_t size() const { return grow_at_ - room_; }
 
   // Key must be nonzero and not present.
   MTIA_INLINE void insert(uintptr_t key, Block* value) {
-    if (__builtin_expect(++count_ > grow_at_, 0)) grow();
+    if (__builtin_expect(room_-- == 0, 0)) grow();
     Slot* s = slots_;
     size_t i = home(key);
     while (s[i].key) i = (i + 1) & mask_;
@@ -60,7 +60,7 @@ class PtrMap {
       i = (i + 1) & mask;
     }
     Block* value = s[i].value;
-    --count_;
+    ++room_;
     // Backward shift: an entry later in the probe run moves into the hole unless its
     // home lies after the hole (it would then be unreachable from its home).
     for (size_t j = (i + 1) & mask; s[j].key; j = (j + 1) & mask) {
@@ -82,17 +82,19 @@ class PtrMap {
 
   MTIA_INLINE size_t home(uintptr_t key) const { return size_t((key * 0x9E3779B97F4A7C15ull) >> shift_); }
 
-  // Doubles the table; insert() has already counted the key it is adding.
+  // Doubles the table; insert() has already counted the key it is adding (room_ wrapped).
   __attribute__((noinline, cold)) void grow() {
     Slot* old = slots_;
     const size_t old_slots = mask_ + 1;
     const unsigned log2 = 64 - shift_ + 1;
     Slot* fresh = static_cast<Slot*>(std::calloc(size_t(1) << log2, sizeof(Slot)));
     if (!fresh) {
-      --count_;
+      room_ = 0;
       throw std::bad_alloc();
     }
+    const size_t live = grow_at_ + 1;  // with the key being added
     set_table(fresh, log2);
+    room_ = grow_at_ - live;
     for (size_t k = 0; k < old_slots; ++k) {
       if (!old[k].key) continue;
       size_t i = home(old[k].key);
@@ -107,13 +109,14 @@ class PtrMap {
     mask_ = (size_t(1) << log2) - 1;
     shift_ = 64 - log2;
     grow_at_ = (mask_ + 1) / 8 * 3;
+    room_ = grow_at_;
   }
 
   Slot* slots_ = nullptr;
   size_t mask_ = 0;     // slot count - 1
   unsigned shift_ = 0;  // 64 - log2(slot count): home() keeps the product's top bits
-  size_t count_ = 0;
-  size_t grow_at_ = 0;  // 3/8 of the slots
+  size_t grow_at_ = 0;  // 3/8 of the slots: the most keys the table holds
+  size_t room_ = 0;     // grow_at_ - keys held: one decrement (and its test) per insert
 };
 
 }  // namespace mtia
