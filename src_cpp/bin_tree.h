@@ -18,6 +18,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <utility>
 #include <vector>
 
 #include "block.h"
@@ -111,6 +112,36 @@ class BinTree {
       return;
     }
     insert_searched(key, block);
+  }
+
+  // The first two entries of an empty tree (a bin's inline block and a second one): no
+  // search, and they go mid-leaf, so that the next entry finds room on either side.
+  void insert_pair(const FreeKey& fa, Block* a, const FreeKey& fb, Block* b) {
+    if (!root_) {
+      root_ = first_ = last_ = new_leaf();
+      height_ = 1;
+    }
+    // Empty, so its height is 1: erase steps the root down to the last leaf.
+    Leaf* leaf = first_;
+    PackedKey ka = PackedKey::of(fa), kb = PackedKey::of(fb);
+    if (kb < ka) {
+      std::swap(ka, kb);
+      std::swap(a, b);
+    }
+    leaf->begin = kLeafCap / 2 - 1;
+    leaf->end = kLeafCap / 2 + 1;
+    leaf->e[leaf->begin] = Entry{ka, a};
+    leaf->e[leaf->begin + 1] = Entry{kb, b};
+    count_ = 2;
+  }
+
+  // Empties a tree of one entry and returns that entry's block (the bin keeps it inline).
+  Block* take_only() {
+    Leaf* leaf = first_;  // one entry: one leaf, the root
+    Block* b = leaf->e[leaf->begin].block;
+    leaf->end = leaf->begin;
+    count_ = 0;
+    return b;
   }
 
   // Removes the entry with exactly this key; false if there is none.

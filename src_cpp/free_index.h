@@ -37,7 +37,9 @@ class FreeIndex {
   }
 
   // The bitmap says which bins are non-empty; a bin with one block keeps it inline
-  // (`solo`, and then its tree is empty), so the common cases never touch a tree.
+  // (`solo`, and then its tree is empty), so the common cases never touch a tree. A tree
+  // holds two blocks or more: the second block's insert builds it (insert_pair), the
+  // erase that leaves one block moves that block back inline (take_only).
   MTIA_INLINE void insert(Block* b) {
     const size_t bin = bin_of(b->size);
     Bin& slot = bins_[bin];
@@ -63,6 +65,10 @@ class FreeIndex {
       slot.solo = nullptr;
     } else {
       if (!slot.tree->erase(key_of(b))) throw_corrupt();
+      if (slot.tree->size() == 1) {  // back to one block: inline again
+        slot.solo = slot.tree->take_only();
+        return;
+      }
       if (!slot.tree->empty()) return;
     }
     uint64_t& word = words_[bin >> 6];
@@ -153,9 +159,10 @@ class FreeIndex {
   // A second block for a non-empty bin: from here on the bin's blocks live in its tree.
   __attribute__((noinline)) void insert_crowded(Bin& slot, Block* b) {
     if (!slot.tree) slot.tree = new BinTree(arena_);
-    if (slot.solo) {
-      slot.tree->insert(key_of(slot.solo), slot.solo);
+    if (slot.solo) {  // the tree is empty while a block sits inline
+      slot.tree->insert_pair(key_of(slot.solo), slot.solo, key_of(b), b);
       slot.solo = nullptr;
+      return;
     }
     slot.tree->insert(key_of(b), b);
   }

@@ -1,16 +1,26 @@
 // bin_tree_test.cpp: BinTree (the B+ tree behind crowded free-index bins) against
 // std::set as the model, over random inserts, erases and queries that grow the tree to
-// several levels and shrink it back to empty. Run under the sanitizers by .ci/run.
+// several levels and shrink it back to empty; then FreeIndex (free_index.h) itself, whose
+// bins move between one inline block and a tree. Run under the sanitizers by .ci/run.
 // Exit code 0 = pass.
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <set>
 #include <vector>
 
 #include "bin_tree.h"
+#include "free_index.h"
 #include "check.h"
 
 using namespace mtia;
+
+// Defined with the allocator in the library; here a corrupt index is a failed test.
+void FreeIndex::throw_corrupt() {
+  std::fprintf(stderr, "FreeIndex::throw_corrupt\n");
+  std::abort();
+}
 
 namespace {
 
@@ -151,9 +161,65 @@ void run_front(uint64_t seed, size_t max_live, size_t steps, int front_percent) 
   }
 }
 
+// FreeIndex against a std::set of (size, order, address): few sizes, so bins go from one
+// inline block to a tree (insert_pair) and back (take_only) all the time, in exact bins
+// (<= 2 MiB) and in the 64-per-power-of-two bins above.
+void run_index(uint64_t seed, size_t max_live, size_t steps) {
+  std::mt19937_64 rng(seed);
+  NodeArena arena;
+  FreeIndex index(&arena, nullptr, false);
+  std::vector<Block> blocks(max_live);
+  std::vector<Block*> spare, live;
+  for (Block& b : blocks) spare.push_back(&b);
+  auto less = [](const Block* a, const Block* b) { return BlockLess()(a, b); };
+  std::set<Block*, decltype(less)> model(less);
+  static const size_t kSizes[] = {512, 1024, 4096, (size_t(2) << 20), (size_t(3) << 20), (size_t(3) << 20) + 512};
+  uint64_t next_ptr = 1;
+  for (size_t step = 0; step < steps; ++step) {
+    const bool insert = spare.size() == blocks.size() || (!spare.empty() && rng() % 100 < 52);
+    if (insert) {
+      Block* b = spare.back();
+      spare.pop_back();
+      b->size = kSizes[rng() % 6];
+      b->order = rng() % 4;
+      b->ptr = (next_ptr++) * 512 * 8192;
+      index.insert(b);
+      model.insert(b);
+      live.push_back(b);
+    } else {
+      const size_t i = rng() % live.size();
+      Block* b = live[i];
+      live[i] = live.back();
+      live.pop_back();
+      index.erase(b);
+      model.erase(b);
+      spare.push_back(b);
+    }
+    const size_t q = std::max<size_t>(512, kSizes[rng() % 6] - (rng() % 2) * 512);  // requests are >= 512
+    Block* expect = nullptr;
+    for (Block* b : model)
+      if (b->size >= q) {
+        expect = b;
+        break;
+      }
+    CHECK(index.lower_bound(q) == expect, "FreeIndex lower_bound(%zu) differs (seed %llu step %zu)", q,
+          (unsigned long long)seed, step);
+    CHECK(index.largest() == (model.empty() ? nullptr : *model.rbegin()), "FreeIndex largest differs (step %zu)",
+          step);
+    CHECK(index.empty() == model.empty(), "FreeIndex empty() differs (step %zu)", step);
+    if (step % 17 == 0) {
+      std::vector<Block*> walked;
+      index.for_each([&](const Block* b) { walked.push_back(const_cast<Block*>(b)); });
+      CHECK(walked == std::vector<Block*>(model.begin(), model.end()), "FreeIndex order differs (step %zu)", step);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
+  for (uint64_t seed = 50; seed < 56; ++seed) run_index(seed, 6 + seed % 3 * 20, 20000);
+  run_index(60, 400, 40000);
   run(1, 40, 20000, 4);        // one or two levels
   run(2, 3000, 200000, 3);     // three levels, heavy ties
   run(3, 20000, 300000, 200);  // four levels, then drained to empty and regrown
