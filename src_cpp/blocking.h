@@ -146,6 +146,8 @@ class AdoptedLock {
     mu_->unlock();
     mu_ = nullptr;
   }
+  // Hands the held lock to the caller (who must adopt it): this one no longer unlocks.
+  void release() { mu_ = nullptr; }
 
  private:
   SpinMutex* mu_;

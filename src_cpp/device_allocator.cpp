@@ -86,7 +86,10 @@ MTIA_INLINE uintptr_t DeviceAllocator::malloc_entry(size_t orig_size, StreamId s
   // The rest is compiled once per pool kind (every block found is of the request's kind:
   // a use_on_oom pool is asked for the same size class), and once more, out of line, for
   // when a capture, a pending free or history keeping stacks is about (not plain_).
-  if (__builtin_expect(!plain_, 0)) return malloc_not_plain(lock, orig_size, stream, array_owned, frames);
+  if (__builtin_expect(!plain_, 0)) {
+    lock.release();  // to malloc_not_plain
+    return malloc_not_plain(orig_size, stream, array_owned, frames);
+  }
   r.frames = &kNoFrames;
   if (r.size <= kSmallSize) {
     r.pool = &small_blocks_;
@@ -97,10 +100,11 @@ MTIA_INLINE uintptr_t DeviceAllocator::malloc_entry(size_t orig_size, StreamId s
 }
 
 // The fast path hands the out-of-line paths the request's fields, in registers, not the
-// request: one that needs an address (or a 64-byte copy on the stack) would keep the
-// fast path from holding it in registers.
-uintptr_t DeviceAllocator::malloc_not_plain(Lock& lock, size_t orig_size, StreamId stream, bool array_owned,
+// request, and the lock, not its Lock: either needing an address (or the request a
+// 64-byte copy on the stack) would keep the fast path from holding them in registers.
+uintptr_t DeviceAllocator::malloc_not_plain(size_t orig_size, StreamId stream, bool array_owned,
                                             const FramesPtr& frames) {
+  Lock lock(mu_, std::adopt_lock);  // taken by malloc()
   Request r;
   r.orig_size = orig_size;
   r.size = round_size(orig_size, *config_);
@@ -123,7 +127,10 @@ MTIA_INLINE uintptr_t DeviceAllocator::malloc_in_pool(Lock& lock, const Request&
   // 3. Best fit among cached blocks of this pool and stream; 4. else a new segment.
   Block* block = get_free_block(r, r.pool);
   if (__builtin_expect(!block, 0)) {
-    if constexpr (kPlain) return malloc_miss_plain<kSmall>(lock, r.orig_size, r.size, r.stream, r.array_owned);
+    if constexpr (kPlain) {
+      lock.release();  // to malloc_miss_plain
+      return malloc_miss_plain<kSmall>(r.orig_size, r.size, r.stream, r.array_owned);
+    }
     else return malloc_miss<kSmall, false>(lock, r);
   }
   // 6. Hand out (splitting if the rules say so).
@@ -131,8 +138,8 @@ MTIA_INLINE uintptr_t DeviceAllocator::malloc_in_pool(Lock& lock, const Request&
 }
 
 template <bool kSmall>
-uintptr_t DeviceAllocator::malloc_miss_plain(Lock& lock, size_t orig_size, size_t size, StreamId stream,
-                                             bool array_owned) {
+uintptr_t DeviceAllocator::malloc_miss_plain(size_t orig_size, size_t size, StreamId stream, bool array_owned) {
+  Lock lock(mu_, std::adopt_lock);  // taken by malloc()
   Request r;
   r.orig_size = orig_size;
   r.size = size;

@@ -145,11 +145,12 @@ class alignas(64) DeviceAllocator {
   MTIA_INLINE uintptr_t malloc_in_pool(Lock& lock, const Request& r);
   template <bool kSmall, bool kPlain>
   __attribute__((noinline)) uintptr_t malloc_miss(Lock& lock, Request r);  // steps 4-6 after a cache miss
+  // These two adopt the lock malloc() took (and release it).
   template <bool kSmall>  // malloc_miss of the plain path, from the request's fields
-  __attribute__((noinline)) uintptr_t malloc_miss_plain(Lock& lock, size_t orig_size, size_t size, StreamId stream,
+  __attribute__((noinline)) uintptr_t malloc_miss_plain(size_t orig_size, size_t size, StreamId stream,
                                                         bool array_owned);
-  __attribute__((noinline)) uintptr_t malloc_not_plain(Lock& lock, size_t orig_size, StreamId stream,
-                                                       bool array_owned, const FramesPtr& frames);
+  __attribute__((noinline)) uintptr_t malloc_not_plain(size_t orig_size, StreamId stream, bool array_owned,
+                                                       const FramesPtr& frames);
   template <bool kSmall, bool kDefaultPool>  // kDefaultPool: pool has no owner (no no_split)
   MTIA_INLINE bool should_split(const Block* b, const BlockPool* pool, size_t size) const;
   template <bool kSmall, bool kPlain>
