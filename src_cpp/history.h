@@ -241,6 +241,10 @@ struct TraceSlot {
   StreamId stream;
   uint32_t action_bits;  // the TraceAction, | kHasExtra when extras hold the rest
   static constexpr uint32_t kHasExtra = 0x100;
+  // Two records of one block in one slot (a free's request and completion, written by
+  // try_record_pair): the second's action in bits 16-23, its other fields the first's.
+  static constexpr uint32_t kPair = 0x200;
+  static constexpr unsigned kSecondShift = 16;
 };
 struct TraceExtra {
   FramesPtr frames;
@@ -331,14 +335,19 @@ class TraceRing {
     fill(s, now, a, addr, size, stream);
     return true;
   }
-  // Two records of one block at once (a free's request and its completion), likewise.
+  // Two records of one block at once (a free's request and its completion), likewise, in
+  // one slot (TraceSlot::kPair): a slot can thus hold two records, and ordered() keeps
+  // the newest capacity_ records.
   MTIA_INLINE bool try_record_pair(TraceAction a, TraceAction b, uintptr_t addr, uint64_t size, StreamId stream) {
     const uint64_t now = CoarseClock::now();
     TraceSlot* s = next_;
-    if (__builtin_expect(now != fast_period_ || s + 1 >= limit_, 0)) return false;
-    next_ = s + 2;
-    fill(s, now, a, addr, size, stream);
-    fill(s + 1, now, b, addr, size, stream);
+    if (__builtin_expect(now != fast_period_ || s == limit_, 0)) return false;
+    next_ = s + 1;
+    s->tick = now;
+    s->addr = addr;
+    s->size = size;
+    s->stream = stream;
+    s->action_bits = uint32_t(a) | TraceSlot::kPair | uint32_t(b) << TraceSlot::kSecondShift;
     return true;
   }
   // The general path: stamps r and writes it.
@@ -370,11 +379,16 @@ class TraceRing {
           r.pool = x.pool;
           r.metadata = x.metadata;
         }
+        if (s->action_bits & TraceSlot::kPair) {
+          out.push_back(r);
+          r.action = TraceAction((s->action_bits >> TraceSlot::kSecondShift) & 0xff);
+        }
         out.push_back(std::move(r));
       }
     };
     take(next_, end_);
     take(begin_, next_);
+    if (out.size() > capacity_) out.erase(out.begin(), out.end() - std::ptrdiff_t(capacity_));
     return out;
   }
 

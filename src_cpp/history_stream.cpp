@@ -163,8 +163,8 @@ void HistoryStream::append2(char kind, const void* a, uint32_t na, const void* b
 }
 
 namespace {
-// One 'Y' batch (history_stream.h) of n slots at `begin` (room for 5 + n * kMaxEventBytes);
-// returns its end. The previous event's fields live in locals (byte stores through a char
+// One 'Y' batch (history_stream.h) of n slots at `begin` (room for 5 + 2 * n *
+// kMaxEventBytes: a slot may hold two records); returns its end. The previous event's fields live in locals (byte stores through a char
 // pointer would make the compiler reload members); kExtras: some slots have extras (pool,
 // stack, metadata), else none is looked at.
 template <bool kExtras>
@@ -220,6 +220,11 @@ char* encode_batch(char* const begin, DeviceIndex device, const TraceSlot* slots
     p = put_bytes(p, addr, na);
     p = put_bytes(p, size, ns);
     if (kExtras) p = put_bytes(p, stack, nk);
+    // A slot's second record (TraceSlot::kPair; never with extras): its action and all
+    // deltas 0, always written, kept only for a pair (no branch to mispredict).
+    *p = char((s.action_bits >> TraceSlot::kSecondShift) & 0x0f);
+    p[1] = p[2] = 0;
+    p += 3 * ((s.action_bits & TraceSlot::kPair) != 0);
   }
   *last_tick = last;
   const uint32_t len = uint32_t(p - begin - 5);
@@ -233,14 +238,14 @@ void HistoryStream::push(DeviceIndex device, const TraceSlot* slots, size_t n, c
                          std::vector<char>* scratch, uint64_t* last_tick) {
   if (failed() || orphaned_ || !n) return;
   // Encoded outside the stream's lock (the slots were just written: they are in cache).
-  if (scratch->size() < 5 + n * kMaxEventBytes) scratch->resize(5 + n * kMaxEventBytes);
+  if (scratch->size() < 5 + 2 * n * kMaxEventBytes) scratch->resize(5 + 2 * n * kMaxEventBytes);  // a slot: up to 2 records
   char* const begin = scratch->data();
   char* const end = extras ? encode_batch<true>(begin, device, slots, n, extras, last_tick)
                            : encode_batch<false>(begin, device, slots, n, nullptr, last_tick);
   const uint32_t used = uint32_t(end - begin);
   mu_.lock();
   memcpy(reserve(used), begin, used);
-  events_ += n;
+  events_ += n;  // slots: what tells the writer that events came
   mu_.unlock();
 }
 
