@@ -595,10 +595,17 @@ struct ChainCache {
     const void* top_instr = nullptr;
     std::vector<ChainFrame> chain;  // innermost first, every frame (skipped ones too)
     mtia::FramesPtr stack;
-    uint64_t used = 0;
   };
   Entry entries[kEntries];
-  uint64_t clock = 0;
+  // Most recently used first, and checked in that order: a chain that differs from the
+  // live one only far out (the same call made from another place up the stack) is compared
+  // almost whole before it fails, so the entry likeliest to match goes first.
+  Entry* order[kEntries] = {&entries[0], &entries[1], &entries[2], &entries[3]};
+  void use(int k) {  // order[k] becomes the most recent
+    Entry* e = order[k];
+    for (; k > 0; --k) order[k] = order[k - 1];
+    order[0] = e;
+  }
   std::vector<ChainFrame> walked;  // the chain of the capture under way (a miss)
 };
 inline ChainCache& chain_cache(PyThreadState* ts) {
@@ -661,15 +668,14 @@ inline std::shared_ptr<const mtia::Frames> capture_frames() {
   PyThreadState* ts = PyThreadState_Get();
   _PyInterpreterFrame* const top = ts->cframe->current_frame;
   ChainCache& cache = chain_cache(ts);
-  const uint64_t now = ++cache.clock;
-  ChainCache::Entry* victim = &cache.entries[0];
-  for (ChainCache::Entry& e : cache.entries) {
+  for (int k = 0; k < ChainCache::kEntries; ++k) {
+    const ChainCache::Entry& e = *cache.order[k];
     if (top && e.top == top && e.top_instr == top->prev_instr && chain_matches(e.chain.data(), top)) {
-      e.used = now;
+      if (k) cache.use(k);
       return e.stack;
     }
-    if (e.used < victim->used) victim = &e;
   }
+  ChainCache::Entry* const victim = cache.order[ChainCache::kEntries - 1];  // the least recent
   std::vector<ChainFrame>& walked = cache.walked;
   walked.clear();
   for (_PyInterpreterFrame* f = top; f; f = f->previous) {
@@ -689,7 +695,7 @@ inline std::shared_ptr<const mtia::Frames> capture_frames() {
   victim->top_instr = top ? top->prev_instr : nullptr;
   victim->chain.swap(walked);
   victim->stack = stack;
-  victim->used = now;
+  cache.use(ChainCache::kEntries - 1);
   return stack;
 #else
   PyFrameObject* f = PyEval_GetFrame();  // borrowed

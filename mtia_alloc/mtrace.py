@@ -12,6 +12,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 __all__ = ["MAGIC", "Recording", "is_mtrace", "read"]
 
@@ -24,6 +25,7 @@ _CLOCK = struct.Struct("<Qq")
 _SMALL_SEGMENT = 2 << 20  # the small pool's segment size
 _MIN_BLOCK = 512
 _U64 = (1 << 64) - 1
+_TICK = itemgetter(4)  # an event tuple's time stamp
 
 
 def is_mtrace(path):
@@ -237,6 +239,51 @@ def _batch(data, pos, end, events):
     return done
 
 
+def _ybatch(data, pos, end, events):
+    """As _batch, for a 'Y' record (history_stream.h: a head byte, the context's varints
+    when it changes, a u16 of four byte counts, then the tick, addr and size deltas and the
+    stack id, each in its byte count)."""
+    device = stream = pa = pb = mid = tick = addr = size = 0
+    done = pos
+    from_bytes = int.from_bytes
+    try:
+        while pos < end:
+            head = data[pos]
+            pos += 1
+            if head & 0x10:
+                device, pos = _varint(data, pos, end)
+                v, pos = _varint(data, pos, end)
+                stream = (v >> 1) ^ -(v & 1)
+                pa, pos = _varint(data, pos, end)
+                pb, pos = _varint(data, pos, end)
+                mid, pos = _varint(data, pos, end)
+            if pos + 2 > end:
+                raise IndexError(pos)
+            lens = data[pos] | data[pos + 1] << 8
+            nt, na, ns, nk = lens & 15, lens >> 4 & 15, lens >> 8 & 15, lens >> 12
+            pos += 2
+            if pos + nt + na + ns + nk > end:
+                raise IndexError(pos)
+            if nt:
+                tick = (tick + from_bytes(data[pos:pos + nt], "little")) & _U64
+                pos += nt
+            if na:
+                v = from_bytes(data[pos:pos + na], "little")
+                addr = (addr + ((v >> 1) ^ -(v & 1))) & _U64
+                pos += na
+            if ns:
+                v = from_bytes(data[pos:pos + ns], "little")
+                size = (size + ((v >> 1) ^ -(v & 1))) & _U64
+                pos += ns
+            sid = from_bytes(data[pos:pos + nk], "little") if nk else 0
+            pos += nk
+            events.append((head & 0x0F, device, sid, mid, tick, addr, size, stream, pa, pb))
+            done = pos
+    except IndexError:  # an event cut short
+        pass
+    return done
+
+
 def _varint(data, pos, end):
     if pos >= end:
         raise IndexError(pos)
@@ -275,10 +322,10 @@ def read(path):
         kind = data[pos]
         length = int.from_bytes(data[pos + 1:pos + 5], "little")
         body = pos + 5
-        if body + length > n and kind != 0x5A:
+        if body + length > n and kind not in (0x5A, 0x59):
             break
-        if kind == 0x5A:  # 'Z'
-            end = _batch(data, body, min(body + length, n), events)
+        if kind in (0x5A, 0x59):  # 'Z', 'Y'
+            end = (_batch if kind == 0x5A else _ybatch)(data, body, min(body + length, n), events)
             if end < body + length:  # cut short inside the batch: its complete events count
                 pos = end
                 break
@@ -314,4 +361,7 @@ def read(path):
                          f"({n} bytes)")
     rec.partial_bytes = n - pos
     rec.anchors.sort()
+    # Batches of several devices interleave by chunk: merged by time (stable, and a
+    # device's time stamps never decrease, so each device's events keep their order).
+    events.sort(key=_TICK)
     return rec

@@ -67,19 +67,28 @@ void Allocator::set_history(bool enabled, RecordContext context, size_t max_entr
 std::string Allocator::start_history_stream(const std::string& path, const std::string& header_json) {
   stop_history_stream();
   std::string error;
-  std::shared_ptr<HistoryStream> s = HistoryStream::open(path, header_json, &error);
+  // The writer pulls the records the devices' rings hold back (it runs until
+  // stop_history_stream, which runs before the devices go).
+  std::shared_ptr<HistoryStream> s = HistoryStream::open(
+      path, header_json,
+      [this] {
+        for (auto& d : devices_) d->flush_history_stream();
+      },
+      &error);
   if (!s) return error;
   // Every metadata string so far, before any event can name one.
   std::vector<std::string> meta = MetadataTable::get().all();
   for (size_t i = 1; i < meta.size(); ++i) s->define_metadata(uint32_t(i), meta[i]);
+  HistoryStream* const stream = s.get();
   HistoryStream::exchange(std::move(s));
+  for (auto& d : devices_) d->attach_history_stream(stream);
   return "";
 }
 
 std::string Allocator::stop_history_stream() {
   std::shared_ptr<HistoryStream> s = HistoryStream::exchange(nullptr);
   if (!s) return "";
-  for (auto& d : devices_) d->lock_unlock();  // a call that saw the stream has left
+  for (auto& d : devices_) d->attach_history_stream(nullptr);  // their last records go out first
   std::string error = s->close();
   if (s->inherited()) new std::shared_ptr<HistoryStream>(std::move(s));  // never destroyed in a forked child
   return error;

@@ -101,7 +101,11 @@ class alignas(64) DeviceAllocator {
   std::vector<TraceEntry> trace();
   // skip_mask: bit (1 << action) set = that action is not recorded (skip_actions).
   void set_history(bool enabled, RecordContext context, size_t max_entries, bool clear, uint32_t skip_mask = 0);
-  void lock_unlock();  // waits for a running call to leave the device (history stream stop)
+  // The streamed history (history_stream.h): every record from now on also goes to `s`
+  // (null: no longer; the records not yet handed over go first); and the records the
+  // ring holds back go now (the stream's writer, every tick).
+  void attach_history_stream(HistoryStream* s);
+  void flush_history_stream();
   RecordContext record_context() const { return record_context_; }  // read without the lock
   std::string check_invariants();  // "" when all hold
 

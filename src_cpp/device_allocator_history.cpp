@@ -2,7 +2,7 @@
 // trace (record_trace, set_history, trace) and the segment snapshot.
 //
 // Relies on: history.h (TraceRing, the clock, the per-thread user metadata id),
-// history_stream.h (records also go to the open stream), segment_info.h (what a snapshot
+// history_stream.h (the ring hands its records to the open stream), segment_info.h (what a snapshot
 // returns). record_trace (inline, device_allocator.h) is called from every file of the
 // allocator, always behind `if (history_on_)`, so the fast path pays one branch while
 // history is off; what its inline fast path does not record comes here.
@@ -15,7 +15,8 @@
 namespace mtia {
 
 // The general path of record_trace (device_allocator.h): a record with a pool, a stack
-// or metadata, a skipped action, a stream open, or one of a period's exact time stamps.
+// or metadata, a skipped action, one of a period's exact time stamps, or the end of a
+// chunk of streamed records.
 void DeviceAllocator::record_trace_general(TraceAction a, uintptr_t addr, size_t size, StreamId stream,
                                            MempoolId pool, const FramesPtr& frames) {
   if (trace_.skips(a)) return;  // skip_actions: not recorded at all
@@ -28,7 +29,6 @@ void DeviceAllocator::record_trace_general(TraceAction a, uintptr_t addr, size_t
   r.metadata = current_metadata_id();
   r.action = a;
   trace_.record(r);
-  if (HistoryStream* s = HistoryStream::active()) s->event(device_, r);
 }
 
 void DeviceAllocator::set_history(bool enabled, RecordContext context, size_t max_entries, bool clear,
@@ -77,9 +77,17 @@ std::vector<TraceEntry> DeviceAllocator::trace() {
   return out;
 }
 
-void DeviceAllocator::lock_unlock() {
+void DeviceAllocator::attach_history_stream(HistoryStream* s) {
   lock();
-  mu_.unlock();
+  Lock lock(mu_, std::adopt_lock);
+  if (s) trace_.attach_stream(s, device_);
+  else trace_.detach_stream();
+}
+
+void DeviceAllocator::flush_history_stream() {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  trace_.flush_stream();
 }
 
 std::vector<SegmentInfo> DeviceAllocator::snapshot(MempoolId pool, bool all_pools) {

@@ -4,10 +4,16 @@
 // (history_stream.h). Skipped actions (skip_actions) are dropped before anything is
 // written.
 //
+// Streaming costs the record no more: while a stream is attached (attach_stream) the ring
+// hands its raw slots, in chunks of up to kStreamChunk, to the stream (flush_stream,
+// history_stream.cpp): the fast path stops at the chunk's end (limit_) instead of the
+// slots' end, and the general path that then runs copies the chunk out. Encoding is the
+// stream's writer thread's work. The writer pulls the records of an idle ring every tick.
+//
 // Recording is cheap because a record is raw data, decoded only when the trace is read:
 // a slot holds the time as a raw clock reading (TSC ticks, converted to epoch
 // microseconds by trace()), the address, size, stream and action. The common record (no
-// stack, pool or per-thread metadata, no stream open) is written by
+// stack, pool or per-thread metadata) is written by
 // TraceRing::try_record, inline on the allocator's fast path: a few plain stores into a
 // preallocated array. Anything else takes the general path (TraceRing::record), which
 // also keeps the rest of a record (pool, interned stack, the id of the thread's metadata
@@ -46,6 +52,8 @@
 #include "types.h"
 
 namespace mtia {
+
+class HistoryStream;  // history_stream.h
 
 enum class TraceAction : uint8_t {
   kAlloc, kFreeRequested, kFreeCompleted, kSegmentAlloc, kSegmentFree, kSnapshot, kOom, kSegmentMap,
@@ -194,11 +202,11 @@ inline ThreadMetadata& thread_metadata() {
   return m;
 }
 // Process-wide conditions that send every record to the general path: a thread has set
-// a metadata string (until then a record reads no thread-local), a history stream is
-// open. The fast path never reads them: a ring lets it record only in a period its
-// general path began with none of them set (TraceRing::stamp), and setting one calls
-// set_general_records, which starts a new period.
-enum : uint32_t { kGeneralMetadata = 1, kGeneralStream = 2 };
+// a metadata string (until then a record reads no thread-local). The fast path never
+// reads them: a ring lets it record only in a period its general path began with none of
+// them set (TraceRing::stamp), and setting one calls set_general_records, which starts a
+// new period.
+enum : uint32_t { kGeneralMetadata = 1 };
 inline std::atomic<uint32_t> g_general_records{0};
 inline void set_general_records(uint32_t bits) {
   g_general_records.fetch_or(bits, std::memory_order_relaxed);
@@ -233,6 +241,10 @@ struct TraceSlot {
   StreamId stream;
   uint32_t action_bits;  // the TraceAction, | kHasExtra when extras hold the rest
   static constexpr uint32_t kHasExtra = 0x100;
+  // Two records of one block in one slot (a free's request and completion, written by
+  // try_record_pair): the second's action in bits 16-23, its other fields the first's.
+  static constexpr uint32_t kPair = 0x200;
+  static constexpr unsigned kSecondShift = 16;
 };
 struct TraceExtra {
   FramesPtr frames;
@@ -245,7 +257,10 @@ class TraceRing {
   TraceRing() = default;
   TraceRing(const TraceRing&) = delete;
   TraceRing& operator=(const TraceRing&) = delete;
-  ~TraceRing() { stop(); }
+  ~TraceRing() {
+    detach_stream();
+    stop();
+  }
 
   // History on (with room for n records, emptied) / off (emptied). The coarse clock runs
   // while some ring is started.
@@ -263,16 +278,42 @@ class TraceRing {
       CoarseClock::release();
     }
   }
-  // New capacity keeping the newest records (history stays on).
+  // New capacity keeping the newest records (history stays on; the kept records were
+  // streamed already).
   void resize(size_t n) {
     std::vector<TraceRecord> keep = ordered();
     const uint64_t last_coarse = last_coarse_, last_tick = last_tick_;
     const uint32_t exact_left = exact_left_;
+    flush_stream();
+    HistoryStream* const stream = stream_;
+    stream_ = nullptr;
     allocate(n < 1 ? 1 : n);
     last_coarse_ = last_coarse, last_tick_ = last_tick, exact_left_ = exact_left;
     if (keep.size() > capacity_) keep.erase(keep.begin(), keep.end() - std::ptrdiff_t(capacity_));
     for (const TraceRecord& r : keep) write(r);
+    stream_ = stream;
+    flushed_ = next_;
+    extras_unflushed_ = false;
+    set_limit();
   }
+  // While attached (under the owner's lock), every record from now on also goes to `s`,
+  // as `device`'s. detach_stream flushes what is left and stops that.
+  void attach_stream(HistoryStream* s, DeviceIndex device) {
+    detach_stream();
+    stream_ = s;
+    device_ = device;
+    stream_tick_ = 0;
+    flushed_ = next_;
+    extras_unflushed_ = false;
+    set_limit();
+  }
+  void detach_stream() {
+    flush_stream();
+    stream_ = nullptr;
+    set_limit();
+  }
+  // The records since the last flush go to the attached stream (history_stream.cpp).
+  void flush_stream();
   // skip_actions (bit 1 << action: not recorded) and whether entries keep stacks: either
   // sends every record to the general path.
   void configure(uint32_t skip_mask, bool keeps_stacks) {
@@ -282,26 +323,31 @@ class TraceRing {
   }
   bool skips(TraceAction a) const { return skip_mask_ & (1u << unsigned(a)); }
 
-  // The fast path: records without stack, pool or metadata, the action not skipped, no
-  // stream open, in a period (of the coarse clock) whose exact time stamps are used up
-  // (all that fast_period_ says, see stamp()). Then a record is five plain stores: true.
+  // The fast path: records without stack, pool or metadata, the action not skipped, in a
+  // period (of the coarse clock) whose exact time stamps are used up (all that
+  // fast_period_ says, see stamp()), before limit_. Then a record is five plain stores: true.
   // Else nothing is written: false, the general path's turn.
   MTIA_INLINE bool try_record(TraceAction a, uintptr_t addr, uint64_t size, StreamId stream) {
     const uint64_t now = CoarseClock::now();
     TraceSlot* s = next_;
-    if (__builtin_expect(now != fast_period_ || s == end_, 0)) return false;
+    if (__builtin_expect(now != fast_period_ || s == limit_, 0)) return false;
     next_ = s + 1;
     fill(s, now, a, addr, size, stream);
     return true;
   }
-  // Two records of one block at once (a free's request and its completion), likewise.
+  // Two records of one block at once (a free's request and its completion), likewise, in
+  // one slot (TraceSlot::kPair): a slot can thus hold two records, and ordered() keeps
+  // the newest capacity_ records.
   MTIA_INLINE bool try_record_pair(TraceAction a, TraceAction b, uintptr_t addr, uint64_t size, StreamId stream) {
     const uint64_t now = CoarseClock::now();
     TraceSlot* s = next_;
-    if (__builtin_expect(now != fast_period_ || s + 1 >= end_, 0)) return false;
-    next_ = s + 2;
-    fill(s, now, a, addr, size, stream);
-    fill(s + 1, now, b, addr, size, stream);
+    if (__builtin_expect(now != fast_period_ || s == limit_, 0)) return false;
+    next_ = s + 1;
+    s->tick = now;
+    s->addr = addr;
+    s->size = size;
+    s->stream = stream;
+    s->action_bits = uint32_t(a) | TraceSlot::kPair | uint32_t(b) << TraceSlot::kSecondShift;
     return true;
   }
   // The general path: stamps r and writes it.
@@ -333,11 +379,16 @@ class TraceRing {
           r.pool = x.pool;
           r.metadata = x.metadata;
         }
+        if (s->action_bits & TraceSlot::kPair) {
+          out.push_back(r);
+          r.action = TraceAction((s->action_bits >> TraceSlot::kSecondShift) & 0xff);
+        }
         out.push_back(std::move(r));
       }
     };
     take(next_, end_);
     take(begin_, next_);
+    if (out.size() > capacity_) out.erase(out.begin(), out.end() - std::ptrdiff_t(capacity_));
     return out;
   }
 
@@ -358,13 +409,16 @@ class TraceRing {
   // kFirstSlots at first: the ring grows (doubling) as it fills, up to n.
   static constexpr size_t kFirstSlots = size_t(1) << 16;
   void allocate(size_t n) {
+    flush_stream();
     const size_t first = n < kFirstSlots ? n : kFirstSlots;
     slots_.reset(first ? static_cast<TraceSlot*>(calloc(first, sizeof(TraceSlot))) : nullptr);
     if (first && !slots_) throw std::bad_alloc();
     extra_.reset();
     capacity_ = n;
-    begin_ = next_ = slots_.get();
+    begin_ = next_ = flushed_ = slots_.get();
     end_ = begin_ + first;
+    set_limit();
+    extras_unflushed_ = false;
     holds_frames_ = false;
     last_coarse_ = last_tick_ = 0;
     exact_left_ = 0;
@@ -395,6 +449,11 @@ class TraceRing {
     if (t > last_tick_) last_tick_ = t;
     return last_tick_;
   }
+  // The fast path's end: the slots' end, or, while streaming, the current chunk's.
+  static constexpr size_t kStreamChunk = 2048;
+  void set_limit() {
+    limit_ = stream_ && size_t(end_ - next_) > kStreamChunk ? next_ + kStreamChunk : end_;
+  }
   // The slots hold fewer than capacity_ records: twice as many slots (at most capacity_).
   void grow() {
     const size_t have = size_t(end_ - begin_);
@@ -414,9 +473,14 @@ class TraceRing {
   }
   // The next slot (the oldest record once full) gets r.
   void write(const TraceRecord& r) {
-    if (next_ == end_) {  // the end of the slots: grow, or wrap to the oldest record
-      if (size_t(end_ - begin_) < capacity_) grow();
-      else next_ = begin_;
+    if (next_ == limit_) {  // a chunk's end (streamed out) or the slots' end: grow, or wrap
+      flush_stream();
+      if (next_ == end_) {
+        if (size_t(end_ - begin_) < capacity_) grow();
+        else next_ = begin_;
+        flushed_ = next_;
+      }
+      set_limit();
     }
     TraceSlot* s = next_++;
     s->tick = r.tick;
@@ -425,6 +489,7 @@ class TraceRing {
     s->stream = r.stream;
     const bool extra = r.frames || r.pool != MempoolId{} || r.metadata;
     s->action_bits = uint32_t(r.action) | (extra ? TraceSlot::kHasExtra : 0);
+    extras_unflushed_ |= extra;
     if (extra || (extra_ && holds_frames_)) {  // the slot's old stack, if any, is dropped
       if (!extra_) extra_.reset(new TraceExtra[size_t(end_ - begin_)]);
       TraceExtra& x = extra_[size_t(s - begin_)];
@@ -442,7 +507,8 @@ class TraceRing {
     void operator()(TraceSlot* p) const { free(p); }
   };
   // Fast-path fields first.
-  TraceSlot* next_ = nullptr;  // the slot the next record fills (the oldest once full; at end_: grow or wrap)
+  TraceSlot* next_ = nullptr;   // the slot the next record fills (the oldest once full; at end_: grow or wrap)
+  TraceSlot* limit_ = nullptr;  // where the fast path stops: end_, or a streamed chunk's end
   TraceSlot* end_ = nullptr;
   TraceSlot* begin_ = nullptr;
   uint64_t fast_period_ = kNoFastPeriod;  // the coarse reading the fast path may record in
@@ -456,6 +522,14 @@ class TraceRing {
   bool holds_frames_ = false;  // some extra holds a stack (to drop when overwritten)
   bool fast_ok_ = false;       // none of the above sends records to the general path
   bool clock_held_ = false;
+  // Streaming (attach_stream): the first slot not yet given to stream_ (<= next_: a chunk
+  // goes out before the slots grow or wrap), and whether a slot since then has extras.
+  HistoryStream* stream_ = nullptr;
+  TraceSlot* flushed_ = nullptr;
+  DeviceIndex device_ = 0;
+  bool extras_unflushed_ = false;
+  std::vector<char> stream_scratch_;  // a chunk, encoded (HistoryStream::push)
+  uint64_t stream_tick_ = 0;          // the last time stamp streamed
 };
 
 }  // namespace mtia

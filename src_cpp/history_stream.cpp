@@ -1,6 +1,7 @@
 // history_stream.cpp: the streamed history's buffers, writer thread and record
-// encoding (history_stream.h), and set_user_metadata (history.h), which streams a new
-// metadata string's definition.
+// encoding (history_stream.h), TraceRing::flush_stream (history.h: a ring's raw records
+// to the stream), and set_user_metadata (history.h), which streams a new metadata
+// string's definition.
 #include "history_stream.h"
 
 #include <errno.h>
@@ -9,6 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -20,8 +22,10 @@ std::atomic<void (*)(const char*)> g_error_hook{nullptr};
 std::mutex g_exchange_mu;
 std::shared_ptr<HistoryStream> g_current;  // keeps active_ alive; under g_exchange_mu
 
-// LEB128: 7 bits a byte, low first; a signed value is zigzag-mapped first.
-constexpr size_t kMaxEventBytes = 1 + 5 * 10 + 3 * 10 + 5;  // head, context, tick/addr/size, stack
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the .mtrace fields are stored as in memory");
+// LEB128 (the context of an event): 7 bits a byte, low first; a signed value is
+// zigzag-mapped first.
+constexpr size_t kMaxEventBytes = 1 + 5 * 10 + 2 + 4 * 8 + 8;  // head, context, lengths, fields, store slack
 inline char* put_varint(char* p, uint64_t v) {
   while (v >= 0x80) {
     *p++ = char(v | 0x80);
@@ -31,15 +35,31 @@ inline char* put_varint(char* p, uint64_t v) {
   return p;
 }
 inline uint64_t zigzag(int64_t v) { return (uint64_t(v) << 1) ^ uint64_t(v >> 63); }
-constexpr size_t kNoBatch = ~size_t(0);
+// A 'Y' field: its significant bytes (0 for 0), written by one 8-byte store (p needs 8
+// writable bytes); no branch depends on the value, so none is mispredicted (LEB128's loop,
+// in 'Z' batches, mispredicted about once per event: most of the encoding's cost).
+inline unsigned byte_count(uint64_t v) { return (unsigned(71 - __builtin_clzll(v | 1)) >> 3) & -unsigned(v != 0); }
+inline char* put_bytes(char* p, uint64_t v, unsigned n) {
+  memcpy(p, &v, 8);  // little-endian
+  return p + n;
+}
+
 }  // namespace
+
+void TraceRing::flush_stream() {
+  if (!stream_ || flushed_ == next_) return;
+  const TraceExtra* x = extras_unflushed_ && extra_ ? &extra_[size_t(flushed_ - begin_)] : nullptr;
+  stream_->push(device_, flushed_, size_t(next_ - flushed_), x, &stream_scratch_, &stream_tick_);
+  flushed_ = next_;
+  extras_unflushed_ = false;
+}
 
 std::atomic<HistoryStream*> HistoryStream::active_{nullptr};
 
 void HistoryStream::set_error_hook(void (*hook)(const char*)) { g_error_hook.store(hook); }
 
 std::shared_ptr<HistoryStream> HistoryStream::open(const std::string& path, const std::string& header_json,
-                                                   std::string* error) {
+                                                   std::function<void()> pull, std::string* error) {
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
     *error = "cannot write " + path + ": " + strerror(errno);
@@ -51,13 +71,17 @@ std::shared_ptr<HistoryStream> HistoryStream::open(const std::string& path, cons
     // Nor does it ever destroy the parent's stream, whose mutexes and condition variable
     // may be in the parent's use (destroying them hangs the child's exit): leaked here, as
     // the child's allocator, forgotten after fork, never stops it.
-    if (g_current) new std::shared_ptr<HistoryStream>(std::move(g_current));
+    if (g_current) {
+      g_current->orphaned_ = true;  // nor do the rings still attached to it
+      new std::shared_ptr<HistoryStream>(std::move(g_current));
+    }
   });
   (void)atfork;
   std::shared_ptr<HistoryStream> s(new HistoryStream());
   s->owner_pid_ = getpid();
   s->path_ = path;
   s->fd_ = fd;
+  s->pull_ = std::move(pull);
   s->cur_ = s->new_buffer(kBufferBytes);
   static const char magic[8] = {'M', 'T', 'R', 'A', 'C', 'E', 0, 1};
   memcpy(s->reserve(8), magic, 8);
@@ -91,9 +115,6 @@ bool HistoryStream::inherited() const { return getpid() != owner_pid_; }
 std::shared_ptr<HistoryStream> HistoryStream::exchange(std::shared_ptr<HistoryStream> s) {
   std::lock_guard<std::mutex> g(g_exchange_mu);
   active_.store(s.get(), std::memory_order_release);
-  // An open stream sends records to the general path (the one that streams them).
-  if (s) set_general_records(kGeneralStream);
-  else g_general_records.fetch_and(~uint32_t(kGeneralStream), std::memory_order_relaxed);
   std::swap(g_current, s);
   return s;
 }
@@ -113,9 +134,9 @@ HistoryStream::Buffer HistoryStream::new_buffer(size_t at_least) {
 
 void HistoryStream::ensure_room(size_t n) {
   if (cur_.used + n > cur_.size) {
-    close_batch();  // a batch never spans two buffers
     if (cur_.used) full_.push_back(std::move(cur_));
     cur_ = new_buffer(n);
+    full_count_.fetch_add(1, std::memory_order_relaxed);
     wake_.notify_one();  // without wmu_: a missed wake-up costs at most one 50 ms tick
   }
 }
@@ -133,7 +154,6 @@ void HistoryStream::append2(char kind, const void* a, uint32_t na, const void* b
   if (failed()) return;
   uint32_t len = na + nb;
   mu_.lock();
-  close_batch();
   char* p = reserve(5 + len);
   p[0] = kind;
   memcpy(p + 1, &len, 4);
@@ -142,62 +162,90 @@ void HistoryStream::append2(char kind, const void* a, uint32_t na, const void* b
   mu_.unlock();
 }
 
-void HistoryStream::close_batch() {
-  if (batch_at_ == kNoBatch) return;
-  const uint32_t len = uint32_t(cur_.used - batch_at_ - 5);
-  memcpy(cur_.data.get() + batch_at_ + 1, &len, 4);
-  batch_at_ = kNoBatch;
+namespace {
+// One 'Y' batch (history_stream.h) of n slots at `begin` (room for 5 + 2 * n *
+// kMaxEventBytes: a slot may hold two records); returns its end. The previous event's fields live in locals (byte stores through a char
+// pointer would make the compiler reload members); kExtras: some slots have extras (pool,
+// stack, metadata), else none is looked at.
+template <bool kExtras>
+char* encode_batch(char* const begin, DeviceIndex device, const TraceSlot* slots, size_t n,
+                   const TraceExtra* extras, uint64_t* last_tick) {
+  char* p = begin + 5;
+  uint64_t last = *last_tick;  // time stamps non-decreasing, as TraceRing::ordered makes them
+  uint64_t prev_tick = 0, prev_addr = 0, prev_size = 0;
+  bool context = false;  // the batch's first event writes its context
+  int64_t stream = 0;
+  uint64_t pool_a = 0, pool_b = 0;
+  uint32_t metadata = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const TraceSlot& s = slots[i];
+    uint64_t e_pool_a = 0, e_pool_b = 0, stack = 0;
+    uint32_t e_metadata = 0;
+    if (kExtras && (s.action_bits & TraceSlot::kHasExtra)) {
+      const TraceExtra& x = extras[i];
+      stack = x.frames ? x.frames->id : 0;
+      e_metadata = x.metadata;
+      e_pool_a = x.pool.first;
+      e_pool_b = x.pool.second;
+    }
+    unsigned head = s.action_bits & 0x0f;
+    char* const start = p++;
+    if (__builtin_expect(!context || s.stream != stream || e_pool_a != pool_a || e_pool_b != pool_b ||
+                             e_metadata != metadata,
+                         0)) {
+      head |= 0x10;
+      context = true;
+      stream = s.stream;
+      pool_a = e_pool_a;
+      pool_b = e_pool_b;
+      metadata = e_metadata;
+      p = put_varint(p, uint64_t(uint16_t(device)));
+      p = put_varint(p, zigzag(stream));
+      p = put_varint(p, pool_a);
+      p = put_varint(p, pool_b);
+      p = put_varint(p, metadata);
+    }
+    *start = char(head);
+    if (s.tick > last) last = s.tick;
+    const uint64_t tick = last - prev_tick, addr = zigzag(int64_t(s.addr - prev_addr)),
+                   size = zigzag(int64_t(s.size - prev_size));
+    prev_tick = last;
+    prev_addr = s.addr;
+    prev_size = s.size;
+    const unsigned nt = byte_count(tick), na = byte_count(addr), ns = byte_count(size);
+    const unsigned nk = kExtras ? byte_count(stack) : 0;
+    const uint16_t lens = uint16_t(nt | na << 4 | ns << 8 | nk << 12);
+    memcpy(p, &lens, 2);
+    p = put_bytes(p + 2, tick, nt);
+    p = put_bytes(p, addr, na);
+    p = put_bytes(p, size, ns);
+    if (kExtras) p = put_bytes(p, stack, nk);
+    // A slot's second record (TraceSlot::kPair; never with extras): its action and all
+    // deltas 0, always written, kept only for a pair (no branch to mispredict).
+    *p = char((s.action_bits >> TraceSlot::kSecondShift) & 0x0f);
+    p[1] = p[2] = 0;
+    p += 3 * ((s.action_bits & TraceSlot::kPair) != 0);
+  }
+  *last_tick = last;
+  const uint32_t len = uint32_t(p - begin - 5);
+  begin[0] = 'Y';
+  memcpy(begin + 1, &len, 4);
+  return p;
 }
+}  // namespace
 
-// The event, encoded into the open batch (opened here, with the delta state reset).
-void HistoryStream::event(DeviceIndex device, const TraceRecord& r) {
-  if (failed()) return;
-  const uint32_t stack = r.frames ? r.frames->id : 0;
+void HistoryStream::push(DeviceIndex device, const TraceSlot* slots, size_t n, const TraceExtra* extras,
+                         std::vector<char>* scratch, uint64_t* last_tick) {
+  if (failed() || orphaned_ || !n) return;
+  // Encoded outside the stream's lock (the slots were just written: they are in cache).
+  if (scratch->size() < 5 + 2 * n * kMaxEventBytes) scratch->resize(5 + 2 * n * kMaxEventBytes);  // a slot: up to 2 records
+  char* const begin = scratch->data();
+  char* const end = extras ? encode_batch<true>(begin, device, slots, n, extras, last_tick)
+                           : encode_batch<false>(begin, device, slots, n, nullptr, last_tick);
+  const uint32_t used = uint32_t(end - begin);
   mu_.lock();
-  if (__builtin_expect(batch_at_ == kNoBatch || cur_.used + kMaxEventBytes > cur_.size, 0)) {
-    ensure_room(5 + kMaxEventBytes);  // closes the batch if it moves to a new buffer
-    batch_at_ = cur_.used;
-    char* b = cur_.data.get() + cur_.used;
-    b[0] = 'Z';
-    cur_.used += 5;
-    last_ = Delta{};
-  }
-  char* const start = cur_.data.get() + cur_.used;
-  char* p = start + 1;
-  unsigned head = unsigned(r.action);
-  Delta& d = last_;
-  if (__builtin_expect(device != d.device || r.stream != d.stream || r.pool.first != d.pool_a ||
-                           r.pool.second != d.pool_b || r.metadata != d.metadata,
-                       0)) {
-    head |= 0x10;
-    d.device = device;
-    d.stream = r.stream;
-    d.pool_a = r.pool.first;
-    d.pool_b = r.pool.second;
-    d.metadata = r.metadata;
-    p = put_varint(p, uint64_t(uint16_t(device)));
-    p = put_varint(p, zigzag(r.stream));
-    p = put_varint(p, r.pool.first);
-    p = put_varint(p, r.pool.second);
-    p = put_varint(p, r.metadata);
-  }
-  p = put_varint(p, zigzag(int64_t(r.tick - d.tick)));
-  d.tick = r.tick;
-  if (r.addr == d.addr && r.size == d.size) {
-    head |= 0x40;
-  } else {
-    p = put_varint(p, zigzag(int64_t(r.addr - d.addr)));
-    p = put_varint(p, r.size);
-    d.addr = r.addr;
-    d.size = r.size;
-  }
-  if (stack) {
-    head |= 0x20;
-    p = put_varint(p, stack);
-  }
-  *start = char(head);
-  cur_.used += size_t(p - start);
-  ++events_;
+  memcpy(reserve(used), begin, used);
+  events_ += n;  // slots: what tells the writer that events came
   mu_.unlock();
 }
 
@@ -252,17 +300,24 @@ std::string HistoryStream::error() {
 }
 
 void HistoryStream::writer_loop() {
+  std::vector<Buffer> out;
   for (bool last = false; !last;) {
+    bool tick = false;
     {
+      // Woken by a full buffer (it goes back to spare_ soon enough that the record path
+      // need not allocate), or every 50 ms.
       std::unique_lock<std::mutex> g(wmu_);
-      wake_.wait_for(g, std::chrono::milliseconds(50));
+      if (!stop_ && !full_count_.load(std::memory_order_relaxed))
+        tick = wake_.wait_for(g, std::chrono::milliseconds(50)) == std::cv_status::timeout;
       last = stop_;
     }
+    full_count_.store(0, std::memory_order_relaxed);
+    // The records the rings hold back (not when woken for a full buffer: the rings are
+    // busy then, and their chunks come on their own).
+    if (pull_ && (tick || last)) pull_();
     // Take every full buffer and the partial one, with a fresh clock anchor at its end.
-    std::vector<Buffer> out;
     ClockAnchor now = ClockAnchor::now();
     mu_.lock();
-    close_batch();
     if (events_ != anchored_events_ || last) {  // an idle stream does not grow
       anchored_events_ = events_;
       char* p = reserve(5 + sizeof now);
@@ -286,6 +341,7 @@ void HistoryStream::writer_loop() {
     for (auto& b : out)
       if (spare_.size() < 4 && b.size == kBufferBytes) spare_.push_back(std::move(b));
     mu_.unlock();
+    out.clear();
   }
 }
 

@@ -380,6 +380,22 @@ def test_ring_buffer_keeps_the_last_n_entries_oldest_first(history, blocks):
     assert [e["action"] for e in trace()][-1] == "snapshot"  # the previous snapshot's entry
 
 
+def test_max_entries_counts_records_when_a_free_is_one_slot(history, blocks):
+    # Without stacks a free's request and completion share one slot of the ring: the
+    # trace still holds exactly the newest max_entries records, cut inside a pair too.
+    blocks.free(blocks.alloc(4096))
+    mtia.record_memory_history(max_entries=7, context=None)
+    for i in range(300):
+        mtia.caching_allocator_delete(mtia.caching_allocator_alloc(4000 + i))
+    entries = trace()
+    assert [(e["action"], e["size"]) for e in entries] == [
+        ("free_completed", 4297),
+        ("alloc", 4298), ("free_requested", 4298), ("free_completed", 4298),
+        ("alloc", 4299), ("free_requested", 4299), ("free_completed", 4299)]
+    times = [e["time_us"] for e in entries]
+    assert times == sorted(times)
+
+
 def test_disabling_history_clears_it_and_state_keeps_one_entry(history):
     """Spec must-have 25 (allocator_core.md §15.25)."""
     mtia.record_memory_history()

@@ -183,6 +183,37 @@ def test_a_partial_last_record_reads_up_to_the_last_complete_event(history, bloc
     assert p.stderr.startswith("mtia_alloc: warning: ") and "cut short" in p.stderr
 
 
+def test_an_idle_device_reaches_the_file_while_recording_and_devices_merge_by_time(history, blocks, tmp_path):
+    # A device's records go to the file a chunk at a time; the writer pulls the records of
+    # a device that went idle every tick, so they are in the file without stopping.
+    if mtia.device_count() < 2:
+        pytest.skip("needs two devices")
+    path = tmp_path / "two.mtrace"
+    mtia.memory._record_memory_history("all", context=None, path=path, clear_history=True)
+    blocks.free(blocks.alloc(8192, device=1))  # three events on device 1, which then idles
+    for i in range(5000):
+        blocks.free(blocks.alloc(4096 * (1 + i % 3), device=0))
+    deadline = time.monotonic() + 10
+    while True:
+        rec = mtrace.read(path)
+        on = [sum(1 for e in rec.events if e[1] == d and mtrace.ACTIONS[e[0]] in BLOCK_ACTIONS) for d in (0, 1)]
+        if on == [15000, 3] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert on == [15000, 3]
+    ticks = [e[4] for e in rec.events]
+    assert ticks == sorted(ticks)
+    d1 = [mtrace.ACTIONS[e[0]] for e in rec.events if e[1] == 1 and mtrace.ACTIONS[e[0]] in BLOCK_ACTIONS]
+    assert d1 == ["alloc", "free_requested", "free_completed"]
+    mtia.memory._record_memory_history(None)
+    assert len(mtrace.read(path).events) >= 15003
+    data, pos, kinds = path.read_bytes(), len(mtrace.MAGIC), set()
+    while pos < len(data):  # whole records: this version writes its events as 'Y' batches
+        kinds.add(chr(data[pos]))
+        pos += 5 + int.from_bytes(data[pos + 1:pos + 5], "little")
+    assert pos == len(data) and "Y" in kinds and not kinds & {"Z", "E"}
+
+
 def test_sigkill_while_recording_leaves_a_readable_file(tmp_path):
     path = tmp_path / "killed.mtrace"
     code = f"""

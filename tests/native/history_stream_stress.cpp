@@ -30,15 +30,25 @@ static bool varint(const unsigned char*& p, const unsigned char* end, uint64_t* 
   return false;
 }
 
-// The events of a 'Z' batch (history_stream.h); false unless they fill it exactly.
-static bool count_batch(const unsigned char* p, const unsigned char* end, size_t* events) {
+// The events of a 'Y' batch; false unless they fill it exactly.
+static bool count_ybatch(const unsigned char* p, const unsigned char* end, size_t* events) {
   uint64_t v;
   while (p < end) {
     const unsigned head = *p++;
-    if ((head & 0x0f) >= unsigned(kTraceActionCount) || (head & 0x80)) return false;
-    int fields = 1 + (head & 0x10 ? 5 : 0) + (head & 0x40 ? 0 : 2) + (head & 0x20 ? 1 : 0);
-    while (fields--)
+    if ((head & 0x0f) >= unsigned(kTraceActionCount) || (head & 0xe0)) return false;
+    for (int fields = head & 0x10 ? 5 : 0; fields--;)
       if (!varint(p, end, &v)) return false;
+    if (end - p < 2) return false;
+    const unsigned lens = p[0] | unsigned(p[1]) << 8;
+    p += 2;
+    size_t bytes = 0;
+    for (int k = 0; k < 4; ++k) {
+      const unsigned n = (lens >> (4 * k)) & 15;
+      if (n > 8) return false;
+      bytes += n;
+    }
+    if (size_t(end - p) < bytes) return false;
+    p += bytes;
     ++*events;
   }
   return p == end;
@@ -53,11 +63,11 @@ static size_t count_events(const std::string& path, bool* ok) {
     uint32_t len;
     memcpy(&len, data.data() + pos + 1, 4);
     if (pos + 5 + len > data.size()) break;
-    if (data[pos] == 'Z') {
+    if (data[pos] == 'Y') {
       const auto* body = reinterpret_cast<const unsigned char*>(data.data() + pos + 5);
-      if (len == 0 || !count_batch(body, body + len, &events)) *ok = false;
-    } else if (data[pos] == 'E') {
-      *ok = false;  // this version writes batches only
+      if (len == 0 || !count_ybatch(body, body + len, &events)) *ok = false;
+    } else if (data[pos] == 'Z' || data[pos] == 'E') {
+      *ok = false;  // this version writes 'Y' batches only
     }
     pos += 5 + len;
   }
