@@ -130,8 +130,9 @@ MTIA_INLINE uintptr_t DeviceAllocator::malloc_in_pool(Lock& lock, const Request&
     if constexpr (kPlain) {
       lock.release();  // to malloc_miss_plain
       return malloc_miss_plain<kSmall>(r.orig_size, r.size, r.stream, r.array_owned);
+    } else {
+      return malloc_miss<kSmall, false>(lock, r);
     }
-    else return malloc_miss<kSmall, false>(lock, r);
   }
   // 6. Hand out (splitting if the rules say so).
   return alloc_found_block<kSmall, kPlain>(r, block);
@@ -551,23 +552,20 @@ MTIA_INLINE void DeviceAllocator::free_block_of(Block* b) {
     b->cold().frames.reset();
     b->has_frames = false;
   }
-  int64_t net_split_blocks = 0, net_split_bytes = 0;
-  if (size_t subsumed = try_merge(b, b->prev)) {
-    net_split_blocks -= 1;
-    net_split_bytes -= int64_t(subsumed);
-  }
-  if (size_t subsumed = try_merge(b, b->next)) {
-    net_split_blocks -= 1;
-    net_split_bytes -= int64_t(subsumed);
-  }
+  const int64_t freed_size = int64_t(b->size);  // before merging
+  const int64_t merged = int64_t(try_merge(b, b->prev) != 0) + int64_t(try_merge(b, b->next) != 0);
   stat_sub(stats_.requested_bytes, small, int64_t(b->requested_size));
-  if (b->is_split()) {
-    net_split_blocks += 1;
-    net_split_bytes += int64_t(b->size);
-  }
   if (!b->expandable) {
-    stat_update(stats_.inactive_split, small, net_split_blocks);
-    stat_update(stats_.inactive_split_bytes, small, net_split_bytes);
+    if (b->is_split()) {
+      // Still a piece of a split segment: one inactive split block for the merged ones,
+      // holding their bytes and the freed block's.
+      stat_update(stats_.inactive_split, small, 1 - merged);
+      stat_add(stats_.inactive_split_bytes, small, freed_size);
+    } else {
+      // The whole segment is free again: the merged neighbours stop being split blocks.
+      stat_sub(stats_.inactive_split, small, merged);
+      stat_sub(stats_.inactive_split_bytes, small, int64_t(b->size) - freed_size);
+    }
   }
   set_gc_count_base(b, pool);
   b->index->insert(b);
