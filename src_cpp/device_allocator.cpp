@@ -419,8 +419,18 @@ MTIA_INLINE void DeviceAllocator::free_allocated(Block* b, const FramesPtr& free
     stats_.oversize_allocations.decrease(1);
     b->oversize = false;
   }
-  if (__builtin_expect(history_on_ || b->has_stream_uses, 0)) free_with_history_or_uses<kSmall>(b, free_frames);
-  else free_block_of<kSmall, false>(b);
+  if (__builtin_expect(history_on_ || b->has_stream_uses, 0)) {
+    // History without stacks and a block without stream uses (its free completes at
+    // once): the request and the completion go in one ring slot, here, and the free goes
+    // on as with history off; anything else takes the out-of-line path.
+    if (b->has_stream_uses || pool_of(b)->owner ||
+        !trace_.try_record_pair(TraceAction::kFreeRequested, TraceAction::kFreeCompleted, b->ptr, b->requested_size,
+                                b->seg->stream)) {
+      free_with_history_or_uses<kSmall>(b, free_frames);
+      return;
+    }
+  }
+  free_block_of<kSmall, false>(b);
 }
 
 // A free of a live DeviceArray's block by anyone but the array: the block stays allocated
