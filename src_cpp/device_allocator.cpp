@@ -444,18 +444,11 @@ void DeviceAllocator::refuse_array_owned_free(Block* b) {
                      "now would let the array's memory be handed out again while the array still uses it");
 }
 
-// The rest of free() when history is on or the block has stream uses, out of line: the
-// fast path keeps a small frame (and its cost with history off).
+// The rest of free() when the block has stream uses, or history is on and the ring's
+// fast path did not take the free's pair record (stacks, a private pool, a new clock
+// period, a full chunk): out of line, so the fast path keeps a small frame.
 template <bool kSmall>
 void DeviceAllocator::free_with_history_or_uses(Block* b, const FramesPtr& free_frames) {
-  // History without stacks, the block without stream uses (its free completes at once):
-  // the request and the completion recorded in one go when the ring's fast path takes them.
-  if (!b->has_stream_uses && !pool_of(b)->owner &&
-      trace_.try_record_pair(TraceAction::kFreeRequested, TraceAction::kFreeCompleted, b->ptr, b->requested_size,
-                             b->seg->stream)) {
-    free_block_of<kSmall, false>(b);
-    return;
-  }
   if (history_on_) {
     const FramesPtr& frames = record_context_ < RecordContext::kAll || !free_frames ? b->cold().frames : free_frames;
     record_trace(TraceAction::kFreeRequested, b->ptr, b->requested_size, b->seg->stream,
