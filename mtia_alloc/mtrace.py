@@ -206,6 +206,17 @@ def _segment(seg, live):
             "blocks": blocks}
 
 
+def _context(data, pos, end):
+    """An event's context, when its head byte says it changed (both batch kinds): device,
+    stream (zigzag), pool id's two halves and the metadata id, as varints; and where they end."""
+    device, pos = _varint(data, pos, end)
+    v, pos = _varint(data, pos, end)
+    pa, pos = _varint(data, pos, end)
+    pb, pos = _varint(data, pos, end)
+    mid, pos = _varint(data, pos, end)
+    return device, (v >> 1) ^ -(v & 1), pa, pb, mid, pos
+
+
 def _batch(data, pos, end, events):
     """Appends the events of the 'Z' record data[pos:end] (history_stream.h: each a head
     byte and varints, relative to the previous event) to `events`; returns where the last
@@ -217,12 +228,7 @@ def _batch(data, pos, end, events):
             head = data[pos]
             pos += 1
             if head & 0x10:
-                device, pos = _varint(data, pos, end)
-                v, pos = _varint(data, pos, end)
-                stream = (v >> 1) ^ -(v & 1)
-                pa, pos = _varint(data, pos, end)
-                pb, pos = _varint(data, pos, end)
-                mid, pos = _varint(data, pos, end)
+                device, stream, pa, pb, mid, pos = _context(data, pos, end)
             v, pos = _varint(data, pos, end)
             tick = (tick + ((v >> 1) ^ -(v & 1))) & _U64
             if not head & 0x40:
@@ -251,12 +257,7 @@ def _ybatch(data, pos, end, events):
             head = data[pos]
             pos += 1
             if head & 0x10:
-                device, pos = _varint(data, pos, end)
-                v, pos = _varint(data, pos, end)
-                stream = (v >> 1) ^ -(v & 1)
-                pa, pos = _varint(data, pos, end)
-                pb, pos = _varint(data, pos, end)
-                mid, pos = _varint(data, pos, end)
+                device, stream, pa, pb, mid, pos = _context(data, pos, end)
             if pos + 2 > end:
                 raise IndexError(pos)
             lens = data[pos] | data[pos + 1] << 8
