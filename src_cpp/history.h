@@ -7,8 +7,9 @@
 // Streaming costs the record no more: while a stream is attached (attach_stream) the ring
 // hands its raw slots, in chunks of up to kStreamChunk, to the stream (flush_stream,
 // history_stream.cpp): the fast path stops at the chunk's end (limit_) instead of the
-// slots' end, and the general path that then runs copies the chunk out. Encoding is the
-// stream's writer thread's work. The writer pulls the records of an idle ring every tick.
+// slots' end, and the general path that then runs encodes the chunk (while it is in
+// cache) into the stream's buffer (HistoryStream::push); the writer thread only writes
+// the buffers, and pulls the records of an idle ring every tick.
 //
 // Recording is cheap because a record is raw data, decoded only when the trace is read:
 // a slot holds the time as a raw clock reading (TSC ticks, converted to epoch
@@ -328,27 +329,13 @@ class TraceRing {
   // fast_period_ says, see stamp()), before limit_. Then a record is five plain stores: true.
   // Else nothing is written: false, the general path's turn.
   MTIA_INLINE bool try_record(TraceAction a, uintptr_t addr, uint64_t size, StreamId stream) {
-    const uint64_t now = CoarseClock::now();
-    TraceSlot* s = next_;
-    if (__builtin_expect(now != fast_period_ || s == limit_, 0)) return false;
-    next_ = s + 1;
-    fill(s, now, a, addr, size, stream);
-    return true;
+    return try_fill(uint32_t(a), addr, size, stream);
   }
   // Two records of one block at once (a free's request and its completion), likewise, in
   // one slot (TraceSlot::kPair): a slot can thus hold two records, and ordered() keeps
   // the newest capacity_ records.
   MTIA_INLINE bool try_record_pair(TraceAction a, TraceAction b, uintptr_t addr, uint64_t size, StreamId stream) {
-    const uint64_t now = CoarseClock::now();
-    TraceSlot* s = next_;
-    if (__builtin_expect(now != fast_period_ || s == limit_, 0)) return false;
-    next_ = s + 1;
-    s->tick = now;
-    s->addr = addr;
-    s->size = size;
-    s->stream = stream;
-    s->action_bits = uint32_t(a) | TraceSlot::kPair | uint32_t(b) << TraceSlot::kSecondShift;
-    return true;
+    return try_fill(uint32_t(a) | TraceSlot::kPair | uint32_t(b) << TraceSlot::kSecondShift, addr, size, stream);
   }
   // The general path: stamps r and writes it.
   void record(TraceRecord& r) {
@@ -395,13 +382,18 @@ class TraceRing {
  private:
   static constexpr uint64_t kNoFastPeriod = ~uint64_t(0);  // no coarse reading equals it
 
-  MTIA_INLINE static void fill(TraceSlot* s, uint64_t now, TraceAction a, uintptr_t addr, uint64_t size,
-                               StreamId stream) {
+  // The fast path's slot, if it may take one (see try_record): five plain stores.
+  MTIA_INLINE bool try_fill(uint32_t action_bits, uintptr_t addr, uint64_t size, StreamId stream) {
+    const uint64_t now = CoarseClock::now();
+    TraceSlot* s = next_;
+    if (__builtin_expect(now != fast_period_ || s == limit_, 0)) return false;
+    next_ = s + 1;
     s->tick = now;  // may sit below an earlier exact stamp: ordered() evens that out
     s->addr = addr;
     s->size = size;
     s->stream = stream;
-    s->action_bits = uint32_t(a);
+    s->action_bits = action_bits;
+    return true;
   }
 
   // Empties the ring, for up to n records (none: 0). The slots are calloc'ed (a large

@@ -163,8 +163,12 @@ void HistoryStream::append2(char kind, const void* a, uint32_t na, const void* b
 }
 
 namespace {
-// One 'Y' batch (history_stream.h) of n slots at `begin` (room for 5 + 2 * n *
-// kMaxEventBytes: a slot may hold two records); returns its end. The previous event's fields live in locals (byte stores through a char
+// The most bytes a batch of n slots takes: the record's kind and length, and two events
+// a slot (a slot may hold two records).
+constexpr size_t batch_bytes(size_t n) { return 5 + 2 * n * kMaxEventBytes; }
+
+// One 'Y' batch (history_stream.h) of n slots at `begin` (room for batch_bytes(n));
+// returns its end. The previous event's fields live in locals (byte stores through a char
 // pointer would make the compiler reload members); kExtras: some slots have extras (pool,
 // stack, metadata), else none is looked at.
 template <bool kExtras>
@@ -238,7 +242,7 @@ void HistoryStream::push(DeviceIndex device, const TraceSlot* slots, size_t n, c
                          std::vector<char>* scratch, uint64_t* last_tick) {
   if (failed() || orphaned_ || !n) return;
   // Encoded outside the stream's lock (the slots were just written: they are in cache).
-  if (scratch->size() < 5 + 2 * n * kMaxEventBytes) scratch->resize(5 + 2 * n * kMaxEventBytes);  // a slot: up to 2 records
+  if (scratch->size() < batch_bytes(n)) scratch->resize(batch_bytes(n));
   char* const begin = scratch->data();
   char* const end = extras ? encode_batch<true>(begin, device, slots, n, extras, last_tick)
                            : encode_batch<false>(begin, device, slots, n, nullptr, last_tick);

@@ -7,9 +7,8 @@
 // small spin lock into the stream's buffer. A writer thread writes the buffers to the
 // file: every 50 ms it first pulls the records the rings hold back (the `pull`
 // callback), so a file lags the allocator by at most about one tick; the allocator never
-// waits for the disk. A write error (disk full, ...)
-// stops the stream: later records are dropped, error() says why and the on-error hook is
-// told once.
+// waits for the disk. A write error (disk full, ...) stops the stream: later records are
+// dropped, error() says why and the on-error hook is told once.
 //
 // File format (.mtrace, little-endian): the 8-byte magic "MTRACE\0\1", then records
 // [u8 kind][u32 payload bytes][payload]. Kinds:
