@@ -1,5 +1,5 @@
-// bin_tree.h: the ordered set behind one crowded free-index bin, a B+ tree with its
-// sort keys stored inline.
+// bin_tree.h: the ordered set behind a crowded free-index bin that is searched often (a
+// CrowdedBin in its sorted mode, crowded_bin.h), a B+ tree with its sort keys inline.
 //
 // A bin can hold thousands of blocks (e.g. every free 2 MiB segment of a long random
 // run). A red-black tree then costs a dozen dependent cache misses per insert; here a
@@ -114,6 +114,9 @@ class BinTree {
     insert_searched(key, block);
   }
 
+  // insert() of a key packed already (a bag turning into a tree, in key order).
+  void insert_packed(const PackedKey& key, Block* block) { insert_searched(key, block); }
+
   // The first two entries of an empty tree (a bin's inline block and a second one): no
   // search, and they go mid-leaf, so that the next entry finds room on either side.
   void insert_pair(const FreeKey& fa, Block* a, const FreeKey& fb, Block* b) {
@@ -183,6 +186,21 @@ class BinTree {
   void for_each(F f) const {
     for (const Leaf* l = first_; l; l = l->next)
       for (int i = l->begin; i < l->end; ++i) f(l->e[i].block);
+  }
+  // f(key, block) in key order.
+  template <class F>
+  void for_each_entry(F f) const {
+    for (const Leaf* l = first_; l; l = l->next)
+      for (int i = l->begin; i < l->end; ++i) f(l->e[i].key, l->e[i].block);
+  }
+
+  // Empties the tree (its nodes go back to the arena).
+  void clear() {
+    destroy(root_, height_);
+    root_ = nullptr;
+    first_ = last_ = nullptr;
+    height_ = 0;
+    count_ = 0;
   }
 
  private:

@@ -75,7 +75,8 @@ struct alignas(64) Block {
   union {
     struct {
       uint64_t order : 40;            // == seg->order, kept here for the index key
-      uint64_t event_count : 16;      // cross-stream events still pending
+      uint64_t event_count : 16;      // cross-stream events still pending; while the block is in a
+                                      // free index: its bag slot (bag_slot(), crowded_bin.h)
       bool allocated : 1;
       bool deferred : 1;              // freed during a capture with stream uses; while allocated:
                                       // owned by a DeviceArray (see DeviceAllocator::free)
@@ -98,6 +99,13 @@ struct alignas(64) Block {
   size_t requested_size = 0;
 
   bool is_split() const { return prev != nullptr || next != nullptr; }
+  // A free block's place in its bin's bag (crowded_bin.h): event_count's bits, which count
+  // events only while the block is pending, never while it is in a free index. 0 elsewhere.
+  static constexpr uint32_t kMaxBagSlots = 0xffff;
+  uint32_t bag_slot() const { return uint32_t(event_count); }
+  void set_bag_slot(uint32_t slot) { event_count = slot; }
+  // Waiting for cross-stream events (a pending free); a free block's bits are its bag slot.
+  bool events_pending() const { return !in_index && event_count > 0; }
   inline BlockCold& cold() const;
 };
 static_assert(sizeof(Block) == 64, "Block: one cache line");

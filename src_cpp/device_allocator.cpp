@@ -25,8 +25,6 @@ namespace mtia {
 // The caller-stack thread-local of device_allocator_internal.h: its one definition.
 thread_local const FramesPtr* t_call_frames = nullptr;
 
-void FreeIndex::throw_corrupt() { throw InvalidState("free index corrupted: a free block was not where its key says"); }
-
 DeviceAllocator::DeviceAllocator(DeviceIndex device, Emulator* emulator, std::shared_ptr<RawAllocator> raw,
                                  const AllocatorConfig* config)
     : device_(device), emulator_(emulator), config_(config), raw_(std::move(raw)),
@@ -633,7 +631,7 @@ void DeviceAllocator::check_block_states(InvariantReport& report) {
   for (Segment* seg : segments_) {
     for (Block* b = seg->first, *prev = nullptr; b; prev = b, b = b->next) {
       if (!b->mapped) continue;  // check_expandable's
-      const bool pending = !b->allocated && (b->event_count > 0 || !b->cold().stream_uses.empty() || b->deferred);
+      const bool pending = !b->allocated && (b->events_pending() || !b->cold().stream_uses.empty() || b->deferred);
       if (b->allocated) {
         allocated_blocks += 1;
         if (allocated_.find(b->ptr) != b) report.fail("allocated block missing from the pointer map");

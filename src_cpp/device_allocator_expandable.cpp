@@ -42,7 +42,7 @@ void DeviceAllocator::merge_unmapped(Block* dst, Block* src) {
 Block* DeviceAllocator::find_expandable_block(const Request& r) {
   BlockPool* pool = r.pool;
   auto allocatable = [](const Block* b) {
-    return b && b->mapped && !b->allocated && b->event_count == 0 && !b->has_stream_uses && !b->deferred;
+    return b && b->mapped && !b->allocated && !b->events_pending() && !b->has_stream_uses && !b->deferred;
   };
   auto room = [&](const Block* b) {  // free + unmapped bytes from b on
     size_t bytes = 0;

@@ -116,7 +116,7 @@ std::vector<SegmentInfo> DeviceAllocator::snapshot(MempoolId pool, bool all_pool
       s.frames = seg->frames;
       for (; b && b->mapped; b = b->next) {
         const char* state = b->allocated ? "active_allocated"
-                            : (b->event_count > 0 || b->has_stream_uses || b->deferred) ? "active_pending_free"
+                            : (b->events_pending() || b->has_stream_uses || b->deferred) ? "active_pending_free"
                                                                                         : "inactive";
         s.total_size += b->size;
         if (b->allocated) s.allocated_size += b->size;

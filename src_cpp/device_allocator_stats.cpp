@@ -136,7 +136,7 @@ void DeviceAllocator::check_stats(InvariantReport& report) {
     for (Block* b = seg->first; b; b = b->next) {
       if (!b->mapped) continue;
       if (seg->expandable) reserved[k] += int64_t(b->size);
-      const bool pending = !b->allocated && (b->event_count > 0 || !b->cold().stream_uses.empty() || b->deferred);
+      const bool pending = !b->allocated && (b->events_pending() || !b->cold().stream_uses.empty() || b->deferred);
       if (b->allocated) {
         alloc_count[k] += 1;
         alloc_bytes[k] += int64_t(b->size);

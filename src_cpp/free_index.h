@@ -5,10 +5,10 @@
 // >= the request, exactly what PyTorch's std::set lower_bound returns. Blocks sit in
 // size bins: one bin per 512-byte size up to 2 MiB (every small-pool block but those of
 // expandable segments), then 64 bins per power of two. A two-level bitmap finds the
-// first non-empty bin at or above the request's bin; inside a bin a B+ tree (bin_tree.h)
-// gives the exact answer. The cost does not grow with the number of bins in use, only
-// (logarithmically) with the population of one bin.
-// Relies on: bin_tree.h and block.h (its pool, BlockPool, is only named).
+// first non-empty bin at or above the request's bin; inside a bin of two blocks or more,
+// a CrowdedBin (crowded_bin.h: a bag, or a B+ tree when searches outweigh updates) gives
+// the exact answer. The cost does not grow with the number of bins in use.
+// Relies on: crowded_bin.h, bin_tree.h and block.h (its pool, BlockPool, is only named).
 #pragma once
 #include <array>
 #include <cstdint>
@@ -17,6 +17,7 @@
 
 #include "bin_tree.h"
 #include "block.h"
+#include "crowded_bin.h"
 
 namespace mtia {
 
@@ -37,8 +38,8 @@ class FreeIndex {
   }
 
   // The bitmap says which bins are non-empty; a bin with one block keeps it inline
-  // (`solo`, and then its tree is empty), so the common cases never touch a tree. A tree
-  // holds two blocks or more: the second block's insert builds it (insert_pair), the
+  // (`solo`, and then its crowd is empty), so the common cases never touch a crowd. A
+  // crowd holds two blocks or more: the second block's insert fills it (insert_pair), the
   // erase that leaves one block moves that block back inline (take_only).
   MTIA_INLINE void insert(Block* b) {
     const size_t bin = bin_of(b->size);
@@ -64,12 +65,12 @@ class FreeIndex {
     if (slot.solo == b) {
       slot.solo = nullptr;
     } else {
-      if (!slot.tree->erase(key_of(b))) throw_corrupt();
-      if (slot.tree->size() == 1) {  // back to one block: inline again
-        slot.solo = slot.tree->take_only();
+      slot.crowd->erase(key_of(b), b);
+      if (slot.crowd->size() == 1) {  // back to one block: inline again
+        slot.solo = slot.crowd->take_only();
         return;
       }
-      if (!slot.tree->empty()) return;
+      if (!slot.crowd->empty()) return;
     }
     uint64_t& word = words_[bin >> 6];
     word &= ~(uint64_t(1) << (bin & 63));
@@ -78,21 +79,21 @@ class FreeIndex {
 
   // Smallest block with size >= `size` (by size, order, address), or nullptr; its bin
   // goes to *found_bin (for erase_in).
-  MTIA_INLINE Block* lower_bound(size_t size, size_t* found_bin) const {
+  MTIA_INLINE Block* lower_bound(size_t size, size_t* found_bin) {
     size_t bin = bin_of(size);  // < kBins: the bins cover every size
-    const Bin& slot = bins_[bin];
+    Bin& slot = bins_[bin];
     *found_bin = bin;
     if (words_[bin >> 6] & (uint64_t(1) << (bin & 63))) {
       Block* first = slot.first();
       if (first->size >= size) return first;  // exact bins always take this path
-      if (slot.tree)
-        if (Block* b = slot.tree->lower_bound(FreeKey{size, 0, 0})) return b;
+      if (!slot.solo)
+        if (Block* b = slot.crowd->lower_bound(FreeKey{size, 0, 0})) return b;
     }
     size_t next = next_nonempty(bin + 1);
     *found_bin = next;
     return next < kBins ? bins_[next].first() : nullptr;
   }
-  Block* lower_bound(size_t size) const {
+  Block* lower_bound(size_t size) {
     size_t bin;
     return lower_bound(size, &bin);
   }
@@ -100,23 +101,23 @@ class FreeIndex {
   static size_t bin_for(size_t size) { return bin_of(size); }
 
   // The block after `b` in best-fit order, or nullptr (b must be in the index).
-  Block* successor(const Block* b) const {
+  Block* successor(const Block* b) {
     size_t bin = bin_of(b->size);
-    const Bin& slot = bins_[bin];
+    Bin& slot = bins_[bin];
     if (!slot.solo)
-      if (Block* next = slot.tree->successor(key_of(b))) return next;
+      if (Block* next = slot.crowd->successor(key_of(b))) return next;
     size_t next = next_nonempty(bin + 1);
     return next < kBins ? bins_[next].first() : nullptr;
   }
 
   // Largest free block, or nullptr.
-  Block* largest() const {
+  Block* largest() {
     if (empty()) return nullptr;
     int top = summary_[1] ? 1 : 0;
     size_t w = (size_t(top) << 6) + size_t(63 - __builtin_clzll(summary_[top]));
     size_t bin = (w << 6) + size_t(63 - __builtin_clzll(words_[w]));
-    const Bin& slot = bins_[bin];
-    return slot.solo ? slot.solo : slot.tree->last();
+    Bin& slot = bins_[bin];
+    return slot.solo ? slot.solo : slot.crowd->last();
   }
 
   // Calls f(block) for every free block (f must not modify the index).
@@ -126,22 +127,22 @@ class FreeIndex {
       const Bin& slot = bins_[bin];
       if (slot.solo) f(slot.solo);
       else
-        slot.tree->for_each(f);
+        slot.crowd->for_each(f);
     }
   }
 
   ~FreeIndex() {
-    for (size_t i = 0; i < kBins; ++i) delete bins_[i].tree;
+    for (size_t i = 0; i < kBins; ++i) delete bins_[i].crowd;
   }
   FreeIndex(const FreeIndex&) = delete;
   FreeIndex& operator=(const FreeIndex&) = delete;
 
  private:
-  // A bin holds one block inline (`solo`) or, from two blocks on, a B+ tree.
+  // A bin holds one block inline (`solo`) or, from two blocks on, a crowd.
   struct Bin {
     Block* solo = nullptr;
-    BinTree* tree = nullptr;
-    Block* first() const { return solo ? solo : tree->first(); }
+    CrowdedBin* crowd = nullptr;  // made for the bin's first second block, kept
+    Block* first() { return solo ? solo : crowd->first(); }
   };
 
   static constexpr size_t kExactBins = 4096;     // 512 B .. 2 MiB, one bin per size
@@ -154,17 +155,16 @@ class FreeIndex {
   static_assert(kExactBins == (size_t(1) << kExactLimitLog2) / kMinBlockSize, "exact bins end at 2 MiB");
 
   static FreeKey key_of(const Block* b) { return FreeKey{b->size, b->order, b->ptr}; }
-  [[noreturn]] static void throw_corrupt();
 
-  // A second block for a non-empty bin: from here on the bin's blocks live in its tree.
+  // A second block for a non-empty bin: from here on the bin's blocks live in its crowd.
   __attribute__((noinline)) void insert_crowded(Bin& slot, Block* b) {
-    if (!slot.tree) slot.tree = new BinTree(arena_);
-    if (slot.solo) {  // the tree is empty while a block sits inline
-      slot.tree->insert_pair(key_of(slot.solo), slot.solo, key_of(b), b);
+    if (!slot.crowd) slot.crowd = new CrowdedBin(arena_);
+    if (slot.solo) {  // the crowd is empty while a block sits inline
+      slot.crowd->insert_pair(key_of(slot.solo), slot.solo, key_of(b), b);
       slot.solo = nullptr;
       return;
     }
-    slot.tree->insert(key_of(b), b);
+    slot.crowd->insert(key_of(b), b);
   }
 
   MTIA_INLINE static size_t bin_of(size_t size) {

@@ -1,7 +1,8 @@
 // ptr_map.h: address -> Block* for allocated blocks, so free(ptr) finds its block in
 // O(1) without touching the heap. An open-addressing hash map: linear probing,
-// Fibonacci hashing (the product's top bits), backward-shift deletion (no tombstones),
-// at most 3/8 full so a probe run is short (1/8 saved 4 instructions per op but, four
+// Fibonacci hashing (the product's top bits), deletion by tombstone (one store; a
+// backward shift cost a loop over the rest of the probe run on every free), at most 3/8
+// full counting tombstones, so a probe run is short (1/8 saved 4 instructions per op but, four
 // times bigger than the live set's 16 B per block, lost time on rmm_random_100k_*).
 // Why a hash and not a direct-mapped table over the device range (one slot per 512 B,
 // issue 22's step 1): the table saved ~15 instructions per op but cost 30-40% more time
@@ -31,14 +32,21 @@ class PtrMap {
   ~PtrMap() { std::free(slots_); }
   PtrMap(const PtrMap&) = delete;
   PtrMap& operator=(const PtrMap&) = delete;
-  size_t size() const { return grow_at_ - room_; }
+  // Counted, not kept: only the invariant checker asks.
+  size_t size() const {
+    size_t n = 0;
+    for (size_t i = 0; i <= mask_; ++i) n += slots_[i].key > kTombstone;
+    return n;
+  }
 
-  // Key must be nonzero and not present.
+  // Key must be > 1 (a block address: nonzero, 512-aligned) and not present. It goes to
+  // the first empty or erased slot of its probe run.
   MTIA_INLINE void insert(uintptr_t key, Block* value) {
-    if (__builtin_expect(room_-- == 0, 0)) grow();
+    if (__builtin_expect(room_ == 0, 0)) rehash();
     Slot* s = slots_;
     size_t i = home(key);
-    while (s[i].key) i = (i + 1) & mask_;
+    while (s[i].key > kTombstone) i = (i + 1) & mask_;
+    room_ -= s[i].key == kEmpty;  // an erased slot was counted when it was first taken
     s[i] = {key, value};
   }
 
@@ -46,57 +54,54 @@ class PtrMap {
     const Slot* s = slots_;
     for (size_t i = home(key);; i = (i + 1) & mask_) {
       if (s[i].key == key) return s[i].value;
-      if (!s[i].key) return nullptr;
+      if (s[i].key == kEmpty) return nullptr;
     }
   }
 
-  // Removes key and returns its value, or nullptr if absent.
+  // Removes key and returns its value, or nullptr if absent. A slot inside a probe run
+  // is marked erased (a tombstone), not emptied, so the run stays intact without moving
+  // entries; a slot at a run's end (the next one is empty) is emptied, which gives its
+  // room back (the tombstones before it are left for the next rehash).
   MTIA_INLINE Block* erase(uintptr_t key) {
     Slot* s = slots_;
     const size_t mask = mask_;
     size_t i = home(key);
     while (s[i].key != key) {
-      if (!s[i].key) return nullptr;
+      if (s[i].key == kEmpty) return nullptr;
       i = (i + 1) & mask;
     }
-    Block* value = s[i].value;
-    ++room_;
-    // Backward shift: an entry later in the probe run moves into the hole unless its
-    // home lies after the hole (it would then be unreachable from its home).
-    for (size_t j = (i + 1) & mask; s[j].key; j = (j + 1) & mask) {
-      if (((j - home(s[j].key)) & mask) >= ((j - i) & mask)) {
-        s[i] = s[j];
-        i = j;
-      }
-    }
-    s[i].key = 0;
-    return value;
+    const bool run_end = s[(i + 1) & mask].key == kEmpty;
+    s[i].key = run_end ? kEmpty : kTombstone;
+    room_ += run_end;
+    return s[i].value;
   }
 
  private:
   struct Slot {
-    uintptr_t key;
+    uintptr_t key;  // kEmpty, kTombstone, or a block address
     Block* value;
   };
+  static constexpr uintptr_t kEmpty = 0, kTombstone = 1;
   static constexpr unsigned kInitialLog2 = 10;
 
   MTIA_INLINE size_t home(uintptr_t key) const { return size_t((key * 0x9E3779B97F4A7C15ull) >> shift_); }
 
-  // Doubles the table; insert() has already counted the key it is adding (room_ wrapped).
-  __attribute__((noinline, cold)) void grow() {
+  // Out of room (live + erased slots reached 3/8): the live entries move to a fresh table,
+  // twice as large if they fill more than half of what the table may hold (so a rehash
+  // always leaves at least half its room free, and its cost is spread over that many
+  // inserts), else of the same size.
+  __attribute__((noinline, cold)) void rehash() {
     Slot* old = slots_;
     const size_t old_slots = mask_ + 1;
-    const unsigned log2 = 64 - shift_ + 1;
+    const size_t live = size();
+    const unsigned old_log2 = 64 - shift_;
+    const unsigned log2 = live + 1 > grow_at_ / 2 ? old_log2 + 1 : old_log2;
     Slot* fresh = static_cast<Slot*>(std::calloc(size_t(1) << log2, sizeof(Slot)));
-    if (!fresh) {
-      room_ = 0;
-      throw std::bad_alloc();
-    }
-    const size_t live = grow_at_ + 1;  // with the key being added
+    if (!fresh) throw std::bad_alloc();
     set_table(fresh, log2);
     room_ = grow_at_ - live;
     for (size_t k = 0; k < old_slots; ++k) {
-      if (!old[k].key) continue;
+      if (old[k].key <= kTombstone) continue;
       size_t i = home(old[k].key);
       while (slots_[i].key) i = (i + 1) & mask_;
       slots_[i] = old[k];
@@ -115,8 +120,8 @@ class PtrMap {
   Slot* slots_ = nullptr;
   size_t mask_ = 0;     // slot count - 1
   unsigned shift_ = 0;  // 64 - log2(slot count): home() keeps the product's top bits
-  size_t grow_at_ = 0;  // 3/8 of the slots: the most keys the table holds
-  size_t room_ = 0;     // grow_at_ - keys held: one decrement (and its test) per insert
+  size_t grow_at_ = 0;  // 3/8 of the slots: the most live and erased slots the table holds
+  size_t room_ = 0;     // grow_at_ - (live + erased slots): one test per insert
 };
 
 }  // namespace mtia

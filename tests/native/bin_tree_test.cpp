@@ -1,7 +1,8 @@
-// bin_tree_test.cpp: BinTree (the B+ tree behind crowded free-index bins) against
+// bin_tree_test.cpp: BinTree (the B+ tree behind searched crowded free-index bins) against
 // std::set as the model, over random inserts, erases and queries that grow the tree to
 // several levels and shrink it back to empty; then FreeIndex (free_index.h) itself, whose
-// bins move between one inline block and a tree. Run under the sanitizers by .ci/run.
+// bins move between one inline block and a crowd, and crowds between a bag and a tree.
+// Run under the sanitizers by .ci/run.
 // Exit code 0 = pass.
 #include <algorithm>
 #include <cstdio>
@@ -15,12 +16,6 @@
 #include "check.h"
 
 using namespace mtia;
-
-// Defined with the allocator in the library; here a corrupt index is a failed test.
-void FreeIndex::throw_corrupt() {
-  std::fprintf(stderr, "FreeIndex::throw_corrupt\n");
-  std::abort();
-}
 
 namespace {
 
@@ -162,8 +157,10 @@ void run_front(uint64_t seed, size_t max_live, size_t steps, int front_percent) 
 }
 
 // FreeIndex against a std::set of (size, order, address): few sizes, so bins go from one
-// inline block to a tree (insert_pair) and back (take_only) all the time, in exact bins
-// (<= 2 MiB) and in the 64-per-power-of-two bins above.
+// inline block to a crowd (insert_pair) and back (take_only) all the time, in exact bins
+// (<= 2 MiB) and in the 64-per-power-of-two bins above. Searches come in phases: every
+// step (crowds become trees), rarely (trees become bags again), and every step with a
+// successor walk, so that both crowd modes and the turns between them are checked.
 void run_index(uint64_t seed, size_t max_live, size_t steps) {
   std::mt19937_64 rng(seed);
   NodeArena arena;
@@ -194,7 +191,10 @@ void run_index(uint64_t seed, size_t max_live, size_t steps) {
       index.erase(b);
       model.erase(b);
       spare.push_back(b);
+      CHECK(b->event_count == 0 && !b->in_index, "an erased block keeps a bag slot (step %zu)", step);
     }
+    const int phase = int(step / 1500 % 3);
+    if (phase == 1 && rng() % 64) continue;  // updates alone
     const size_t q = std::max<size_t>(512, kSizes[rng() % 6] - (rng() % 2) * 512);  // requests are >= 512
     Block* expect = nullptr;
     for (Block* b : model)
@@ -207,6 +207,13 @@ void run_index(uint64_t seed, size_t max_live, size_t steps) {
     CHECK(index.largest() == (model.empty() ? nullptr : *model.rbegin()), "FreeIndex largest differs (step %zu)",
           step);
     CHECK(index.empty() == model.empty(), "FreeIndex empty() differs (step %zu)", step);
+    if (phase == 2 && expect) {
+      auto it = model.find(expect);
+      for (int k = 0; k < 3 && it != model.end(); ++k, ++it) {
+        Block* next = std::next(it) == model.end() ? nullptr : *std::next(it);
+        CHECK(index.successor(*it) == next, "FreeIndex successor differs (step %zu)", step);
+      }
+    }
     if (step % 17 == 0) {
       std::vector<Block*> walked;
       index.for_each([&](const Block* b) { walked.push_back(const_cast<Block*>(b)); });
@@ -220,6 +227,7 @@ void run_index(uint64_t seed, size_t max_live, size_t steps) {
 int main() {
   for (uint64_t seed = 50; seed < 56; ++seed) run_index(seed, 6 + seed % 3 * 20, 20000);
   run_index(60, 400, 40000);
+  run_index(61, 3000, 60000);
   run(1, 40, 20000, 4);        // one or two levels
   run(2, 3000, 200000, 3);     // three levels, heavy ties
   run(3, 20000, 300000, 200);  // four levels, then drained to empty and regrown
