@@ -174,15 +174,12 @@ class CrowdedBin {
     bag_[at] = Entry{key, b};
     b->set_bag_slot(at);
   }
-  MTIA_INLINE void earn() {
-    // Capped at ~8 scans of the whole bag: a bin whose use turns to searching becomes a
-    // tree after a few scans, however long it was only updated before.
-    const int64_t cap = 8 * int64_t(n_) + kStartCredit;
-    credit_ = credit_ + kUpdateCredit > cap ? cap : credit_ + kUpdateCredit;
-  }
+  MTIA_INLINE void earn() { credit_ += kUpdateCredit; }
   // A scan of the whole bag: paid from the credit; a bag that cannot pay becomes a tree.
+  // The credit counts as at most ~8 scans of the whole bag: a bin whose use turns to
+  // searching becomes a tree after a few scans, however long it was only updated before.
   void pay_scan() {
-    credit_ -= int64_t(n_);
+    credit_ = std::min(credit_, 8 * int64_t(n_) + kStartCredit) - int64_t(n_);
     if (credit_ < 0) to_tree();
   }
   // After the update (it may turn the tree into a bag).
