@@ -400,10 +400,34 @@ MTIA_INLINE bool DeviceAllocator::free_entry(uintptr_t ptr, const FramesPtr& fre
   Lock lock(mu_, std::adopt_lock);
   Block* b = allocated_.erase(ptr);
   if (!b) return false;
+  // The common free, tested at once: a block of a plain segment, with no stream uses,
+  // stack, oversize count or DeviceArray mark, and history off.
+  constexpr uint64_t kUnusual = Block::kDeferredBit | Block::kStreamUsesBit | Block::kExpandableBit |
+                                Block::kOversizeBit | Block::kFramesBit;
+  if (__builtin_expect(!(b->meta & kUnusual) && !history_on_, 1)) {
+    if (is_small_block(b)) free_plain<true>(b);
+    else free_plain<false>(b);
+    return true;
+  }
+  free_unusual(b, free_frames, by_array);
+  return true;
+}
+
+// free() of the common block (see free_entry): its flags need no more tests, and its
+// neighbours, of the same plain segment, are clean once out of the index.
+template <bool kSmall>
+MTIA_INLINE void DeviceAllocator::free_plain(Block* b) {
+  b->meta &= ~Block::kAllocatedBit;
+  stat_sub(stats_.allocation, kSmall, 1);
+  stat_sub(stats_.allocated_bytes, kSmall, int64_t(b->size));
+  free_block_of<kSmall, false, true>(b);
+}
+
+// Everything else free() may meet, out of line: the fast path keeps its registers.
+void DeviceAllocator::free_unusual(Block* b, const FramesPtr& free_frames, bool by_array) {
   if (__builtin_expect(b->deferred && !by_array, 0)) refuse_array_owned_free(b);
   if (is_small_block(b)) free_allocated<true>(b, free_frames);
   else free_allocated<false>(b, free_frames);
-  return true;
 }
 
 template <bool kSmall>
@@ -541,7 +565,7 @@ void DeviceAllocator::free_block(Block* b) {
   else free_block_of<false>(b);
 }
 
-template <bool kSmall, bool kMayRecord>
+template <bool kSmall, bool kMayRecord, bool kPlainBlock>
 MTIA_INLINE void DeviceAllocator::free_block_of(Block* b) {
   BlockPool* pool = pool_of(b);
   constexpr bool small = kSmall;
@@ -549,14 +573,15 @@ MTIA_INLINE void DeviceAllocator::free_block_of(Block* b) {
     record_trace(TraceAction::kFreeCompleted, b->ptr, b->requested_size, b->seg->stream,
                  pool_id_of(pool),
                  record_context_ >= RecordContext::kAlloc ? call_frames_or(b->cold().frames) : kNoFrames);
-  if (b->has_frames) {
+  if (!kPlainBlock && b->has_frames) {
     b->cold().frames.reset();
     b->has_frames = false;
   }
   const int64_t freed_size = int64_t(b->size);  // before merging
-  const int64_t merged = int64_t(try_merge(b, b->prev) != 0) + int64_t(try_merge(b, b->next) != 0);
+  const int64_t merged = int64_t(try_merge<kPlainBlock>(b, b->prev) != 0) +
+                         int64_t(try_merge<kPlainBlock>(b, b->next) != 0);
   stat_sub(stats_.requested_bytes, small, int64_t(b->requested_size));
-  if (!b->expandable) {
+  if (kPlainBlock || !b->expandable) {
     if (b->is_split()) {
       // Still a piece of a split segment: one inactive split block for the merged ones,
       // holding their bytes and the freed block's.

@@ -166,8 +166,12 @@ class alignas(64) DeviceAllocator {
   template <bool kSmall>
   MTIA_INLINE void free_allocated(Block* b, const FramesPtr& free_frames);
   // kMayRecord: false where history is off or the completion recorded already.
-  template <bool kSmall, bool kMayRecord = true>
+  // kPlainBlock: b is of a plain (not expandable) segment and has no stack.
+  template <bool kSmall, bool kMayRecord = true, bool kPlainBlock = false>
   MTIA_INLINE void free_block_of(Block* b);
+  template <bool kSmall>
+  MTIA_INLINE void free_plain(Block* b);
+  __attribute__((noinline)) void free_unusual(Block* b, const FramesPtr& free_frames, bool by_array);
   void free_block(Block* b);  // dispatches on the pool kind
   [[noreturn]] __attribute__((noinline)) void refuse_array_owned_free(Block* b);
   template <bool kSmall>
@@ -182,7 +186,10 @@ class alignas(64) DeviceAllocator {
   MTIA_INLINE void set_gc_count_base(Block* b, const BlockPool* pool);
   MTIA_INLINE void recycle_block(Block* b);        // clears it, then recycle_clean_block
   MTIA_INLINE void recycle_clean_block(Block* b);  // b is clean already but for its links
+  // kPlain: dst is of a plain segment (so is src, which is clean once out of the index).
+  template <bool kPlain = false>
   MTIA_INLINE size_t try_merge(Block* dst, Block* src);
+  template <bool kPlain = false>
   MTIA_INLINE void absorb(Block* dst, Block* src);
 
   // device_allocator_release.cpp: giving memory back (§4.4, §4.5, §6)
