@@ -528,6 +528,7 @@ inline mtia::FramesPtr intern_stack(StackTable& t, uint64_t h, size_t n) {
   if (s) s->define_stack(id, ids.data(), ids.size());
   t.stack_frames.push_back(std::move(ids));
   auto f = std::make_shared<const mtia::Frames>(frames, id);
+  mtia::InternedStacks::add(f.get());  // trace records keep its id
   bucket.push_back(f);
   return unowned(f);
 }
