@@ -115,7 +115,7 @@ uintptr_t DeviceAllocator::malloc_not_plain(size_t orig_size, StreamId stream, b
   // 2. Reclaim blocks whose cross-stream events completed (never during a capture).
   if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty()))
     process_events_with_call_frames(*r.frames);
-  r.pool = choose_pool(r.size, r.stream);
+  r.pool = captures_underway_.empty() ? default_pool(r.size) : choose_pool(r.size, r.stream);
   if (r.pool->is_small) return malloc_in_pool<true, false>(lock, r);
   return malloc_in_pool<false, false>(lock, r);
 }
