@@ -594,11 +594,13 @@ struct FrameSink {
 // cached chain with an anchor at frame a is the live one when frames 0..a compare equal
 // and frame a's frame object carries the anchor's mark and serial. Anchors are set after
 // a full compare succeeded (the chain was the cached one then), on a thread's own frame,
-// first the innermost. When an anchor's invocation has ended, the next one goes on the
-// same frame if the anchor served kAnchorKeep captures or more (a loop's frame, called
-// again), else further out (0, 1, 3, 7, ...): anchors settle on frames that live for
-// several captures, and a chain whose frames are all short-lived stops paying for them
-// (a frame object a few captures).
+// first the innermost. When an anchor's invocation has ended, the next one goes further
+// out (0, 1, 3, 7, ...: frame a's next is 2a + 1, a + 1 more frames to compare each
+// check), unless the anchor served enough captures that a new frame object on the same
+// frame costs less than those compares would have (hits * (a + 1) >= kAnchorKeep, a
+// frame object costing about as much as comparing kAnchorKeep frames): anchors settle on
+// frames that live for many captures (a loop's, called again), and a chain whose frames
+// are all short-lived stops paying for them.
 //
 // One frame of a cached chain, laid out as the interpreter frame's f_code, frame_obj,
 // previous, prev_instr are on 3.11 (so one 32-byte compare checks a frame there), with
@@ -611,7 +613,7 @@ struct alignas(32) ChainFrame {
 };
 constexpr char kAnchorMark = 2;
 constexpr uint32_t kNoAnchor = ~uint32_t(0);
-constexpr uint32_t kAnchorKeep = 4;
+constexpr uint32_t kAnchorKeep = 128;
 struct ChainCache {
   static constexpr int kEntries = 4;
   struct Entry {
@@ -742,7 +744,7 @@ inline PyFrameObject* make_frame_object(_PyInterpreterFrame* f) {
 inline void set_anchor(ChainCache::Entry& e, _PyInterpreterFrame* top) {
   static uint64_t serials = 0;
   const uint32_t n = uint32_t(e.chain.size());
-  if (e.anchor != kNoAnchor && e.anchor_hits >= kAnchorKeep) e.next_anchor = e.anchor;
+  if (e.anchor != kNoAnchor && uint64_t(e.anchor_hits) * (e.anchor + 1) >= kAnchorKeep) e.next_anchor = e.anchor;
   e.anchor = kNoAnchor;
   _PyInterpreterFrame* f = top;
   uint32_t i = 0;

@@ -274,17 +274,18 @@ def _loop_allocs(n, make_frame_object=False, keep_frame_object=False):
 def test_anchored_stacks_follow_a_new_invocation(history):
     """After a hit the check anchors a chain to a frame (its frame object, marked): a new
     invocation of that frame at the same address and instruction, reached from another
-    line, or with a frame object made by someone else, is another stack."""
+    line, or with a frame object made by someone else, is another stack. (200 captures
+    an invocation: the anchor stays on _loop_allocs's frame, each invocation's anew.)"""
     mtia.record_memory_history(context="all")
     me = "test_anchored_stacks_follow_a_new_invocation"
     runs = []
-    runs.append(_loop_allocs(20))
-    runs.append(_loop_allocs(20, keep_frame_object=True))
-    runs.append(_loop_allocs(20))
-    runs.append(_loop_allocs(20, make_frame_object=True))
-    runs.append(_loop_allocs(20, make_frame_object=True))
+    runs.append(_loop_allocs(200))
+    runs.append(_loop_allocs(200, keep_frame_object=True))
+    runs.append(_loop_allocs(200))
+    runs.append(_loop_allocs(200, make_frame_object=True))
+    runs.append(_loop_allocs(200, make_frame_object=True))
     for _ in range(2):
-        runs.append(_loop_allocs(20))
+        runs.append(_loop_allocs(200))
     _kept_frames.clear()
     allocs = {e["addr"]: e["frames"] for e in trace() if e["action"] == "alloc"}
     for r in runs:
