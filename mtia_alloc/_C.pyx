@@ -186,7 +186,7 @@ cdef inline int64_t _stream_of(object stream, int d) except? -1:
     return sid
 
 
-cdef inline FramesPtr _capture_frames():
+cdef inline FramesPtr _capture_frames() noexcept:
     """The caller's Python stack, innermost first, without mtia_alloc's own frames on top
     (captured in C as code objects + offsets; symbolised when a snapshot is taken)."""
     return capture_frames()

@@ -528,6 +528,7 @@ inline mtia::FramesPtr intern_stack(StackTable& t, uint64_t h, size_t n) {
   if (s) s->define_stack(id, ids.data(), ids.size());
   t.stack_frames.push_back(std::move(ids));
   auto f = std::make_shared<const mtia::Frames>(frames, id);
+  mtia::InternedStacks::add(f.get());  // trace records keep its id
   bucket.push_back(f);
   return unowned(f);
 }
@@ -579,6 +580,28 @@ struct FrameSink {
 // frame before it has been seen to link to it, so the check never touches a frame that
 // is gone; its loads come from the cache, not from the chain, so they run in parallel
 // (about half the walk's cost). Keyed by thread state (a reused one only costs a miss).
+//
+// An anchor lets the check stop early. A frame at the same address, code and instruction
+// may be a new invocation reached from elsewhere, so frames further out must be compared
+// too, unless the frame is known to be the same invocation: then its callers are the
+// same invocations, suspended in the same calls, and cannot have changed. A frame
+// object tells invocations apart: a new invocation starts without one, and the one the
+// interpreter makes dies with its frame (we hold no reference, so no local outlives its
+// function). Its address may be reused, so the capture marks the object it anchors to:
+// f_trace_lines = kAnchorMark (a flag whose true is 1: 2 reads as true, and only this
+// code stores it; CPython sets 1 in every new frame object) and a serial, never reused,
+// in the object's _f_frame_data (unused while the object does not own its frame). A
+// cached chain with an anchor at frame a is the live one when frames 0..a compare equal
+// and frame a's frame object carries the anchor's mark and serial. Anchors are set after
+// a full compare succeeded (the chain was the cached one then), on a thread's own frame,
+// first the innermost. When an anchor's invocation has ended, the next one goes further
+// out (0, 1, 3, 7, ...: frame a's next is 2a + 1, a + 1 more frames to compare each
+// check), unless the anchor served enough captures that a new frame object on the same
+// frame costs less than those compares would have (hits * (a + 1) >= kAnchorKeep: a
+// frame object made and freed, ~35-50 ns here, is 50-80 frames compared): anchors settle on
+// frames that live for many captures (a loop's, called again), and a chain whose frames
+// are all short-lived stops paying for them.
+//
 // One frame of a cached chain, laid out as the interpreter frame's f_code, frame_obj,
 // previous, prev_instr are on 3.11 (so one 32-byte compare checks a frame there), with
 // the owner in frame_obj's place (frame_obj may come and go: not compared).
@@ -588,6 +611,9 @@ struct alignas(32) ChainFrame {
   const _PyInterpreterFrame* next;  // `previous`: the next frame out, null for the last
   const void* instr;
 };
+constexpr char kAnchorMark = 2;
+constexpr uint32_t kNoAnchor = ~uint32_t(0);
+constexpr uint32_t kAnchorKeep = 128;
 struct ChainCache {
   static constexpr int kEntries = 4;
   struct Entry {
@@ -595,6 +621,11 @@ struct ChainCache {
     const void* top_instr = nullptr;
     std::vector<ChainFrame> chain;  // innermost first, every frame (skipped ones too)
     mtia::FramesPtr stack;
+    uint32_t anchor = kNoAnchor;    // the anchored frame's index in chain
+    uint32_t next_anchor = 0;       // where the next anchor goes (>= chain.size(): none)
+    uint32_t anchor_hits = 0;       // captures the anchor served
+    const PyFrameObject* anchor_obj = nullptr;
+    uint64_t anchor_serial = 0;
   };
   Entry entries[kEntries];
   // Most recently used first, and checked in that order: a chain that differs from the
@@ -618,11 +649,13 @@ inline ChainCache& chain_cache(PyThreadState* ts) {
   }
   return *last;
 }
+inline bool frame_matches(const ChainFrame& c, const _PyInterpreterFrame* f) {
+  return !((f->previous != c.next) | (f->f_code != c.code) | (f->prev_instr != c.instr) |
+           (uintptr_t(uint8_t(f->owner)) != c.owner));
+}
 inline bool chain_matches_scalar(const ChainFrame* c, const _PyInterpreterFrame* f) {
   for (;; ++c) {  // f is live: the previous frame links to it
-    if ((f->previous != c->next) | (f->f_code != c->code) | (f->prev_instr != c->instr) |
-        (uintptr_t(uint8_t(f->owner)) != c->owner))
-      return false;
+    if (!frame_matches(*c, f)) return false;
     if (!(f = c->next)) return true;
   }
 }
@@ -654,6 +687,90 @@ inline bool chain_matches(const ChainFrame* c, const _PyInterpreterFrame* top) {
 #endif
   return chain_matches_scalar(c, top);
 }
+
+// The serial of an anchor's frame object, in the first word of its _f_frame_data.
+inline uint64_t anchor_serial_of(const PyFrameObject* o) {
+  uint64_t s;
+  memcpy(&s, &o->_f_frame_data[0], sizeof s);
+  return s;
+}
+// Whether the live chain from `top` (its innermost frame at the cached address and
+// instruction) is entry e's: 0 no, 1 yes by its anchor, 2 yes by comparing every frame.
+inline int chain_check(const ChainCache::Entry& e, const _PyInterpreterFrame* top) {
+  const ChainFrame* const c = e.chain.data();
+  const uint32_t a = e.anchor;
+  if (a != kNoAnchor) {
+    const _PyInterpreterFrame* f = top;
+    for (uint32_t i = 0;; f = c[i++].next) {  // frames 0..a, each proven linked
+      if (!frame_matches(c[i], f)) return 0;
+      if (i == a) break;
+    }
+    const PyFrameObject* o = f->frame_obj;  // alive while its frame holds it
+    if (o == e.anchor_obj && o->f_trace_lines == kAnchorMark && anchor_serial_of(o) == e.anchor_serial) return 1;
+    if (!c[a].next) return 2;
+    return chain_matches(c + a + 1, c[a].next) ? 2 : 0;
+  }
+  return chain_matches(c, top) ? 2 : 0;
+}
+
+// A frame object for f, made as CPython makes one (_PyFrame_MakeAndSetFrameObject, not
+// exported): not tracked by the collector, owned by f, freed with it. The collector is
+// off meanwhile, so no finalizer (no Python code) runs inside a capture. Null on failure
+// (the pending exception, if any, kept).
+inline PyFrameObject* make_frame_object(_PyInterpreterFrame* f) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  const int gc_was_on = PyGC_Disable();
+  PyCodeObject* code = f->f_code;
+  PyFrameObject* o = PyObject_GC_NewVar(PyFrameObject, &PyFrame_Type, code->co_nlocalsplus + code->co_stacksize);
+  if (gc_was_on) PyGC_Enable();
+  PyErr_Clear();
+  PyErr_Restore(type, value, tb);
+  if (!o) return nullptr;
+  o->f_back = nullptr;
+  o->f_trace = nullptr;
+  o->f_trace_lines = 1;
+  o->f_trace_opcodes = 0;
+  o->f_fast_as_locals = 0;
+  o->f_lineno = 0;
+  o->f_frame = f;
+  f->frame_obj = o;
+  return o;
+}
+
+// After a full compare of e succeeded: anchors e at its frame next_anchor or the first
+// frame out from it that is the thread's own and complete (a generator's frame changes
+// callers as it is resumed from elsewhere), making or marking its frame object.
+inline void set_anchor(ChainCache::Entry& e, _PyInterpreterFrame* top) {
+  static uint64_t serials = 0;
+  const uint32_t n = uint32_t(e.chain.size());
+  if (e.anchor != kNoAnchor && uint64_t(e.anchor_hits) * (e.anchor + 1) >= kAnchorKeep) e.next_anchor = e.anchor;
+  e.anchor = kNoAnchor;
+  _PyInterpreterFrame* f = top;
+  uint32_t i = 0;
+  for (; i < n && f; f = const_cast<_PyInterpreterFrame*>(e.chain[i++].next))  // the chain is the live one
+    if (i >= e.next_anchor && f->owner == FRAME_OWNED_BY_THREAD && !_PyFrame_IsIncomplete(f)) break;
+  if (i >= n || !f) {
+    e.next_anchor = n;  // no frame left to anchor to
+    return;
+  }
+  e.next_anchor = 2 * i + 1;
+  e.anchor_hits = 0;
+  PyFrameObject* o = f->frame_obj;
+  if (!o) {
+    if (!(o = make_frame_object(f))) return;
+  } else if (o->f_frame != f || (o->f_trace_lines != 1 && o->f_trace_lines != kAnchorMark)) {
+    return;  // line events turned off on it: not ours to mark
+  }
+  if (o->f_trace_lines != kAnchorMark) {
+    const uint64_t s = ++serials;
+    memcpy(&o->_f_frame_data[0], &s, sizeof s);
+    o->f_trace_lines = kAnchorMark;
+  }
+  e.anchor = i;
+  e.anchor_obj = o;
+  e.anchor_serial = anchor_serial_of(o);
+}
 #endif
 
 // The caller's stack, innermost first, without mtia_alloc's own frames on top, interned
@@ -662,19 +779,23 @@ inline bool chain_matches(const ChainFrame* c, const _PyInterpreterFrame* top) {
 // a few nanoseconds a frame), and first checked against the thread's recent chains
 // (ChainCache); other versions walk frame objects through the public API.
 inline std::shared_ptr<const mtia::Frames> capture_frames() {
-  FrameSink sink(stack_table());
-  bool skipping = true;
 #if MTIA_FAST_FRAMES
   PyThreadState* ts = PyThreadState_Get();
   _PyInterpreterFrame* const top = ts->cframe->current_frame;
   ChainCache& cache = chain_cache(ts);
   for (int k = 0; k < ChainCache::kEntries; ++k) {
-    const ChainCache::Entry& e = *cache.order[k];
-    if (top && e.top == top && e.top_instr == top->prev_instr && chain_matches(e.chain.data(), top)) {
+    ChainCache::Entry& e = *cache.order[k];
+    if (top && e.top == top && e.top_instr == top->prev_instr) {
+      const int how = chain_check(e, top);
+      if (!how) continue;
       if (k) cache.use(k);
+      if (how == 1) ++e.anchor_hits;
+      else if (e.next_anchor < e.chain.size() || e.anchor != kNoAnchor) set_anchor(e, top);
       return e.stack;
     }
   }
+  FrameSink sink(stack_table());
+  bool skipping = true;
   ChainCache::Entry* const victim = cache.order[ChainCache::kEntries - 1];  // the least recent
   std::vector<ChainFrame>& walked = cache.walked;
   walked.clear();
@@ -695,9 +816,14 @@ inline std::shared_ptr<const mtia::Frames> capture_frames() {
   victim->top_instr = top ? top->prev_instr : nullptr;
   victim->chain.swap(walked);
   victim->stack = stack;
+  victim->anchor = kNoAnchor;
+  victim->next_anchor = 0;
+  victim->anchor_hits = 0;
   cache.use(ChainCache::kEntries - 1);
   return stack;
 #else
+  FrameSink sink(stack_table());
+  bool skipping = true;
   PyFrameObject* f = PyEval_GetFrame();  // borrowed
   Py_XINCREF(f);
   while (f) {

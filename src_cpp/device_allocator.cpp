@@ -113,7 +113,7 @@ uintptr_t DeviceAllocator::malloc_not_plain(size_t orig_size, StreamId stream, b
   // 2. Reclaim blocks whose cross-stream events completed (never during a capture).
   if (captures_underway_.empty() && (pending_event_count_ || !deferred_.empty()))
     process_events_with_call_frames(*r.frames);
-  r.pool = choose_pool(r.size, r.stream);
+  r.pool = captures_underway_.empty() ? default_pool(r.size) : choose_pool(r.size, r.stream);
   if (r.pool->is_small) return malloc_in_pool<true, false>(lock, r);
   return malloc_in_pool<false, false>(lock, r);
 }
@@ -473,6 +473,18 @@ template <bool kSmall>
 void DeviceAllocator::free_with_history_or_uses(Block* b, const FramesPtr& free_frames) {
   if (history_on_) {
     const FramesPtr& frames = record_context_ < RecordContext::kAll || !free_frames ? b->cold().frames : free_frames;
+    // The completion's stack (free_block_of: the call's, else the block's) is the
+    // request's unless the context is "alloc" and the call brought one: then the pair
+    // takes one slot, with its stack, as without stacks.
+    if (!b->has_stream_uses && !pool_of(b)->owner && (!free_frames || frames == free_frames)) {
+      const uint32_t stack = trace_stack_id(frames);
+      if (stack != kStackNotInterned &&
+          trace_.try_record_pair_stack(TraceAction::kFreeRequested, TraceAction::kFreeCompleted, b->ptr,
+                                       b->requested_size, b->seg->stream, stack)) {
+        free_block_of<kSmall, false>(b);
+        return;
+      }
+    }
     record_trace(TraceAction::kFreeRequested, b->ptr, b->requested_size, b->seg->stream,
                  pool_id_of(pool_of(b)), frames);
   }

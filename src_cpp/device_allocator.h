@@ -229,14 +229,24 @@ class alignas(64) DeviceAllocator {
   // device_allocator_stats.cpp
   [[noreturn]] void raise_oom(Lock& lock, const Request& r);
 
-  // A trace record (history on): the common one (no pool, stack or metadata) written
-  // inline by the ring's fast path, the rest by record_trace_general
-  // (device_allocator_history.cpp). The stack matters only to the general path: while
-  // the fast one may record, the context keeps no stacks in entries.
+  // A trace record (history on): the common one (no pool or metadata; no stack, or an
+  // interned one) written inline by the ring's fast path, the rest by
+  // record_trace_general (device_allocator_history.cpp).
   MTIA_INLINE void record_trace(TraceAction a, uintptr_t addr, size_t size, StreamId stream, MempoolId pool,
                                 const FramesPtr& frames) {
-    if (__builtin_expect(pool == MempoolId{} && trace_.try_record(a, addr, size, stream), 1)) return;
+    const uint32_t stack = trace_stack_id(frames);
+    if (__builtin_expect(pool == MempoolId{} && stack != kStackNotInterned &&
+                             trace_.try_record_stack(a, addr, size, stream, stack),
+                         1))
+      return;
     record_trace_general(a, addr, size, stream, pool, frames);
+  }
+  // The stack id a record keeps (frames.h): 0 when the context keeps no stacks in entries
+  // or there is none, kStackNotInterned for one that is not interned (kept in extras).
+  static constexpr uint32_t kStackNotInterned = ~uint32_t(0);
+  MTIA_INLINE uint32_t trace_stack_id(const FramesPtr& frames) const {
+    if (record_context_ < RecordContext::kAlloc || !frames) return 0;
+    return frames->id ? frames->id : kStackNotInterned;
   }
   __attribute__((noinline)) void record_trace_general(TraceAction a, uintptr_t addr, size_t size, StreamId stream,
                                                       MempoolId pool, const FramesPtr& frames);

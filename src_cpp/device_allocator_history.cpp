@@ -15,8 +15,8 @@
 namespace mtia {
 
 // The general path of record_trace (device_allocator.h): a record with a pool, a stack
-// or metadata, a skipped action, one of a period's exact time stamps, or the end of a
-// chunk of streamed records.
+// that is not interned or metadata, a skipped action, one of a period's exact time
+// stamps, or the end of a chunk of streamed records.
 void DeviceAllocator::record_trace_general(TraceAction a, uintptr_t addr, size_t size, StreamId stream,
                                            MempoolId pool, const FramesPtr& frames) {
   if (trace_.skips(a)) return;  // skip_actions: not recorded at all

@@ -13,12 +13,13 @@
 //
 // Recording is cheap because a record is raw data, decoded only when the trace is read:
 // a slot holds the time as a raw clock reading (TSC ticks, converted to epoch
-// microseconds by trace()), the address, size, stream and action. The common record (no
-// stack, pool or per-thread metadata) is written by
-// TraceRing::try_record, inline on the allocator's fast path: a few plain stores into a
-// preallocated array. Anything else takes the general path (TraceRing::record), which
-// also keeps the rest of a record (pool, interned stack, the id of the thread's metadata
-// string) in a parallel array of extras.
+// microseconds by trace()), the address, size, stream, action and the id of its
+// interned stack (frames.h; 0: none). The common record (no pool or per-thread metadata)
+// is written by TraceRing::try_record (no stack: inline on the allocator's fast path) or
+// try_record_stack: a few plain stores into a preallocated array. Anything else takes
+// the general path (TraceRing::record), which also keeps the rest of a record (pool, a
+// stack that is not interned, the id of the thread's metadata string) in a parallel
+// array of extras.
 //
 // Time stamps: reading the TSC costs ~14 ns on a VM (RDTSC is microcoded), more than the
 // rest of a record, so a record normally reads a coarse clock instead: a TSC reading a
@@ -241,14 +242,16 @@ struct TraceSlot {
   uint64_t size;
   StreamId stream;
   uint32_t action_bits;  // the TraceAction, | kHasExtra when extras hold the rest
+  uint32_t stack;        // the interned stack's id (InternedStacks), 0: none (or in extras)
   static constexpr uint32_t kHasExtra = 0x100;
   // Two records of one block in one slot (a free's request and completion, written by
-  // try_record_pair): the second's action in bits 16-23, its other fields the first's.
+  // try_record_pair): the second's action in bits 16-23, its other fields (stack too) the
+  // first's.
   static constexpr uint32_t kPair = 0x200;
   static constexpr unsigned kSecondShift = 16;
 };
 struct TraceExtra {
-  FramesPtr frames;
+  FramesPtr frames;  // a stack that is not interned (an interned one's id is in the slot)
   MempoolId pool;
   uint32_t metadata = 0;
 };
@@ -294,7 +297,7 @@ class TraceRing {
     for (const TraceRecord& r : keep) write(r);
     stream_ = stream;
     flushed_ = next_;
-    extras_unflushed_ = false;
+    extras_unflushed_ = stacks_unflushed_ = false;
     set_limit();
   }
   // While attached (under the owner's lock), every record from now on also goes to `s`,
@@ -305,7 +308,7 @@ class TraceRing {
     device_ = device;
     stream_tick_ = 0;
     flushed_ = next_;
-    extras_unflushed_ = false;
+    extras_unflushed_ = stacks_unflushed_ = false;
     set_limit();
   }
   void detach_stream() {
@@ -315,8 +318,8 @@ class TraceRing {
   }
   // The records since the last flush go to the attached stream (history_stream.cpp).
   void flush_stream();
-  // skip_actions (bit 1 << action: not recorded) and whether entries keep stacks: either
-  // sends every record to the general path.
+  // skip_actions (bit 1 << action: not recorded), which sends every record to the general
+  // path, and whether entries keep stacks, which sends try_record's (no stack) there.
   void configure(uint32_t skip_mask, bool keeps_stacks) {
     skip_mask_ = skip_mask;
     keeps_stacks_ = keeps_stacks;
@@ -324,18 +327,31 @@ class TraceRing {
   }
   bool skips(TraceAction a) const { return skip_mask_ & (1u << unsigned(a)); }
 
-  // The fast path: records without stack, pool or metadata, the action not skipped, in a
-  // period (of the coarse clock) whose exact time stamps are used up (all that
-  // fast_period_ says, see stamp()), before limit_. Then a record is five plain stores: true.
-  // Else nothing is written: false, the general path's turn.
+  // The fast path: records without stack, pool or metadata, while entries keep no stacks,
+  // the action not skipped, in a period (of the coarse clock) whose exact time stamps are
+  // used up (all that fast_period_ says, see stamp()), before limit_. Then a record is
+  // five plain stores: true. Else nothing is written: false, the general path's turn.
   MTIA_INLINE bool try_record(TraceAction a, uintptr_t addr, uint64_t size, StreamId stream) {
-    return try_fill(uint32_t(a), addr, size, stream);
+    return try_fill(fast_period_, uint32_t(a), addr, size, stream, 0);
   }
   // Two records of one block at once (a free's request and its completion), likewise, in
   // one slot (TraceSlot::kPair): a slot can thus hold two records, and ordered() keeps
   // the newest capacity_ records.
   MTIA_INLINE bool try_record_pair(TraceAction a, TraceAction b, uintptr_t addr, uint64_t size, StreamId stream) {
-    return try_fill(uint32_t(a) | TraceSlot::kPair | uint32_t(b) << TraceSlot::kSecondShift, addr, size, stream);
+    return try_fill(fast_period_, pair_bits(a, b), addr, size, stream, 0);
+  }
+  // As try_record(_pair), for a record with an interned stack (its id; 0: no stack)
+  // whatever the context: while entries keep stacks, the allocator records through these.
+  MTIA_INLINE bool try_record_stack(TraceAction a, uintptr_t addr, uint64_t size, StreamId stream, uint32_t stack) {
+    if (!try_fill(stack_period_, uint32_t(a), addr, size, stream, stack)) return false;
+    stacks_unflushed_ |= stack != 0;
+    return true;
+  }
+  MTIA_INLINE bool try_record_pair_stack(TraceAction a, TraceAction b, uintptr_t addr, uint64_t size,
+                                         StreamId stream, uint32_t stack) {
+    if (!try_fill(stack_period_, pair_bits(a, b), addr, size, stream, stack)) return false;
+    stacks_unflushed_ |= stack != 0;
+    return true;
   }
   // The general path: stamps r and writes it.
   void record(TraceRecord& r) {
@@ -350,6 +366,7 @@ class TraceRing {
     std::vector<TraceRecord> out;
     if (!begin_) return out;
     out.reserve(size_t(end_ - begin_));
+    const auto stacks = InternedStacks::lock();
     uint64_t last = 0;
     auto take = [&](const TraceSlot* from, const TraceSlot* to) {
       for (const TraceSlot* s = from; s != to; ++s) {
@@ -360,9 +377,10 @@ class TraceRing {
         r.size = s->size;
         r.stream = s->stream;
         r.action = TraceAction(s->action_bits & 0xff);
+        if (s->stack) r.frames = InternedStacks::get_locked(s->stack);
         if (s->action_bits & TraceSlot::kHasExtra) {
           const TraceExtra& x = extra_[size_t(s - begin_)];
-          r.frames = x.frames;
+          if (x.frames) r.frames = x.frames;
           r.pool = x.pool;
           r.metadata = x.metadata;
         }
@@ -382,17 +400,23 @@ class TraceRing {
  private:
   static constexpr uint64_t kNoFastPeriod = ~uint64_t(0);  // no coarse reading equals it
 
-  // The fast path's slot, if it may take one (see try_record): five plain stores.
-  MTIA_INLINE bool try_fill(uint32_t action_bits, uintptr_t addr, uint64_t size, StreamId stream) {
+  static constexpr uint32_t pair_bits(TraceAction a, TraceAction b) {
+    return uint32_t(a) | TraceSlot::kPair | uint32_t(b) << TraceSlot::kSecondShift;
+  }
+  // The fast path's slot, if it may take one (see try_record; `period`: fast_period_ or
+  // stack_period_): five plain stores (the action and the stack are one 8-byte store).
+  MTIA_INLINE bool try_fill(const uint64_t& period, uint32_t action_bits, uintptr_t addr, uint64_t size,
+                            StreamId stream, uint32_t stack) {
     const uint64_t now = CoarseClock::now();
     TraceSlot* s = next_;
-    if (__builtin_expect(now != fast_period_ || s == limit_, 0)) return false;
+    if (__builtin_expect(now != period || s == limit_, 0)) return false;
     next_ = s + 1;
     s->tick = now;  // may sit below an earlier exact stamp: ordered() evens that out
     s->addr = addr;
     s->size = size;
     s->stream = stream;
     s->action_bits = action_bits;
+    s->stack = stack;
     return true;
   }
 
@@ -410,15 +434,17 @@ class TraceRing {
     begin_ = next_ = flushed_ = slots_.get();
     end_ = begin_ + first;
     set_limit();
-    extras_unflushed_ = false;
+    extras_unflushed_ = stacks_unflushed_ = false;
     holds_frames_ = false;
     last_coarse_ = last_tick_ = 0;
     exact_left_ = 0;
     update_fast();
   }
   void update_fast() {
-    fast_ok_ = begin_ && !skip_mask_ && !keeps_stacks_ && !holds_frames_;
+    stack_ok_ = begin_ && !skip_mask_ && !holds_frames_;
+    fast_ok_ = stack_ok_ && !keeps_stacks_;
     if (!fast_ok_) fast_period_ = kNoFastPeriod;
+    if (!stack_ok_) stack_period_ = kNoFastPeriod;
   }
   // The time stamp of a general record (see the top comment): the coarse clock, or the
   // TSC for the first kExactPerPeriod records of a period; never below the previous
@@ -435,8 +461,9 @@ class TraceRing {
     if (exact_left_) {
       --exact_left_;
       t = trace_clock();
-    } else if (fast_ok_ && !g_general_records.load(std::memory_order_relaxed)) {
-      fast_period_ = coarse;
+    } else if (stack_ok_ && !g_general_records.load(std::memory_order_relaxed)) {
+      stack_period_ = coarse;
+      if (fast_ok_) fast_period_ = coarse;
     }
     if (t > last_tick_) last_tick_ = t;
     return last_tick_;
@@ -479,16 +506,19 @@ class TraceRing {
     s->addr = r.addr;
     s->size = r.size;
     s->stream = r.stream;
-    const bool extra = r.frames || r.pool != MempoolId{} || r.metadata;
+    s->stack = r.frames ? r.frames->id : 0;
+    const bool own_frames = r.frames && !s->stack;  // not interned: kept in extras
+    const bool extra = own_frames || r.pool != MempoolId{} || r.metadata;
     s->action_bits = uint32_t(r.action) | (extra ? TraceSlot::kHasExtra : 0);
     extras_unflushed_ |= extra;
+    stacks_unflushed_ |= s->stack != 0;
     if (extra || (extra_ && holds_frames_)) {  // the slot's old stack, if any, is dropped
       if (!extra_) extra_.reset(new TraceExtra[size_t(end_ - begin_)]);
       TraceExtra& x = extra_[size_t(s - begin_)];
-      x.frames = r.frames;
+      x.frames = own_frames ? r.frames : FramesPtr();
       x.pool = r.pool;
       x.metadata = r.metadata;
-      if (r.frames && !holds_frames_) {
+      if (own_frames && !holds_frames_) {
         holds_frames_ = true;  // the fast path would overwrite slots without dropping it
         update_fast();
       }
@@ -503,7 +533,8 @@ class TraceRing {
   TraceSlot* limit_ = nullptr;  // where the fast path stops: end_, or a streamed chunk's end
   TraceSlot* end_ = nullptr;
   TraceSlot* begin_ = nullptr;
-  uint64_t fast_period_ = kNoFastPeriod;  // the coarse reading the fast path may record in
+  uint64_t fast_period_ = kNoFastPeriod;   // the coarse reading try_record may record in
+  uint64_t stack_period_ = kNoFastPeriod;  // ... and try_record_stack
   std::unique_ptr<TraceSlot, FreeSlots> slots_;
   std::unique_ptr<TraceExtra[]> extra_;  // allocated for the first record that needs it
   size_t capacity_ = 0;
@@ -512,14 +543,17 @@ class TraceRing {
   uint32_t skip_mask_ = 0;
   bool keeps_stacks_ = false;  // the context keeps stacks in entries
   bool holds_frames_ = false;  // some extra holds a stack (to drop when overwritten)
-  bool fast_ok_ = false;       // none of the above sends records to the general path
+  bool stack_ok_ = false;      // none of the above but keeps_stacks_ sends records to the general path
+  bool fast_ok_ = false;       // none of the above does
   bool clock_held_ = false;
   // Streaming (attach_stream): the first slot not yet given to stream_ (<= next_: a chunk
-  // goes out before the slots grow or wrap), and whether a slot since then has extras.
+  // goes out before the slots grow or wrap), and whether a slot since then has extras, or
+  // a stack (else the encoder skips them).
   HistoryStream* stream_ = nullptr;
   TraceSlot* flushed_ = nullptr;
   DeviceIndex device_ = 0;
   bool extras_unflushed_ = false;
+  bool stacks_unflushed_ = false;
   std::vector<char> stream_scratch_;  // a chunk, encoded (HistoryStream::push)
   uint64_t stream_tick_ = 0;          // the last time stamp streamed
 };

@@ -49,9 +49,9 @@ inline char* put_bytes(char* p, uint64_t v, unsigned n) {
 void TraceRing::flush_stream() {
   if (!stream_ || flushed_ == next_) return;
   const TraceExtra* x = extras_unflushed_ && extra_ ? &extra_[size_t(flushed_ - begin_)] : nullptr;
-  stream_->push(device_, flushed_, size_t(next_ - flushed_), x, &stream_scratch_, &stream_tick_);
+  stream_->push(device_, flushed_, size_t(next_ - flushed_), x, stacks_unflushed_, &stream_scratch_, &stream_tick_);
   flushed_ = next_;
-  extras_unflushed_ = false;
+  extras_unflushed_ = stacks_unflushed_ = false;
 }
 
 std::atomic<HistoryStream*> HistoryStream::active_{nullptr};
@@ -170,8 +170,8 @@ constexpr size_t batch_bytes(size_t n) { return 5 + 2 * n * kMaxEventBytes; }
 // One 'Y' batch (history_stream.h) of n slots at `begin` (room for batch_bytes(n));
 // returns its end. The previous event's fields live in locals (byte stores through a char
 // pointer would make the compiler reload members); kExtras: some slots have extras (pool,
-// stack, metadata), else none is looked at.
-template <bool kExtras>
+// metadata), else none is looked at; kStacks: some have a stack, else none is.
+template <bool kExtras, bool kStacks>
 char* encode_batch(char* const begin, DeviceIndex device, const TraceSlot* slots, size_t n,
                    const TraceExtra* extras, uint64_t* last_tick) {
   char* p = begin + 5;
@@ -183,11 +183,11 @@ char* encode_batch(char* const begin, DeviceIndex device, const TraceSlot* slots
   uint32_t metadata = 0;
   for (size_t i = 0; i < n; ++i) {
     const TraceSlot& s = slots[i];
-    uint64_t e_pool_a = 0, e_pool_b = 0, stack = 0;
+    uint64_t e_pool_a = 0, e_pool_b = 0;
+    const uint64_t stack = kStacks ? s.stack : 0;  // an interned stack's id (one in extras is not: none)
     uint32_t e_metadata = 0;
     if (kExtras && (s.action_bits & TraceSlot::kHasExtra)) {
       const TraceExtra& x = extras[i];
-      stack = x.frames ? x.frames->id : 0;
       e_metadata = x.metadata;
       e_pool_a = x.pool.first;
       e_pool_b = x.pool.second;
@@ -217,18 +217,21 @@ char* encode_batch(char* const begin, DeviceIndex device, const TraceSlot* slots
     prev_addr = s.addr;
     prev_size = s.size;
     const unsigned nt = byte_count(tick), na = byte_count(addr), ns = byte_count(size);
-    const unsigned nk = kExtras ? byte_count(stack) : 0;
+    const unsigned nk = kStacks ? byte_count(stack) : 0;
     const uint16_t lens = uint16_t(nt | na << 4 | ns << 8 | nk << 12);
     memcpy(p, &lens, 2);
     p = put_bytes(p + 2, tick, nt);
     p = put_bytes(p, addr, na);
     p = put_bytes(p, size, ns);
-    if (kExtras) p = put_bytes(p, stack, nk);
-    // A slot's second record (TraceSlot::kPair; never with extras): its action and all
-    // deltas 0, always written, kept only for a pair (no branch to mispredict).
+    if (kStacks) p = put_bytes(p, stack, nk);
+    // A slot's second record (TraceSlot::kPair; never with extras): its action, all deltas
+    // 0 and the first's stack, always written, kept only for a pair (no branch to
+    // mispredict).
     *p = char((s.action_bits >> TraceSlot::kSecondShift) & 0x0f);
-    p[1] = p[2] = 0;
-    p += 3 * ((s.action_bits & TraceSlot::kPair) != 0);
+    const uint16_t lens2 = uint16_t(nk << 12);
+    memcpy(p + 1, &lens2, 2);
+    if (kStacks) put_bytes(p + 3, stack, nk);
+    p += (3 + nk) * ((s.action_bits & TraceSlot::kPair) != 0);
   }
   *last_tick = last;
   const uint32_t len = uint32_t(p - begin - 5);
@@ -239,13 +242,16 @@ char* encode_batch(char* const begin, DeviceIndex device, const TraceSlot* slots
 }  // namespace
 
 void HistoryStream::push(DeviceIndex device, const TraceSlot* slots, size_t n, const TraceExtra* extras,
-                         std::vector<char>* scratch, uint64_t* last_tick) {
+                         bool stacks, std::vector<char>* scratch, uint64_t* last_tick) {
   if (failed() || orphaned_ || !n) return;
   // Encoded outside the stream's lock (the slots were just written: they are in cache).
   if (scratch->size() < batch_bytes(n)) scratch->resize(batch_bytes(n));
   char* const begin = scratch->data();
-  char* const end = extras ? encode_batch<true>(begin, device, slots, n, extras, last_tick)
-                           : encode_batch<false>(begin, device, slots, n, nullptr, last_tick);
+  char* const end =
+      extras ? (stacks ? encode_batch<true, true>(begin, device, slots, n, extras, last_tick)
+                       : encode_batch<true, false>(begin, device, slots, n, extras, last_tick))
+             : (stacks ? encode_batch<false, true>(begin, device, slots, n, nullptr, last_tick)
+                       : encode_batch<false, false>(begin, device, slots, n, nullptr, last_tick));
   const uint32_t used = uint32_t(end - begin);
   mu_.lock();
   memcpy(reserve(used), begin, used);

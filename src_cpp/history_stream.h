@@ -72,10 +72,11 @@ class HistoryStream {
   static std::shared_ptr<HistoryStream> exchange(std::shared_ptr<HistoryStream> s);
 
   // n raw records of `device` (TraceRing::flush_stream, under the device's lock); `extras`,
-  // when not null, parallels `slots` and holds the rest of the slots marked kHasExtra.
+  // when not null, parallels `slots` and holds the rest of the slots marked kHasExtra;
+  // `stacks`: some slot has a stack id.
   // They are encoded in the ring's `scratch`, their time stamps made non-decreasing from
   // the ring's *last_tick on, then appended.
-  void push(DeviceIndex device, const TraceSlot* slots, size_t n, const TraceExtra* extras,
+  void push(DeviceIndex device, const TraceSlot* slots, size_t n, const TraceExtra* extras, bool stacks,
             std::vector<char>* scratch, uint64_t* last_tick);
   void define_frame(uint32_t id, const std::string& filename, int line, const std::string& name);
   void define_stack(uint32_t id, const uint32_t* frames, size_t n);

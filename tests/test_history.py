@@ -5,7 +5,9 @@ level, the ring buffer, and _dump_snapshot.
 Other tests run in the same process: every test here starts from a cleared, disabled history
 and an empty cache (the `history` fixture) and switches history off again at the end."""
 import pickle
+import sys
 import time
+import weakref
 
 import pytest
 
@@ -253,6 +255,91 @@ def test_stacks_follow_outer_frames_that_moved_on(history):
     assert all(names(allocs[p])[:2] == ["_alloc_inner", "_alloc_via"] for p in ptrs[:6])
     g = [names(allocs[p]) for p in ptrs[6:]]
     assert g[0][0] == "_alloc_gen" and g[0][1] == me and g[1][1] == "<lambda>" and g[2] == g[0], g
+
+
+_kept_frames = []
+
+
+def _loop_allocs(n, make_frame_object=False, keep_frame_object=False):
+    if make_frame_object:
+        sys._getframe()  # a frame object of someone else's (likely at a freed anchor's address)
+    out = []
+    for _ in range(n):
+        out.append(mtia.caching_allocator_alloc(512))
+    if keep_frame_object:
+        _kept_frames.append(sys._getframe())  # the anchor's object outlives its frame
+    return out
+
+
+def test_anchored_stacks_follow_a_new_invocation(history):
+    """After a hit the check anchors a chain to a frame (its frame object, marked): a new
+    invocation of that frame at the same address and instruction, reached from another
+    line, or with a frame object made by someone else, is another stack. (200 captures
+    an invocation: the anchor stays on _loop_allocs's frame, each invocation's anew.)"""
+    mtia.record_memory_history(context="all")
+    me = "test_anchored_stacks_follow_a_new_invocation"
+    runs = []
+    runs.append(_loop_allocs(200))
+    runs.append(_loop_allocs(200, keep_frame_object=True))
+    runs.append(_loop_allocs(200))
+    runs.append(_loop_allocs(200, make_frame_object=True))
+    runs.append(_loop_allocs(200, make_frame_object=True))
+    for _ in range(2):
+        runs.append(_loop_allocs(200))
+    _kept_frames.clear()
+    allocs = {e["addr"]: e["frames"] for e in trace() if e["action"] == "alloc"}
+    for r in runs:
+        for p in r:
+            mtia.caching_allocator_delete(p)
+    line = lambda fr: next(f["line"] for f in fr if f["name"] == me)  # noqa: E731
+    lines = [sorted({line(allocs[p]) for p in r}) for r in runs]
+    assert all(len(x) == 1 for x in lines), lines
+    first = lines[0][0]
+    assert [x[0] - first for x in lines] == [0, 1, 2, 3, 4, 6, 6], lines
+    assert all(names(allocs[p])[0] == "_loop_allocs" for r in runs for p in r)
+
+
+class _Local:
+    pass
+
+
+def _holds_a_local(refs):
+    obj = _Local()
+    refs.append(weakref.ref(obj))
+    for _ in range(20):
+        mtia.caching_allocator_delete(mtia.caching_allocator_alloc(512))
+    assert sys._getframe().f_trace_lines is True  # the anchor's mark reads as the flag it is
+
+
+def test_anchors_keep_no_local_alive(history):
+    mtia.record_memory_history(context="all")
+    refs = []
+    for _ in range(3):
+        _holds_a_local(refs)
+    assert [r() for r in refs] == [None] * 3
+
+
+def test_stacks_under_a_tracer(history):
+    mtia.record_memory_history(context="all")
+    me = "test_stacks_under_a_tracer"
+    seen = []
+
+    def tracer(frame, event, arg):
+        frame.f_trace_lines = bool(len(seen) % 2)  # a tracer sets the flag the anchors mark
+        seen.append(event)
+        return tracer
+    sys.settrace(tracer)
+    try:
+        a = _loop_allocs(10)
+        b = _loop_allocs(10)
+    finally:
+        sys.settrace(None)
+    allocs = {e["addr"]: e["frames"] for e in trace() if e["action"] == "alloc"}
+    for p in a + b:
+        mtia.caching_allocator_delete(p)
+    line = lambda fr: next(f["line"] for f in fr if f["name"] == me)  # noqa: E731
+    la, lb = {line(allocs[p]) for p in a}, {line(allocs[p]) for p in b}
+    assert len(la) == len(lb) == 1 and la != lb and seen
 
 
 def _free_here(ptr):

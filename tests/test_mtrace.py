@@ -90,6 +90,23 @@ def test_the_file_keeps_every_event_the_ring_buffer_drops(history, blocks, tmp_p
     assert check(snap) == []
 
 
+def test_the_file_and_the_ring_have_the_same_stacks(history, blocks, tmp_path):
+    # context "all": a free's request and completion share a ring slot, and its stack
+    path = tmp_path / "run.mtrace"
+    mtia.memory._record_memory_history("all", max_entries=100_000, path=path, clear_history=True)
+    work(300, blocks)
+    ring = mtia.snapshot()["device_traces"][0]
+    mtia.memory._record_memory_history(None)
+    streamed = mtrace.read(path).to_snapshot()["device_traces"][0]
+
+    def key(e):
+        return e["action"], e.get("addr"), e["size"], [(f["filename"], f["line"], f["name"]) for f in e.get("frames", [])]
+    ring = [key(e) for e in ring if e["action"] != "snapshot"]
+    assert [key(e) for e in streamed if e["action"] != "snapshot"] == ring
+    frees = [e for e in ring if e[0].startswith("free")]
+    assert len(frees) == 600 and all(e[3][0][2] == "free" and e[3][1][2] == "inner" for e in frees)
+
+
 def test_stacks_are_stored_once(history, blocks, tmp_path):
     path = recorded(tmp_path, blocks, 300)
     rec = mtrace.read(path)

@@ -1,7 +1,9 @@
 // history_stream_stress.cpp: the streamed memory history (history_stream.h) under
 // ThreadSanitizer / AddressSanitizer: threads on two devices malloc and free with history
-// on while the stream is started, restarted with metadata strings and stopped under them;
-// then every complete record of the file must parse (each event batch exactly) and hold events.
+// on (stacks kept: interned ones, in ring slots, and others, in extras) while the stream
+// is started, restarted with metadata strings and stopped under them, and the rings are
+// read; then every complete record of the file must parse (each event batch exactly) and
+// hold events.
 //   g++ -std=c++17 -O1 -g -fsanitize=thread -Isrc_cpp tests/native/history_stream_stress.cpp \
 //       src_cpp/*.cpp -o build/history_stream_tsan -lpthread && build/history_stream_tsan DIR
 #include <atomic>
@@ -78,7 +80,15 @@ static size_t count_events(const std::string& path, bool* ok) {
 int main(int argc, char** argv) {
   std::string dir = argc > 1 ? argv[1] : "/tmp";
   Allocator a(2, size_t(1) << 30, "");
-  a.set_history(true, RecordContext::kAlloc, 1000, true, 0);
+  a.set_history(true, RecordContext::kAll, 1000, true, 0);
+  // Stacks: two interned (ids 1, 2: registered, as the binding does) and one not.
+  static int codes[3];
+  std::vector<FramesPtr> stacks;
+  for (uint32_t id = 1; id <= 3; ++id) {
+    stacks.push_back(std::make_shared<const Frames>(std::vector<Frame>{Frame{&codes[id - 1], int(id), 0}},
+                                                    id < 3 ? id : 0));
+    if (id < 3) InternedStacks::add(stacks.back().get());
+  }
   std::atomic<bool> stop{false};
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t)
@@ -87,9 +97,10 @@ int main(int argc, char** argv) {
       set_user_metadata("thread " + std::to_string(t));
       std::vector<uintptr_t> live;
       while (!stop.load()) {
-        if (live.size() < 32 && rng() % 2) live.push_back(a.malloc(t % 2, 512 + rng() % 100000, 0));
+        const FramesPtr& frames = rng() % 4 ? stacks[rng() % 3] : kNoFrames;
+        if (live.size() < 32 && rng() % 2) live.push_back(a.malloc(t % 2, 512 + rng() % 100000, 0, frames));
         else if (!live.empty()) {
-          a.free(live.back());
+          a.free(live.back(), frames);
           live.pop_back();
         }
       }
@@ -103,7 +114,11 @@ int main(int argc, char** argv) {
       fprintf(stderr, "start: %s\n", err.c_str());
       return 1;
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(120));
+    for (int i = 0; i < 6; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      for (const TraceEntry& e : a.device(i % 2).trace())  // the rings, read under the writers
+        if (e.frames && e.frames != stacks[0] && e.frames != stacks[1] && e.frames != stacks[2]) all_ok = false;
+    }
     err = a.stop_history_stream();
     bool ok;
     size_t n = count_events(path, &ok);
