@@ -103,19 +103,24 @@ class BinTree {
   // (a few instructions, no stack frame), the searching part stays out of line.
   MTIA_INLINE void insert(const FreeKey& fkey, Block* block) {
     const PackedKey key = PackedKey::of(fkey);
-    // A block that sorts first (the block best fit just took, coming back) goes straight
-    // into the free slot before the first leaf's entries.
+    if (!insert_front(key, block)) insert_searched(key, block);
+  }
+  // A block that sorts first (the block best fit just took, coming back) goes straight
+  // into the free slot before the first leaf's entries; false if that is not the case.
+  MTIA_INLINE bool insert_front(const PackedKey& key, Block* block) {
     Leaf* first = first_;
     if (first && first->begin > 0 && first->end > first->begin && key < first->e[first->begin].key) {
       first->e[--first->begin] = Entry{key, block};
       ++count_;
-      return;
+      return true;
     }
-    insert_searched(key, block);
+    return false;
   }
 
-  // insert() of a key packed already (a bag turning into a tree, in key order).
+  // The searching halves of insert and erase (after insert_front or erase_front said no),
+  // and insert() of a key packed already (a bag turning into a tree, in key order).
   void insert_packed(const PackedKey& key, Block* block) { insert_searched(key, block); }
+  bool erase_packed(const PackedKey& key) { return erase_searched(key); }
 
   // The first two entries of an empty tree (a bin's inline block and a second one): no
   // search, and they go mid-leaf, so that the next entry finds room on either side.
@@ -150,15 +155,18 @@ class BinTree {
   // Removes the entry with exactly this key; false if there is none.
   MTIA_INLINE bool erase(const FreeKey& fkey) {
     const PackedKey key = PackedKey::of(fkey);
-    // Best fit mostly takes a bin's first block: no search for that one unless its
-    // leaf empties (then the path is needed to unlink it).
+    return erase_front(key) || erase_searched(key);
+  }
+  // Best fit mostly takes a bin's first block: no search for that one unless its leaf
+  // empties (then the path is needed to unlink it). False if that is not the case.
+  MTIA_INLINE bool erase_front(const PackedKey& key) {
     Leaf* first = first_;
     if (first && first->end - first->begin > 1 && first->e[first->begin].key == key) {
       ++first->begin;
       --count_;
       return true;
     }
-    return erase_searched(key);
+    return false;
   }
 
   // First entry with key >= `key`, or nullptr.

@@ -12,7 +12,8 @@
 // searches becomes a bag again. The accounting: a bag earns kUpdateCredit per update
 // (capped, so it adapts within a few scans) and pays one per entry scanned; it turns into
 // a tree when its credit runs out. A tree turns into a bag after more than 2 × size + 64
-// updates without a search. So scanning costs at most kUpdateCredit entries per update,
+// updates without a search (counting those that searched the tree: one at the front of
+// its first leaf costs what a bag's does). So scanning costs at most kUpdateCredit entries per update,
 // and each conversion (O(n log n) to a tree, O(n) to a bag) follows Ω(n) updates or scans.
 //
 // A bag knows its smallest entry until that entry leaves; then the next search finds it
@@ -65,8 +66,11 @@ class CrowdedBin {
 
   MTIA_INLINE void insert(const FreeKey& fkey, Block* b) {
     if (sorted_) {
-      tree_.insert(fkey, b);
-      note_tree_update();
+      const PackedKey key = PackedKey::of(fkey);
+      if (!tree_.insert_front(key, b)) {
+        tree_.insert_packed(key, b);
+        note_tree_update();
+      }
       return;
     }
     if (__builtin_expect(n_ == cap_, 0)) {
@@ -86,8 +90,11 @@ class CrowdedBin {
   // Removes b (in this bin, with this key).
   MTIA_INLINE void erase(const FreeKey& fkey, Block* b) {
     if (sorted_) {
-      if (!tree_.erase(fkey)) throw_corrupt();
-      note_tree_update();
+      const PackedKey key = PackedKey::of(fkey);
+      if (!tree_.erase_front(key)) {
+        if (!tree_.erase_packed(key)) throw_corrupt();
+        note_tree_update();
+      }
       return;
     }
     const uint32_t at = b->bag_slot();
@@ -182,7 +189,8 @@ class CrowdedBin {
     credit_ = std::min(credit_, 8 * int64_t(n_) + kStartCredit) - int64_t(n_);
     if (credit_ < 0) to_tree();
   }
-  // After the update (it may turn the tree into a bag).
+  // After an update that searched the tree (it may turn the tree into a bag; updates at
+  // the front are as cheap as a bag's and are not counted).
   MTIA_INLINE void note_tree_update() {
     if (__builtin_expect(++tree_updates_ > 2 * tree_.size() + 64, 0)) to_bag();
   }
@@ -264,7 +272,7 @@ class CrowdedBin {
   uint32_t n_ = 0, cap_ = 0;   // bag: entries, room
   Entry* bag_ = nullptr;
   int64_t credit_ = kStartCredit;
-  size_t tree_updates_ = 0;    // tree: updates since the last search
+  size_t tree_updates_ = 0;    // tree: searched updates since the last search
   BinTree tree_;
 };
 

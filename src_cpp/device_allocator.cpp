@@ -123,7 +123,7 @@ uintptr_t DeviceAllocator::malloc_not_plain(size_t orig_size, StreamId stream, b
 template <bool kSmall, bool kPlain>
 MTIA_INLINE uintptr_t DeviceAllocator::malloc_in_pool(Lock& lock, const Request& r) {
   // 3. Best fit among cached blocks of this pool and stream; 4. else a new segment.
-  Block* block = get_free_block(r, r.pool);
+  Block* block = get_free_block<kPlain>(r, r.pool);
   if (__builtin_expect(!block, 0)) {
     if constexpr (kPlain) {
       lock.release();  // to malloc_miss_plain
@@ -209,8 +209,10 @@ bool DeviceAllocator::filter_matches(const AllocationFilter& f, StreamId stream)
 }
 
 // §3.2: exact best fit on the request's stream, then the oversize rules.
+template <bool kPlain>
 Block* DeviceAllocator::get_free_block(const Request& r, BlockPool* pool) {
-  if (fraction_limit_ && config_->garbage_collection_threshold > 0) ++pool->get_free_blocks_call_count;
+  // The GC clock ticks only while a fraction (so no plain path) and a threshold are set.
+  if (!kPlain && fraction_limit_ && config_->garbage_collection_threshold > 0) ++pool->get_free_blocks_call_count;
   FreeIndex* idx = pool->index(r.stream);
   if (!idx) return nullptr;
   size_t bin;
@@ -286,7 +288,7 @@ Block* DeviceAllocator::try_use_on_oom_pools(const Request& r) {
   for (MempoolId id : use_on_oom_pools_) {
     PrivatePool* p = find_pool(id);
     if (!p || p->use_count <= 0) continue;
-    if (Block* b = get_free_block(r, p->blocks_for(r.size))) return b;
+    if (Block* b = get_free_block<false>(r, p->blocks_for(r.size))) return b;
   }
   return nullptr;
 }
@@ -706,7 +708,7 @@ void DeviceAllocator::check_spare_blocks(InvariantReport& report) {
 }
 
 // plain_ == (captures_underway_ == ∅ ∧ pending_event_count_ == 0 ∧ deferred_ == ∅ ∧
-//            ¬(history_on_ ∧ record_context_ ≥ kState))
+//            ¬(history_on_ ∧ record_context_ ≥ kState) ∧ ¬fraction_limit_)
 // (recomputed, and so repaired, by the check)
 void DeviceAllocator::check_plain_flag(InvariantReport& report) {
   const bool plain = plain_;

@@ -140,6 +140,7 @@ class alignas(64) DeviceAllocator {
   // device_allocator.cpp: the malloc ladder and split (§3-§4)
   BlockPool* choose_pool(size_t size, StreamId stream);  // the default pool unless a capture routes it
   bool filter_matches(const AllocationFilter& f, StreamId stream);
+  template <bool kPlain>
   MTIA_INLINE Block* get_free_block(const Request& r, BlockPool* pool);
   __attribute__((noinline)) Block* alloc_on_miss(Lock& lock, Request& r);
   Block* alloc_block(const Request& r, bool is_retry);
@@ -292,13 +293,14 @@ class alignas(64) DeviceAllocator {
   std::vector<std::pair<StreamId, uint64_t>> stream_capture_;
 
   bool history_on_ = false;
-  // No capture, pending free or history keeping stacks: malloc skips those checks (history
-  // without stacks records on the plain path). Every change to captures_underway_,
-  // pending_event_count_, deferred_, history_on_ or record_context_ calls update_plain().
+  // No capture, pending free, history keeping stacks or memory fraction: malloc skips those
+  // checks (history without stacks records on the plain path; a fraction may start the GC
+  // clock). Every change to captures_underway_, pending_event_count_, deferred_,
+  // history_on_, record_context_ or fraction_limit_ calls update_plain().
   bool plain_ = true;
   void update_plain() {
     plain_ = captures_underway_.empty() && !pending_event_count_ && deferred_.empty() &&
-             !(history_on_ && record_context_ >= RecordContext::kState);
+             !(history_on_ && record_context_ >= RecordContext::kState) && !fraction_limit_;
   }
   RecordContext record_context_ = RecordContext::kNever;
   TraceRing trace_;

@@ -64,6 +64,7 @@ void DeviceAllocator::set_memory_fraction(double fraction) {
   Lock lock(mu_, std::adopt_lock);
   fraction_limit_ = fraction < 1.0;  // exactly 1.0 removes the limit
   allowed_memory_maximum_ = fraction_limit_ ? size_t(fraction * double(capacity())) : 0;
+  update_plain();
 }
 
 double DeviceAllocator::memory_fraction() {
