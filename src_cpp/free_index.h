@@ -50,6 +50,8 @@ class FreeIndex {
       slot.solo = b;
       word |= bit;
       summary_[bin >> 12] |= uint64_t(1) << ((bin >> 6) & 63);
+    } else if (__builtin_expect(!slot.solo, 1)) {  // a crowd already (a bin of one has no crowd in use)
+      slot.crowd->insert(key_of(b), b);
     } else {
       insert_crowded(slot, b);
     }
@@ -156,15 +158,11 @@ class FreeIndex {
 
   static FreeKey key_of(const Block* b) { return FreeKey{b->size, b->order, b->ptr}; }
 
-  // A second block for a non-empty bin: from here on the bin's blocks live in its crowd.
+  // A second block for a bin of one: from here on the bin's blocks live in its crowd.
   __attribute__((noinline)) void insert_crowded(Bin& slot, Block* b) {
     if (!slot.crowd) slot.crowd = new CrowdedBin(arena_);
-    if (slot.solo) {  // the crowd is empty while a block sits inline
-      slot.crowd->insert_pair(key_of(slot.solo), slot.solo, key_of(b), b);
-      slot.solo = nullptr;
-      return;
-    }
-    slot.crowd->insert(key_of(b), b);
+    slot.crowd->insert_pair(key_of(slot.solo), slot.solo, key_of(b), b);
+    slot.solo = nullptr;
   }
 
   MTIA_INLINE static size_t bin_of(size_t size) {
