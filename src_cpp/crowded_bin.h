@@ -13,8 +13,9 @@
 // (capped, so it adapts within a few scans) and pays one per entry scanned; it turns into
 // a tree when its credit runs out. A tree turns into a bag after more than 2 × size + 64
 // updates without a search (counting those that searched the tree: one at the front of
-// its first leaf costs what a bag's does). So scanning costs at most kUpdateCredit entries per update,
-// and each conversion (O(n log n) to a tree, O(n) to a bag) follows Ω(n) updates or scans.
+// its first leaf costs what a bag's does). So scanning costs at most kUpdateCredit
+// entries per update, and each conversion (O(n log n) to a tree, O(n) to a bag) follows
+// Ω(n) updates or scans.
 //
 // A bag knows its smallest entry until that entry leaves; then the next search finds it
 // by a scan. Best fit takes a bin's smallest block, so in an exact bin (one size) a search

@@ -103,7 +103,7 @@ std::pair<size_t, size_t> DeviceAllocator::largest_free_blocks() {
   auto scan = [&](BlockPool& bp) {
     size_t& m = bp.is_small ? small : large;
     for (auto& [s, idx] : bp.by_stream)
-      if (Block* b = idx->largest()) m = std::max(m, b->size);  // O(1) per index
+      if (Block* b = idx->largest()) m = std::max(m, b->size);  // one bin per index (its top one)
   };
   scan(small_blocks_);
   scan(large_blocks_);
