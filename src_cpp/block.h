@@ -91,7 +91,7 @@ struct alignas(64) Block {
   };
   static constexpr uint64_t kOrderMask = (uint64_t(1) << 40) - 1;
   static constexpr uint64_t kAllocatedBit = uint64_t(1) << 56, kDeferredBit = uint64_t(1) << 57;
-  static constexpr uint64_t kStreamUsesBit = uint64_t(1) << 59;
+  static constexpr uint64_t kInIndexBit = uint64_t(1) << 58, kStreamUsesBit = uint64_t(1) << 59;
   static constexpr uint64_t kMappedBit = uint64_t(1) << 60, kExpandableBit = uint64_t(1) << 61;
   static constexpr uint64_t kOversizeBit = uint64_t(1) << 62, kFramesBit = uint64_t(1) << 63;
   Block* prev = nullptr;              // neighbours in the segment, address order
@@ -117,8 +117,8 @@ inline void check_meta_layout() {
   Block b;
   b.meta = 0;
   b.order = Block::kOrderMask;
-  b.allocated = b.deferred = b.has_stream_uses = b.mapped = b.expandable = b.oversize = b.has_frames = true;
-  if (b.meta != (Block::kOrderMask | Block::kAllocatedBit | Block::kDeferredBit | Block::kStreamUsesBit |
+  b.allocated = b.deferred = b.in_index = b.has_stream_uses = b.mapped = b.expandable = b.oversize = b.has_frames = true;
+  if (b.meta != (Block::kOrderMask | Block::kAllocatedBit | Block::kDeferredBit | Block::kInIndexBit | Block::kStreamUsesBit |
                  Block::kMappedBit | Block::kExpandableBit | Block::kOversizeBit | Block::kFramesBit))
     throw std::logic_error("Block: bit-field layout differs from its masks (block.h)");
 }

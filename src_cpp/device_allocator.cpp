@@ -419,7 +419,7 @@ MTIA_INLINE bool DeviceAllocator::free_entry(uintptr_t ptr, const FramesPtr& fre
 // neighbours, of the same plain segment, are clean once out of the index.
 template <bool kSmall>
 MTIA_INLINE void DeviceAllocator::free_plain(Block* b) {
-  b->meta &= ~Block::kAllocatedBit;
+  // b stays marked allocated until the index takes it (nothing on the way reads the mark).
   stat_sub(stats_.allocation, kSmall, 1);
   stat_sub(stats_.allocated_bytes, kSmall, int64_t(b->size));
   free_block_of<kSmall, false, true>(b);
@@ -608,7 +608,7 @@ MTIA_INLINE void DeviceAllocator::free_block_of(Block* b) {
     }
   }
   set_gc_count_base(b, pool);
-  b->index->insert(b);
+  b->index->insert<kPlainBlock>(b);  // free_plain left b marked allocated
 }
 
 void DeviceAllocator::record_stream(uintptr_t ptr, StreamId stream) {

@@ -167,7 +167,8 @@ class alignas(64) DeviceAllocator {
   template <bool kSmall>
   MTIA_INLINE void free_allocated(Block* b, const FramesPtr& free_frames);
   // kMayRecord: false where history is off or the completion recorded already.
-  // kPlainBlock: b is of a plain (not expandable) segment and has no stack.
+  // kPlainBlock: b is of a plain (not expandable) segment, has no stack, and is still
+  // marked allocated (free_plain: the index's insert clears the mark).
   template <bool kSmall, bool kMayRecord = true, bool kPlainBlock = false>
   MTIA_INLINE void free_block_of(Block* b);
   template <bool kSmall>

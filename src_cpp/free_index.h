@@ -41,6 +41,9 @@ class FreeIndex {
   // (`solo`, and then its crowd is empty), so the common cases never touch a crowd. A
   // crowd holds two blocks or more: the second block's insert fills it (insert_pair), the
   // erase that leaves one block moves that block back inline (take_only).
+  // kFreed: b is still marked allocated (a free on its fast path): one store clears that
+  // mark and sets in_index.
+  template <bool kFreed = false>
   MTIA_INLINE void insert(Block* b) {
     const size_t bin = bin_of(b->size);
     Bin& slot = bins_[bin];
@@ -55,7 +58,8 @@ class FreeIndex {
     } else {
       insert_crowded(slot, b);
     }
-    b->in_index = true;
+    if (kFreed) b->meta ^= Block::kAllocatedBit | Block::kInIndexBit;  // allocated 1 -> 0, in_index 0 -> 1
+    else b->in_index = true;
   }
 
   MTIA_INLINE void erase(Block* b) { erase_in(b, bin_of(b->size)); }
