@@ -403,10 +403,14 @@ MTIA_INLINE bool DeviceAllocator::free_entry(uintptr_t ptr, const FramesPtr& fre
   Block* b = allocated_.erase(ptr);
   if (!b) return false;
   // The common free, tested at once: a block of a plain segment, with no stream uses,
-  // stack, oversize count or DeviceArray mark, and history off.
+  // stack, oversize count or DeviceArray mark; history off, or its free's two records
+  // taken by the ring's fast path in one slot (no stack, no private pool).
   constexpr uint64_t kUnusual = Block::kDeferredBit | Block::kStreamUsesBit | Block::kExpandableBit |
                                 Block::kOversizeBit | Block::kFramesBit;
-  if (__builtin_expect(!(b->meta & kUnusual) && !history_on_, 1)) {
+  if (__builtin_expect(!(b->meta & kUnusual), 1) &&
+      (__builtin_expect(!history_on_, 1) ||
+       (!pool_of(b)->owner && trace_.try_record_pair(TraceAction::kFreeRequested, TraceAction::kFreeCompleted,
+                                                     b->ptr, b->requested_size, b->seg->stream)))) {
     if (is_small_block(b)) free_plain<true>(b);
     else free_plain<false>(b);
     return true;
