@@ -409,14 +409,20 @@ MTIA_INLINE bool DeviceAllocator::free_entry(uintptr_t ptr, const FramesPtr& fre
                                 Block::kOversizeBit | Block::kFramesBit;
   if (__builtin_expect(!(b->meta & kUnusual), 1) &&
       (__builtin_expect(!history_on_, 1) ||
-       (!pool_of(b)->owner && trace_.try_record_pair(TraceAction::kFreeRequested, TraceAction::kFreeCompleted,
-                                                     b->ptr, b->requested_size, b->seg->stream)))) {
+       try_record_free_pair(b))) {
     if (is_small_block(b)) free_plain<true>(b);
     else free_plain<false>(b);
     return true;
   }
   free_unusual(b, free_frames, by_array);
   return true;
+}
+
+// A free's request and completion in one slot by the ring's fast path (no stack: a
+// default pool's block); false: not taken, nothing written.
+MTIA_INLINE bool DeviceAllocator::try_record_free_pair(const Block* b) {
+  return !pool_of(b)->owner && trace_.try_record_pair(TraceAction::kFreeRequested, TraceAction::kFreeCompleted,
+                                                      b->ptr, b->requested_size, b->seg->stream);
 }
 
 // free() of the common block (see free_entry): its flags need no more tests, and its
@@ -451,9 +457,7 @@ MTIA_INLINE void DeviceAllocator::free_allocated(Block* b, const FramesPtr& free
     // History without stacks and a block without stream uses (its free completes at
     // once): the request and the completion go in one ring slot, here, and the free goes
     // on as with history off; anything else takes the out-of-line path.
-    if (b->has_stream_uses || pool_of(b)->owner ||
-        !trace_.try_record_pair(TraceAction::kFreeRequested, TraceAction::kFreeCompleted, b->ptr, b->requested_size,
-                                b->seg->stream)) {
+    if (b->has_stream_uses || !try_record_free_pair(b)) {
       free_with_history_or_uses<kSmall>(b, free_frames);
       return;
     }

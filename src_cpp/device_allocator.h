@@ -173,6 +173,7 @@ class alignas(64) DeviceAllocator {
   MTIA_INLINE void free_block_of(Block* b);
   template <bool kSmall>
   MTIA_INLINE void free_plain(Block* b);
+  MTIA_INLINE bool try_record_free_pair(const Block* b);
   __attribute__((noinline)) void free_unusual(Block* b, const FramesPtr& free_frames, bool by_array);
   void free_block(Block* b);  // dispatches on the pool kind
   [[noreturn]] __attribute__((noinline)) void refuse_array_owned_free(Block* b);
