@@ -68,8 +68,13 @@ for trace in "${traces[@]}"; do
     echo "instructions_per_op.sh: a run failed on $trace (logs: $(tail -n 3 "$tmp"/*.log | tr '\n' ' '))" >&2
     exit 1
   fi
-  ours=$(( ($(total "$tmp/ours.3") - $(total "$tmp/ours.1")) / (2 * events) ))
-  theirs=$(( ($(total "$tmp/peer.3") - $(total "$tmp/peer.1")) / (2 * events) ))
-  ratio=$("$py" -c "print(f'{$theirs / $ours:.1f}x' if $ours else '-')")
-  printf '%-32s %14d %15d %7s\n' "$name" "$ours" "$theirs" "$ratio"
+  # one decimal, and the ratio of the unrounded figures: a bar of 10x must hold exactly
+  "$py" - "$name" "$events" "$(total "$tmp/ours.1")" "$(total "$tmp/ours.3")" \
+    "$(total "$tmp/peer.1")" "$(total "$tmp/peer.3")" <<'PY'
+import sys
+name, events, o1, o3, p1, p3 = sys.argv[1], *map(int, sys.argv[2:])
+ours, theirs = (o3 - o1) / (2 * events), (p3 - p1) / (2 * events)
+ratio = f"{theirs / ours:.2f}x" if ours > 0 else "-"
+print(f"{name:<32} {ours:14.1f} {theirs:15.1f} {ratio:>7}")
+PY
 done

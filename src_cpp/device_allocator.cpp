@@ -221,15 +221,20 @@ Block* DeviceAllocator::get_free_block(const Request& r, BlockPool* pool) {
   if (b->expandable) {
     if (expandable_active(pool)) {
       // Best fit counts what an expandable block can grow into (the unmapped space after it).
+      // A block that cannot grow is the best already: a later one is no smaller.
       auto grow = [](const Block* x) { return x->size + (x->next && !x->next->mapped ? x->next->size : 0); };
-      for (Block* next = idx->successor(b); b->expandable && next && grow(next) < grow(b); next = idx->successor(b))
-        b = next;
+      if (grow(b) != b->size) {
+        for (Block* next = idx->successor(b); b->expandable && next && grow(next) < grow(b);
+             next = idx->successor(b))
+          b = next;
+        bin = FreeIndex::bin_for(b->size);
+      }
     } else {  // expandable segments were switched off: their blocks are not used
       do b = idx->successor(b);
       while (b && b->expandable);
       if (!b) return nullptr;
+      bin = FreeIndex::bin_for(b->size);
     }
-    bin = FreeIndex::bin_for(b->size);
   }
   // Below max_split_size (the common case) both rules pass: r.size <= b->size, or b is an
   // expandable block that grows to r.size, and then b->size < r.size + R.
@@ -410,8 +415,14 @@ MTIA_INLINE bool DeviceAllocator::free_entry(uintptr_t ptr, const FramesPtr& fre
   if (__builtin_expect(!(b->meta & kUnusual), 1) &&
       (__builtin_expect(!history_on_, 1) ||
        try_record_free_pair(b))) {
-    if (is_small_block(b)) free_plain<true>(b);
-    else free_plain<false>(b);
+    if (is_small_block(b)) free_plain<true, false>(b);
+    else free_plain<false, false>(b);
+    return true;
+  }
+  // The same of an expandable segment (an allocated block is mapped).
+  if ((b->meta & kUnusual) == Block::kExpandableBit && (!history_on_ || try_record_free_pair(b))) {
+    if (is_small_block(b)) free_plain<true, true>(b);
+    else free_plain<false, true>(b);
     return true;
   }
   free_unusual(b, free_frames, by_array);
@@ -426,13 +437,14 @@ MTIA_INLINE bool DeviceAllocator::try_record_free_pair(const Block* b) {
 }
 
 // free() of the common block (see free_entry): its flags need no more tests, and its
-// neighbours, of the same plain segment, are clean once out of the index.
-template <bool kSmall>
+// neighbours in the index, of the same segment, are clean once out of it (but for the
+// expandable flag, which kExpandable says they have).
+template <bool kSmall, bool kExpandable>
 MTIA_INLINE void DeviceAllocator::free_plain(Block* b) {
   // b stays marked allocated until the index takes it (nothing on the way reads the mark).
   stat_sub(stats_.allocation, kSmall, 1);
   stat_sub(stats_.allocated_bytes, kSmall, int64_t(b->size));
-  free_block_of<kSmall, false, true>(b);
+  free_block_of<kSmall, false, true, kExpandable>(b);
 }
 
 // Everything else free() may meet, out of line: the fast path keeps its registers.
@@ -587,7 +599,7 @@ void DeviceAllocator::free_block(Block* b) {
   else free_block_of<false>(b);
 }
 
-template <bool kSmall, bool kMayRecord, bool kPlainBlock>
+template <bool kSmall, bool kMayRecord, bool kPlainBlock, bool kExpandable>
 MTIA_INLINE void DeviceAllocator::free_block_of(Block* b) {
   BlockPool* pool = pool_of(b);
   constexpr bool small = kSmall;
@@ -600,10 +612,10 @@ MTIA_INLINE void DeviceAllocator::free_block_of(Block* b) {
     b->has_frames = false;
   }
   const int64_t freed_size = int64_t(b->size);  // before merging
-  const int64_t merged = int64_t(try_merge<kPlainBlock>(b, b->prev) != 0) +
-                         int64_t(try_merge<kPlainBlock>(b, b->next) != 0);
+  const int64_t merged = int64_t(try_merge<kPlainBlock, kExpandable>(b, b->prev) != 0) +
+                         int64_t(try_merge<kPlainBlock, kExpandable>(b, b->next) != 0);
   stat_sub(stats_.requested_bytes, small, int64_t(b->requested_size));
-  if (kPlainBlock || !b->expandable) {
+  if (kPlainBlock ? !kExpandable : !b->expandable) {
     if (b->is_split()) {
       // Still a piece of a split segment: one inactive split block for the merged ones,
       // holding their bytes and the freed block's.

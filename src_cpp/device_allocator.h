@@ -167,11 +167,12 @@ class alignas(64) DeviceAllocator {
   template <bool kSmall>
   MTIA_INLINE void free_allocated(Block* b, const FramesPtr& free_frames);
   // kMayRecord: false where history is off or the completion recorded already.
-  // kPlainBlock: b is of a plain (not expandable) segment, has no stack, and is still
-  // marked allocated (free_plain: the index's insert clears the mark).
-  template <bool kSmall, bool kMayRecord = true, bool kPlainBlock = false>
+  // kPlainBlock: b has no stack, stream uses or oversize count, is mapped, and is still
+  // marked allocated (free_plain: the index's insert clears the mark); kExpandable: b is
+  // of an expandable segment (else of a plain one).
+  template <bool kSmall, bool kMayRecord = true, bool kPlainBlock = false, bool kExpandable = false>
   MTIA_INLINE void free_block_of(Block* b);
-  template <bool kSmall>
+  template <bool kSmall, bool kExpandable>
   MTIA_INLINE void free_plain(Block* b);
   MTIA_INLINE bool try_record_free_pair(const Block* b);
   __attribute__((noinline)) void free_unusual(Block* b, const FramesPtr& free_frames, bool by_array);
@@ -189,10 +190,11 @@ class alignas(64) DeviceAllocator {
   MTIA_INLINE void set_gc_count_base(Block* b, const BlockPool* pool);
   MTIA_INLINE void recycle_block(Block* b);        // clears it, then recycle_clean_block
   MTIA_INLINE void recycle_clean_block(Block* b);  // b is clean already but for its links
-  // kPlain: dst is of a plain segment (so is src, which is clean once out of the index).
-  template <bool kPlain = false>
+  // kPlain: src is clean once out of the index but for its expandable flag, which
+  // kExpandable says it has (dst's segment is plain, or expandable).
+  template <bool kPlain = false, bool kExpandable = false>
   MTIA_INLINE size_t try_merge(Block* dst, Block* src);
-  template <bool kPlain = false>
+  template <bool kPlain = false, bool kExpandable = false>
   MTIA_INLINE void absorb(Block* dst, Block* src);
 
   // device_allocator_release.cpp: giving memory back (§4.4, §4.5, §6)

@@ -116,7 +116,7 @@ inline PrivatePool* DeviceAllocator::find_pool(MempoolId id) {
 // ---------------------------------------------------------------- merging (§3.5)
 
 // dst takes over the range of its neighbour src (either side); src is recycled.
-template <bool kPlain>
+template <bool kPlain, bool kExpandable>
 MTIA_INLINE void DeviceAllocator::absorb(Block* dst, Block* src) {
   if (dst->prev == src) {
     dst->ptr = src->ptr;
@@ -128,17 +128,22 @@ MTIA_INLINE void DeviceAllocator::absorb(Block* dst, Block* src) {
     if (dst->next) dst->next->prev = dst;
   }
   dst->size += src->size;
-  if (kPlain || (src->mapped && !src->expandable)) recycle_clean_block(src);  // out of the free index: clean
-  else recycle_block(src);
+  if (kPlain || (src->mapped && !src->expandable)) {  // out of the free index: clean
+    if (kExpandable) src->meta &= ~Block::kExpandableBit;  // but for this flag
+    recycle_clean_block(src);
+  } else {
+    recycle_block(src);
+  }
 }
 
 // Merges free neighbour `src` into `dst`; returns the bytes taken over (0 if not mergeable).
-template <bool kPlain>
+// (An unmapped neighbour is never in the index.)
+template <bool kPlain, bool kExpandable>
 MTIA_INLINE size_t DeviceAllocator::try_merge(Block* dst, Block* src) {
   if (!src || !src->in_index) return 0;  // indexed == free: not allocated, nothing pending
   dst->index->erase(src);  // neighbours share the segment's index
   size_t subsumed = src->size;
-  absorb<kPlain>(dst, src);
+  absorb<kPlain, kExpandable>(dst, src);
   return subsumed;
 }
 

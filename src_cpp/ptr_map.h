@@ -89,9 +89,8 @@ class PtrMap {
   // rmm_random_100k_1MiB_2streams). Either way at least half the room is free after it,
   // so its cost is spread over that many inserts.
   __attribute__((noinline, cold)) void rehash() {
-    const size_t live = size();
+    const size_t live = clear_tombstones();  // counts them on the way (no walk of its own)
     if (live + 1 > grow_at_ / 2) grow();
-    else clear_tombstones();
     room_ = grow_at_ - live;
   }
 
@@ -114,20 +113,23 @@ class PtrMap {
   // moves to the first empty slot from its home (at or before where it was: its home lies
   // after the empty slot the walk started from, and every slot from there to the entry's
   // has been made final already).
-  void clear_tombstones() {
+  // Returns the live entries.
+  size_t clear_tombstones() {
     Slot* s = slots_;
     const size_t mask = mask_;
-    size_t start = 0;
+    size_t start = 0, live = 0;
     while (s[start].key != kEmpty) ++start;  // exists: the table is at most 3/8 full
     for (size_t n = 1, i = (start + 1) & mask; n <= mask; ++n, i = (i + 1) & mask) {
       if (s[i].key == kEmpty) continue;
       const Slot entry = s[i];
       s[i].key = kEmpty;
       if (entry.key == kTombstone) continue;
+      ++live;
       size_t j = home(entry.key);
       while (s[j].key != kEmpty) j = (j + 1) & mask;
       s[j] = entry;
     }
+    return live;
   }
 
   void set_table(Slot* slots, unsigned log2) {
