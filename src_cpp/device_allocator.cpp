@@ -212,7 +212,13 @@ bool DeviceAllocator::filter_matches(const AllocationFilter& f, StreamId stream)
 template <bool kPlain>
 Block* DeviceAllocator::get_free_block(const Request& r, BlockPool* pool) {
   // The GC clock ticks only while a fraction (so no plain path) and a threshold are set.
-  if (!kPlain && fraction_limit_ && config_->garbage_collection_threshold > 0) ++pool->get_free_blocks_call_count;
+  if (!kPlain && fraction_limit_ && config_->garbage_collection_threshold > 0) {
+    ++pool->get_free_blocks_call_count;
+    if (__builtin_expect(!gc_clock_started_, 0)) {
+      gc_clock_started_ = true;
+      update_plain();
+    }
+  }
   FreeIndex* idx = pool->index(r.stream);
   if (!idx) return nullptr;
   size_t bin;
@@ -327,7 +333,7 @@ MTIA_INLINE uintptr_t DeviceAllocator::alloc_found_block(const Request& r, Block
     block->ptr += r.size;
     block->size = remaining;
     block->requested_size = 0;
-    set_gc_count_base(block, pool);
+    if (!kPlain) set_gc_count_base(block, pool);  // plain: no GC clock has started
     block->index->insert(block);
     if (block->expandable) {
       // expandable blocks are left out of the inactive_split stats on purpose
@@ -408,21 +414,25 @@ MTIA_INLINE bool DeviceAllocator::free_entry(uintptr_t ptr, const FramesPtr& fre
   Block* b = allocated_.erase(ptr);
   if (!b) return false;
   // The common free, tested at once: a block of a plain segment, with no stream uses,
-  // stack, oversize count or DeviceArray mark; history off, or its free's two records
-  // taken by the ring's fast path in one slot (no stack, no private pool).
+  // stack, oversize count or DeviceArray mark, while history is off and no GC clock runs.
   constexpr uint64_t kUnusual = Block::kDeferredBit | Block::kStreamUsesBit | Block::kExpandableBit |
                                 Block::kOversizeBit | Block::kFramesBit;
-  if (__builtin_expect(!(b->meta & kUnusual), 1) &&
-      (__builtin_expect(!history_on_, 1) ||
-       try_record_free_pair(b))) {
+  if (__builtin_expect(!(b->meta & kUnusual), 1) && __builtin_expect(!free_watched_, 1)) {
     if (is_small_block(b)) free_plain<true, false>(b);
     else free_plain<false, false>(b);
     return true;
   }
-  // The same of an expandable segment (an allocated block is mapped).
-  if ((b->meta & kUnusual) == Block::kExpandableBit && (!history_on_ || try_record_free_pair(b))) {
-    if (is_small_block(b)) free_plain<true, true>(b);
-    else free_plain<false, true>(b);
+  // The same of an expandable segment's block (an allocated block is mapped), or with
+  // history on (without stacks), when the ring's fast path takes the free's pair record.
+  if (!(b->meta & (kUnusual & ~Block::kExpandableBit)) && !gc_clock_started_ &&
+      (!history_on_ || try_record_free_pair(b))) {
+    if (b->expandable) {
+      if (is_small_block(b)) free_plain<true, true>(b);
+      else free_plain<false, true>(b);
+    } else {
+      if (is_small_block(b)) free_plain<true, false>(b);
+      else free_plain<false, false>(b);
+    }
     return true;
   }
   free_unusual(b, free_frames, by_array);
@@ -627,7 +637,7 @@ MTIA_INLINE void DeviceAllocator::free_block_of(Block* b) {
       stat_sub(stats_.inactive_split_bytes, small, int64_t(b->size) - freed_size);
     }
   }
-  set_gc_count_base(b, pool);
+  if (!kPlainBlock) set_gc_count_base(b, pool);  // free_plain: no GC clock has started
   b->index->insert<kPlainBlock>(b);  // free_plain left b marked allocated
 }
 

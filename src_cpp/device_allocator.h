@@ -277,7 +277,9 @@ class alignas(64) DeviceAllocator {
   std::vector<Segment*> segments_;
   std::vector<std::unique_ptr<BlockChunk>> block_chunks_;  // owns every Block
   Block* spare_blocks_ = nullptr;  // recycled blocks, linked through `next`
-  bool gc_bases_written_ = false;  // some block's gc_count_base was set (new blocks need a reset)
+  // The GC clock has ticked (some pool's get_free_blocks_call_count is nonzero; sticky):
+  // freed blocks' gc_count_base must be written, and new blocks need theirs reset.
+  bool gc_clock_started_ = false;
   uint64_t segment_order_ = 0;
   DeviceStats stats_;
   size_t total_allocated_memory_ = 0;  // bytes held from the device (all pools)
@@ -297,14 +299,19 @@ class alignas(64) DeviceAllocator {
   std::vector<std::pair<StreamId, uint64_t>> stream_capture_;
 
   bool history_on_ = false;
-  // No capture, pending free, history keeping stacks or memory fraction: malloc skips those
-  // checks (history without stacks records on the plain path; a fraction may start the GC
-  // clock). Every change to captures_underway_, pending_event_count_, deferred_,
-  // history_on_, record_context_ or fraction_limit_ calls update_plain().
+  // No capture, pending free, history keeping stacks, memory fraction or GC clock: malloc
+  // skips those checks (history without stacks records on the plain path; a fraction may
+  // start the GC clock, whose bases the plain paths do not write). Every change to
+  // captures_underway_, pending_event_count_, deferred_, history_on_, record_context_,
+  // fraction_limit_ or gc_clock_started_ calls update_plain().
   bool plain_ = true;
+  // History on or the GC clock started: free's first test sends the block on (its fast
+  // path neither records nor writes a GC base).
+  bool free_watched_ = false;
   void update_plain() {
     plain_ = captures_underway_.empty() && !pending_event_count_ && deferred_.empty() &&
-             !(history_on_ && record_context_ >= RecordContext::kState) && !fraction_limit_;
+             !(history_on_ && record_context_ >= RecordContext::kState) && !fraction_limit_ && !gc_clock_started_;
+    free_watched_ = history_on_ || gc_clock_started_;
   }
   RecordContext record_context_ = RecordContext::kNever;
   TraceRing trace_;

@@ -66,13 +66,11 @@ class InvariantReport {
 
 // The GC clock at the time b became free. The clock only runs while garbage collection
 // is on; while a pool's clock reads 0, its blocks' bases are 0 already (new_block clears
-// recycled ones once any base was written), so the write, to the block's cold part,
-// is skipped.
+// recycled ones once the clock has started), so the write, to the block's cold part,
+// is skipped. The plain paths (free_plain, a plain malloc's split) skip even the test:
+// they run only while no clock has started (plain_, free_watched_).
 MTIA_INLINE void DeviceAllocator::set_gc_count_base(Block* b, const BlockPool* pool) {
-  if (pool->get_free_blocks_call_count) {
-    b->cold().gc_count_base = pool->get_free_blocks_call_count;
-    gc_bases_written_ = true;
-  }
+  if (pool->get_free_blocks_call_count) b->cold().gc_count_base = pool->get_free_blocks_call_count;
 }
 
 MTIA_INLINE Block* DeviceAllocator::new_block() {
@@ -80,7 +78,7 @@ MTIA_INLINE Block* DeviceAllocator::new_block() {
   Block* b = spare_blocks_;
   spare_blocks_ = b->next;
   b->next = nullptr;
-  if (gc_bases_written_) b->cold().gc_count_base = 0;
+  if (gc_clock_started_) b->cold().gc_count_base = 0;
   return b;
 }
 

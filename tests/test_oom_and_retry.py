@@ -335,6 +335,28 @@ def test_garbage_collection_keeps_the_younger_blocks(blocks, side_streams):
     assert d["reserved_bytes.all.freed"] == 40 * MiB
 
 
+def test_garbage_collection_ages_count_frees_made_while_no_fraction_was_set(blocks, side_streams):
+    # A block freed while the fraction is off still gets the GC clock's time as its base
+    # (PyTorch writes it on every insert into the pool): once the clock has started, frees
+    # take the path that writes it.
+    mtia.empty_cache()
+    total = mtia.mem_get_info(0)[1]
+    mtia.memory._set_allocator_settings("garbage_collection_threshold:0.5")
+    mtia.set_per_process_memory_fraction(150 * MiB / total, 0)  # GC above 75 MiB reserved
+    old, young = blocks.alloc(40 * MiB), blocks.alloc(30 * MiB)  # clock 2
+    blocks.free(old)                                 # base 2
+    for _ in range(4):                               # lookups on another stream age it (one 20 MiB segment)
+        blocks.free(blocks.alloc(8 * MiB, 0, side_streams[0]))
+    mtia.set_per_process_memory_fraction(1.0, 0)    # no fraction: the clock stays at 6, no GC
+    blocks.free(young)                               # base 6 (0 would make it the oldest)
+    mtia.set_per_process_memory_fraction(150 * MiB / total, 0)
+    before = stats()
+    blocks.alloc(50 * MiB)                           # no fit; 90 MiB reserved: ages 5, 1, 1, mean 2.3
+    d = delta(before, stats())
+    assert d["num_device_free"] == 1
+    assert d["reserved_bytes.all.freed"] == 40 * MiB  # the old block, not the young one
+
+
 def test_out_of_memory(blocks):
     """PyTorch test_cuda.py: test_out_of_memory."""
     assert issubclass(mtia.OutOfMemoryError, RuntimeError)
