@@ -13,7 +13,7 @@ Allocator::Allocator(int device_count, size_t memory_per_device, const std::stri
   config_.parse(conf);
   if (!raw) raw = std::make_shared<DeviceRawAllocator>(&emulator_);
   for (int d = 0; d < device_count; ++d) {
-    devices_.push_back(std::make_unique<DeviceAllocator>(d, &emulator_, raw, &config_));
+    devices_.push_back(std::make_unique<DeviceAllocator>(d, &emulator_, raw, config_));
     DeviceMemory& mem = emulator_.device(d).memory();
     device_ranges_.push_back(Range{mem.base(), mem.span()});
   }
@@ -56,7 +56,11 @@ void Allocator::empty_cache(MempoolId pool, const FramesPtr& frames) {
   for (auto& d : devices_) d->empty_cache(pool, frames);
 }
 
-void Allocator::set_config(const std::string& conf) { config_.parse(conf); }
+// Parsed here (serialised by the binding), then handed to each device under its lock.
+void Allocator::set_config(const std::string& conf) {
+  config_.parse(conf);
+  for (auto& d : devices_) d->set_config(config_);
+}
 
 void Allocator::set_history(bool enabled, RecordContext context, size_t max_entries, bool clear,
                             uint32_t skip_mask) {

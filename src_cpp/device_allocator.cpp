@@ -26,13 +26,19 @@ namespace mtia {
 thread_local const FramesPtr* t_call_frames = nullptr;
 
 DeviceAllocator::DeviceAllocator(DeviceIndex device, Emulator* emulator, std::shared_ptr<RawAllocator> raw,
-                                 const AllocatorConfig* config)
+                                 const AllocatorConfig& config)
     : device_(device), emulator_(emulator), config_(config), raw_(std::move(raw)),
       small_blocks_(true, nullptr, &arena_), large_blocks_(false, nullptr, &arena_) {
   check_meta_layout();
   stats_.max_split_size =
-      config->max_split_size == AllocatorConfig::kUnlimited ? -1 : int64_t(config->max_split_size);
-  if (config->per_process_memory_fraction < 1.0) set_memory_fraction(config->per_process_memory_fraction);
+      config.max_split_size == AllocatorConfig::kUnlimited ? -1 : int64_t(config.max_split_size);
+  if (config.per_process_memory_fraction < 1.0) set_memory_fraction(config.per_process_memory_fraction);
+}
+
+void DeviceAllocator::set_config(const AllocatorConfig& config) {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  config_ = config;
 }
 
 DeviceAllocator::~DeviceAllocator() {
@@ -54,7 +60,7 @@ template <bool kSmall, bool kDefaultPool>
 MTIA_INLINE bool DeviceAllocator::should_split(const Block* b, const BlockPool* pool, size_t size) const {
   if (!kDefaultPool && __builtin_expect(pool->owner != nullptr, 0) && pool->owner->no_split) return false;
   size_t remaining = b->size - size;
-  if (kSmall || config_->expandable_segments) return remaining >= kMinBlockSize;
+  if (kSmall || config_.expandable_segments) return remaining >= kMinBlockSize;
   return size < max_split() && remaining > kSmallSize;
 }
 
@@ -77,7 +83,7 @@ MTIA_INLINE uintptr_t DeviceAllocator::malloc_entry(size_t orig_size, StreamId s
   // 1. Round; choose the pool (a capture may route it to a private one).
   Request r;
   r.orig_size = orig_size;
-  r.size = round_size(orig_size, *config_);
+  r.size = round_size(orig_size, config_);
   r.stream = stream;
   r.alloc_size = 0;  // sized on a miss
   r.array_owned = array_owned;
@@ -105,7 +111,7 @@ uintptr_t DeviceAllocator::malloc_not_plain(size_t orig_size, StreamId stream, b
   Lock lock(mu_, std::adopt_lock);  // taken by malloc()
   Request r;
   r.orig_size = orig_size;
-  r.size = round_size(orig_size, *config_);
+  r.size = round_size(orig_size, config_);
   r.stream = stream;
   r.alloc_size = 0;
   r.array_owned = array_owned;
@@ -167,7 +173,7 @@ Block* DeviceAllocator::alloc_on_miss(Lock& lock, Request& r) {
   const CallFramesScope call(r.frames);  // for the frees and releases below
   r.alloc_size = segment_size_for(r.size);
   // 4a. Garbage-collect old cached blocks when a fraction and a threshold are set.
-  if (fraction_limit_ && config_->garbage_collection_threshold > 0) garbage_collect_cached_blocks(lock);
+  if (fraction_limit_ && config_.garbage_collection_threshold > 0) garbage_collect_cached_blocks(lock);
   // 4b. A new segment from the device.
   Block* block = alloc_block(r, false);
   // 4c. Default-pool requests may take a cached block of a use_on_oom pool.
@@ -212,7 +218,7 @@ bool DeviceAllocator::filter_matches(const AllocationFilter& f, StreamId stream)
 template <bool kPlain>
 Block* DeviceAllocator::get_free_block(const Request& r, BlockPool* pool) {
   // The GC clock ticks only while a fraction (so no plain path) and a threshold are set.
-  if (!kPlain && fraction_limit_ && config_->garbage_collection_threshold > 0) {
+  if (!kPlain && fraction_limit_ && config_.garbage_collection_threshold > 0) {
     ++pool->get_free_blocks_call_count;
     if (__builtin_expect(!gc_clock_started_, 0)) {
       gc_clock_started_ = true;
@@ -247,7 +253,7 @@ Block* DeviceAllocator::get_free_block(const Request& r, BlockPool* pool) {
   const size_t M = max_split();
   if (__builtin_expect(b->size >= M, 0)) {
     if (r.size < M) return nullptr;  // normal requests never take oversize blocks
-    if (b->size >= r.size + config_->max_non_split_rounding_size) return nullptr;  // oversize: < R of slack
+    if (b->size >= r.size + config_.max_non_split_rounding_size) return nullptr;  // oversize: < R of slack
   }
   idx->erase_in(b, bin);
   return b;

@@ -51,8 +51,10 @@ class InvariantReport;
 class alignas(64) DeviceAllocator {
  public:
   DeviceAllocator(DeviceIndex device, Emulator* emulator, std::shared_ptr<RawAllocator> raw,
-                  const AllocatorConfig* config);
+                  const AllocatorConfig& config);
   ~DeviceAllocator();
+  // New settings (Allocator::set_config), taken under this device's lock.
+  void set_config(const AllocatorConfig& config);
 
   // --- the fast path (device_allocator.cpp) ---
   // Returns the block's address; throws OutOfMemory. size > 0. `frames` may be null.
@@ -135,7 +137,7 @@ class alignas(64) DeviceAllocator {
     }
   }
   size_t capacity() const { return emulator_->device(device_).memory().capacity(); }
-  size_t max_split() const { return config_->max_split_size; }
+  size_t max_split() const { return config_.max_split_size; }
 
   // device_allocator.cpp: the malloc ladder and split (§3-§4)
   BlockPool* choose_pool(size_t size, StreamId stream);  // the default pool unless a capture routes it
@@ -218,7 +220,7 @@ class alignas(64) DeviceAllocator {
 
   // device_allocator_expandable.cpp: expandable segments (§11)
   bool expandable_active(const BlockPool* pool) const {
-    return config_->expandable_segments && !(pool->owner && pool->owner->allocator);
+    return config_.expandable_segments && !(pool->owner && pool->owner->allocator);
   }
   Block* try_allocate_expandable_block(const Request& r);
   Block* find_expandable_block(const Request& r);
@@ -267,7 +269,10 @@ class alignas(64) DeviceAllocator {
 
   const DeviceIndex device_;
   Emulator* const emulator_;
-  const AllocatorConfig* const config_;  // shared; read under mu_
+  // The allocator's settings, this device's copy: read and written under mu_ (a copy per
+  // device, so that a change never waits for two devices' locks at once; and one load
+  // nearer for malloc than a shared one).
+  AllocatorConfig config_;
   std::shared_ptr<RawAllocator> raw_;    // the default pools' memory
   alignas(64) SpinMutex mu_;  // its own cache line: threads of other devices never share it
 

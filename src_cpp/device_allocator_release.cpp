@@ -55,7 +55,7 @@ bool DeviceAllocator::release_available_cached_blocks(Lock& lock, const Request&
 // pass does not stop at the target (so the GC does not run again at once), and the mean
 // counts expandable blocks, which are never released.
 void DeviceAllocator::garbage_collect_cached_blocks(Lock& lock) {
-  size_t threshold = size_t(config_->garbage_collection_threshold * double(allowed_memory_maximum_));
+  size_t threshold = size_t(config_.garbage_collection_threshold * double(allowed_memory_maximum_));
   if (total_allocated_memory_ <= threshold) return;
   const std::vector<StreamId> busy = busy_streams_after_waiting(lock);  // their blocks stay
   if (total_allocated_memory_ <= threshold) return;  // the lock was dropped: look again

@@ -1,8 +1,8 @@
 // core_stress.cpp: a native test driver for the C++ core, meant to run under
 // AddressSanitizer + UndefinedBehaviorSanitizer and, in a second build, ThreadSanitizer
 // (see .ci/run). Several threads on two devices interleave malloc, free, record_stream
-// with busy streams, private pools, empty_cache, snapshots, history and injected
-// device-allocation failures; every block carries a fill pattern that must survive until
+// with busy streams, private pools, empty_cache, snapshots, history, settings changed
+// under them and injected device-allocation failures; every block carries a fill pattern that must survive until
 // it is freed. Some blocks are array-owned (a plain free of one must throw and free
 // nothing), and an interrupt hook abandons some of the waits for busy streams (empty_cache,
 // the OOM path, pending frees) with Interrupted. Afterwards every invariant must hold and
@@ -214,7 +214,20 @@ int main(int argc, char** argv) {
     }
     std::vector<std::thread> pool;
     for (int t = 0; t < threads; ++t) pool.emplace_back(worker, std::ref(a), t, steps, std::ref(ops));
+    // Settings change under the workers (the expandable setting stays: no parse names it).
+    std::atomic<bool> done{false};
+    std::thread settings([&] {
+      const char* changes[] = {"max_split_size_mb:20", "roundup_power2_divisions:8", "garbage_collection_threshold:0.5",
+                               "max_split_size_mb:40,roundup_power2_divisions:4", ""};
+      for (unsigned i = 0; !done.load(); ++i) {
+        a.set_config(changes[i % 5]);
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+      }
+      a.set_config(conf);
+    });
     for (auto& t : pool) t.join();
+    done = true;
+    settings.join();
     for (int d = 0; d < a.device_count(); ++d) {
       a.emulator().device(d).memory().fail_allocations(-1, 0);
       interrupted_waits_leave_the_state_intact(a, d);
