@@ -744,12 +744,18 @@ void DeviceAllocator::check_spare_blocks(InvariantReport& report) {
 }
 
 // plain_ == (captures_underway_ == ∅ ∧ pending_event_count_ == 0 ∧ deferred_ == ∅ ∧
-//            ¬(history_on_ ∧ record_context_ ≥ kState) ∧ ¬fraction_limit_)
-// (recomputed, and so repaired, by the check)
+//            ¬(history_on_ ∧ record_context_ ≥ kState) ∧ ¬fraction_limit_ ∧ ¬gc_clock_started_)
+// free_watched_ == (history_on_ ∨ gc_clock_started_)
+// gc_clock_started_ ⇐ some pool's GC clock is nonzero
+// (the flags are recomputed, and so repaired, by the check)
 void DeviceAllocator::check_plain_flag(InvariantReport& report) {
-  const bool plain = plain_;
+  const bool plain = plain_, watched = free_watched_;
   update_plain();
   if (plain != plain_) report.fail("plain_ is out of date");
+  if (watched != free_watched_) report.fail("free_watched_ is out of date");
+  bool ticked = false;
+  for_each_block_pool([&](BlockPool& bp) { ticked |= bp.get_free_blocks_call_count != 0; });
+  if (ticked && !gc_clock_started_) report.fail("a GC clock runs but gc_clock_started_ is unset");
 }
 
 }  // namespace mtia
