@@ -56,10 +56,20 @@ void Allocator::empty_cache(MempoolId pool, const FramesPtr& frames) {
   for (auto& d : devices_) d->empty_cache(pool, frames);
 }
 
-// Parsed here (serialised by the binding), then handed to each device under its lock.
+// Parsed here, then handed to each device under its lock, one device at a time. A wait
+// for a device's lock lets go of the GIL, so another set_config may run meanwhile: each
+// hands out its own copy with its version, and a device keeps the newest it was given.
 void Allocator::set_config(const std::string& conf) {
-  config_.parse(conf);
-  for (auto& d : devices_) d->set_config(config_);
+  AllocatorConfig next;
+  uint64_t version;
+  {
+    std::lock_guard<std::mutex> guard(config_mu_);
+    next = config_;
+    next.parse(conf);  // throws, leaving everything as it was
+    config_ = next;
+    version = ++config_version_;
+  }
+  for (auto& d : devices_) d->set_config(next, version);
 }
 
 void Allocator::set_history(bool enabled, RecordContext context, size_t max_entries, bool clear,

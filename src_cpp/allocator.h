@@ -6,6 +6,7 @@
 #pragma once
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -95,7 +96,11 @@ class Allocator {
     uintptr_t base;
     size_t size;
   };
-  AllocatorConfig config_;  // written only by set_config, which the binding serialises
+  // The settings last parsed (the devices hold copies, see set_config): written under
+  // config_mu_; the binding reads them under the GIL, which every writer holds too.
+  AllocatorConfig config_;
+  std::mutex config_mu_;
+  uint64_t config_version_ = 0;  // bumped by each set_config, under config_mu_
   Emulator emulator_;
   std::vector<std::unique_ptr<DeviceAllocator>> devices_;
   std::vector<Range> device_ranges_;  // each device's memory range, for free()'s dispatch

@@ -35,10 +35,18 @@ DeviceAllocator::DeviceAllocator(DeviceIndex device, Emulator* emulator, std::sh
   if (config.per_process_memory_fraction < 1.0) set_memory_fraction(config.per_process_memory_fraction);
 }
 
-void DeviceAllocator::set_config(const AllocatorConfig& config) {
+void DeviceAllocator::set_config(const AllocatorConfig& config, uint64_t version) {
   lock();
   Lock lock(mu_, std::adopt_lock);
+  if (version <= config_version_) return;  // a later set_config got here first
   config_ = config;
+  config_version_ = version;
+}
+
+AllocatorConfig DeviceAllocator::config() {
+  lock();
+  Lock lock(mu_, std::adopt_lock);
+  return config_;
 }
 
 DeviceAllocator::~DeviceAllocator() {

@@ -53,8 +53,10 @@ class alignas(64) DeviceAllocator {
   DeviceAllocator(DeviceIndex device, Emulator* emulator, std::shared_ptr<RawAllocator> raw,
                   const AllocatorConfig& config);
   ~DeviceAllocator();
-  // New settings (Allocator::set_config), taken under this device's lock.
-  void set_config(const AllocatorConfig& config);
+  // New settings (Allocator::set_config), taken under this device's lock unless a newer
+  // version came first; and the settings in force.
+  void set_config(const AllocatorConfig& config, uint64_t version);
+  AllocatorConfig config();
 
   // --- the fast path (device_allocator.cpp) ---
   // Returns the block's address; throws OutOfMemory. size > 0. `frames` may be null.
@@ -273,6 +275,7 @@ class alignas(64) DeviceAllocator {
   // device, so that a change never waits for two devices' locks at once; and one load
   // nearer for malloc than a shared one).
   AllocatorConfig config_;
+  uint64_t config_version_ = 0;  // Allocator::set_config's version of config_
   std::shared_ptr<RawAllocator> raw_;    // the default pools' memory
   alignas(64) SpinMutex mu_;  // its own cache line: threads of other devices never share it
 

@@ -2,14 +2,16 @@
 // AddressSanitizer + UndefinedBehaviorSanitizer and, in a second build, ThreadSanitizer
 // (see .ci/run). Several threads on two devices interleave malloc, free, record_stream
 // with busy streams, private pools, empty_cache, snapshots, history, settings changed
-// under them and injected device-allocation failures; every block carries a fill pattern that must survive until
-// it is freed. Some blocks are array-owned (a plain free of one must throw and free
+// under them (from two threads) and injected device-allocation failures; every block
+// carries a fill pattern that must survive until it is freed. Some blocks are array-owned (a plain free of one must throw and free
 // nothing), and an interrupt hook abandons some of the waits for busy streams (empty_cache,
 // the OOM path, pending frees) with Interrupted. Afterwards every invariant must hold and
-// all memory must be back.
+// all memory must be back. First, two settings changes waiting for the same device's lock
+// must leave it with the newer one.
 // Exit code 0 = pass.
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -192,12 +194,54 @@ void interrupted_waits_leave_the_state_intact(Allocator& a, int device) {
   dev.empty_cache(MempoolId{});
 }
 
+// Device memory from the host heap, handed out only while the gate is open: a malloc that
+// needs a new segment holds its device's lock inside alloc() until then.
+class GatedRawAllocator : public RawAllocator {
+ public:
+  std::atomic<bool> entered{false}, open{true};
+  void* alloc(size_t size, DeviceIndex, StreamId) override {
+    entered = true;
+    while (!open.load()) std::this_thread::yield();
+    return std::aligned_alloc(512, size);
+  }
+  void free(void* ptr, size_t, DeviceIndex, StreamId) override { std::free(ptr); }
+};
+
+// Two set_config calls that both wait for a device's lock must leave that device with the
+// newer settings, whichever of them takes the lock first (a coin toss each round).
+void concurrent_settings_keep_the_newest() {
+  for (int round = 0; round < 24; ++round) {
+    auto raw = std::make_shared<GatedRawAllocator>();
+    Allocator a(2, size_t(1) << 30, "", raw);
+    raw->open = false;
+    uintptr_t p = 0;
+    std::thread holder([&] { p = a.malloc(1, 4096, 0); });  // device 1's lock, held in alloc()
+    while (!raw->entered.load()) std::this_thread::yield();
+    auto wait_until_device_0_has = [&](const char* settings) {
+      while (a.device(0).config().last_settings != settings) std::this_thread::yield();
+    };
+    std::thread older([&] { a.set_config("max_split_size_mb:20"); });
+    wait_until_device_0_has("max_split_size_mb:20");  // now waiting for device 1
+    std::thread newer([&] { a.set_config("max_split_size_mb:40"); });
+    wait_until_device_0_has("max_split_size_mb:40");
+    raw->open = true;
+    holder.join();
+    older.join();
+    newer.join();
+    CHECK(a.device(1).config().last_settings == "max_split_size_mb:40",
+          "round %d: device 1 kept the older settings, \"%s\"", round, a.device(1).config().last_settings.c_str());
+    a.free(p);
+    a.empty_cache();  // the segment goes back to the raw allocator (the destructor leaves it)
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int threads = argc > 1 ? std::atoi(argv[1]) : 4;
   int steps = argc > 2 ? std::atoi(argv[2]) : 20000;
   std::atomic<uint64_t> ops{0};
+  concurrent_settings_keep_the_newest();
   blocking_hooks().interrupted = interrupt_every_other_poll;
   for (const char* conf : {"", "expandable_segments:True", "max_split_size_mb:40,roundup_power2_divisions:4"}) {
     Allocator a(2, size_t(4) << 30, conf);
@@ -214,20 +258,26 @@ int main(int argc, char** argv) {
     }
     std::vector<std::thread> pool;
     for (int t = 0; t < threads; ++t) pool.emplace_back(worker, std::ref(a), t, steps, std::ref(ops));
-    // Settings change under the workers (the expandable setting stays: no parse names it).
+    // Settings change under the workers, from two threads at once (the expandable setting
+    // stays: no parse names it); afterwards every device must hold the last one parsed.
     std::atomic<bool> done{false};
-    std::thread settings([&] {
+    auto change_settings = [&](unsigned first) {
       const char* changes[] = {"max_split_size_mb:20", "roundup_power2_divisions:8", "garbage_collection_threshold:0.5",
                                "max_split_size_mb:40,roundup_power2_divisions:4", ""};
-      for (unsigned i = 0; !done.load(); ++i) {
+      for (unsigned i = first; !done.load(); ++i) {
         a.set_config(changes[i % 5]);
-        std::this_thread::sleep_for(std::chrono::microseconds(200));
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
       }
-      a.set_config(conf);
-    });
+    };
+    std::thread settings[2] = {std::thread(change_settings, 0), std::thread(change_settings, 2)};
     for (auto& t : pool) t.join();
     done = true;
-    settings.join();
+    for (auto& t : settings) t.join();
+    for (int d = 0; d < a.device_count(); ++d)
+      CHECK(a.device(d).config().last_settings == a.config().last_settings,
+            "device %d holds the settings \"%s\", not the last parsed, \"%s\"", d,
+            a.device(d).config().last_settings.c_str(), a.config().last_settings.c_str());
+    a.set_config(conf);
     for (int d = 0; d < a.device_count(); ++d) {
       a.emulator().device(d).memory().fail_allocations(-1, 0);
       interrupted_waits_leave_the_state_intact(a, d);
