@@ -432,21 +432,15 @@ MTIA_INLINE bool DeviceAllocator::free_entry(uintptr_t ptr, const FramesPtr& fre
   constexpr uint64_t kUnusual = Block::kDeferredBit | Block::kStreamUsesBit | Block::kExpandableBit |
                                 Block::kOversizeBit | Block::kFramesBit;
   if (__builtin_expect(!(b->meta & kUnusual), 1) && __builtin_expect(!free_watched_, 1)) {
-    if (is_small_block(b)) free_plain<true, false>(b);
-    else free_plain<false, false>(b);
+    free_plain_of_either_kind<false>(b);
     return true;
   }
   // The same of an expandable segment's block (an allocated block is mapped), or with
   // history on (without stacks), when the ring's fast path takes the free's pair record.
   if (!(b->meta & (kUnusual & ~Block::kExpandableBit)) && !gc_clock_started_ &&
       (!history_on_ || try_record_free_pair(b))) {
-    if (b->expandable) {
-      if (is_small_block(b)) free_plain<true, true>(b);
-      else free_plain<false, true>(b);
-    } else {
-      if (is_small_block(b)) free_plain<true, false>(b);
-      else free_plain<false, false>(b);
-    }
+    if (b->expandable) free_plain_of_either_kind<true>(b);
+    else free_plain_of_either_kind<false>(b);
     return true;
   }
   free_unusual(b, free_frames, by_array);
@@ -469,6 +463,12 @@ MTIA_INLINE void DeviceAllocator::free_plain(Block* b) {
   stat_sub(stats_.allocation, kSmall, 1);
   stat_sub(stats_.allocated_bytes, kSmall, int64_t(b->size));
   free_block_of<kSmall, false, true, kExpandable>(b);
+}
+
+template <bool kExpandable>
+MTIA_INLINE void DeviceAllocator::free_plain_of_either_kind(Block* b) {
+  if (is_small_block(b)) free_plain<true, kExpandable>(b);
+  else free_plain<false, kExpandable>(b);
 }
 
 // Everything else free() may meet, out of line: the fast path keeps its registers.

@@ -178,6 +178,8 @@ class alignas(64) DeviceAllocator {
   MTIA_INLINE void free_block_of(Block* b);
   template <bool kSmall, bool kExpandable>
   MTIA_INLINE void free_plain(Block* b);
+  template <bool kExpandable>
+  MTIA_INLINE void free_plain_of_either_kind(Block* b);  // dispatches on the pool kind
   MTIA_INLINE bool try_record_free_pair(const Block* b);
   __attribute__((noinline)) void free_unusual(Block* b, const FramesPtr& free_frames, bool by_array);
   void free_block(Block* b);  // dispatches on the pool kind

@@ -82,12 +82,12 @@ class PtrMap {
 
   MTIA_INLINE size_t home(uintptr_t key) const { return size_t((key * 0x9E3779B97F4A7C15ull) >> shift_); }
 
-  // Out of room (live + erased slots reached 3/8). If the live entries fill more than half
-  // of what the table may hold, they move to a table twice as large; else the tombstones
-  // are cleared in place, without a new table (a replay that frees everything at its end
-  // leaves a table of tombstones: a fresh table for them cost ~20 instructions an op on
-  // rmm_random_100k_1MiB_2streams). Either way at least half the room is free after it,
-  // so its cost is spread over that many inserts.
+  // Out of room (live + erased slots reached 3/8). The tombstones are cleared in place,
+  // which counts the live entries; if these fill more than half of what the table may
+  // hold, they then move to a table twice as large. (A replay that frees everything at its
+  // end leaves a table of tombstones: a fresh table for them cost ~20 instructions an op
+  // on rmm_random_100k_1MiB_2streams.) Either way at least half the room is free after
+  // it, so its cost is spread over that many inserts.
   __attribute__((noinline, cold)) void rehash() {
     const size_t live = clear_tombstones();  // counts them on the way (no walk of its own)
     if (live + 1 > grow_at_ / 2) grow();
